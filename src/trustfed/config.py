@@ -1,0 +1,188 @@
+"""Pydantic models of trustfed's TOML files, and a loader that reports every problem at once.
+
+A federation file looks like ``examples/federation.toml``. Unknown keys, wrong types, missing
+data folders and impossible values are all collected into one :class:`ConfigError` that names
+the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trustfed.errors import ConfigError, ConfigProblem
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FederationSection(_Section):
+    name: str = "federation"
+    rounds: int = Field(10, ge=1, le=100_000, description="number of federated rounds")
+    participants: int = Field(5, ge=1, le=100_000, description="number of participants")
+    seed: int = Field(0, ge=0)
+
+
+class PartitionSection(_Section):
+    kind: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet only)")
+    shards_per_participant: int = Field(2, ge=1, description="shards per participant (shards only)")
+    min_size: int = Field(2, ge=1, description="smallest allowed partition (dirichlet only)")
+
+
+class DataSection(_Section):
+    dataset: Literal["digits", "breast_cancer", "mnist5k", "synthetic", "mnist", "cifar10"] = "digits"
+    path: Path | None = Field(None, description="folder with the files (mnist, cifar10 only)")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    partition: PartitionSection = PartitionSection()
+
+
+class ModelSection(_Section):
+    name: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128], description="MLP hidden widths")
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="CNN channels (two)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ModelSection:
+        if any(h < 1 for h in self.hidden):
+            raise ValueError("hidden widths must be >= 1")
+        if len(self.channels) != 2 or any(c < 1 for c in self.channels):
+            raise ValueError("channels must be two integers >= 1")
+        return self
+
+
+class TrainingSection(_Section):
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class StrategySection(_Section):
+    name: Literal["fedavg", "fedprox", "fedadagrad", "fedadam", "fedyogi"] = "fedavg"
+    aggregator: str = "mean"
+    aggregator_params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    fraction_fit: float = Field(1.0, gt=0, le=1)
+    min_participants: int = Field(1, ge=1)
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx only")
+    server_lr: float = Field(0.1, gt=0, description="FedAdagrad/FedAdam/FedYogi only")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+
+
+class SimulationSection(_Section):
+    backend: Literal["inprocess", "multiprocess"] = "inprocess"
+    workers: int = Field(2, ge=1, le=256, description="processes for the multiprocess backend")
+
+
+class FederationConfig(_Section):
+    """The whole federation file."""
+
+    federation: FederationSection = FederationSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    training: TrainingSection = TrainingSection()
+    strategy: StrategySection = StrategySection()
+    simulation: SimulationSection = SimulationSection()
+
+    def semantic_problems(self) -> list[ConfigProblem]:
+        """Checks that span fields or touch the file system."""
+        out: list[ConfigProblem] = []
+        from trustfed.core.aggregator import available_aggregators
+        from trustfed.data.datasets import NEEDS_PATH
+
+        d = self.data
+        if d.dataset in NEEDS_PATH and d.path is None:
+            out.append(ConfigProblem("data.path", f"dataset {d.dataset!r} needs a folder with its files"))
+        if d.path is not None and not d.path.is_dir():
+            out.append(ConfigProblem("data.path", "folder does not exist", str(d.path)))
+        n = self.federation.participants
+        if self.strategy.min_participants > n:
+            out.append(
+                ConfigProblem(
+                    "strategy.min_participants",
+                    f"must be <= federation.participants ({n})",
+                    str(self.strategy.min_participants),
+                )
+            )
+        if self.strategy.aggregator not in available_aggregators():
+            out.append(
+                ConfigProblem(
+                    "strategy.aggregator",
+                    f"unknown aggregator; expected one of {', '.join(available_aggregators())}",
+                    repr(self.strategy.aggregator),
+                )
+            )
+        if self.simulation.backend == "multiprocess" and self.simulation.workers > n:
+            out.append(ConfigProblem("simulation.workers", f"must be <= federation.participants ({n})"))
+        return out
+
+
+def problems_from_validation(exc: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"]
+        got = None if kind == "missing" else repr(err.get("input"))
+        if got is not None and len(got) > 60:
+            got = got[:57] + "..."
+        out.append(ConfigProblem(loc, msg, got))
+    return out
+
+
+def parse_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(str(path), [ConfigProblem("(file)", "no such file")])
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [ConfigProblem("(file)", f"not UTF-8 text: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [ConfigProblem("(syntax)", f"invalid TOML: {exc}")]) from None
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        p = Path(data["path"]).expanduser()
+        data["path"] = str(p if p.is_absolute() else base / p)
+
+
+def _raw_path_problems(raw: dict[str, Any]) -> list[ConfigProblem]:
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_dir():
+        return [ConfigProblem("data.path", "folder does not exist", data["path"])]
+    return []
+
+
+def load_federation_config(path: str | Path) -> FederationConfig:
+    """Load and validate a federation TOML file; relative paths resolve against its folder."""
+    p = Path(path)
+    raw = parse_toml(p)
+    _resolve_paths(raw, p.parent)
+    return validate_federation_config(raw, str(p))
+
+
+def validate_federation_config(raw: dict[str, Any], source: str = "<config>") -> FederationConfig:
+    try:
+        cfg = FederationConfig.model_validate(raw)
+    except ValidationError as exc:
+        # Report file-system problems too, so one run lists everything wrong.
+        problems = problems_from_validation(exc) + _raw_path_problems(raw)
+        raise ConfigError(source, problems) from None
+    problems = cfg.semantic_problems()
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg

@@ -1,0 +1,101 @@
+"""The coordinator's round loop, independent of how participants are reached.
+
+The :class:`Transport` seam is the coordinator's view of its participants: it hands out a plan
+and the global parameters and returns updates. The in-process simulation, the multiprocess
+simulation and gRPC all implement it, so a round runs the same everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from trustfed.core.codec import ParamSpec, model_hash
+from trustfed.core.strategy import RoundPlan, Strategy, Update
+from trustfed.errors import AggregationError
+
+log = logging.getLogger("trustfed.coordinator")
+
+
+class Transport(Protocol):
+    def available(self) -> Sequence[str]:
+        """Participants that can take part in the next round."""
+        ...
+
+    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
+        """Send the plan and parameters to the plan's participants; return their updates."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    participants: tuple[str, ...]
+    model_hash: str
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class History:
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+
+RoundCallback = Callable[[RoundRecord, torch.Tensor], None]
+
+
+class Coordinator:
+    """Runs rounds: configure, distribute, collect, aggregate, evaluate."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        transport: Transport,
+        params: torch.Tensor,
+        spec: ParamSpec,
+        *,
+        min_updates: int = 1,
+    ) -> None:
+        if params.numel() != spec.size:
+            raise AggregationError(f"initial parameters have {params.numel()} values, spec needs {spec.size}")
+        self.strategy = strategy
+        self.transport = transport
+        self.params = params
+        self.spec = spec
+        self.min_updates = min_updates
+        self.round = 0
+
+    def run_round(self) -> RoundRecord:
+        rnd = self.round + 1
+        t0 = time.perf_counter()
+        plan = self.strategy.configure_round(rnd, self.params, self.transport.available())
+        plan = RoundPlan(plan.round, plan.participants, plan.config, model_hash(self.params, self.spec))
+        updates = self.transport.fit(plan, self.params)
+        if len(updates) < self.min_updates:
+            raise AggregationError(f"round {rnd}: {len(updates)} update(s) arrived, {self.min_updates} needed")
+        result = self.strategy.aggregate(plan, self.params, updates)
+        self.params = result.params
+        self.round = rnd
+        metrics = dict(result.metrics)
+        evaluated = self.strategy.evaluate(rnd, self.params)
+        if evaluated:
+            metrics.update(evaluated)
+        rec = RoundRecord(rnd, plan.participants, model_hash(self.params, self.spec), metrics, time.perf_counter() - t0)
+        log.info("round %d: %s", rnd, {k: round(v, 4) for k, v in metrics.items()})
+        return rec
+
+    def run(self, rounds: int, on_round: RoundCallback | None = None) -> History:
+        hist = History()
+        for _ in range(rounds):
+            rec = self.run_round()
+            hist.rounds.append(rec)
+            if on_round:
+                on_round(rec, self.params)
+        return hist

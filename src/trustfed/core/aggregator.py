@@ -1,0 +1,122 @@
+"""The Aggregator seam and its registry.
+
+An aggregator maps a stack of updates ``Tensor[n, d]`` and their weights ``Tensor[n]`` to one
+vector, and says which updates it used and how it scored them. Aggregators are pure functions
+of their inputs (plus constructor parameters), registered by name so that a TOML file can pick
+one: ``aggregator = "multi_krum"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from trustfed.errors import AggregationError
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The aggregate, the indices of the updates it used, and per-update scores (by name)."""
+
+    params: torch.Tensor
+    selected: tuple[int, ...]
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    name: str
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Name and parameters, as recorded in receipts and the audit log."""
+        ...
+
+
+def check_inputs(updates: torch.Tensor, weights: torch.Tensor, min_updates: int = 1) -> None:
+    if updates.dim() != 2:
+        raise AggregationError(f"updates must be a 2-D tensor [n, d], got shape {tuple(updates.shape)}")
+    n = updates.shape[0]
+    if weights.shape != (n,):
+        raise AggregationError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+    if n < min_updates:
+        raise AggregationError(f"need at least {min_updates} update(s), got {n}")
+    if not bool(torch.isfinite(updates).all()):
+        bad = (~torch.isfinite(updates)).any(dim=1).nonzero().flatten().tolist()
+        raise AggregationError(f"updates {bad} contain NaN or infinite values")
+    if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        raise AggregationError("weights must be finite and non-negative")
+    if float(weights.sum()) <= 0:
+        raise AggregationError("weights sum to zero")
+
+
+def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean accumulated in float64 and rounded once to float32."""
+    w = weights.to(torch.float64)
+    w = w / w.sum()
+    return (w @ updates.to(torch.float64)).to(torch.float32)
+
+
+class WeightedMean:
+    """FedAvg's aggregator: the example-weighted mean of the updates."""
+
+    name = "mean"
+
+    def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
+        check_inputs(updates, weights)
+        return AggregateResult(weighted_mean(updates, weights), tuple(range(updates.shape[0])))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+_REGISTRY: dict[str, Callable[..., Aggregator]] = {}
+F = TypeVar("F", bound=Callable[..., Aggregator])
+
+
+def register_aggregator(name: str) -> Callable[[F], F]:
+    """Register an aggregator factory (a class or function taking keyword parameters)."""
+
+    def deco(factory: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"aggregator {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Robust aggregators live in their own module; import lazily to register them.
+    import importlib
+
+    for mod in ("trustfed.core.robust",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def available_aggregators() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_aggregator(name: str, **params: Any) -> Aggregator:
+    _load_builtin()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise AggregationError(f"unknown aggregator {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise AggregationError(f"bad parameters for aggregator {name!r}: {exc}") from exc
+
+
+register_aggregator("mean")(WeightedMean)

@@ -1,0 +1,268 @@
+"""The Strategy seam: configure a round, aggregate its updates, evaluate the result.
+
+Strategies are pure: they take and return tensors and plain values, never sockets or files.
+Cross-cutting behaviour (DP, robustness, server optimisers) wraps or parameterises them.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trustfed.core.aggregator import AggregateResult, Aggregator, get_aggregator
+from trustfed.errors import AggregationError
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the coordinator asks of the selected participants in one round."""
+
+    round: int
+    participants: tuple[str, ...]
+    config: Mapping[str, Scalar]
+    model_hash: str = ""
+
+
+@dataclass(frozen=True)
+class Update:
+    """One participant's result: its locally trained parameters (flat float32)."""
+
+    participant_id: str
+    params: torch.Tensor
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    params: torch.Tensor
+    metrics: dict[str, float]
+    aggregate: AggregateResult
+
+
+EvaluateFn = Callable[[int, torch.Tensor], dict[str, float]]
+
+
+class Strategy(ABC):
+    """Base class: the whole extension story for federated algorithms."""
+
+    name: str = "strategy"
+
+    @abstractmethod
+    def configure_round(self, rnd: int, params: torch.Tensor, available: Sequence[str]) -> RoundPlan: ...
+
+    @abstractmethod
+    def aggregate(self, plan: RoundPlan, params: torch.Tensor, updates: Sequence[Update]) -> RoundResult: ...
+
+    def evaluate(self, rnd: int, params: torch.Tensor) -> dict[str, float] | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Server-side state to checkpoint (optimizer moments, etc.)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise AggregationError(f"strategy {self.name} keeps no state but got {sorted(state)}")
+
+
+def stack_updates(updates: Sequence[Update], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not updates:
+        raise AggregationError("no updates to aggregate")
+    for u in updates:
+        if u.params.shape != (dim,) or u.params.dtype != torch.float32:
+            raise AggregationError(
+                f"update from {u.participant_id} has shape {tuple(u.params.shape)} / {u.params.dtype}; "
+                f"expected ({dim},) float32"
+            )
+        if u.num_examples <= 0:
+            raise AggregationError(f"update from {u.participant_id} reports {u.num_examples} examples")
+    x = torch.stack([u.params for u in updates])
+    w = torch.tensor([float(u.num_examples) for u in updates], dtype=torch.float32)
+    return x, w
+
+
+class FedAvg(Strategy):
+    """FedAvg (McMahan et al. 2017): the example-weighted aggregate of the participants' models.
+
+    ``aggregator`` selects how models are combined (default: the weighted mean). Aggregators
+    whose ``operates_on`` is ``"deltas"`` receive ``model_i - global`` and the result is added
+    back to the global model.
+    """
+
+    name = "fedavg"
+
+    def __init__(
+        self,
+        *,
+        fraction_fit: float = 1.0,
+        min_participants: int = 1,
+        local_config: Mapping[str, Scalar] | None = None,
+        aggregator: Aggregator | str = "mean",
+        aggregator_params: Mapping[str, Any] | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < fraction_fit <= 1.0:
+            raise ValueError("fraction_fit must be in (0, 1]")
+        self.fraction_fit = fraction_fit
+        self.min_participants = min_participants
+        self.local_config = dict(local_config or {})
+        self.aggregator = (
+            get_aggregator(aggregator, **dict(aggregator_params or {})) if isinstance(aggregator, str) else aggregator
+        )
+        self.evaluate_fn = evaluate_fn
+        self.seed = seed
+
+    def select(self, rnd: int, available: Sequence[str]) -> tuple[str, ...]:
+        pool = sorted(available)
+        k = max(self.min_participants, round(self.fraction_fit * len(pool)))
+        if k > len(pool):
+            raise AggregationError(f"round {rnd} needs {k} participants but only {len(pool)} are available")
+        if k == len(pool):
+            return tuple(pool)
+        rng = random.Random(f"{self.seed}:select:{rnd}")
+        return tuple(sorted(rng.sample(pool, k)))
+
+    def configure_round(self, rnd: int, params: torch.Tensor, available: Sequence[str]) -> RoundPlan:
+        return RoundPlan(rnd, self.select(rnd, available), dict(self.local_config))
+
+    def combine(self, params: torch.Tensor, updates: Sequence[Update]) -> AggregateResult:
+        x, w = stack_updates(updates, params.numel())
+        if getattr(self.aggregator, "operates_on", "models") == "deltas":
+            res = self.aggregator(x - params, w)
+            return AggregateResult(params + res.params, res.selected, res.scores)
+        return self.aggregator(x, w)
+
+    def aggregate(self, plan: RoundPlan, params: torch.Tensor, updates: Sequence[Update]) -> RoundResult:
+        res = self.combine(params, updates)
+        n = sum(updates[i].num_examples for i in res.selected)
+        return RoundResult(res.params, {"num_updates": float(len(updates)), "num_examples": float(n)}, res)
+
+    def evaluate(self, rnd: int, params: torch.Tensor) -> dict[str, float] | None:
+        return self.evaluate_fn(rnd, params) if self.evaluate_fn else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fraction_fit": self.fraction_fit,
+            "min_participants": self.min_participants,
+            "aggregator": self.aggregator.describe(),
+            "local_config": dict(self.local_config),
+        }
+
+
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg whose participants add (mu/2)||w - w_global||^2 to their loss."""
+
+    name = "fedprox"
+
+    def __init__(self, *, proximal_mu: float, **kwargs: Any) -> None:
+        if proximal_mu < 0:
+            raise ValueError("proximal_mu must be >= 0")
+        super().__init__(**kwargs)
+        self.proximal_mu = proximal_mu
+        self.local_config["proximal_mu"] = proximal_mu
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "proximal_mu": self.proximal_mu}
+
+
+class FedOpt(FedAvg):
+    """Adaptive server optimisers (Reddi et al. 2021): the aggregate's difference from the
+    global model is a pseudo-gradient fed to Adagrad, Adam or Yogi on the server."""
+
+    name = "fedopt"
+    variant = "adam"
+
+    def __init__(
+        self,
+        *,
+        server_lr: float = 0.1,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if server_lr <= 0 or tau <= 0 or not (0 <= beta1 < 1) or not (0 <= beta2 < 1):
+            raise ValueError("need server_lr > 0, tau > 0, 0 <= beta1 < 1, 0 <= beta2 < 1")
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.t = 0
+
+    def aggregate(self, plan: RoundPlan, params: torch.Tensor, updates: Sequence[Update]) -> RoundResult:
+        res = self.combine(params, updates)
+        delta = res.params.to(torch.float64) - params.to(torch.float64)
+        if self.m is None or self.v is None:
+            self.m = torch.zeros_like(delta)
+            self.v = torch.full_like(delta, self.tau**2)
+        self.t += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * delta
+        d2 = delta * delta
+        if self.variant == "adagrad":
+            self.v = self.v + d2
+        elif self.variant == "adam":
+            self.v = self.beta2 * self.v + (1 - self.beta2) * d2
+        else:  # yogi
+            self.v = self.v - (1 - self.beta2) * d2 * torch.sign(self.v - d2)
+        new = params.to(torch.float64) + self.server_lr * self.m / (self.v.sqrt() + self.tau)
+        n = sum(updates[i].num_examples for i in res.selected)
+        metrics = {"num_updates": float(len(updates)), "num_examples": float(n)}
+        return RoundResult(new.to(torch.float32), metrics, res)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "server_lr": self.server_lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "tau": self.tau,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.m is None or self.v is None:
+            return {}
+        return {"m": self.m, "v": self.v, "t": torch.tensor(self.t)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if not state:
+            self.m = self.v = None
+            self.t = 0
+            return
+        self.m, self.v, self.t = state["m"].to(torch.float64), state["v"].to(torch.float64), int(state["t"])
+
+
+class FedAdagrad(FedOpt):
+    name = "fedadagrad"
+    variant = "adagrad"
+
+
+class FedAdam(FedOpt):
+    name = "fedadam"
+    variant = "adam"
+
+
+class FedYogi(FedOpt):
+    name = "fedyogi"
+    variant = "yogi"
+
+
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadagrad": FedAdagrad,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+}

@@ -1,0 +1,57 @@
+"""One exception hierarchy for trustfed.
+
+Every message says what was wrong, where, and what to do. The CLI maps these to exit codes
+and prints them without a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TrustFedError(Exception):
+    """Root of every error trustfed raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(TrustFedError):
+    """A configuration file or CLI flag is invalid. Carries every problem found at once."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{len(problems)} problem(s) in {source}:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a configuration: where it is and what was expected."""
+
+    field: str
+    message: str
+    got: str | None = None
+
+    def __str__(self) -> str:
+        got = f" (got {self.got})" if self.got is not None else ""
+        return f"{self.field}: {self.message}{got}"
+
+
+class CodecError(TrustFedError):
+    """A parameter vector does not match its spec, or a model cannot be encoded exactly."""
+
+
+class DataError(TrustFedError):
+    """A dataset cannot be loaded or partitioned as asked."""
+
+
+class AggregationError(TrustFedError):
+    """Updates cannot be aggregated (wrong shapes, too few, non-finite values)."""
+
+
+class CheckpointError(TrustFedError):
+    """A checkpoint is missing, corrupt, or does not match its recorded hash."""

@@ -1,0 +1,139 @@
+"""Run a whole federation in one machine and write its results.
+
+``DIR/metrics.json`` = {"final_accuracy", "rounds": [{"round", "accuracy", "loss", "seconds"}],
+"config", "versions", ...}; ``DIR/metrics.png`` plots accuracy and loss over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trustfed.config import FederationConfig
+from trustfed.coordinator.engine import Coordinator, RoundRecord, Transport
+from trustfed.core.codec import flatten, model_hash, to_bytes
+from trustfed.simulation.federation import (
+    build_data,
+    build_strategy,
+    build_trainer,
+    make_evaluator,
+    model_factory,
+    participant_ids,
+)
+from trustfed.simulation.transports import InProcessTransport, MultiprocessTransport
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import sklearn
+
+    import trustfed
+
+    return {
+        "trustfed": trustfed.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+@dataclass
+class SimulationResult:
+    params: torch.Tensor
+    metrics: dict[str, Any]
+
+
+def run_simulation(
+    cfg: FederationConfig,
+    out_dir: Path | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> SimulationResult:
+    data = build_data(cfg)
+    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
+    params, spec = flatten(factory().state_dict())
+    strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
+    transport: Transport
+    if cfg.simulation.backend == "multiprocess":
+        transport = MultiprocessTransport(cfg, cfg.simulation.workers)
+    else:
+        ids = participant_ids(cfg.federation.participants)
+        transport = InProcessTransport({pid: build_trainer(cfg, data, pid) for pid in ids})
+    coord = Coordinator(strategy, transport, params, spec, min_updates=cfg.strategy.min_participants)
+    rounds: list[dict[str, Any]] = []
+
+    def record(rec: RoundRecord, _params: torch.Tensor) -> None:
+        rounds.append(
+            {
+                "round": rec.round,
+                "accuracy": rec.metrics.get("accuracy", float("nan")),
+                "loss": rec.metrics.get("loss", float("nan")),
+                "seconds": rec.seconds,
+                "participants": list(rec.participants),
+                "model_hash": rec.model_hash,
+            }
+        )
+        if on_round:
+            on_round(rec)
+
+    t0 = time.perf_counter()
+    try:
+        coord.run(cfg.federation.rounds, record)
+    finally:
+        transport.close()
+    metrics: dict[str, Any] = {
+        "final_accuracy": rounds[-1]["accuracy"],
+        "final_loss": rounds[-1]["loss"],
+        "rounds": rounds,
+        "total_seconds": time.perf_counter() - t0,
+        "model_hash": model_hash(coord.params, spec),
+        "strategy": strategy.describe(),
+        "config": cfg.model_dump(mode="json"),
+        "versions": versions(),
+    }
+    if out_dir is not None:
+        write_results(out_dir, metrics, coord.params, spec.to_json())
+    return SimulationResult(coord.params, metrics)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: Path, metrics: dict[str, Any], params: torch.Tensor, spec_json: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    _atomic_write(out_dir / "model.f32", to_bytes(params))
+    _atomic_write(out_dir / "model.spec.json", spec_json.encode())
+    plot_metrics(metrics, out_dir / "metrics.png")
+
+
+def plot_metrics(metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in metrics["rounds"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(rounds, [r["accuracy"] for r in metrics["rounds"]], marker="o")
+    ax1.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
+    ax1.grid(alpha=0.3)
+    ax2.plot(rounds, [r["loss"] for r in metrics["rounds"]], marker="o", color="tab:red")
+    ax2.set(xlabel="round", ylabel="test loss", title="Loss")
+    ax2.grid(alpha=0.3)
+    name = metrics.get("config", {}).get("federation", {}).get("name", "federation")
+    fig.suptitle(f"trustfed: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

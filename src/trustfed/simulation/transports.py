@@ -1,0 +1,100 @@
+"""In-process and multiprocess implementations of the coordinator's Transport seam."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from trustfed.config import FederationConfig
+from trustfed.core.codec import from_bytes, to_bytes
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.participant.trainer import Trainer
+
+
+class InProcessTransport:
+    """Participants are objects in this process; they train one after another."""
+
+    def __init__(self, trainers: Mapping[str, Trainer]) -> None:
+        self.trainers = dict(trainers)
+
+    def available(self) -> Sequence[str]:
+        return sorted(self.trainers)
+
+    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
+        return [self.trainers[pid].fit(params.clone(), plan) for pid in plan.participants]
+
+    def close(self) -> None:
+        pass
+
+
+# --- multiprocess: each worker rebuilds the federation from the config, then trains on request.
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(cfg_json: str) -> None:
+    torch.set_num_threads(1)
+    from trustfed.simulation.federation import build_data
+
+    cfg = FederationConfig.model_validate_json(cfg_json)
+    _WORKER["cfg"] = cfg
+    _WORKER["data"] = build_data(cfg)
+    _WORKER["trainers"] = {}
+
+
+def _fit_in_worker(
+    pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes
+) -> tuple[str, bytes, int, dict[str, float]]:
+    from trustfed.simulation.federation import FederationData, build_trainer
+
+    cfg = _WORKER["cfg"]
+    data = _WORKER["data"]
+    trainers = _WORKER["trainers"]
+    assert isinstance(cfg, FederationConfig) and isinstance(data, FederationData) and isinstance(trainers, dict)
+    if pid not in trainers:
+        trainers[pid] = build_trainer(cfg, data, pid)
+    trainer: Trainer = trainers[pid]
+    upd = trainer.fit(from_bytes(payload), RoundPlan(rnd, (pid,), config))
+    return upd.participant_id, to_bytes(upd.params), upd.num_examples, dict(upd.metrics)
+
+
+class MultiprocessTransport:
+    """Participants train in a pool of worker processes (spawned, one torch thread each)."""
+
+    def __init__(self, cfg: FederationConfig, workers: int) -> None:
+        self.ids = sorted(f"p{i:03d}" for i in range(cfg.federation.participants))
+        ctx = mp.get_context("spawn")
+        env_threads = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            self.pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(cfg.model_dump_json(),),
+            )
+        finally:
+            if env_threads is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = env_threads
+
+    def available(self) -> Sequence[str]:
+        return self.ids
+
+    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
+        payload = to_bytes(params)
+        futs = [
+            self.pool.submit(_fit_in_worker, pid, plan.round, dict(plan.config), payload) for pid in plan.participants
+        ]
+        out = []
+        for f in futs:
+            pid, data, n, metrics = f.result()
+            out.append(Update(pid, from_bytes(data), n, metrics))
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
