@@ -1,5 +1,5 @@
 """Coordinator runtime: the round loop over a Transport."""
 
-from trustfed.coordinator.engine import Coordinator, History, RoundRecord, Transport
+from trustfed.coordinator.engine import Coordinator, History, RoundObserver, RoundRecord, Transport
 
-__all__ = ["Coordinator", "History", "RoundRecord", "Transport"]
+__all__ = ["Coordinator", "History", "RoundObserver", "RoundRecord", "Transport"]

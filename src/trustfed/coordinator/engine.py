@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
-from trustfed.core.strategy import RoundPlan, Strategy, Update
+from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
 from trustfed.errors import AggregationError
 
 log = logging.getLogger("trustfed.coordinator")
@@ -51,6 +51,16 @@ class History:
 RoundCallback = Callable[[RoundRecord, torch.Tensor], None]
 
 
+class RoundObserver(Protocol):
+    """Sees every round: the ledger, the audit log, checkpoints and dashboards hook in here."""
+
+    def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None: ...
+
+    def on_round_end(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> None: ...
+
+
 class Coordinator:
     """Runs rounds: configure, distribute, collect, aggregate, evaluate."""
 
@@ -62,6 +72,7 @@ class Coordinator:
         spec: ParamSpec,
         *,
         min_updates: int = 1,
+        observers: Sequence[RoundObserver] = (),
     ) -> None:
         if params.numel() != spec.size:
             raise AggregationError(f"initial parameters have {params.numel()} values, spec needs {spec.size}")
@@ -70,6 +81,7 @@ class Coordinator:
         self.params = params
         self.spec = spec
         self.min_updates = min_updates
+        self.observers = list(observers)
         self.round = 0
 
     def run_round(self) -> RoundRecord:
@@ -77,6 +89,8 @@ class Coordinator:
         t0 = time.perf_counter()
         plan = self.strategy.configure_round(rnd, self.params, self.transport.available())
         plan = RoundPlan(plan.round, plan.participants, plan.config, model_hash(self.params, self.spec))
+        for obs in self.observers:
+            obs.on_round_start(plan, self.params)
         updates = self.transport.fit(plan, self.params)
         if len(updates) < self.min_updates:
             raise AggregationError(f"round {rnd}: {len(updates)} update(s) arrived, {self.min_updates} needed")
@@ -88,6 +102,8 @@ class Coordinator:
         if evaluated:
             metrics.update(evaluated)
         rec = RoundRecord(rnd, plan.participants, model_hash(self.params, self.spec), metrics, time.perf_counter() - t0)
+        for obs in self.observers:
+            obs.on_round_end(plan, updates, result, rec)
         log.info("round %d: %s", rnd, {k: round(v, 4) for k, v in metrics.items()})
         return rec
 
