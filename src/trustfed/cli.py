@@ -139,7 +139,7 @@ def demo(
         "federation": {"name": "digits-demo", "rounds": rounds, "participants": participants, "seed": seed},
         "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}},
         "model": {"name": "mlp", "hidden": [128]},
-        "training": {"local_epochs": 2, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+        "training": {"local_epochs": 3, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "strategy": {"name": "fedavg", "aggregator": "mean", "min_participants": min(2, participants)},
     }
     cfg = validate_federation_config(raw, "demo flags")
