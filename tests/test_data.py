@@ -106,7 +106,7 @@ def test_mnist_loader_rejects_truncated_files(tmp_path: Path) -> None:
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(3)))
     with pytest.raises(DataError, match="header says"):
         load_dataset("mnist", tmp_path)
-    with pytest.raises(DataError, match="needs data.path"):
+    with pytest.raises(DataError, match=r"needs data\.path"):
         load_dataset("mnist")
 
 
