@@ -1,0 +1,23 @@
+"""Secure aggregation: sans-I/O client and server state machines (pairwise masks, Shamir shares)."""
+
+from trustfed.secagg.protocol import (
+    PublicKeys,
+    SecAggClient,
+    SecAggError,
+    SecAggParams,
+    SecAggServer,
+    UnmaskShares,
+    dequantize_sum,
+    quantize,
+)
+
+__all__ = [
+    "PublicKeys",
+    "SecAggClient",
+    "SecAggError",
+    "SecAggParams",
+    "SecAggServer",
+    "UnmaskShares",
+    "dequantize_sum",
+    "quantize",
+]

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trustfed.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer, dequantize_sum, quantize, shamir
+
+
+def run(n: int, t: int, dim: int, drop_after_masking: set[int], drop_before_sharing: set[int], seed: int = 0):
+    rng = np.random.default_rng(seed)
+    params = SecAggParams(threshold=t, clip=1.0, bits=16, round=3)
+    clients = {i: SecAggClient(i, params) for i in range(1, n + 1)}
+    xs = {i: rng.uniform(-1, 1, size=dim).astype(np.float32) for i in clients}
+    server = SecAggServer(params, dim)
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    roster = server.roster_for_clients()
+    for i, c in clients.items():
+        if i not in drop_before_sharing:
+            server.receive_shares(i, c.share_keys(roster))
+    masked = {}
+    for i in server.shared:
+        masked[i] = clients[i].masked_input(xs[i], server.inbox_for(i))
+        if i not in drop_after_masking:
+            server.receive_masked(i, masked[i])
+    survivors = server.survivors()
+    for i in survivors:
+        server.receive_unmask(i, clients[i].unmask(survivors))
+    total, who = server.aggregate()
+    return total, who, xs, masked
+
+
+def test_sum_is_exact_up_to_quantisation_and_inputs_stay_hidden() -> None:
+    total, who, xs, masked = run(5, 3, 200, set(), set())
+    assert who == [1, 2, 3, 4, 5]
+    expected = np.sum([xs[i] for i in who], axis=0)
+    np.testing.assert_allclose(total, expected, atol=5 * 2 / (2**16 - 1))
+    # a single masked input looks nothing like its quantised input
+    q = quantize(xs[1], 1.0, 16)
+    assert np.mean(masked[1] == q) < 0.01
+    assert abs(np.corrcoef(masked[1].astype(np.float64), q.astype(np.float64))[0, 1]) < 0.2
+
+
+def test_participants_dropping_out_after_masking_are_removed_from_the_sum() -> None:
+    total, who, xs, _ = run(6, 3, 50, drop_after_masking={2, 5}, drop_before_sharing={6})
+    assert who == [1, 3, 4]
+    expected = np.sum([xs[i] for i in who], axis=0)
+    np.testing.assert_allclose(total, expected, atol=3 * 2 / (2**16 - 1))
+
+
+def test_too_many_dropouts_refused() -> None:
+    with pytest.raises(SecAggError, match="fewer than threshold"):
+        run(4, 3, 10, drop_after_masking={1, 2}, drop_before_sharing=set())
+
+
+def _setup(n: int = 4, t: int = 3) -> tuple[dict[int, SecAggClient], SecAggServer]:
+    params = SecAggParams(threshold=t, bits=16)
+    clients = {i: SecAggClient(i, params) for i in range(1, n + 1)}
+    server = SecAggServer(params, 8)
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    roster = server.roster_for_clients()
+    for i, c in clients.items():
+        server.receive_shares(i, c.share_keys(roster))
+    for i, c in clients.items():
+        server.receive_masked(i, c.masked_input(np.zeros(8, dtype=np.float32), server.inbox_for(i)))
+    return clients, server
+
+
+def test_clients_refuse_unsafe_server_requests() -> None:
+    clients, _ = _setup()
+    c = clients[1]
+    with pytest.raises(SecAggError, match="never shared"):
+        c.unmask([1, 2, 3, 99])
+    with pytest.raises(SecAggError, match="fewer than threshold"):
+        c.unmask([1, 2])
+    with pytest.raises(SecAggError, match="include me"):
+        c.unmask([2, 3, 4])
+    c.unmask([1, 2, 3, 4])
+    with pytest.raises(SecAggError, match="twice"):
+        c.unmask([1, 2, 3])  # would reveal the key of 4 after revealing its self-mask seed
+
+
+def test_roster_checks() -> None:
+    params = SecAggParams(threshold=3)
+    a, b, c = (SecAggClient(i, params) for i in (1, 2, 3))
+    with pytest.raises(SecAggError, match="my own keys"):
+        a.share_keys({2: b.keys, 3: c.keys, 4: b.keys})
+    with pytest.raises(SecAggError, match="fewer than threshold"):
+        a.share_keys({1: a.keys, 2: b.keys})
+    with pytest.raises(SecAggError, match="repeats a public key"):
+        a.share_keys({1: a.keys, 2: b.keys, 3: b.keys})
+
+
+def test_tampered_share_is_detected() -> None:
+    params = SecAggParams(threshold=2)
+    a, b = SecAggClient(1, params), SecAggClient(2, params)
+    roster = {1: a.keys, 2: b.keys}
+    cts = a.share_keys(roster)
+    b.share_keys(roster)
+    bad = bytearray(cts[2])
+    bad[20] ^= 1
+    with pytest.raises(SecAggError, match="does not authenticate"):
+        b.masked_input(np.zeros(4, dtype=np.float32), {1: bytes(bad)})
+
+
+def test_overflow_is_refused() -> None:
+    with pytest.raises(SecAggError, match="overflow"):
+        SecAggParams(threshold=2, bits=31).check(4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(min_size=1, max_size=64), st.integers(1, 6), st.integers(0, 5))
+def test_shamir_round_trip(secret: bytes, t: int, extra: int) -> None:
+    xs = list(range(1, t + extra + 1))
+    shares = shamir.split(secret, t, xs)
+    assert shamir.combine(dict(list(shares.items())[-t:]), t) == secret
+    if t > 1:
+        with pytest.raises(shamir.SecretSharingError):
+            shamir.combine(dict(list(shares.items())[: t - 1]), t)
+
+
+def test_quantisation_round_trip() -> None:
+    x = np.linspace(-2, 2, 101).astype(np.float32)
+    back = dequantize_sum(quantize(x, 1.0, 16), 1, 1.0, 16)
+    np.testing.assert_allclose(back, np.clip(x, -1, 1), atol=2 / (2**16 - 1))
