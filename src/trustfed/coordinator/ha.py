@@ -1,0 +1,165 @@
+"""Standby coordinators: a leadership lease, and a round loop that resumes from checkpoints.
+
+Two coordinator processes share a checkpoint folder and a lease. The one holding the lease runs
+rounds and renews it; the standby polls. When the leader crashes, its lease expires, the
+standby takes it (with a higher epoch, a fencing token recorded in every checkpoint's round
+log), loads the newest verified checkpoint and carries on from the next round.
+
+:class:`FileLease` works on one host (or a shared POSIX file system) with an fcntl lock around
+each read-modify-write of the lease file. Across hosts, the same interface maps onto an etcd
+lease with create-if-absent (see ARCHITECTURE.md); only the file lease ships today.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from trustfed.coordinator.engine import Coordinator, History, RoundCallback
+from trustfed.coordinator.state import latest_state, resume
+from trustfed.errors import TrustFedError
+
+log = logging.getLogger("trustfed.coordinator.ha")
+
+
+class LeadershipLost(TrustFedError):
+    """This coordinator no longer holds the lease: another one has taken over."""
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    holder: str
+    expires: float
+    epoch: int
+
+
+class FileLease:
+    """A time-limited leadership lease kept in a small JSON file."""
+
+    def __init__(self, path: Path, holder: str, ttl: float, clock: Callable[[], float] = time.time) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be > 0")
+        self.path, self.holder, self.ttl, self.clock = path, holder, ttl, clock
+        self.epoch = 0
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".guard"), "a+") as g:
+            fcntl.flock(g.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(g.fileno(), fcntl.LOCK_UN)
+
+    def read(self) -> LeaseRecord | None:
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            return LeaseRecord(str(raw["holder"]), float(raw["expires"]), int(raw["epoch"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TrustFedError(f"lease file {self.path} is unreadable ({exc}); remove it to reset") from None
+
+    def _write(self, rec: LeaseRecord) -> None:
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"holder": rec.holder, "expires": rec.expires, "epoch": rec.epoch}))
+        os.replace(tmp, self.path)
+
+    def try_acquire(self) -> bool:
+        with self._guard():
+            now = self.clock()
+            cur = self.read()
+            if cur is not None and cur.holder != self.holder and cur.expires > now:
+                return False
+            epoch = cur.epoch if cur is not None and cur.holder == self.holder else (cur.epoch + 1 if cur else 1)
+            self._write(LeaseRecord(self.holder, now + self.ttl, epoch))
+            self.epoch = epoch
+            return True
+
+    def renew(self) -> bool:
+        """Extend the lease; False when another holder has it (leadership lost)."""
+        with self._guard():
+            cur = self.read()
+            if cur is None or cur.holder != self.holder or cur.epoch != self.epoch:
+                return False
+            self._write(LeaseRecord(self.holder, self.clock() + self.ttl, self.epoch))
+            return True
+
+    def release(self) -> None:
+        with self._guard():
+            cur = self.read()
+            if cur is not None and cur.holder == self.holder and cur.epoch == self.epoch:
+                self._write(LeaseRecord(self.holder, 0.0, self.epoch))
+
+    def wait(
+        self, poll: float = 0.5, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        """Block until this holder becomes the leader."""
+        start = self.clock()
+        while not self.try_acquire():
+            if timeout is not None and self.clock() - start > timeout:
+                cur = self.read()
+                raise TrustFedError(
+                    f"could not take the lease {self.path} within {timeout} s; held by {cur.holder if cur else '?'}"
+                )
+            sleep(poll)
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, lease: FileLease, interval: float) -> None:
+        super().__init__(daemon=True, name="trustfed-lease")
+        self.lease, self.interval = lease, interval
+        self.lost = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            if not self.lease.renew():
+                self.lost.set()
+                return
+
+
+def run_as_leader(
+    coordinator: Coordinator,
+    lease: FileLease,
+    checkpoints: Path,
+    total_rounds: int,
+    on_round: RoundCallback | None = None,
+    heartbeat: bool = True,
+) -> History:
+    """Take the lease (waiting as standby), resume from the newest checkpoint, run to ``total_rounds``.
+
+    ``coordinator`` must have a :class:`~trustfed.coordinator.state.CheckpointObserver` writing to
+    ``checkpoints``. Raises :class:`LeadershipLost` if the lease is lost mid-run.
+    """
+    lease.wait()
+    log.info("%s leads (epoch %d)", lease.holder, lease.epoch)
+    state = latest_state(checkpoints)
+    if state is not None:
+        resume(coordinator, state)
+        log.info("%s resumed after round %d", lease.holder, state.round)
+    beat = _Heartbeat(lease, lease.ttl / 3)
+    if heartbeat:
+        beat.start()
+    hist = History()
+    try:
+        while coordinator.round < total_rounds:
+            if beat.lost.is_set() or not lease.renew():
+                raise LeadershipLost(f"{lease.holder} lost the lease {lease.path} before round {coordinator.round + 1}")
+            rec = coordinator.run_round()
+            hist.rounds.append(rec)
+            if on_round:
+                on_round(rec, coordinator.params)
+    finally:
+        beat.stop.set()
+    lease.release()
+    return hist
