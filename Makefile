@@ -21,6 +21,11 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Node tools for the ledger (solcjs, anvil), pinned in package-lock.json; npm ci when missing.
+NODE_STAMP := node_modules/.package-lock.json
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+
 demo: $(STAMP)
 	$(VENV)/bin/trustfed demo --out $(OUT)
 
@@ -31,10 +36,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) $(NODE_STAMP) lint typecheck
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) lint typecheck
+test-all: $(STAMP) $(NODE_STAMP) lint typecheck
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)

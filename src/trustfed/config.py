@@ -13,7 +13,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trustfed.attacks.settings import AttackSettings
+from trustfed.distributed.settings import ParticipantTrainingSettings
+from trustfed.enclave.settings import EnclaveSection
 from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.ledger.settings import LedgerSettings
+from trustfed.privacy.settings import PrivacySettings
+from trustfed.transport.settings import TransportSettings
 
 
 class _Section(BaseModel):
@@ -90,6 +96,12 @@ class FederationConfig(_Section):
     training: TrainingSection = TrainingSection()
     strategy: StrategySection = StrategySection()
     simulation: SimulationSection = SimulationSection()
+    attack: AttackSettings = AttackSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    enclave: EnclaveSection = EnclaveSection()
+    privacy: PrivacySettings = PrivacySettings()
+    transport: TransportSettings = TransportSettings()
+    participant_training: ParticipantTrainingSettings = ParticipantTrainingSettings()
 
     def semantic_problems(self) -> list[ConfigProblem]:
         """Checks that span fields or touch the file system."""
@@ -121,6 +133,8 @@ class FederationConfig(_Section):
             )
         if self.simulation.backend == "multiprocess" and self.simulation.workers > n:
             out.append(ConfigProblem("simulation.workers", f"must be <= federation.participants ({n})"))
+        ids = [f"p{i:03d}" for i in range(n)]
+        out += self.privacy.problems(ids, self.strategy.aggregator, self.simulation.backend)
         return out
 
 

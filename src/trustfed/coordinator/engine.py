@@ -17,9 +17,23 @@ import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
-from trustfed.errors import AggregationError
+from trustfed.errors import AggregationError, TrustFedError
 
 log = logging.getLogger("trustfed.coordinator")
+
+
+class ParticipantWithdrew(TrustFedError):
+    """A participant declines the round and leaves the federation (for example, its privacy budget
+    is spent). Transports drop it from ``available()`` for the rest of the run; the round goes on
+    with the other updates."""
+
+    def __init__(self, participant_id: str, reason: str) -> None:
+        self.participant_id = participant_id
+        self.reason = reason
+        super().__init__(f"participant {participant_id} withdrew: {reason}")
+
+    def __reduce__(self) -> tuple[type[ParticipantWithdrew], tuple[str, str]]:
+        return type(self), (self.participant_id, self.reason)  # survives the multiprocess boundary
 
 
 class Transport(Protocol):
@@ -28,7 +42,10 @@ class Transport(Protocol):
         ...
 
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
-        """Send the plan and parameters to the plan's participants; return their updates."""
+        """Send the plan and parameters to the plan's participants; return their updates.
+
+        A participant that raises :class:`ParticipantWithdrew` sends no update and is left out
+        of ``available()`` from then on."""
         ...
 
     def close(self) -> None: ...

@@ -15,12 +15,12 @@ from torch import nn
 
 from trustfed.config import FederationConfig
 from trustfed.core.codec import ParamSpec, flatten, load_vector
-from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx
+from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx, Strategy
 from trustfed.data.datasets import Dataset, load_dataset, train_test_split
 from trustfed.data.partition import partition
 from trustfed.models.reference import build_model
 from trustfed.models.training import TrainConfig, evaluate
-from trustfed.participant.trainer import LocalTrainer
+from trustfed.participant.trainer import LocalTrainer, Trainer
 
 
 def participant_ids(n: int) -> list[str]:
@@ -68,9 +68,25 @@ def train_config(cfg: FederationConfig) -> TrainConfig:
     return TrainConfig(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay, mu)
 
 
-def build_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> LocalTrainer:
+def build_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> Trainer:
+    if cfg.attack.kind != "none":  # malicious participants (simulation only), see trustfed.attacks
+        from trustfed.simulation.adversary import adversarial_trainer
+
+        adversary = adversarial_trainer(cfg, data, pid)
+        if adversary is not None:
+            return adversary
+    if cfg.participant_training.applies_to(pid):  # local training across DDP workers
+        from trustfed.distributed.participant import build_ddp_trainer
+
+        return build_ddp_trainer(cfg, data.shards[pid], data.train.input_shape, data.train.num_classes, pid)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     _, spec = flatten(factory().state_dict())
+    if cfg.privacy.mode != "none":
+        from trustfed.privacy.wiring import build_private_trainer
+
+        return build_private_trainer(
+            cfg.privacy, pid, factory, spec, data.shards[pid], train_config(cfg), cfg.federation.seed
+        )
     return LocalTrainer(pid, factory, spec, data.shards[pid], train_config(cfg), cfg.federation.seed)
 
 
@@ -88,6 +104,17 @@ def make_evaluator(
 
 
 def build_strategy(
+    cfg: FederationConfig, evaluate_fn: Callable[[int, torch.Tensor], dict[str, float]] | None
+) -> Strategy:
+    inner = _build_base_strategy(cfg, evaluate_fn)
+    if cfg.privacy.mode == "central":
+        from trustfed.privacy.wiring import build_central_strategy
+
+        return build_central_strategy(cfg.privacy, inner, cfg.federation.seed)
+    return inner
+
+
+def _build_base_strategy(
     cfg: FederationConfig, evaluate_fn: Callable[[int, torch.Tensor], dict[str, float]] | None
 ) -> FedAvg:
     s = cfg.strategy

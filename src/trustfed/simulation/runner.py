@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import Coordinator, RoundRecord, Transport
+from trustfed.coordinator.engine import Coordinator, RoundObserver, RoundRecord, Transport
+from trustfed.coordinator.recorders import recorders_for
 from trustfed.core.codec import flatten, model_hash, to_bytes
 from trustfed.simulation.federation import (
     build_data,
@@ -56,6 +57,7 @@ def run_simulation(
     cfg: FederationConfig,
     out_dir: Path | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    observers: Sequence[RoundObserver] = (),
 ) -> SimulationResult:
     data = build_data(cfg)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
@@ -67,7 +69,18 @@ def run_simulation(
     else:
         ids = participant_ids(cfg.federation.participants)
         transport = InProcessTransport({pid: build_trainer(cfg, data, pid) for pid in ids})
-    coord = Coordinator(strategy, transport, params, spec, min_updates=cfg.strategy.min_participants)
+    if cfg.attack.kind != "none":  # omniscient attacks rewrite the collected updates
+        from trustfed.simulation.adversary import adversarial_transport
+
+        transport = adversarial_transport(cfg, transport)
+    # privacy spend + ledger (audit log, checkpoints, chain): the same recorders as the networked coordinator
+    watchers = [*observers, *recorders_for(cfg, out_dir, spec, participant_ids(cfg.federation.participants))]
+    coord = Coordinator(
+        strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=watchers
+    )
+    from trustfed.simulation.adversary import attach_root_update
+
+    attach_root_update(cfg, data, strategy, coord)  # FLTrust's server update from a root sample
     rounds: list[dict[str, Any]] = []
 
     def record(rec: RoundRecord, _params: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 from collections.abc import Mapping, Sequence
@@ -10,9 +11,12 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from trustfed.config import FederationConfig
+from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import from_bytes, to_bytes
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.participant.trainer import Trainer
+
+log = logging.getLogger("trustfed.simulation")
 
 
 class InProcessTransport:
@@ -25,7 +29,14 @@ class InProcessTransport:
         return sorted(self.trainers)
 
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
-        return [self.trainers[pid].fit(params.clone(), plan) for pid in plan.participants]
+        out = []
+        for pid in plan.participants:
+            try:
+                out.append(self.trainers[pid].fit(params.clone(), plan))
+            except ParticipantWithdrew as exc:
+                log.info("round %d: %s; it leaves the federation", plan.round, exc)
+                del self.trainers[pid]
+        return out
 
     def close(self) -> None:
         pass
@@ -66,6 +77,7 @@ class MultiprocessTransport:
 
     def __init__(self, cfg: FederationConfig, workers: int) -> None:
         self.ids = sorted(f"p{i:03d}" for i in range(cfg.federation.participants))
+        self.withdrawn: set[str] = set()
         ctx = mp.get_context("spawn")
         env_threads = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -83,7 +95,7 @@ class MultiprocessTransport:
                 os.environ["OMP_NUM_THREADS"] = env_threads
 
     def available(self) -> Sequence[str]:
-        return self.ids
+        return [pid for pid in self.ids if pid not in self.withdrawn]
 
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
         payload = to_bytes(params)
@@ -92,7 +104,12 @@ class MultiprocessTransport:
         ]
         out = []
         for f in futs:
-            pid, data, n, metrics = f.result()
+            try:
+                pid, data, n, metrics = f.result()
+            except ParticipantWithdrew as exc:
+                log.info("round %d: %s; it leaves the federation", plan.round, exc)
+                self.withdrawn.add(exc.participant_id)
+                continue
             out.append(Update(pid, from_bytes(data), n, metrics))
         return out
 

@@ -1,0 +1,48 @@
+"""A malicious participant: an honest trainer whose update is transformed before it is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.participant.trainer import Trainer, round_seed
+
+DeltaAttack = Callable[[torch.Tensor, Mapping[str, float | int | bool | str], torch.Generator], torch.Tensor]
+
+
+class MaliciousTrainer:
+    """Wraps a :class:`Trainer`: trains honestly (unless ``train`` is false), then sends
+    ``global + attack(delta)``. ``num_examples`` is what it claims when it does not train."""
+
+    def __init__(
+        self,
+        inner: Trainer,
+        attack: DeltaAttack,
+        params: Mapping[str, float | int | bool | str],
+        seed: int,
+        *,
+        train: bool = True,
+        num_examples: int = 1,
+    ) -> None:
+        self.inner = inner
+        self.participant_id = inner.participant_id
+        self.attack = attack
+        self.params = dict(params)
+        self.seed = seed
+        self.train = train
+        self.num_examples = num_examples
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        gen = torch.Generator().manual_seed(round_seed(self.seed, plan.round, f"attack:{self.participant_id}"))
+        if self.train:
+            upd = self.inner.fit(params.clone(), plan)
+            delta, n, metrics = upd.params - params, upd.num_examples, dict(upd.metrics)
+        else:
+            delta, n, metrics = torch.zeros_like(params), self.num_examples, {}
+        sent = params + self.attack(delta, self.params, gen).to(params.dtype)
+        return Update(self.participant_id, sent.contiguous(), n, metrics)
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        return self.inner.evaluate(params)

@@ -1,0 +1,202 @@
+"""The run recorders a federation attaches for its config, shared by the simulation and the network.
+
+``recorders_for(cfg, out_dir, spec, ids)`` returns the RoundObservers that record a run in its
+folder: the privacy spend (``privacy.jsonl``) and the ledger (signed audit log, checkpoints, chain).
+Both :func:`trustfed.simulation.runner.run_simulation` and
+:func:`trustfed.coordinator.service.run_coordinator` call it, so a simulated and a networked run
+are recorded the same way. What differs is who holds the keys:
+
+* simulation (``network=None``): the participants live in this process, so do their keys
+  (``RUN_DIR/keys``);
+* network (:class:`NetworkIdentities`): the coordinator signs with its PKI key, participants are
+  registered by their certificates' fingerprints, and each commitment is the one the participant
+  signed with its own key and sent with its update.
+
+The privacy spend lines and the enclave's attestation and receipts become coordinator-signed audit
+entries (:class:`~trustfed.ledger.recorder.Attachment`), anchored on chain with the round; the
+receipt's hash goes in the chain's ``receiptHash`` slot.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trustfed.coordinator.engine import RoundObserver, RoundRecord
+from trustfed.core.codec import ParamSpec
+from trustfed.core.strategy import RoundPlan, RoundResult, Update
+
+if TYPE_CHECKING:
+    from trustfed.config import FederationConfig
+    from trustfed.enclave.core import EnclaveClient
+    from trustfed.enclave.policy import AttestationPolicy
+    from trustfed.enclave.strategy import EnclaveStrategy
+    from trustfed.ledger.audit import Signer
+    from trustfed.ledger.recorder import Attachment, CommitmentSource, RoundAttachments
+    from trustfed.privacy.report import PrivacyRecorder
+
+PRIVACY_KIND = "privacy_spend"
+ATTESTATION_KIND = "enclave_attestation"
+RECEIPT_KIND = "enclave_receipt"
+
+
+@dataclass(frozen=True)
+class NetworkIdentities:
+    """Keys of a networked federation: the coordinator's own signer, everyone's certificate (PEM,
+    keyed by id; the coordinator's under ``"coordinator"``) and the participants' signed commitments."""
+
+    coordinator: Signer
+    certificates: Mapping[str, bytes]
+    commitments: CommitmentSource
+
+
+@dataclass(frozen=True)
+class EnclaveAttestation:
+    """The coordinator's own attestation of the enclave: recorded so an auditor can re-verify it."""
+
+    evidence: bytes
+    nonce: bytes
+    verified_at: float
+    claims: Mapping[str, Any]
+
+
+def attest_enclave(client: EnclaveClient, policy: AttestationPolicy, where: str = "coordinator") -> EnclaveAttestation:
+    """Challenge ``client`` with a fresh nonce and verify the evidence against ``policy`` (raises if refused)."""
+    from trustfed.enclave.attestation import verify_evidence
+
+    nonce = os.urandom(32)
+    now = time.time()
+    evidence = client.evidence(nonce)
+    verdict = verify_evidence(evidence, policy, nonce, now)
+    verdict.raise_if_refused(where)
+    return EnclaveAttestation(evidence, nonce, now, dict(verdict.claims))
+
+
+class _PrivacySpend:
+    """Each round's privacy.jsonl lines as signed audit entries (the recorder runs first)."""
+
+    def __init__(self, recorder: PrivacyRecorder) -> None:
+        self.recorder = recorder
+
+    def genesis(self) -> Sequence[Attachment]:
+        return []
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        from trustfed.ledger.recorder import Attachment
+
+        return [Attachment(PRIVACY_KIND, dict(line)) for line in self.recorder.lines.get(plan.round, [])]
+
+
+class EnclaveRecord:
+    """The enclave's attestation (before round 1) and every round's signed receipt, for the log."""
+
+    def __init__(self, strategy: EnclaveStrategy, attestation: EnclaveAttestation) -> None:
+        self.strategy = strategy
+        self.attestation = attestation
+
+    def genesis(self) -> Sequence[Attachment]:
+        from trustfed.ledger.recorder import Attachment
+
+        a = self.attestation
+        simulated = bool(a.claims.get("simulated"))
+        body = {
+            "backend": str(a.claims.get("backend", "")),
+            "simulated": simulated,
+            "label": "SIMULATED" if simulated else "ATTESTED",
+            "public_key": str(a.claims.get("public_key", "")),
+            "measurement": str(a.claims.get("measurement", "")),
+            "nonce": a.nonce.hex(),
+            "verified_at": a.verified_at,
+            "evidence": base64.b64encode(a.evidence).decode(),
+        }
+        return [Attachment(ATTESTATION_KIND, body)]
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        from trustfed.enclave.receipts import receipt_hash
+        from trustfed.ledger.recorder import Attachment
+        from trustfed.ledger.records import LedgerError
+
+        r = self.strategy.last_receipt
+        if r is None or r.round != plan.round:
+            raise LedgerError(f"round {plan.round}: the enclave returned no receipt for this round")
+        if r.enclave_public_key.hex() != self.attestation.claims.get("public_key"):
+            raise LedgerError(
+                f"round {plan.round}: the receipt is signed by an enclave key that was not attested; the enclave "
+                "restarted or was replaced: restart the federation so that it is attested again"
+            )
+        body = {"label": r.body.get("label"), "receipt": r.to_dict()}
+        return [Attachment(RECEIPT_KIND, body, receipt_hash=receipt_hash(r))]
+
+    def receipt_json(self, rnd: int) -> bytes | None:
+        """The signed receipt of round ``rnd`` (canonical JSON), for participants."""
+        for r in reversed(self.strategy.receipts):
+            if r.round == rnd:
+                return r.to_json()
+        return None
+
+    @property
+    def simulated(self) -> bool:
+        return bool(self.attestation.claims.get("simulated"))
+
+    def describe(self) -> dict[str, Any]:
+        """For metrics.json and the demo banner: the enclave is labelled SIMULATED when it is."""
+        return {
+            "label": "SIMULATED" if self.simulated else "ATTESTED",
+            "backend": str(self.attestation.claims.get("backend", "")),
+            "measurement": str(self.attestation.claims.get("measurement", "")),
+            "public_key": str(self.attestation.claims.get("public_key", "")),
+            "receipts": len(self.strategy.receipts),
+        }
+
+
+def recorders_for(
+    cfg: FederationConfig,
+    out_dir: Path | None,
+    spec: ParamSpec,
+    participant_ids: Sequence[str],
+    *,
+    network: NetworkIdentities | None = None,
+    enclave: EnclaveRecord | None = None,
+) -> list[RoundObserver]:
+    """The observers that record a run of ``cfg`` in ``out_dir`` (none without a folder).
+
+    Order matters: the privacy recorder writes its lines before the ledger recorder signs them."""
+    out: list[RoundObserver] = []
+    if out_dir is None:
+        return out
+    attachments: list[RoundAttachments] = []
+    if enclave is not None:
+        attachments.append(enclave)
+    if cfg.privacy.mode != "none":  # OUT/privacy.jsonl; before the ledger, which signs and anchors it
+        from trustfed.privacy.wiring import privacy_recorder
+
+        privacy = privacy_recorder(cfg.privacy, out_dir)
+        out += privacy
+        attachments += [_PrivacySpend(p) for p in privacy]
+    if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger
+        from trustfed.ledger.recorder import network_recorder, simulated_recorder
+
+        if network is None:
+            out.append(simulated_recorder(cfg.ledger, out_dir, spec, list(participant_ids), attachments))
+        else:
+            out.append(
+                network_recorder(
+                    cfg.ledger,
+                    out_dir,
+                    spec,
+                    network.coordinator,
+                    network.certificates,
+                    network.commitments,
+                    attachments,
+                )
+            )
+    return out

@@ -1,0 +1,178 @@
+"""A participant whose local training runs across several DDP worker processes.
+
+:class:`DDPTrainer` implements the participant's ``Trainer`` seam. ``fit`` writes the round's
+job (global parameters as raw float32 + spec, their hash, the training settings) to a private
+folder, launches ``workers`` torchrun processes (``trustfed.distributed.participant_worker``),
+and reads back what rank 0 wrote: the trained parameters and their hash, which it checks
+before returning the :class:`~trustfed.core.strategy.Update`. Rank 0 is thus the only one that
+speaks to the coordinator.
+
+The workers reproduce :class:`~trustfed.participant.trainer.LocalTrainer` exactly: the same
+seeded permutation and mini-batches; each rank takes a contiguous slice of every mini-batch and
+scales its summed loss by ``workers / batch`` so DDP's gradient average equals the mean over the
+whole mini-batch (also when the last batch is uneven).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from trustfed.core.codec import ParamSpec, from_bytes, load_vector, model_hash, to_bytes
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.data.datasets import Dataset
+from trustfed.distributed.launch import run_torchrun, torchrun_argv, worker_env
+from trustfed.distributed.parallel import DistributedError
+from trustfed.models.reference import build_model
+from trustfed.models.training import TrainConfig, evaluate
+from trustfed.participant.trainer import round_seed, train_config_from_plan
+
+if TYPE_CHECKING:
+    from trustfed.config import FederationConfig
+
+log = logging.getLogger("trustfed.distributed.participant")
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class DDPTrainer:
+    """Local training on ``workers`` torchrun processes (gloo on CPU, nccl on GPU)."""
+
+    def __init__(
+        self,
+        participant_id: str,
+        model_desc: dict[str, Any],
+        spec: ParamSpec,
+        data: Dataset,
+        config: TrainConfig,
+        seed: int,
+        workers: int = 2,
+        backend: str = "auto",
+        workdir: Path | None = None,
+        timeout: float = 900.0,
+    ) -> None:
+        if workers < 1:
+            raise DistributedError(f"participant {participant_id}: workers must be >= 1, got {workers}")
+        self.participant_id = participant_id
+        self.model_desc = dict(model_desc)
+        self.spec = spec
+        self.data = data
+        self.config = config
+        self.seed = seed
+        self.workers = workers
+        self.backend = backend
+        self.timeout = timeout
+        self._tmp = None if workdir is not None else tempfile.mkdtemp(prefix=f"trustfed-ddp-{participant_id}-")
+        self.root = (workdir if workdir is not None else Path(self._tmp or ".")) / participant_id
+        self._model = build_model(**self.model_desc)
+        self._data_written = False
+
+    def _write_data(self) -> None:
+        d = self.root / "data"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / "x.npy", np.ascontiguousarray(self.data.x), allow_pickle=False)
+        np.save(d / "y.npy", np.ascontiguousarray(self.data.y), allow_pickle=False)
+        self._data_written = True
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        if not self._data_written:
+            self._write_data()
+        job_dir = self.root / f"round-{plan.round:05d}"
+        if job_dir.exists():
+            shutil.rmtree(job_dir)
+        job_dir.mkdir(parents=True)
+        cfg = train_config_from_plan(self.config, plan)
+        _atomic(job_dir / "params.f32", to_bytes(params))
+        _atomic(job_dir / "params.spec.json", self.spec.to_json().encode())
+        job = {
+            "participant_id": self.participant_id,
+            "round": plan.round,
+            "seed": round_seed(self.seed, plan.round, self.participant_id),
+            "params_hash": model_hash(params, self.spec),
+            "model": self.model_desc,
+            "train": {
+                "epochs": cfg.epochs,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "momentum": cfg.momentum,
+                "weight_decay": cfg.weight_decay,
+                "proximal_mu": cfg.proximal_mu,
+            },
+            "backend": self.backend,
+            "data_dir": str(self.root / "data"),
+        }
+        _atomic(job_dir / "job.json", json.dumps(job, sort_keys=True).encode())
+        argv = torchrun_argv(
+            "trustfed.distributed.participant_worker", ["--job", str(job_dir)], nproc_per_node=self.workers
+        )
+        run_torchrun(argv, job_dir / "torchrun.log", worker_env(), self.timeout)
+        result = json.loads((job_dir / "update.json").read_text(encoding="utf-8"))
+        vec = from_bytes((job_dir / "update.f32").read_bytes(), self.spec)
+        got = model_hash(vec, self.spec)
+        if got != result["update_hash"] or result["params_hash"] != job["params_hash"]:
+            raise DistributedError(
+                f"participant {self.participant_id} round {plan.round}: the workers' update does not match "
+                f"its recorded hash ({got[:16]}… vs {str(result['update_hash'])[:16]}…); see {job_dir}"
+            )
+        metrics = {**{k: float(v) for k, v in result["metrics"].items()}, "workers": float(self.workers)}
+        return Update(self.participant_id, vec, len(self.data), metrics)
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        load_vector(self._model, params, self.spec)
+        r = evaluate(self._model, self.data)
+        return {"loss": r.loss, "accuracy": r.accuracy, "num_examples": float(r.num_examples)}
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __del__(self) -> None:
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_ddp_trainer(
+    cfg: FederationConfig, data: Dataset, input_shape: tuple[int, ...], num_classes: int, pid: str
+) -> DDPTrainer:
+    """The trainer for participant ``pid`` when ``[participant_training]`` selects ``ddp`` for it."""
+    from trustfed.simulation.federation import train_config
+
+    pt = cfg.participant_training
+    if cfg.privacy.mode == "local":
+        from trustfed.errors import ConfigError, ConfigProblem
+
+        # Fail closed: DP-SGD is not implemented across DDP workers, and silently training
+        # without it would break the participant's privacy budget.
+        raise ConfigError(
+            "federation config",
+            [ConfigProblem("participant_training.trainer", "ddp cannot be combined with privacy.mode = 'local'")],
+        )
+    desc: dict[str, Any] = {
+        "name": cfg.model.name,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "seed": cfg.federation.seed,
+        "hidden": list(cfg.model.hidden),
+        "channels": list(cfg.model.channels),
+    }
+    spec = ParamSpec.from_json(_spec_json(desc))
+    return DDPTrainer(pid, desc, spec, data, train_config(cfg), cfg.federation.seed, pt.workers, pt.backend, pt.workdir)
+
+
+def _spec_json(desc: dict[str, Any]) -> str:
+    from trustfed.core.codec import flatten
+
+    return flatten(build_model(**desc).state_dict())[1].to_json()

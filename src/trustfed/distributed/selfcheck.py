@@ -1,0 +1,126 @@
+"""Checks that this machine's DDP, tensor- and pipeline-parallel runs give single-process results.
+
+Run inside an initialised process group (``trustfed train --selfcheck`` runs it before training;
+the tests run it on 2 CPU processes with gloo). Each check computes the same thing twice: once
+with the full model in one process (the oracle, on every rank) and once distributed; it reports
+the largest absolute difference. Collective: every rank must call :func:`run_selfcheck`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trustfed.distributed.lm import LMShape, assistant_corpus, build_lm, encode, lm_batch, lm_loss
+from trustfed.distributed.parallel import _full, apply_tp, build_pipeline, keep_stage, make_optimizer
+
+TOLERANCE = 1e-5
+SHAPE = LMShape(d_model=32, n_heads=4, n_layers=2, d_ff=64, seq_len=16)
+
+
+def _batch(step: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = encode(assistant_corpus(50, seed=1))
+    return lm_batch(tokens, batch, SHAPE.seq_len, seed=1, step=step)
+
+
+def _max_diff(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return max(float((a.detach().cpu() - b.detach().cpu()).abs().max()) for a, b in pairs)
+
+
+def check_ddp(device: torch.device, steps: int = 3) -> dict[str, Any]:
+    """DDP on per-rank shards vs one process on the combined batch: parameters after ``steps``."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ref = build_lm(SHAPE, seed=3).to(device)
+    mine = build_lm(SHAPE, seed=3).to(device)
+    ddp = DDP(mine, device_ids=[device.index] if device.type == "cuda" else None)
+    # SGD with momentum: Adam would amplify float reassociation noise in near-zero gradients.
+    ropt = make_optimizer(ref.parameters(), "sgd", 0.5, 0.9, 0.01)
+    dopt = make_optimizer(ddp.parameters(), "sgd", 0.5, 0.9, 0.01)
+    for step in range(steps):
+        x, y = _batch(step, 4 * world)
+        x, y = x.to(device), y.to(device)
+        lm_loss(ref(x), y).backward()  # type: ignore[no-untyped-call]
+        ropt.step()
+        ropt.zero_grad()
+        lm_loss(ddp(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()  # type: ignore[no-untyped-call]
+        dopt.step()
+        dopt.zero_grad()
+    diff = _max_diff(list(zip(ref.parameters(), mine.parameters(), strict=True)))
+    moved = _max_diff(list(zip(build_lm(SHAPE, seed=3).parameters(), mine.cpu().parameters(), strict=True)))
+    return {"max_param_diff": diff, "steps": steps, "param_change": moved, "ok": diff <= TOLERANCE and moved > 1e-3}
+
+
+def check_tp(device: torch.device) -> dict[str, Any]:
+    """Tensor-parallel forward and backward vs the unsharded model on the same batch."""
+    world = dist.get_world_size()
+    ref = build_lm(SHAPE, seed=4).to(device)
+    tp = apply_tp(build_lm(SHAPE, seed=4).to(device), world)
+    x, y = _batch(0)
+    x, y = x.to(device), y.to(device)
+    out_ref, out_tp = ref(x), tp(x)
+    fwd = _max_diff([(out_ref, _full(out_tp))])
+    lm_loss(out_ref, y).backward()  # type: ignore[no-untyped-call]
+    lm_loss(out_tp, y).backward()  # type: ignore[no-untyped-call]
+    pairs = []
+    sharded = 0
+    for (name, p), (rname, r) in zip(tp.named_parameters(), ref.named_parameters(), strict=True):
+        assert name == rname and p.grad is not None and r.grad is not None
+        if _full(p) is not p:
+            sharded += 1
+        pairs.append((_full(p.grad), r.grad))
+    bwd = _max_diff(pairs)
+    return {
+        "forward_max_diff": fwd,
+        "grad_max_diff": bwd,
+        "sharded_params": sharded,
+        "ok": fwd <= TOLERANCE and bwd <= TOLERANCE and sharded > 0,
+    }
+
+
+def check_pp(device: torch.device, schedule: str, microbatches: int = 4) -> dict[str, Any]:
+    """Pipeline gradients (one rank per stage) vs the unpipelined model's on the whole batch."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ref = build_lm(SHAPE, seed=5).to(device)
+    stage = keep_stage(build_lm(SHAPE, seed=5), rank, world).to(device)
+    runner = build_pipeline(stage, rank, world, microbatches, schedule, None, device)
+    x, y = _batch(0)
+    x, y = x.to(device), y.to(device)
+    lm_loss(ref(x), y).backward()  # type: ignore[no-untyped-call]
+    loss = runner.step(x, y)
+    refp = dict(ref.named_parameters())
+    pairs = []
+    for name, p in stage.named_parameters():
+        r = refp[name].grad
+        assert p.grad is not None and r is not None, name
+        pairs.append((p.grad, r))
+    # Every parameter must be held by exactly one stage.
+    count = torch.tensor([float(len(pairs))])
+    dist.all_reduce(count)
+    diff = torch.tensor([_max_diff(pairs)])
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    covered = int(count.item()) == len(refp)
+    out: dict[str, Any] = {"schedule": schedule, "microbatches": microbatches, "grad_max_diff": float(diff.item())}
+    out["params_covered"] = covered
+    # the loss lives on the last stage: share it so rank 0's report has it
+    ldiff = torch.zeros(1) if loss is None else (loss.cpu() - lm_loss(ref(x), y).detach().cpu()).abs().reshape(1)
+    dist.all_reduce(ldiff, op=dist.ReduceOp.MAX)
+    out["loss_diff"] = float(ldiff.item())
+    out["ok"] = covered and out["grad_max_diff"] <= TOLERANCE and out["loss_diff"] <= TOLERANCE
+    return out
+
+
+def run_selfcheck(device: torch.device) -> dict[str, Any]:
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    report: dict[str, Any] = {"world_size": world, "backend": dist.get_backend(), "tolerance": TOLERANCE}
+    report["ddp"] = check_ddp(device)
+    report["tp"] = check_tp(device)
+    if world >= 2 and SHAPE.n_layers >= world:
+        report["pp_1f1b"] = check_pp(device, "1f1b")
+        report["pp_gpipe"] = check_pp(device, "gpipe")
+    report["ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
+    return report

@@ -1,0 +1,262 @@
+"""The AttestationBackend seam, the evidence envelope, and the software-only ``simulated`` backend.
+
+Enclave side: ``evidence(nonce, public_key) -> bytes``: a statement, rooted in the TEE, that code
+with a given measurement holds ``public_key``, made for the verifier's ``nonce``.
+
+Verifier side: ``verify(evidence, policy, nonce, now) -> Verdict``. It fails closed: any missing,
+malformed or unexpected value is a reason, and ``ok`` is true only when there are no reasons.
+
+Evidence is a canonical-JSON envelope ``{"format", "backend", "public_key", "binding", ...}``; the
+DCAP backends add the raw quote (whose report data must equal :func:`report_data` of the key and
+the nonce), the simulated backend adds a self-signed statement labelled SIMULATED.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from trustfed.enclave.canonical import canonical_json, parse_json_object
+from trustfed.enclave.errors import AttestationError, AttestationRefused
+from trustfed.enclave.keys import EnclavePublicKey
+from trustfed.enclave.policy import BACKEND_NAMES, AttestationPolicy
+
+log = logging.getLogger("trustfed.enclave.attestation")
+
+EVIDENCE_FORMAT = "trustfed-evidence-v1"
+SIMULATED_LABEL = "SIMULATED"
+MAX_EVIDENCE_BYTES = 256 * 1024
+MIN_NONCE_BYTES = 16
+MAX_CLOCK_SKEW_S = 60.0
+_BINDING_DOMAIN = b"trustfed-attestation-v1\0"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A verifier's answer: ``ok`` only when ``reasons`` is empty. ``claims`` are what was checked."""
+
+    ok: bool
+    reasons: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, reasons: list[str], claims: Mapping[str, Any]) -> Verdict:
+        return cls(not reasons, tuple(reasons), dict(claims))
+
+    def raise_if_refused(self, where: str) -> None:
+        if not self.ok:
+            raise AttestationRefused(where, self.reasons or ("no reason given (refused by default)",))
+
+
+@runtime_checkable
+class AttestationBackend(Protocol):
+    """One TEE technology: produces evidence inside the enclave and verifies it outside."""
+
+    name: str
+
+    def evidence(self, nonce: bytes, public_key: bytes) -> bytes: ...
+
+    def verify(self, evidence: bytes, policy: AttestationPolicy, nonce: bytes, now: float) -> Verdict: ...
+
+
+def report_data(public_key: bytes, nonce: bytes, how: str = "sha512") -> bytes:
+    """The 64 bytes of report data that bind ``public_key`` and ``nonce`` (length-prefixed)."""
+    msg = _BINDING_DOMAIN + struct.pack(">I", len(public_key)) + public_key + struct.pack(">I", len(nonce)) + nonce
+    if how == "sha512":
+        return hashlib.sha512(msg).digest()
+    if how == "sha256":
+        return hashlib.sha256(msg).digest() + bytes(32)
+    raise AttestationError(f"unknown report data binding {how!r}; use 'sha512' or 'sha256'")
+
+
+def envelope(backend: str, public_key: bytes, binding: str, **fields: Any) -> bytes:
+    return canonical_json(
+        {"format": EVIDENCE_FORMAT, "backend": backend, "public_key": public_key.hex(), "binding": binding, **fields}
+    )
+
+
+@dataclass(frozen=True)
+class Envelope:
+    backend: str
+    public_key: bytes
+    binding: str
+    fields: dict[str, Any]
+
+
+def open_envelope(evidence: bytes, reasons: list[str]) -> Envelope | None:
+    """Parse the evidence envelope; on any problem append a reason and return None."""
+    try:
+        raw = parse_json_object(evidence, "attestation evidence", MAX_EVIDENCE_BYTES)
+    except ValueError as exc:
+        reasons.append(str(exc))
+        return None
+    if raw.get("format") != EVIDENCE_FORMAT:
+        reasons.append(f"evidence format is {raw.get('format')!r}, expected {EVIDENCE_FORMAT!r}")
+        return None
+    backend, pk_hex, binding = raw.get("backend"), raw.get("public_key"), raw.get("binding")
+    if not isinstance(backend, str) or not isinstance(pk_hex, str) or not isinstance(binding, str):
+        reasons.append("evidence lacks backend, public_key or binding")
+        return None
+    try:
+        pk = bytes.fromhex(pk_hex)
+        EnclavePublicKey.from_bytes(pk)
+    except ValueError as exc:
+        reasons.append(f"evidence public key is malformed: {exc}")
+        return None
+    return Envelope(backend, pk, binding, raw)
+
+
+def common_checks(env: Envelope, name: str, policy: AttestationPolicy, nonce: bytes, reasons: list[str]) -> None:
+    """Checks every backend makes: backend allowed by the policy, binding, nonce shape."""
+    if env.backend != name:
+        reasons.append(f"evidence is from backend {env.backend!r}, but the {name!r} verifier was used")
+    if env.backend not in policy.allowed_backends:
+        reasons.append(
+            f"backend {env.backend!r} is not allowed by this policy (allowed: {', '.join(policy.allowed_backends)})"
+        )
+    if env.binding != policy.report_data_hash:
+        reasons.append(f"evidence binds with {env.binding!r}, policy requires {policy.report_data_hash!r}")
+    if len(nonce) < MIN_NONCE_BYTES:
+        reasons.append(f"verifier nonce is {len(nonce)} bytes; use at least {MIN_NONCE_BYTES} random bytes")
+    if not policy.expected_measurements:
+        reasons.append("policy lists no expected measurement, so no enclave can be trusted")
+
+
+class SimulatedBackend:
+    """Software-only attestation for development and CI. It proves NOTHING about code identity.
+
+    The "measurement" is SHA-256 of the enclave package's code and aggregation config, computed by
+    the enclave process about itself; the evidence is signed by the enclave's own key (proof of
+    possession only). Verifiers refuse it unless their policy sets ``allow_simulated_tee = true``
+    and lists ``"simulated"`` among the allowed backends. Everything it emits says SIMULATED.
+    """
+
+    name = "simulated"
+
+    def __init__(
+        self,
+        measurement: str | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
+        clock: Callable[[], float] | None = None,
+        binding: str = "sha512",
+    ) -> None:
+        self._measurement = measurement
+        self._sign = sign
+        self._clock = clock
+        self._binding = binding
+
+    def evidence(self, nonce: bytes, public_key: bytes) -> bytes:
+        if self._measurement is None or self._sign is None or self._clock is None:
+            raise AttestationError(
+                "this SimulatedBackend was built for verifying only; build it with measurement, sign and clock "
+                "to produce evidence"
+            )
+        body = {
+            "format": EVIDENCE_FORMAT,
+            "backend": self.name,
+            "label": SIMULATED_LABEL,
+            "public_key": public_key.hex(),
+            "binding": self._binding,
+            "measurement": self._measurement,
+            "nonce": nonce.hex(),
+            "issued_at": float(self._clock()),
+            "report_data": report_data(public_key, nonce, self._binding).hex(),
+        }
+        sig = self._sign(canonical_json(body))
+        log.info("[SIMULATED TEE] produced software-only attestation evidence (no hardware root of trust)")
+        return canonical_json({**body, "signature": base64.b64encode(sig).decode()})
+
+    def verify(self, evidence: bytes, policy: AttestationPolicy, nonce: bytes, now: float) -> Verdict:
+        reasons: list[str] = []
+        env = open_envelope(evidence, reasons)
+        if env is None:
+            return Verdict.of(reasons, {"backend": self.name, "simulated": True})
+        common_checks(env, self.name, policy, nonce, reasons)
+        if not policy.allow_simulated_tee:
+            reasons.append(
+                "evidence is SIMULATED (software only, no hardware root of trust) and this policy has "
+                "allow_simulated_tee = false"
+            )
+        f = env.fields
+        claims: dict[str, Any] = {
+            "backend": self.name,
+            "simulated": True,
+            "label": SIMULATED_LABEL,
+            "public_key": env.public_key.hex(),
+            "key_id": EnclavePublicKey.from_bytes(env.public_key).key_id,
+            "measurement": f.get("measurement"),
+            "issued_at": f.get("issued_at"),
+            "verified_at": now,
+        }
+        if f.get("label") != SIMULATED_LABEL:
+            reasons.append("simulated evidence is not labelled SIMULATED")
+        sig_b64 = f.get("signature")
+        body = {k: v for k, v in f.items() if k != "signature"}
+        try:
+            sig = base64.b64decode(sig_b64, validate=True) if isinstance(sig_b64, str) else b""
+        except ValueError:
+            sig = b""
+        if not EnclavePublicKey.from_bytes(env.public_key).verify(sig, canonical_json(body)):
+            reasons.append("simulated evidence signature does not verify with the enclave key it names")
+        if f.get("measurement") not in policy.expected_measurements:
+            reasons.append(
+                f"measurement {str(f.get('measurement'))[:16]}… is not one this policy expects "
+                f"({', '.join(m[:16] + '…' for m in policy.expected_measurements) or 'none'})"
+            )
+        if f.get("nonce") != nonce.hex():
+            reasons.append("evidence answers a different nonce than this verifier's (stale or replayed evidence)")
+        expected_rd = report_data(
+            env.public_key, nonce, env.binding if env.binding in ("sha512", "sha256") else "sha512"
+        )
+        if f.get("report_data") != expected_rd.hex():
+            reasons.append("report data does not bind the enclave key and this verifier's nonce")
+        issued = f.get("issued_at")
+        if not isinstance(issued, int | float) or isinstance(issued, bool):
+            reasons.append("simulated evidence has no issue time")
+        elif now - issued > policy.max_evidence_age_s:
+            reasons.append(
+                f"evidence is {now - issued:.0f} s old, older than max_evidence_age_s = {policy.max_evidence_age_s:g}"
+            )
+        elif issued - now > MAX_CLOCK_SKEW_S:
+            reasons.append(f"evidence is issued {issued - now:.0f} s in the future (clock skew)")
+        return Verdict.of(reasons, claims)
+
+
+def verifier_backend(name: str) -> AttestationBackend:
+    """A verifier-side backend by name (DCAP backends import dcap_qvl lazily, when used)."""
+    if name == "simulated":
+        return SimulatedBackend()
+    if name in ("sgx-dcap", "tdx-dcap"):
+        from trustfed.enclave.dcap import DcapBackend
+
+        return DcapBackend(name)
+    raise AttestationError(f"unknown attestation backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def verify_evidence(evidence: bytes, policy: AttestationPolicy, nonce: bytes, now: float) -> Verdict:
+    """Verify evidence with the backend it names, if the policy allows that backend at all."""
+    reasons: list[str] = []
+    env = open_envelope(evidence, reasons)
+    if env is None:
+        return Verdict.of(reasons, {})
+    if env.backend not in BACKEND_NAMES:
+        return Verdict.of([f"unknown attestation backend {env.backend!r}"], {"backend": env.backend})
+    if env.backend not in policy.allowed_backends:
+        extra = ""
+        if env.backend == "simulated" and not policy.allow_simulated_tee:
+            extra = " and allow_simulated_tee = false (evidence is SIMULATED, software only)"
+        return Verdict.of(
+            [
+                f"backend {env.backend!r} is not allowed by this policy (allowed: {', '.join(policy.allowed_backends)}){extra}"
+            ],
+            {"backend": env.backend, "simulated": env.backend == "simulated"},
+        )
+    try:
+        return verifier_backend(env.backend).verify(evidence, policy, nonce, now)
+    except AttestationError as exc:
+        return Verdict.of([str(exc)], {"backend": env.backend})

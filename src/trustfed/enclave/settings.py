@@ -1,0 +1,143 @@
+"""Configuration of the enclave: the service file ``enclave.toml`` and the federation's ``[enclave]``.
+
+Pure pydantic models; this module must not import :mod:`trustfed.config` (config imports it).
+
+``enclave.toml``::
+
+    [enclave]
+    backend = "simulated"            # simulated | sgx-dcap | tdx-dcap
+    allow_simulated_tee = true       # the simulated backend refuses to start without it
+    listen = "127.0.0.1:50070"
+    report_data_hash = "sha512"
+
+    [tls]                            # mutual TLS (ECDSA P-256 certificates), paths relative to the file
+    cert = "pki/enclave.crt"
+    key = "pki/enclave.key"
+    ca = "pki/ca.crt"
+
+    [aggregation]                    # part of the measurement: changing it changes the enclave identity
+    strategy = "fedavg"
+    aggregator = "mean"
+
+    [participants]                   # identity public keys (PEM) used to check update signatures
+    p000 = "pki/p000.pub.pem"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trustfed.enclave.policy import AttestationPolicy, BackendName
+from trustfed.errors import ConfigError, ConfigProblem
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AggregationSettings(_Section):
+    """What the enclave computes. Its canonical JSON enters the measurement."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadagrad", "fedadam", "fedyogi"] = "fedavg"
+    aggregator: str = "mean"
+    aggregator_params: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    server_lr: float = Field(0.1, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    min_updates: int = Field(1, ge=1, description="fewest valid sealed updates a round needs")
+    max_params: int = Field(100_000_000, ge=1, description="largest model (float32 values) accepted")
+
+    def measured(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class TlsFiles(_Section):
+    cert: Path
+    key: Path
+    ca: Path
+
+
+class EnclaveServiceSection(_Section):
+    backend: BackendName = "simulated"
+    allow_simulated_tee: bool = False
+    listen: str = "127.0.0.1:50070"
+    report_data_hash: Literal["sha512", "sha256"] = "sha512"
+    max_message_mb: int = Field(512, ge=1, le=2047)
+    quote_device: Path | None = Field(None, description="override /dev/attestation or the configfs-tsm folder")
+
+
+class EnclaveServiceConfig(_Section):
+    """The whole ``enclave.toml``."""
+
+    enclave: EnclaveServiceSection = EnclaveServiceSection()
+    tls: TlsFiles | None = None
+    aggregation: AggregationSettings = AggregationSettings()
+    participants: dict[str, Path] = Field(default_factory=dict, description="participant id -> public key PEM")
+
+
+class EnclaveSection(_Section):
+    """The federation file's ``[enclave]``: aggregate through an attested enclave (off by default)."""
+
+    enabled: bool = False
+    backend: BackendName = "simulated"
+    allow_simulated_tee: bool = Field(False, description="the federation accepts a SIMULATED enclave")
+    address: str | None = Field(None, description="host:port of a separate enclave service; none = in-process")
+    policy: AttestationPolicy = Field(
+        default_factory=AttestationPolicy, description="participants' default attestation policy"
+    )
+
+
+def _problems(exc: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        out.append(ConfigProblem(loc, msg))
+    return out
+
+
+def load_enclave_config(path: str | Path, *, check_files: bool = True) -> EnclaveServiceConfig:
+    """Load ``enclave.toml``; relative paths resolve against its folder. Every problem is reported.
+
+    ``check_files=False`` skips the existence checks of TLS and key files (``trustfed enclave measure``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(p), [ConfigProblem("(file)", "no such file")])
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(p), [ConfigProblem("(syntax)", f"invalid TOML: {exc}")]) from None
+    base = p.parent
+    for section, keys in (("tls", ("cert", "key", "ca")), ("participants", None)):
+        sec = raw.get(section)
+        if isinstance(sec, dict):
+            for k in keys or tuple(sec):
+                v = sec.get(k)
+                if isinstance(v, str) and not Path(v).is_absolute():
+                    sec[k] = str(base / v)
+    try:
+        cfg = EnclaveServiceConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(str(p), _problems(exc)) from None
+    problems: list[ConfigProblem] = []
+    files = [("tls." + k, getattr(cfg.tls, k)) for k in ("cert", "key", "ca")] if cfg.tls else []
+    files += [(f"participants.{pid}", f) for pid, f in cfg.participants.items()]
+    if check_files:
+        problems += [ConfigProblem(where, "file does not exist", str(f)) for where, f in files if not f.is_file()]
+    if cfg.enclave.backend == "simulated" and not cfg.enclave.allow_simulated_tee:
+        problems.append(
+            ConfigProblem(
+                "enclave.allow_simulated_tee",
+                "backend 'simulated' is software only (no hardware root of trust); set allow_simulated_tee = true "
+                "to run it for development, or choose sgx-dcap / tdx-dcap",
+            )
+        )
+    if problems:
+        raise ConfigError(str(p), problems)
+    return cfg

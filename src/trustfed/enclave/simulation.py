@@ -1,0 +1,189 @@
+"""Enclave mode for a simulated federation: wrap trainers and strategy, run rounds, keep receipts.
+
+:func:`wrap_for_enclave` turns a plain federation (strategy + trainers) into an enclave-mode one:
+each trainer becomes a :class:`SealingTrainer` with its own identity key and attestation policy, the
+strategy becomes an :class:`EnclaveStrategy`. :func:`run_federation` builds the whole thing from a
+:class:`FederationConfig` with the same building blocks as ``trustfed simulate`` so that plain and
+enclave mode can be compared round by round (tests, ``benchmarks/enclave.py``, the demo).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from trustfed.core.codec import ParamSpec
+from trustfed.core.strategy import Strategy
+from trustfed.enclave.core import Enclave, EnclaveClient
+from trustfed.enclave.errors import EnclaveError
+from trustfed.enclave.measurement import measure
+from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
+from trustfed.enclave.policy import AttestationPolicy
+from trustfed.enclave.receipts import Receipt
+from trustfed.enclave.sealing import KeySigner, StaticKeyring
+from trustfed.enclave.settings import AggregationSettings
+from trustfed.participant.trainer import Trainer
+
+if TYPE_CHECKING:
+    from trustfed.config import FederationConfig, StrategySection
+    from trustfed.coordinator.engine import RoundRecord, Transport
+
+log = logging.getLogger("trustfed.enclave.simulation")
+
+
+def aggregation_settings_for(strategy: StrategySection, min_updates: int = 1) -> AggregationSettings:
+    """The enclave's aggregation settings equivalent to a federation's ``[strategy]``."""
+    return AggregationSettings(
+        strategy=strategy.name,
+        aggregator=strategy.aggregator,
+        aggregator_params=dict(strategy.aggregator_params),
+        server_lr=strategy.server_lr,
+        beta1=strategy.beta1,
+        beta2=strategy.beta2,
+        tau=strategy.tau,
+        min_updates=min_updates,
+    )
+
+
+def simulated_policy(aggregation: AggregationSettings, base: AttestationPolicy | None = None) -> AttestationPolicy:
+    """A policy accepting the SIMULATED enclave built from this code and ``aggregation`` (dev/CI only).
+
+    Each participant computes the expected measurement from its own copy of the code and the agreed
+    aggregation config, as it would reproduce an enclave build.
+    """
+    base = base or AttestationPolicy()
+    return base.model_copy(
+        update={
+            "allowed_backends": sorted({*base.allowed_backends, "simulated"}),
+            "allow_simulated_tee": True,
+            "expected_measurements": [*base.expected_measurements, measure(aggregation.measured())],
+        }
+    )
+
+
+@dataclass
+class EnclaveFederation:
+    strategy: Strategy
+    trainers: dict[str, SealingTrainer]
+    enclave: EnclaveClient
+    signers: dict[str, KeySigner] = field(default_factory=dict)
+
+    @property
+    def receipts(self) -> list[Receipt]:
+        from trustfed.enclave.strategy import EnclaveStrategy
+
+        return self.strategy.receipts if isinstance(self.strategy, EnclaveStrategy) else []
+
+
+def wrap_for_enclave(
+    inner: Strategy,
+    trainers: Mapping[str, Trainer],
+    spec: ParamSpec,
+    aggregation: AggregationSettings,
+    *,
+    policies: Mapping[str, AttestationPolicy] | AttestationPolicy,
+    allow_simulated_tee: bool,
+    enclave_factory: Callable[[StaticKeyring], EnclaveClient] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> EnclaveFederation:
+    """Enclave mode around a plain federation.
+
+    Each participant gets a fresh identity key; ``enclave_factory`` receives the keyring of their
+    public keys and returns the enclave to use (default: an in-process simulated :class:`Enclave`).
+    """
+    from trustfed.enclave.strategy import EnclaveStrategy
+
+    signers = {pid: KeySigner.generate(pid) for pid in trainers}
+    keyring = StaticKeyring({pid: s.public_key() for pid, s in signers.items()})
+    if enclave_factory is not None:
+        enclave = enclave_factory(keyring)
+    else:
+        enclave = Enclave(aggregation, keyring, allow_simulated_tee=allow_simulated_tee, clock=clock)
+    wrapped = {}
+    for pid, t in trainers.items():
+        policy = policies if isinstance(policies, AttestationPolicy) else policies[pid]
+        wrapped[pid] = SealingTrainer(
+            t, AttestedEnclave(enclave, policy, where=f"participant {pid}", clock=clock), signers[pid]
+        )
+    strategy = EnclaveStrategy(inner, enclave, spec, allow_simulated=allow_simulated_tee)
+    return EnclaveFederation(strategy, wrapped, enclave, signers)
+
+
+@dataclass
+class FederationRun:
+    params: torch.Tensor
+    records: list[RoundRecord]
+    receipts: list[Receipt]
+    seconds: float
+
+
+def run_federation(
+    cfg: FederationConfig,
+    *,
+    enclave_mode: bool,
+    rounds: int | None = None,
+    transport_wrapper: Callable[[Transport], Transport] | None = None,
+    enclave_factory: Callable[[StaticKeyring], EnclaveClient] | None = None,
+) -> FederationRun:
+    """Run ``cfg`` in process, plain or through an in-process enclave (``cfg.enclave`` settings)."""
+    from trustfed.coordinator.engine import Coordinator
+    from trustfed.core.codec import flatten
+    from trustfed.simulation.federation import (
+        build_data,
+        build_strategy,
+        build_trainer,
+        make_evaluator,
+        model_factory,
+        participant_ids,
+    )
+    from trustfed.simulation.transports import InProcessTransport
+
+    data = build_data(cfg)
+    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
+    params, spec = flatten(factory().state_dict())
+    strategy: Strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
+    trainers: dict[str, Trainer] = {
+        pid: build_trainer(cfg, data, pid) for pid in participant_ids(cfg.federation.participants)
+    }
+    receipts: list[Receipt] = []
+    fed: EnclaveFederation | None = None
+    if enclave_mode:
+        section = cfg.enclave
+        if section.backend == "simulated" and not section.allow_simulated_tee:
+            raise EnclaveError(
+                "enclave.backend is 'simulated' (software only) but the federation has allow_simulated_tee = false"
+            )
+        if enclave_factory is None and (section.backend != "simulated" or section.address is not None):
+            raise EnclaveError(
+                "run_federation builds an in-process simulated enclave; pass enclave_factory to use another one"
+            )
+        aggregation = aggregation_settings_for(cfg.strategy, cfg.strategy.min_participants)
+        policy = simulated_policy(aggregation, section.policy) if section.policy.allow_simulated_tee else section.policy
+        fed = wrap_for_enclave(
+            strategy,
+            trainers,
+            spec,
+            aggregation,
+            policies=policy,
+            allow_simulated_tee=section.allow_simulated_tee,
+            enclave_factory=enclave_factory,
+        )
+        strategy = fed.strategy
+        trainers = dict(fed.trainers)
+    transport: Transport = InProcessTransport(trainers)
+    if transport_wrapper is not None:
+        transport = transport_wrapper(transport)
+    coord = Coordinator(strategy, transport, params, spec, min_updates=cfg.strategy.min_participants)
+    t0 = time.perf_counter()
+    try:
+        hist = coord.run(rounds if rounds is not None else cfg.federation.rounds)
+    finally:
+        transport.close()
+    if fed is not None:
+        receipts = fed.receipts
+    return FederationRun(coord.params, hist.rounds, receipts, time.perf_counter() - t0)

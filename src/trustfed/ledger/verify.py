@@ -1,0 +1,362 @@
+"""The independent verifier behind ``trustfed audit verify RUN_DIR``.
+
+It trusts nothing the coordinator says about itself: it recomputes the audit log's hash chain and
+every signature (keys come from the log's identity entries, whose fingerprints must match the
+on-chain registry), every commitment and Merkle root, every checkpoint's hash, and compares all of
+it with the on-chain round records. Every failure is reported with where it is: file and line,
+round and field. The verdict holds only if no failure was found.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trustfed.errors import CheckpointError, TrustFedError
+from trustfed.ledger.audit import (
+    GENESIS_PREV,
+    AuditEntry,
+    AuditError,
+    chain_hash,
+    key_fingerprint,
+    parse_entry,
+    read_entries,
+    verify_signature,
+)
+from trustfed.ledger.checkpoint import hash_model_bytes
+from trustfed.ledger.merkle import merkle_root
+from trustfed.ledger.participant import COMMITMENT_KIND
+from trustfed.ledger.recorder import AUDIT_FILE, COORDINATOR_ID, LEDGER_DIR
+from trustfed.ledger.records import ZERO32, Identity, RoundCommitment, update_commitment
+
+CHAIN = "chain"
+
+
+@dataclass(frozen=True)
+class Failure:
+    file: str
+    line: int | None
+    round: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file + (f":{self.line}" if self.line is not None else "")
+        rnd = f" round {self.round}" if self.round is not None else ""
+        return f"{where}{rnd} [{self.field}] {self.message}"
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    failures: list[Failure]
+    checked: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Located:
+    line: int
+    entry: AuditEntry
+
+
+class _Verifier:
+    def __init__(self, run_dir: Path, rpc_url: str | None) -> None:
+        self.run_dir = run_dir
+        self.rpc_url = rpc_url
+        self.failures: list[Failure] = []
+        self.checked: dict[str, int] = defaultdict(int)
+        self.keys: dict[str, bytes] = {}
+        self.identities: dict[str, tuple[str, str]] = {}  # id -> (fingerprint, role)
+        self.entries: list[_Located] = []
+
+    def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
+        self.failures.append(Failure(file, line, rnd, fld, msg))
+
+    # ------------------------------------------------------------ 1. the log's chain and signatures
+    def check_log(self) -> None:
+        path = self.run_dir / AUDIT_FILE
+        if not path.is_file():
+            self.fail(AUDIT_FILE, None, None, "file", "no audit log; was the run recorded (ledger.enabled)?")
+            return
+        prev_hash, expect_seq = GENESIS_PREV, 0
+        for lineno, text in read_entries(path):
+            try:
+                e = parse_entry(text)
+            except AuditError as exc:
+                self.fail(AUDIT_FILE, lineno, None, "entry", f"unreadable entry: {exc}")
+                prev_hash, expect_seq = "?", expect_seq + 1
+                continue
+            self.checked["entries"] += 1
+            if e.seq != expect_seq:
+                self.fail(
+                    AUDIT_FILE,
+                    lineno,
+                    e.round,
+                    "seq",
+                    f"sequence {e.seq}, expected {expect_seq}: an entry was deleted, inserted or moved",
+                )
+            if e.prev != prev_hash and prev_hash != "?":
+                self.fail(
+                    AUDIT_FILE,
+                    lineno,
+                    e.round,
+                    "prev",
+                    f"links to {e.prev[:16]}…, but the entry before hashes to {prev_hash[:16]}…",
+                )
+            digest = e.digest
+            real = chain_hash(e.prev, e.seq, digest, e.sig)
+            if real != e.hash:
+                self.fail(
+                    AUDIT_FILE,
+                    lineno,
+                    e.round,
+                    "hash",
+                    f"stored hash {e.hash[:16]}… but the entry hashes to {real[:16]}…: the line was edited",
+                )
+            self._check_signature(lineno, e, digest)
+            self.entries.append(_Located(lineno, e))
+            prev_hash, expect_seq = e.hash, e.seq + 1
+
+    def _check_signature(self, lineno: int, e: AuditEntry, digest: bytes) -> None:
+        if e.kind == "identity" and not self.keys and e.author == COORDINATOR_ID == e.body.get("id"):
+            pem = str(e.body.get("public_key_pem", "")).encode()  # the coordinator's self-signed identity
+            self.keys[COORDINATOR_ID] = pem
+        key = self.keys.get(e.author)
+        if key is None:
+            self.fail(AUDIT_FILE, lineno, e.round, "author", f"no identity entry before this line for {e.author!r}")
+        elif not verify_signature(key, digest, e.sig):
+            self.fail(
+                AUDIT_FILE,
+                lineno,
+                e.round,
+                "sig",
+                f"signature does not verify with the registered key of {e.author!r}: forged or altered",
+            )
+        else:
+            self.checked["signatures"] += 1
+        if e.kind == "identity":
+            self._identity(lineno, e)
+
+    def _identity(self, lineno: int, e: AuditEntry) -> None:
+        b = e.body
+        pid, pem, fp = str(b.get("id", "")), str(b.get("public_key_pem", "")).encode(), str(b.get("fingerprint", ""))
+        if e.author != COORDINATOR_ID:
+            self.fail(AUDIT_FILE, lineno, e.round, "author", f"identity of {pid!r} not issued by the coordinator")
+        try:
+            real = key_fingerprint(pem)
+        except TrustFedError as exc:
+            self.fail(AUDIT_FILE, lineno, e.round, "body.public_key_pem", str(exc))
+            return
+        if real != fp:
+            self.fail(AUDIT_FILE, lineno, e.round, "body.fingerprint", f"fingerprint of {pid!r} is not its key's")
+        if pid in self.identities:
+            self.fail(AUDIT_FILE, lineno, e.round, "body.id", f"{pid!r} is declared twice")
+        self.keys[pid] = pem
+        self.identities[pid] = (real, str(b.get("role", "")))
+
+    # ------------------------------------------------------------ 2. per-round content
+    def check_rounds(self) -> dict[int, dict[str, Any]]:
+        """Recompute commitments, Merkle roots and checkpoint hashes; returns per-round facts."""
+        by_round: dict[int, list[_Located]] = defaultdict(list)
+        for loc in self.entries:
+            by_round[loc.entry.round].append(loc)
+        facts: dict[int, dict[str, Any]] = {}
+        prev_model: str | None = None
+        for rnd in sorted(by_round):
+            locs = by_round[rnd]
+            f: dict[str, Any] = {"last_hash": locs[-1].entry.hash, "last_line": locs[-1].line, "leaves": []}
+            plan: _Located | None = None
+            for loc in locs:
+                e, ln = loc.entry, loc.line
+                if e.kind == "round_plan":
+                    plan = loc
+                    if prev_model is not None and e.body.get("model_hash") != prev_model:
+                        self.fail(
+                            AUDIT_FILE,
+                            ln,
+                            rnd,
+                            "body.model_hash",
+                            "plan sends a model other than the previous round's checkpoint",
+                        )
+                elif e.kind == COMMITMENT_KIND:
+                    self._commitment(loc, plan, f)
+                elif e.kind == "aggregation":
+                    root = merkle_root(f["leaves"]).hex()
+                    self.checked["merkle_roots"] += 1
+                    if e.body.get("merkle_root") != root:
+                        self.fail(
+                            AUDIT_FILE,
+                            ln,
+                            rnd,
+                            "body.merkle_root",
+                            f"recorded {str(e.body.get('merkle_root'))[:16]}…, the commitments give {root[:16]}…",
+                        )
+                    f["merkle_root"], f["aggregation"] = root, loc
+                elif e.kind == "checkpoint":
+                    f["model_hash"] = self._checkpoint(loc)
+                    agg = f.get("aggregation")
+                    if agg is not None and agg.entry.body.get("model_hash") != e.body.get("model_hash"):
+                        self.fail(AUDIT_FILE, ln, rnd, "body.model_hash", "checkpoint differs from the aggregation")
+                    prev_model = f["model_hash"]
+            if rnd > 0 and (plan is None or "aggregation" not in f or "model_hash" not in f):
+                self.fail(
+                    AUDIT_FILE,
+                    locs[-1].line,
+                    rnd,
+                    "round",
+                    "round is incomplete: needs round_plan, aggregation and checkpoint entries",
+                )
+            facts[rnd] = f
+        return facts
+
+    def _commitment(self, loc: _Located, plan: _Located | None, f: dict[str, Any]) -> None:
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        if b.get("participant") != e.author:
+            self.fail(AUDIT_FILE, ln, e.round, "body.participant", "commitment names someone other than its author")
+        if plan is None or e.author not in plan.entry.body.get("participants", []):
+            self.fail(AUDIT_FILE, ln, e.round, "author", f"{e.author!r} was not selected in this round's plan")
+        try:
+            real = update_commitment(e.round, e.author, bytes.fromhex(str(b.get("update_sha256")))).hex()
+        except (ValueError, TrustFedError) as exc:
+            self.fail(AUDIT_FILE, ln, e.round, "body.update_sha256", f"malformed: {exc}")
+            return
+        if real != b.get("commitment"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.commitment", "is not H(round, id, H(update))")
+        self.checked["commitments"] += 1
+        f["leaves"].append(bytes.fromhex(real))
+
+    def _checkpoint(self, loc: _Located) -> str:
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        recorded = str(b.get("model_hash", ""))
+        if "file" not in b:
+            return recorded
+        f32, spec = self.run_dir / str(b["file"]), self.run_dir / str(b.get("spec_file", ""))
+        try:
+            real = hash_model_bytes(f32.read_bytes(), spec.read_text(encoding="utf-8"))
+        except (OSError, CheckpointError, TrustFedError) as exc:
+            self.fail(str(b["file"]), None, e.round, "file", f"checkpoint unreadable ({exc}); logged at line {ln}")
+            return recorded
+        self.checked["checkpoints"] += 1
+        if real != recorded:
+            self.fail(
+                str(b["file"]),
+                None,
+                e.round,
+                "model_hash",
+                f"file hashes to {real[:16]}…, the log (line {ln}) records {recorded[:16]}…: swapped or altered",
+            )
+        return recorded
+
+    # ------------------------------------------------------------ 3. the chain
+    def check_chain(self, facts: dict[int, dict[str, Any]]) -> None:
+        from trustfed.ledger.backends import JsonRpcLedger, Web3Ledger, read_deployment
+
+        ledger_dir = self.run_dir / LEDGER_DIR
+        try:
+            dep = read_deployment(ledger_dir)
+        except TrustFedError as exc:
+            self.fail(f"{LEDGER_DIR}/deployment.json", None, None, "file", str(exc))
+            return
+        if dep is None:
+            self.fail(f"{LEDGER_DIR}/deployment.json", None, None, "file", "missing: nothing to check on chain")
+            return
+        ledger: Web3Ledger
+        try:
+            if self.rpc_url or dep.get("backend") == "jsonrpc":
+                url = self.rpc_url or str(dep.get("rpc_url", ""))
+                ledger = JsonRpcLedger(ledger_dir, url, deploy=False, read_only=True)
+            else:
+                from trustfed.ledger.backends import EmbeddedLedger
+
+                ledger = EmbeddedLedger(ledger_dir, read_only=True)
+        except TrustFedError as exc:
+            self.fail(f"{LEDGER_DIR}/", None, None, "chain", f"cannot open the chain: {exc}")
+            return
+        try:
+            self._compare_chain(ledger, facts)
+        finally:
+            ledger.close()
+
+    def _compare_chain(self, ledger: Any, facts: dict[int, dict[str, Any]]) -> None:
+        on_chain: dict[str, Identity] = {i.id: i for i in ledger.participants()}
+        for pid, (fp, role) in self.identities.items():
+            ident = on_chain.get(pid)
+            if ident is None:
+                self.fail(CHAIN, None, None, f"registry.{pid}", "declared in the log but not registered on chain")
+            elif ident.fingerprint != fp:
+                self.fail(
+                    CHAIN, None, None, f"registry.{pid}.fingerprint", "on-chain fingerprint differs from the log's key"
+                )
+            elif ident.role.name.lower() != role:
+                self.fail(
+                    CHAIN, None, None, f"registry.{pid}.role", f"chain says {ident.role.name.lower()}, log says {role}"
+                )
+        for pid in on_chain.keys() - self.identities.keys():
+            self.fail(CHAIN, None, None, f"registry.{pid}", "registered on chain but absent from the log")
+        nxt = ledger.next_round()
+        rounds = sorted(facts)
+        hashes = {loc.entry.hash: loc for loc in self.entries}
+        anchored_upto = -1
+        for rnd in rounds:
+            f = facts[rnd]
+            rec: RoundCommitment | None = ledger.read_round(rnd)
+            if rec is None:
+                self.fail(
+                    CHAIN, None, rnd, "round", f"in the log (up to line {f['last_line']}) but never committed on chain"
+                )
+                continue
+            self.checked["chain_rounds"] += 1
+            want = {
+                "model_hash": f.get("model_hash", ""),
+                "merkle_root": f.get("merkle_root", ZERO32) if rnd > 0 else ZERO32,
+                "num_updates": len(f["leaves"]),
+            }
+            for name, value in want.items():
+                if getattr(rec, name) != value:
+                    self.fail(
+                        CHAIN,
+                        None,
+                        rnd,
+                        name,
+                        f"chain has {str(getattr(rec, name))[:16]}…, the log and files give {str(value)[:16]}…",
+                    )
+            anchor = hashes.get(rec.log_head)
+            if anchor is None:
+                self.fail(
+                    CHAIN,
+                    None,
+                    rnd,
+                    "log_head",
+                    f"anchored head {rec.log_head[:16]}… is no entry of the log: the log was rewritten after round {rnd}",
+                )
+            elif rec.log_head != f["last_hash"]:
+                self.fail(
+                    AUDIT_FILE,
+                    anchor.line,
+                    rnd,
+                    "log_head",
+                    f"chain anchors line {anchor.line}, but round {rnd} ends at line {f['last_line']}",
+                )
+            else:
+                anchored_upto = max(anchored_upto, f["last_line"])
+        for r in range(max(rounds, default=-1) + 1, nxt):
+            self.fail(CHAIN, None, r, "round", "committed on chain but absent from the audit log")
+        tail = [loc.line for loc in self.entries if loc.line > anchored_upto]
+        if tail and anchored_upto >= 0:
+            self.fail(
+                AUDIT_FILE,
+                tail[0],
+                None,
+                "log_head",
+                f"lines {tail[0]}-{tail[-1]} come after the last head anchored on chain",
+            )
+
+
+def verify_run(run_dir: Path, rpc_url: str | None = None) -> Verdict:
+    v = _Verifier(run_dir, rpc_url)
+    v.check_log()
+    facts = v.check_rounds()
+    v.check_chain(facts)
+    return Verdict(not v.failures, v.failures, dict(v.checked))

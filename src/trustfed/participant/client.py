@@ -1,0 +1,501 @@
+"""The participant runtime: pull rounds from the coordinator over mutual TLS and train.
+
+One round is a chain of small steps, each a method, so later components slot in:
+
+    fetch_plan -> verify_plan -> download_model -> check_model -> train -> seal -> upload -> fetch_receipt
+
+(the ledger checks the model hash against the chain in ``check_model`` and verifies a Merkle
+proof in ``fetch_receipt``; the enclave seals the update in ``seal``). Every message from the
+coordinator is verified: its signature, a coordinator certificate from the federation CA (not
+revoked), a fresh nonce and timestamp, and the model's hash over the streamed bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from trustfed.coordinator.engine import ParticipantWithdrew
+from trustfed.core.codec import ParamSpec
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.enclave.errors import AttestationRefused
+from trustfed.ledger.audit import EcdsaSigner
+from trustfed.ledger.merkle import InclusionProof
+from trustfed.ledger.participant import (
+    ChainView,
+    InclusionError,
+    ModelMismatchError,
+    sign_commitment,
+    update_bytes,
+)
+from trustfed.participant.settings import ParticipantConfig
+from trustfed.participant.trainer import Trainer
+from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
+from trustfed.transport import federation_pb2 as pb
+from trustfed.transport import federation_pb2_grpc as pb_grpc
+from trustfed.transport.envelope import Signer, Verified, Verifier
+from trustfed.transport.errors import MessageRejected, TransportError
+from trustfed.transport.streaming import (
+    StreamDeclaration,
+    as_vector,
+    check_declaration,
+    expect_end,
+    iter_chunks,
+    model_hasher,
+    receive_payload,
+)
+from trustfed.transport.tls import channel, diagnose_tls
+
+log = logging.getLogger("trustfed.participant")
+
+T = TypeVar("T")
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(frozen=True)
+class ReceivedPlan:
+    """A verified round plan."""
+
+    round: int
+    plan: RoundPlan
+    spec_json: str
+    model_bytes: int
+    chunk_bytes: int
+    deadline_ms: int
+    raw: pb.RoundPlan
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    included: bool
+    new_model_hash: str
+    merkle_root: bytes = b""
+    proof: InclusionProof | None = None  # this participant's commitment in the round's Merkle tree
+    enclave_receipt: bytes = b""
+
+
+class ParticipantClient:
+    """Runs one participant against a coordinator until the federation is done."""
+
+    def __init__(
+        self,
+        cfg: ParticipantConfig,
+        trainer: Trainer,
+        spec: ParamSpec,
+        *,
+        chain: ChainView | None = None,
+        commit: bool = False,
+    ) -> None:
+        """``commit``: sign every update's ledger commitment with this participant's certificate key;
+        ``chain``: this participant's own view of the chain, to check models and inclusion proofs."""
+        self.cfg = cfg
+        self.pid = cfg.participant.id
+        self.address = cfg.participant.coordinator
+        self.trainer = trainer
+        self.spec = spec
+        self.spec_json = spec.to_json()
+        self.limits = cfg.limits
+        tls = cfg.tls
+        cert = load_certificate(tls.cert)
+        key = load_private_key(tls.key)
+        self.signer = Signer(self.pid, key)
+        self.commit = commit
+        self.commit_signer = EcdsaSigner(self.pid, key)  # the same PKI key signs the ledger commitment
+        self.chain = chain
+        self.commitments: dict[int, bytes] = {}
+        ca_cert = load_certificate(tls.ca)
+        crl = RevocationList.load(tls.crl, ca_cert) if tls.crl else RevocationList.empty()
+        self.verifier = Verifier(
+            ca_cert,
+            lambda: crl,
+            window_s=self.limits.timestamp_window_s,
+            nonce_cache_size=self.limits.nonce_cache_size,
+            where=f"participant {self.pid}",
+        )
+        from trustfed.pki.ca import identity_of
+
+        ident = identity_of(cert)
+        if ident.name != self.pid or ident.role != "participant":
+            raise TransportError(
+                f"{tls.cert} is the {ident.role} certificate of {ident.name!r}, but this is participant {self.pid!r}"
+            )
+        self.channel = channel(self.address, tls.ca, tls.cert, tls.key, self.limits.max_message_bytes + 64 * 1024)
+        self.stub = pb_grpc.FederationStub(self.channel)  # type: ignore[no-untyped-call]
+        self.refusal: str | None = None  # why this participant refused a round and left, if it did
+        # Hooks: extra checks of the downloaded model (the chain's, below), and sealing.
+        self.model_checks: list[Callable[[ReceivedPlan, torch.Tensor], None]] = []
+        if chain is not None:  # before training: the model must be the one committed on chain
+            self.model_checks.append(lambda rp, params: log_ok(chain.check_model(rp.round, params, spec), rp.round))
+
+        def log_ok(h: str, rnd: int) -> None:
+            log.info("participant %s: round %d model %s… matches the chain", self.pid, rnd, h[:12])
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.chain is not None:
+            self.chain.close()
+
+    # -- calls with retry, backoff and a clear final error
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        r = self.cfg.retry
+        backoff = r.initial_backoff_s
+        t0 = time.monotonic()
+        last = ""
+        for attempt in range(1, r.attempts + 1):
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                detail = exc.details() or ""
+                if code not in _RETRYABLE:
+                    raise TransportError(
+                        f"the coordinator at {self.address} refused {what}: {code.name}: {detail}"
+                    ) from None
+                last = f"{code.name}: {detail}"
+                if "handshake" in detail.lower() or "ssl" in detail.lower():
+                    d = diagnose_tls(self.address, self.cfg.tls.ca, self.cfg.tls.cert, self.cfg.tls.key)
+                    if d.reachable:
+                        log.error("participant %s: TLS with %s refused: %s", self.pid, self.address, d.reason)
+                        raise TransportError(f"{what}: {d.reason}") from None
+                if attempt < r.attempts:
+                    log.info(
+                        "participant %s: %s failed (%s); retry %d in %.1f s",
+                        self.pid,
+                        what,
+                        code.name,
+                        attempt,
+                        backoff,
+                    )
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, r.max_backoff_s)
+        d = diagnose_tls(self.address, self.cfg.tls.ca, self.cfg.tls.cert, self.cfg.tls.key)
+        raise TransportError(
+            f"could not reach the coordinator at {self.address} for {what}: {r.attempts} attempts over "
+            f"{time.monotonic() - t0:.1f} s with backoff {r.initial_backoff_s}-{r.max_backoff_s} s; last error {last}; "
+            f"{d.reason}. Is `trustfed server` running there, and is [participant].coordinator right?"
+        )
+
+    def _check(self, msg: pb.SignedMessage, msg_type: str) -> Verified:
+        return self.verifier.verify(msg, expected_type=msg_type, peer_cert=None, role="coordinator")
+
+    # -- the steps of one round
+    def fetch_plan(self, after_round: int) -> pb.RoundPlan:
+        req = pb.PlanRequest(participant_id=self.pid, after_round=after_round, wait_ms=self.cfg.retry.poll_wait_ms)
+        timeout = self.cfg.retry.poll_wait_ms / 1000 + 15
+
+        def call() -> pb.SignedMessage:
+            msg = self.signer.sign("plan_request", after_round, req.SerializeToString())
+            out: pb.SignedMessage = self.stub.GetRoundPlan(msg, timeout=timeout)
+            return out
+
+        v = self._check(self._call("the round plan", call), "round_plan")
+        plan: pb.RoundPlan = pb.RoundPlan.FromString(v.body)
+        if plan.round != v.envelope.round:
+            raise self.verifier.reject("round_mismatch", "plan round differs from its signed round", "round_plan")
+        return plan
+
+    def verify_plan(self, raw: pb.RoundPlan, after_round: int) -> ReceivedPlan:
+        def bad(reason: str, detail: str) -> MessageRejected:
+            return self.verifier.reject(reason, f"round {raw.round}: {detail}", "round_plan", "coordinator")
+
+        if raw.round <= after_round:
+            raise bad("stale_round", f"round {raw.round} is not after round {after_round}")
+        if self.pid not in raw.participants:
+            raise bad("not_selected", f"{self.pid} is not among the plan's participants")
+        if raw.spec_json != self.spec_json:
+            raise bad("spec_mismatch", "the model spec differs from this participant's model")
+        if raw.model_bytes != 4 * self.spec.size or raw.model_bytes > self.limits.max_model_bytes:
+            raise bad("size_mismatch", f"model of {raw.model_bytes} bytes; expected {4 * self.spec.size}")
+        if len(raw.config_json) > 64 * 1024:
+            raise bad("too_large", "training config over 64 KiB")
+        try:
+            config = json.loads(raw.config_json) if raw.config_json else {}
+        except json.JSONDecodeError as exc:
+            raise bad("bad_config", f"training config is not JSON: {exc}") from None
+        if not isinstance(config, dict) or not all(isinstance(v, bool | int | float | str) for v in config.values()):
+            raise bad("bad_config", "training config must be a JSON object of scalars")
+        plan = RoundPlan(int(raw.round), tuple(raw.participants), config, raw.model_hash)
+        return ReceivedPlan(
+            int(raw.round), plan, raw.spec_json, int(raw.model_bytes), int(raw.chunk_bytes), int(raw.deadline_ms), raw
+        )
+
+    def download_model(self, rp: ReceivedPlan) -> torch.Tensor:
+        req = pb.ModelRequest(round=rp.round, model_hash=rp.plan.model_hash)
+        where = f"model for round {rp.round}"
+
+        def call() -> torch.Tensor:
+            msg = self.signer.sign("model_request", rp.round, req.SerializeToString())
+            parts: Iterator[pb.StreamPart] = iter(self.stub.DownloadModel(msg, timeout=600))
+            first = next(parts, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise self.verifier.reject(
+                    "no_header", f"{where}: stream does not start with a signed header", "model_header"
+                )
+            v = self._check(first.header, "model_header")
+            h = pb.ModelHeader.FromString(v.body)
+            if h.round != rp.round or h.spec_json != self.spec_json or h.model_hash != rp.plan.model_hash:
+                raise self.verifier.reject(
+                    "header_mismatch", f"{where}: header does not match the plan", "model_header"
+                )
+            decl = StreamDeclaration(h.total_bytes, h.chunk_bytes, h.num_chunks, h.model_hash)
+            try:
+                check_declaration(decl, self.spec, self.limits, where)
+                buf = receive_payload(parts, decl, self.spec_json, where)
+                expect_end(parts, where)
+            except MessageRejected as exc:
+                raise self.verifier.reject(exc.reason, exc.detail, "model_stream", "coordinator") from None
+            return as_vector(buf, self.spec)
+
+        return self._call(f"the model of round {rp.round}", call)
+
+    def check_model(self, rp: ReceivedPlan, params: torch.Tensor) -> None:
+        """The streamed bytes already matched the signed hash; later checks (ledger) hook in here."""
+        for check in self.model_checks:
+            check(rp, params)
+
+    def train(self, rp: ReceivedPlan, params: torch.Tensor) -> Update:
+        return self.trainer.fit(params, rp.plan)
+
+    def seal(self, rp: ReceivedPlan, update: Update) -> bytes:
+        """The payload to upload: raw float32, or in enclave mode the bytes the trainer sealed to the
+        attested enclave key (:class:`trustfed.enclave.participant.SealingTrainer`)."""
+        return update_bytes(update)
+
+    def upload(self, rp: ReceivedPlan, update: Update, payload: bytes) -> None:
+        c = self.limits.chunk_bytes
+        header = pb.UpdateHeader(
+            round=rp.round,
+            participant_id=self.pid,
+            num_examples=update.num_examples,
+            metrics={k: float(v) for k, v in update.metrics.items()},
+            total_bytes=len(payload),
+            chunk_bytes=c,
+            num_chunks=-(-len(payload) // c),
+            model_hash=_payload_hash(self.spec_json, payload),
+        )
+        sealed = getattr(update, "sealed", b"")
+        if sealed:
+            header.sealed = True
+            header.enclave_key_id = str(getattr(update, "enclave_key_id", ""))
+            header.enclave_signature = bytes(getattr(update, "signature", b""))
+        if self.commit:  # H(round, id, H(payload)), signed with this participant's own key
+            sc = sign_commitment(self.commit_signer, rp.round, payload, update.num_examples)
+            if sealed and sc.commitment != bytes(getattr(update, "commitment", b"")):
+                raise TransportError(f"round {rp.round}: the sealed update's commitment differs from the ledger's")
+            header.commitment = sc.commitment
+            header.commitment_signature = sc.sig
+            self.commitments[rp.round] = sc.commitment
+        self._send_update(rp.round, header, payload)
+
+    def withdraw(self, rp: ReceivedPlan, reason: str) -> None:
+        header = pb.UpdateHeader(round=rp.round, participant_id=self.pid, withdrawn_reason=reason)
+        self._send_update(rp.round, header, b"")
+
+    def _send_update(self, rnd: int, header: pb.UpdateHeader, payload: bytes) -> None:
+        def call() -> pb.SignedMessage:
+            signed = self.signer.sign("update_header", rnd, header.SerializeToString())
+
+            def parts() -> Iterator[pb.StreamPart]:
+                yield pb.StreamPart(header=signed)
+                yield from iter_chunks(payload, self.limits.chunk_bytes)
+
+            out: pb.SignedMessage = self.stub.UploadUpdate(parts(), timeout=600)
+            return out
+
+        v = self._check(self._call(f"the update of round {rnd}", call), "upload_ack")
+        ack = pb.UploadAck.FromString(v.body)
+        if not ack.accepted:
+            raise TransportError(
+                f"the coordinator at {self.address} did not accept the update of round {rnd}: {ack.reason}"
+            )
+
+    def fetch_receipt(self, rp: ReceivedPlan, timeout_s: float = 600.0) -> RoundOutcome:
+        end = time.monotonic() + timeout_s
+        while True:
+            req = pb.ReceiptRequest(round=rp.round, wait_ms=self.cfg.retry.poll_wait_ms)
+
+            def call(req: pb.ReceiptRequest = req) -> pb.SignedMessage:
+                msg = self.signer.sign("receipt_request", rp.round, req.SerializeToString())
+                out: pb.SignedMessage = self.stub.GetReceipt(msg, timeout=self.cfg.retry.poll_wait_ms / 1000 + 15)
+                return out
+
+            v = self._check(self._call(f"the receipt of round {rp.round}", call), "receipt")
+            r = pb.Receipt.FromString(v.body)
+            if r.round != rp.round:
+                raise self.verifier.reject(
+                    "round_mismatch", f"receipt for round {r.round}, asked {rp.round}", "receipt"
+                )
+            if r.ready:
+                proof = None
+                if r.HasField("leaf_count"):
+                    proof = InclusionProof(
+                        int(r.proof_index), int(r.leaf_count), tuple(bytes(x) for x in r.merkle_proof)
+                    )
+                return RoundOutcome(
+                    rp.round,
+                    r.included,
+                    r.new_model_hash,
+                    bytes(r.merkle_root),
+                    proof,
+                    bytes(r.enclave_receipt),
+                )
+            if time.monotonic() > end:
+                raise TransportError(f"no receipt for round {rp.round} from {self.address} within {timeout_s:.0f} s")
+
+    # -- the loop
+    def run_round(self, raw: pb.RoundPlan, after_round: int) -> RoundOutcome | None:
+        rp = self.verify_plan(raw, after_round)
+        params = self.download_model(rp)
+        try:
+            self.check_model(rp, params)
+            update = self.train(rp, params)
+        except ParticipantWithdrew as exc:
+            log.warning("participant %s withdraws in round %d: %s", self.pid, rp.round, exc.reason)
+            self.withdraw(rp, exc.reason)
+            return None
+        except (ModelMismatchError, AttestationRefused) as exc:
+            # The coordinator served a model that is not on chain, or the enclave failed attestation:
+            # train nothing, send nothing but a signed refusal, and leave.
+            log.error("participant %s refuses round %d and leaves: %s", self.pid, rp.round, exc)
+            self.withdraw(rp, f"refused: {exc}"[:1000])
+            self.refusal = str(exc)
+            return None
+        payload = self.seal(rp, update)
+        self.upload(rp, update, payload)
+        outcome = self.fetch_receipt(rp)
+        self.check_outcome(rp, outcome)
+        log.info(
+            "participant %s: round %d %s; new model %s…",
+            self.pid,
+            rp.round,
+            "included" if outcome.included else "NOT included",
+            outcome.new_model_hash[:12],
+        )
+        return outcome
+
+    def check_outcome(self, rp: ReceivedPlan, outcome: RoundOutcome) -> None:
+        """After the round: my commitment is in the Merkle root on chain (and in the enclave's receipt)."""
+        mine = self.commitments.get(rp.round)
+        if self.chain is not None and mine is not None:
+            if outcome.proof is None:
+                raise InclusionError(
+                    f"round {rp.round}: the coordinator sent no Merkle proof for {self.pid}'s commitment"
+                )
+            self.chain.check_inclusion(rp.round, mine, outcome.proof)
+            log.info(
+                "participant %s: round %d commitment %s… is included in the root on chain",
+                self.pid,
+                rp.round,
+                mine.hex()[:12],
+            )
+        enclave = getattr(self.trainer, "enclave", None)
+        if outcome.enclave_receipt and enclave is not None and enclave.key is not None:
+            from trustfed.enclave.receipts import Receipt, verify_receipt
+
+            receipt = Receipt.from_json(outcome.enclave_receipt)
+            verdict = verify_receipt(
+                receipt,
+                enclave_public_key=enclave.key.to_bytes(),
+                output_model_hash=outcome.new_model_hash,
+                rnd=rp.round,
+                allow_simulated=enclave.policy.allow_simulated_tee,
+            )
+            reasons = list(verdict.reasons)
+            root = receipt.body.get("commitments_root")
+            if outcome.merkle_root and not receipt.body.get("rejected") and root != outcome.merkle_root.hex():
+                reasons.append("the receipt's commitments root differs from the round's Merkle root")
+            if reasons:
+                raise TransportError(f"round {rp.round}: the enclave receipt does not hold: {'; '.join(reasons)}")
+            label = "[SIMULATED TEE] " if receipt.simulated else ""
+            log.info("%sparticipant %s: round %d enclave receipt verified", label, self.pid, rp.round)
+
+    def run(self, on_round: Callable[[RoundOutcome], None] | None = None) -> list[RoundOutcome]:
+        """Take part in rounds until the coordinator says the federation is done."""
+        after = 0
+        outcomes: list[RoundOutcome] = []
+        while True:
+            raw = self.fetch_plan(after)
+            if raw.status == pb.DONE:
+                log.info("participant %s: federation done after %d round(s)", self.pid, len(outcomes))
+                return outcomes
+            if raw.status != pb.TRAIN:
+                time.sleep(min(raw.retry_after_ms, 5000) / 1000)
+                continue
+            outcome = self.run_round(raw, after)
+            if outcome is None:
+                return outcomes
+            outcomes.append(outcome)
+            after = outcome.round
+            if on_round:
+                on_round(outcome)
+
+
+def _payload_hash(spec_json: str, payload: bytes) -> str:
+    """model_hash over the wire bytes (one pass, no second float32 conversion)."""
+    h = model_hasher(spec_json)
+    h.update(payload)
+    return h.hexdigest()
+
+
+def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
+    """Build the trainer for this participant from the federation file, then the client."""
+    from trustfed.config import load_federation_config
+    from trustfed.core.codec import flatten
+    from trustfed.simulation.federation import build_data, build_trainer, model_factory
+
+    fed = load_federation_config(cfg.participant.federation_config)
+    data = build_data(fed)
+    if cfg.participant.id not in data.shards:
+        raise TransportError(
+            f"participant id {cfg.participant.id!r} is not one of the federation's participants "
+            f"({', '.join(sorted(data.shards)[:5])}…); check [participant].id"
+        )
+    trainer = build_trainer(fed, data, cfg.participant.id)
+    _, spec = flatten(model_factory(fed, data.train.input_shape, data.train.num_classes)().state_dict())
+    if fed.enclave.enabled:
+        trainer = _sealing_trainer(fed, cfg, trainer)
+    chain: ChainView | None = None
+    if fed.ledger.enabled:
+        if cfg.ledger is None:
+            log.warning(
+                "participant %s: the federation records a ledger but this participant's file has no [ledger] view; "
+                "models and inclusion proofs are NOT checked against the chain",
+                cfg.participant.id,
+            )
+        else:
+            rpc = cfg.ledger.rpc_url or (fed.ledger.rpc_url if fed.ledger.backend == "jsonrpc" else None)
+            chain = ChainView(cfg.ledger.dir, rpc)
+    return ParticipantClient(cfg, trainer, spec, chain=chain, commit=fed.ledger.enabled)
+
+
+def _sealing_trainer(fed: Any, cfg: ParticipantConfig, trainer: Trainer) -> Trainer:
+    """Enclave mode: attest the enclave against this participant's policy before training, then seal
+    every update to the attested key and sign its commitment with the participant's PKI key."""
+    from trustfed.enclave.errors import EnclaveError
+    from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
+    from trustfed.enclave.sealing import KeySigner
+    from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
+    from trustfed.enclave.simulation import aggregation_settings_for, simulated_policy
+
+    section = fed.enclave
+    if section.address is None:
+        raise EnclaveError("the federation aggregates in an enclave but [enclave].address is not set")
+    pid = cfg.participant.id
+    aggregation = aggregation_settings_for(fed.strategy, fed.strategy.min_participants)
+    # This participant's own policy: the expected measurement is computed from its copy of the code.
+    policy = simulated_policy(aggregation, section.policy) if section.policy.allow_simulated_tee else section.policy
+    client = GrpcEnclaveClient(section.address, TlsMaterial.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key))
+    key = load_private_key(cfg.tls.key)
+    return SealingTrainer(trainer, AttestedEnclave(client, policy, where=f"participant {pid}"), KeySigner(pid, key))
+
+
+def describe(outcomes: list[RoundOutcome]) -> dict[str, Any]:
+    return {"rounds": [o.round for o in outcomes], "included": [o.included for o in outcomes]}

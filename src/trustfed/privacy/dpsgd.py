@@ -1,0 +1,193 @@
+"""DP-SGD in a participant (Abadi et al. 2016): Poisson-sampled batches, per-example clipping,
+Gaussian noise, and a spend that is accounted and checked against the participant's budget.
+
+:class:`DPSGDTrainer` implements the participant's ``Trainer`` seam (``fit`` / ``evaluate``).
+The per-example clipping uses :mod:`trustfed.privacy.per_sample` (book-keeping fast path), not
+Opacus' per-layer hooks, which cost 2-4x a plain step on the models here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from trustfed.core.codec import ParamSpec, flatten, load_vector
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.data.datasets import Dataset
+from trustfed.models.training import TrainConfig, evaluate
+from trustfed.participant.trainer import Trainer, round_seed, train_config_from_plan
+from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyError
+from trustfed.privacy.budget import BudgetGuard
+from trustfed.privacy.per_sample import ClippedGrads, LossFn, clipped_grad_sum, sum_cross_entropy
+
+
+def noise_like(t: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(t.shape, generator=generator, dtype=t.dtype) * std
+
+
+def dp_sgd_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+    loss_fn: LossFn = sum_cross_entropy,
+    anchor: list[torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
+) -> ClippedGrads:
+    """One DP-SGD step: grad = (sum_i clip(g_i, C) + N(0, (sigma C)^2 I)) / expected_batch_size.
+
+    Dividing by the *expected* batch size (not the sampled one) keeps the sensitivity C / (qN)
+    under Poisson sampling. A FedProx term, which does not depend on the data, is added after
+    the noise."""
+    cg = clipped_grad_sum(model, x, y, max_grad_norm, loss_fn)
+    std = noise_multiplier * max_grad_norm
+    params = list(model.parameters())
+    with torch.no_grad():
+        for i, (p, g) in enumerate(zip(params, cg.grads, strict=True)):
+            grad = (g + noise_like(p, std, generator)) / expected_batch_size
+            if anchor is not None and proximal_mu > 0:
+                grad += proximal_mu * (p - anchor[i])
+            p.grad = grad
+    optimizer.step()
+    return cg
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Opacus' convention: an epoch is 1/q Poisson-sampled steps."""
+    return max(1, round(1.0 / sample_rate))
+
+
+class DPSGDTrainer:
+    """A participant that trains with DP-SGD and enforces its own (epsilon, delta) budget."""
+
+    def __init__(
+        self,
+        participant_id: str,
+        model_factory: Callable[[], nn.Module],
+        spec: ParamSpec,
+        data: Dataset,
+        config: TrainConfig,
+        seed: int,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        delta: float,
+        budget_epsilon: float | None = None,
+        sample_rate: float | None = None,
+        accountant: AccountantName = "rdp",
+        secure_noise: bool = False,
+    ) -> None:
+        if len(data) == 0:
+            raise PrivacyError(f"participant {participant_id} has no training data")
+        if not noise_multiplier > 0 or not max_grad_norm > 0:
+            raise PrivacyError(f"participant {participant_id}: DP-SGD needs noise_multiplier > 0 and max_grad_norm > 0")
+        self.participant_id = participant_id
+        self.model = model_factory()
+        self.spec = spec
+        self.data = data
+        self.config = config
+        self.seed = seed
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.sample_rate = sample_rate
+        self.secure_noise = secure_noise
+        self.guard = BudgetGuard(participant_id, budget_epsilon, delta, accountant)
+
+    def plan_event(self, cfg: TrainConfig) -> GaussianSteps:
+        q = self.sample_rate if self.sample_rate is not None else min(1.0, cfg.batch_size / len(self.data))
+        return GaussianSteps(self.noise_multiplier, q, cfg.epochs * steps_per_epoch(q))
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        cfg = train_config_from_plan(self.config, plan)
+        event = self.plan_event(cfg)
+        eps_after = self.guard.admit(plan.round, event)  # raises BudgetExhausted before any data is touched
+        load_vector(self.model, params, self.spec)
+        self.model.train()
+        seed = round_seed(self.seed, plan.round, self.participant_id)
+        sampler = torch.Generator().manual_seed(seed)
+        noise = torch.Generator().manual_seed(secrets.randbits(63) if self.secure_noise else seed ^ 0x5EED)
+        opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu > 0 else None
+        x = torch.from_numpy(self.data.x)
+        y = torch.from_numpy(self.data.y)
+        n = len(y)
+        total, seen, clipped, examples = 0.0, 0, 0, 0
+        for _ in range(event.steps):
+            idx = (torch.rand(n, generator=sampler) < event.sample_rate).nonzero().flatten()
+            cg = dp_sgd_step(
+                self.model,
+                opt,
+                x[idx],
+                y[idx],
+                max_grad_norm=self.max_grad_norm,
+                noise_multiplier=self.noise_multiplier,
+                expected_batch_size=event.sample_rate * n,
+                generator=noise,
+                anchor=anchor,
+                proximal_mu=cfg.proximal_mu,
+            )
+            total += cg.loss
+            seen += len(idx)
+            clipped += int((cg.norms > self.max_grad_norm).sum())
+            examples += len(idx)
+        self.guard.record(event)
+        vec, _ = flatten(self.model.state_dict())
+        metrics = {
+            "train_loss": total / max(seen, 1),
+            "dp_clipped_fraction": clipped / max(examples, 1),
+            "dp_max_grad_norm": self.max_grad_norm,
+            **self.guard.metrics(event, eps_after),
+        }
+        return Update(self.participant_id, vec, n, metrics)
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        load_vector(self.model, params, self.spec)
+        r = evaluate(self.model, self.data)
+        return {"loss": r.loss, "accuracy": r.accuracy, "num_examples": float(r.num_examples)}
+
+
+class CentralBudgetTrainer:
+    """Wraps any trainer of a federation that runs central DP (DP-FedAvg): before each round it
+    checks the participant's budget against the aggregator's announced noise and sampling rate
+    (``dp_central_*`` keys of the plan) and withdraws instead of overspending."""
+
+    def __init__(self, inner: Trainer, budget_epsilon: float | None, delta: float, accountant: AccountantName = "rdp"):
+        self.inner = inner
+        self.participant_id = inner.participant_id
+        self.guard = BudgetGuard(inner.participant_id, budget_epsilon, delta, accountant)
+        self.accounted_round = 0
+
+    def plan_event(self, plan: RoundPlan) -> GaussianSteps:
+        c = plan.config
+        if "dp_central_noise_multiplier" not in c:
+            raise PrivacyError(
+                f"participant {self.participant_id}: round {plan.round} plan announces no central DP noise "
+                "(dp_central_noise_multiplier); refusing to train under a central-DP budget"
+            )
+        z = float(c["dp_central_noise_multiplier"])
+        q = float(c.get("dp_central_sample_rate", 1.0))
+        # With participant sampling, every round since the last one accounted counts (amplified by q);
+        # without it, only the rounds this participant takes part in.
+        steps = max(1, plan.round - self.accounted_round) if q < 1 else 1
+        return GaussianSteps(z, q, steps)
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        event = self.plan_event(plan)
+        eps_after = self.guard.admit(plan.round, event)
+        upd = self.inner.fit(params, plan)
+        self.guard.record(event)
+        self.accounted_round = plan.round
+        return Update(
+            upd.participant_id, upd.params, upd.num_examples, {**upd.metrics, **self.guard.metrics(event, eps_after)}
+        )
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        return self.inner.evaluate(params)

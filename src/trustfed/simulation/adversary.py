@@ -1,0 +1,136 @@
+"""Simulation glue for attacks and for aggregators that need server-side data.
+
+* :func:`adversarial_trainer`: the trainer of a malicious participant (``build_trainer`` calls it,
+  so the in-process and multiprocess backends both use it);
+* :class:`OmniscientTransport`: wraps any Transport and rewrites the malicious participants'
+  updates from everyone's deltas (ALIE, IPM, min-max, min-sum);
+* :func:`attach_root_update`: gives FLTrust its server update, trained on a seeded root sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from trustfed.attacks.data_poisoning import backdoor, flip_labels
+from trustfed.attacks.model_poisoning import LOCAL, OMNISCIENT_FNS
+from trustfed.attacks.settings import OMNISCIENT
+from trustfed.attacks.trainers import MaliciousTrainer
+from trustfed.config import FederationConfig
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.participant.trainer import LocalTrainer, Trainer
+
+if TYPE_CHECKING:
+    from trustfed.coordinator.engine import Coordinator, Transport
+    from trustfed.simulation.federation import FederationData
+
+log = logging.getLogger("trustfed.simulation.adversary")
+
+
+def malicious_participants(cfg: FederationConfig) -> list[str]:
+    from trustfed.simulation.federation import participant_ids
+
+    return cfg.attack.malicious(participant_ids(cfg.federation.participants))
+
+
+def adversarial_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> Trainer | None:
+    """The malicious trainer for ``pid``, or None when ``pid`` is honest (or the attack is omniscient:
+    those participants train honestly and the transport rewrites their updates)."""
+    a = cfg.attack
+    if a.kind in ("none", *OMNISCIENT) or pid not in malicious_participants(cfg):
+        return None
+    from trustfed.core.codec import flatten
+    from trustfed.simulation.federation import model_factory, train_config
+
+    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
+    _, spec = flatten(factory().state_dict())
+    shard = data.shards[pid]
+    seed = a.seed * 7919 + cfg.federation.seed
+    if a.kind == "label_flip":
+        shard = flip_labels(shard)
+    elif a.kind == "scaling_backdoor":
+        shard = backdoor(shard, a.params, seed)
+    honest = LocalTrainer(pid, factory, spec, shard, train_config(cfg), cfg.federation.seed)
+    if a.kind == "label_flip":
+        return honest
+    return MaliciousTrainer(
+        honest, LOCAL[a.kind], a.params, seed, train=a.kind != "free_rider", num_examples=len(data.shards[pid])
+    )
+
+
+class OmniscientTransport:
+    """A Transport whose malicious participants see every update of the round before sending theirs."""
+
+    def __init__(self, inner: Transport, kind: str, malicious: Sequence[str], params: dict[str, Any]) -> None:
+        self.inner = inner
+        self.attack = OMNISCIENT_FNS[kind]
+        self.kind = kind
+        self.malicious = frozenset(malicious)
+        self.params = dict(params)
+
+    def available(self) -> Sequence[str]:
+        return self.inner.available()
+
+    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
+        updates = self.inner.fit(plan, params)
+        mask = torch.tensor([u.participant_id in self.malicious for u in updates])
+        if not bool(mask.any()) or bool(mask.all()):
+            return updates
+        deltas = torch.stack([u.params for u in updates]) - params
+        poisoned = self.attack(deltas, mask, self.params) + params
+        return [
+            Update(u.participant_id, poisoned[i].contiguous(), u.num_examples, u.metrics) if bool(mask[i]) else u
+            for i, u in enumerate(updates)
+        ]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def adversarial_transport(cfg: FederationConfig, transport: Transport) -> Transport:
+    """Wrap ``transport`` for omniscient attacks; return it unchanged otherwise."""
+    if cfg.attack.kind not in OMNISCIENT:
+        return transport
+    bad = malicious_participants(cfg)
+    log.info("omniscient attack %s by %s", cfg.attack.kind, bad)
+    return OmniscientTransport(transport, cfg.attack.kind, bad, dict(cfg.attack.params))
+
+
+def _find_root_consumers(obj: object, depth: int = 0) -> list[Any]:
+    if depth > 4 or obj is None:
+        return []
+    found = [obj] if hasattr(obj, "set_root_update") and hasattr(obj, "root_size") else []
+    for attr in ("aggregator", "inner", "strategy"):
+        child = getattr(obj, attr, None)
+        if child is not None and child is not obj:
+            found += _find_root_consumers(child, depth + 1)
+    return found
+
+
+def attach_root_update(cfg: FederationConfig, data: FederationData, strategy: object, coord: Coordinator) -> None:
+    """If the strategy's aggregator needs a server update (FLTrust), train one each round on
+    ``root_size`` examples sampled (seeded) from the training set, starting from the global model."""
+    consumers = _find_root_consumers(strategy)
+    if not consumers:
+        return
+    from trustfed.core.codec import flatten
+    from trustfed.simulation.federation import model_factory, train_config
+
+    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
+    _, spec = flatten(factory().state_dict())
+    for agg in consumers:
+        rng = np.random.default_rng(cfg.federation.seed + 104729)
+        idx = np.sort(rng.choice(len(data.train), size=min(agg.root_size, len(data.train)), replace=False))
+        root = LocalTrainer(
+            "server-root", factory, spec, data.train.subset(idx), train_config(cfg), cfg.federation.seed
+        )
+
+        def update(root: LocalTrainer = root) -> torch.Tensor:
+            g = coord.params
+            return root.fit(g.clone(), RoundPlan(coord.round + 1, ("server-root",), {})).params - g
+
+        agg.root_update_fn = update

@@ -1,0 +1,206 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PlanStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_STATUS_UNSPECIFIED: _ClassVar[PlanStatus]
+    WAIT: _ClassVar[PlanStatus]
+    TRAIN: _ClassVar[PlanStatus]
+    DONE: _ClassVar[PlanStatus]
+PLAN_STATUS_UNSPECIFIED: PlanStatus
+WAIT: PlanStatus
+TRAIN: PlanStatus
+DONE: PlanStatus
+
+class Envelope(_message.Message):
+    __slots__ = ("msg_type", "round", "sender_id", "nonce", "timestamp_ms", "body_sha256", "signature", "signer_cert")
+    MSG_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    BODY_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_CERT_FIELD_NUMBER: _ClassVar[int]
+    msg_type: str
+    round: int
+    sender_id: str
+    nonce: bytes
+    timestamp_ms: int
+    body_sha256: bytes
+    signature: bytes
+    signer_cert: bytes
+    def __init__(self, msg_type: _Optional[str] = ..., round: _Optional[int] = ..., sender_id: _Optional[str] = ..., nonce: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., body_sha256: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., signer_cert: _Optional[bytes] = ...) -> None: ...
+
+class SignedMessage(_message.Message):
+    __slots__ = ("envelope", "body")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    body: bytes
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class StreamPart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: SignedMessage
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[SignedMessage, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    data: bytes
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ("participant_id", "after_round", "wait_ms")
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    participant_id: str
+    after_round: int
+    wait_ms: int
+    def __init__(self, participant_id: _Optional[str] = ..., after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class RoundPlan(_message.Message):
+    __slots__ = ("status", "round", "participants", "config_json", "model_hash", "spec_json", "model_bytes", "chunk_bytes", "deadline_ms", "retry_after_ms", "model_commitment", "enclave_quote", "enclave_public_key")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    ENCLAVE_QUOTE_FIELD_NUMBER: _ClassVar[int]
+    ENCLAVE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    status: PlanStatus
+    round: int
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    config_json: str
+    model_hash: str
+    spec_json: str
+    model_bytes: int
+    chunk_bytes: int
+    deadline_ms: int
+    retry_after_ms: int
+    model_commitment: bytes
+    enclave_quote: bytes
+    enclave_public_key: bytes
+    def __init__(self, status: _Optional[_Union[PlanStatus, str]] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., config_json: _Optional[str] = ..., model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., model_commitment: _Optional[bytes] = ..., enclave_quote: _Optional[bytes] = ..., enclave_public_key: _Optional[bytes] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("round", "model_hash")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model_hash: str
+    def __init__(self, round: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
+
+class ModelHeader(_message.Message):
+    __slots__ = ("round", "spec_json", "total_bytes", "chunk_bytes", "num_chunks", "model_hash")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    spec_json: str
+    total_bytes: int
+    chunk_bytes: int
+    num_chunks: int
+    model_hash: str
+    def __init__(self, round: _Optional[int] = ..., spec_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("round", "participant_id", "num_examples", "metrics", "total_bytes", "chunk_bytes", "num_chunks", "model_hash", "commitment", "sealed", "withdrawn_reason", "commitment_signature", "enclave_key_id", "enclave_signature")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ENCLAVE_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCLAVE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    participant_id: str
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    total_bytes: int
+    chunk_bytes: int
+    num_chunks: int
+    model_hash: str
+    commitment: bytes
+    sealed: bool
+    withdrawn_reason: str
+    commitment_signature: bytes
+    enclave_key_id: str
+    enclave_signature: bytes
+    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ..., commitment: _Optional[bytes] = ..., sealed: _Optional[bool] = ..., withdrawn_reason: _Optional[str] = ..., commitment_signature: _Optional[bytes] = ..., enclave_key_id: _Optional[str] = ..., enclave_signature: _Optional[bytes] = ...) -> None: ...
+
+class UploadAck(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReceiptRequest(_message.Message):
+    __slots__ = ("round", "wait_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    wait_ms: int
+    def __init__(self, round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("round", "ready", "included", "new_model_hash", "participants", "merkle_root", "merkle_proof", "enclave_receipt", "proof_index", "leaf_count")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    NEW_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    MERKLE_ROOT_FIELD_NUMBER: _ClassVar[int]
+    MERKLE_PROOF_FIELD_NUMBER: _ClassVar[int]
+    ENCLAVE_RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LEAF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    ready: bool
+    included: bool
+    new_model_hash: str
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    merkle_root: bytes
+    merkle_proof: _containers.RepeatedScalarFieldContainer[bytes]
+    enclave_receipt: bytes
+    proof_index: int
+    leaf_count: int
+    def __init__(self, round: _Optional[int] = ..., ready: _Optional[bool] = ..., included: _Optional[bool] = ..., new_model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., merkle_root: _Optional[bytes] = ..., merkle_proof: _Optional[_Iterable[bytes]] = ..., enclave_receipt: _Optional[bytes] = ..., proof_index: _Optional[int] = ..., leaf_count: _Optional[int] = ...) -> None: ...

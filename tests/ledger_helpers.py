@@ -1,0 +1,58 @@
+"""Shared helpers for the ledger and audit tests: a small recorded run, and log surgery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trustfed.config import validate_federation_config
+from trustfed.ledger.audit import AuditEntry, chain_hash, parse_entry
+from trustfed.ledger.verify import Failure
+from trustfed.simulation.runner import run_simulation
+
+
+def record_run(out: Path, ledger: dict[str, Any] | None = None, rounds: int = 2, participants: int = 3) -> None:
+    raw = {
+        "federation": {"name": "ledger-test", "rounds": rounds, "participants": participants, "seed": 1},
+        "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "mlp", "hidden": [16]},
+        "training": {"local_epochs": 1, "batch_size": 64, "lr": 0.05},
+        "strategy": {"name": "fedavg", "min_participants": 2},
+        "ledger": ledger or {"enabled": True},
+    }
+    run_simulation(validate_federation_config(raw, "test"), out)
+
+
+def read_lines(run: Path) -> list[str]:
+    return (run / "audit.jsonl").read_text(encoding="utf-8").splitlines()
+
+
+def write_lines(run: Path, lines: list[str]) -> None:
+    (run / "audit.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def find(lines: list[str], kind: str, rnd: int, nth: int = 0) -> int:
+    """0-based index of the nth entry of ``kind`` in round ``rnd``."""
+    hits = [i for i, line in enumerate(lines) if (e := parse_entry(line)).kind == kind and e.round == rnd]
+    return hits[nth]
+
+
+def rechain(lines: list[str], start: int) -> list[str]:
+    """Recompute seq/prev/hash from ``start`` on, as a forger covering their tracks would."""
+    out = list(lines)
+    prev = parse_entry(out[start - 1]).hash if start else "00" * 32
+    for i in range(start, len(out)):
+        e = parse_entry(out[i])
+        h = chain_hash(prev, i, e.digest, e.sig)
+        fixed = AuditEntry(i, prev, e.kind, e.round, e.author, e.body, e.sig, h)
+        out[i] = json.dumps(fixed.to_json(), sort_keys=True, separators=(",", ":"))
+        prev = h
+    return out
+
+
+def has(failures: list[Failure], *, file: str, line: int | None = None, rnd: int | None = None, field: str) -> bool:
+    return any(
+        f.file == file and f.field == field and (line is None or f.line == line) and (rnd is None or f.round == rnd)
+        for f in failures
+    )

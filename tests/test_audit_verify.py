@@ -1,0 +1,245 @@
+"""End to end on the embedded chain: a recorded run verifies, and each kind of tampering fails
+``verify_run`` with a precise location (file and line, round, field)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tests.ledger_helpers import find, has, read_lines, rechain, record_run, write_lines
+from typer.testing import CliRunner
+
+from trustfed.core.codec import ParamSpec, from_bytes
+from trustfed.ledger.audit import EcdsaSigner, entry_digest, parse_entry
+from trustfed.ledger.backends import EmbeddedLedger
+from trustfed.ledger.checkpoint import checkpoint_paths
+from trustfed.ledger.participant import (
+    ChainCheckedTrainer,
+    InclusionError,
+    ModelMismatchError,
+    check_inclusion,
+    check_model,
+    commitment_body,
+    inclusion_proof,
+)
+from trustfed.ledger.records import LedgerError, RoundCommitment, Status
+from trustfed.ledger.verify import verify_run
+
+AUDIT = "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    record_run(out)
+    return out
+
+
+@pytest.fixture
+def run(recorded: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(recorded, dst)
+    return dst
+
+
+def test_recorded_run_verifies(recorded: Path) -> None:
+    v = verify_run(recorded)
+    assert v.ok, [str(f) for f in v.failures]
+    # 2 rounds x 3 participants; rounds 0..2 on chain; 4 identities (coordinator + 3).
+    assert v.checked["commitments"] == 6 and v.checked["chain_rounds"] == 3 and v.checked["checkpoints"] == 3
+    kinds = [parse_entry(line).kind for line in read_lines(recorded)]
+    assert kinds.count("identity") == 4 and kinds.count("aggregation") == 2
+
+
+def test_cli_verify_and_show(recorded: Path) -> None:
+    from trustfed.cli import app
+
+    r = CliRunner().invoke(app, ["audit", "verify", str(recorded)])
+    assert r.exit_code == 0, r.output
+    assert "VERIFIED" in r.output
+    r = CliRunner().invoke(app, ["ledger", "show", str(recorded)])
+    assert r.exit_code == 0, r.output
+    assert "p002" in r.output and "coordinator" in r.output
+
+
+def test_edited_line(run: Path) -> None:
+    lines = read_lines(run)
+    i = find(lines, "aggregation", 2)
+    raw = json.loads(lines[i])
+    raw["body"]["metrics"]["accuracy"] = 0.999
+    lines[i] = json.dumps(raw)
+    write_lines(run, lines)
+    v = verify_run(run)
+    assert not v.ok
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="hash")
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="sig")
+
+
+def test_deleted_line(run: Path) -> None:
+    lines = read_lines(run)
+    i = find(lines, "commitment", 1, nth=1)
+    del lines[i]
+    write_lines(run, lines)
+    v = verify_run(run)
+    assert not v.ok
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=1, field="seq")
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=1, field="prev")
+    assert has(v.failures, file="chain", rnd=1, field="merkle_root")  # the chain still holds all 3 commitments
+
+
+def test_deleted_line_rechained_is_caught_by_the_anchor(run: Path) -> None:
+    lines = read_lines(run)
+    i = find(lines, "commitment", 2, nth=0)
+    del lines[i]
+    write_lines(run, rechain(lines, i))  # a forger recomputes every hash after the deletion
+    v = verify_run(run)
+    assert not v.ok
+    assert has(v.failures, file="chain", rnd=2, field="log_head")
+    assert has(v.failures, file="chain", rnd=2, field="num_updates")
+
+
+def test_swapped_checkpoint(run: Path) -> None:
+    f1, _ = checkpoint_paths(run, 1)
+    f2, _ = checkpoint_paths(run, 2)
+    shutil.copyfile(f1, f2)
+    v = verify_run(run)
+    assert not v.ok
+    assert has(v.failures, file="checkpoints/round_0002.f32", rnd=2, field="model_hash")
+    assert len(v.failures) == 1, [str(f) for f in v.failures]
+
+
+def test_forged_participant_signature(run: Path) -> None:
+    lines = read_lines(run)
+    i = find(lines, "commitment", 2, nth=1)
+    e = parse_entry(lines[i])
+    forger = EcdsaSigner.generate(e.author)  # not the participant's registered key
+    body = commitment_body(2, e.author, b"\x00" * 64, int(e.body["num_examples"]))
+    raw = json.loads(lines[i])
+    raw["body"] = body
+    raw["sig"] = base64.b64encode(forger.sign(entry_digest("commitment", 2, e.author, body))).decode()
+    lines[i] = json.dumps(raw)
+    write_lines(run, rechain(lines, i))
+    v = verify_run(run)
+    assert not v.ok
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="sig")
+    assert not has(v.failures, file=AUDIT, line=i + 1, field="hash")  # the forger re-chained: only the key betrays it
+
+
+def test_reordered_pair(run: Path) -> None:
+    lines = read_lines(run)
+    i = find(lines, "commitment", 1, nth=0)
+    lines[i], lines[i + 1] = lines[i + 1], lines[i]
+    write_lines(run, lines)
+    v = verify_run(run)
+    assert not v.ok
+    for ln in (i + 1, i + 2):
+        assert has(v.failures, file=AUDIT, line=ln, rnd=1, field="seq")
+        assert has(v.failures, file=AUDIT, line=ln, rnd=1, field="prev")
+
+
+def test_altered_journal_transaction(run: Path) -> None:
+    j = run / "ledger" / "transactions.jsonl"
+    lines = j.read_text().splitlines()
+    rec = json.loads(lines[-1])
+    rec["raw"] = rec["raw"][:-4] + ("00" if rec["raw"][-2:] != "00" else "11") + rec["raw"][-2:]
+    lines[-1] = json.dumps(rec)
+    j.write_text("\n".join(lines) + "\n")
+    v = verify_run(run)
+    assert not v.ok
+    assert any(f.field == "chain" and "transactions.jsonl:" in f.message for f in v.failures)
+
+
+def test_restarted_embedded_ledger_continues_the_chain(run: Path) -> None:
+    led = EmbeddedLedger(run / "ledger")
+    assert led.replayed > 0 and led.next_round() == 3
+    before = led.read_round(2)
+    assert before is not None
+    led.commit_round(RoundCommitment(3, "ab" * 32, "cd" * 32, "", "ef" * 32, 3))
+    with pytest.raises(LedgerError, match="OutOfOrder"):
+        led.commit_round(RoundCommitment(3, "ab" * 32))
+    again = EmbeddedLedger(run / "ledger")
+    assert again.next_round() == 4 and again.read_round(2) == before
+    r3 = again.read_round(3)
+    assert r3 is not None and r3.model_hash == "ab" * 32 and r3.receipt_hash == "00" * 32
+    # The registry: status changes, final states, and only the admin may write.
+    again.set_status("p001", Status.SUSPENDED)
+    again.set_status("p001", Status.ACTIVE)
+    again.set_status("p002", Status.REVOKED)
+    with pytest.raises(LedgerError, match="FinalStatus"):
+        again.set_status("p002", Status.ACTIVE)
+    with pytest.raises(LedgerError, match="UnknownParticipant"):
+        again.set_status("nobody", Status.ACTIVE)
+    status = {i.id: i.status for i in EmbeddedLedger(run / "ledger").participants()}
+    assert status["p001"] == Status.ACTIVE and status["p002"] == Status.REVOKED
+    stranger = again.w3.eth.accounts[3]
+    fn = again.c["RoundLog"].functions.commitRound(4, b"\x01" * 32, b"\x00" * 32, b"\x00" * 32, b"\x00" * 32, 0)
+    with pytest.raises(Exception, match="execution reverted"):
+        fn.transact({"from": stranger})
+    # Verify now sees the extra on-chain round the log does not know.
+    v = verify_run(run)
+    assert has(v.failures, file="chain", rnd=3, field="round")
+
+
+def test_participant_checks(run: Path) -> None:
+    led = EmbeddedLedger(run / "ledger", read_only=True)
+    f32, spec_path = checkpoint_paths(run, 1)
+    spec = ParamSpec.from_json(spec_path.read_text())
+    params = from_bytes(f32.read_bytes(), spec)
+    assert check_model(led, 2, params, spec)  # round 2 trains from round 1's model
+    bad = params.clone()
+    bad[0] += 1e-3
+    with pytest.raises(ModelMismatchError, match="round 2"):
+        check_model(led, 2, bad, spec)
+
+    class _Echo:
+        participant_id = "p000"
+
+        def fit(self, params: torch.Tensor, plan: object) -> object:
+            return "trained"
+
+        def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+            return {}
+
+    from trustfed.core.strategy import RoundPlan
+
+    wrapped = ChainCheckedTrainer(_Echo(), led, spec)  # type: ignore[arg-type]
+    assert wrapped.fit(params, RoundPlan(2, ("p000",), {})) == "trained"
+    with pytest.raises(ModelMismatchError):
+        wrapped.fit(bad, RoundPlan(2, ("p000",), {}))
+
+    commitment, proof = inclusion_proof(run / AUDIT, 2, "p001")
+    check_inclusion(led, 2, commitment, proof)
+    with pytest.raises(InclusionError):
+        check_inclusion(led, 1, commitment, proof)  # not in round 1's root
+    with pytest.raises(InclusionError):
+        check_inclusion(led, 2, bytes(32), proof)
+    with pytest.raises(InclusionError, match="no commitment"):
+        inclusion_proof(run / AUDIT, 2, "p999")
+
+
+def test_rerun_into_the_same_folder_archives_the_old_record(run: Path) -> None:
+    from trustfed.ledger.recorder import simulated_recorder
+    from trustfed.ledger.settings import LedgerSettings
+
+    spec = ParamSpec.from_json(checkpoint_paths(run, 0)[1].read_text())
+    old_head = read_lines(run)[-1]
+    rec = simulated_recorder(LedgerSettings(enabled=True), run, spec, ["p000"])
+    archived = list((run / "archive").iterdir())
+    assert len(archived) == 1 and (archived[0] / "audit.jsonl").read_text().splitlines()[-1] == old_head
+    assert not (run / "audit.jsonl").exists() and rec.ledger.next_round() == 0
+
+
+def test_cli_verify_lists_failures_and_exits_1(run: Path) -> None:
+    from trustfed.cli import app
+
+    lines = read_lines(run)
+    i = find(lines, "checkpoint", 1)
+    lines[i] = lines[i].replace('"size":', '"size":1')
+    write_lines(run, lines)
+    r = CliRunner().invoke(app, ["audit", "verify", str(run)])
+    assert r.exit_code == 1
+    assert f"audit.jsonl:{i + 1} round 1 [hash]" in r.output.replace("\n", " ")

@@ -1,0 +1,226 @@
+"""trustfed.distributed without launching processes: data, model split, settings, provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trustfed.core.codec import flatten, model_hash
+from trustfed.distributed.lm import LMShape, assistant_corpus, build_lm, decode, encode, lm_batch, lm_loss
+from trustfed.distributed.parallel import (
+    Layout,
+    keep_stage,
+    load_optim_state,
+    make_optimizer,
+    optim_spec,
+    optim_state,
+    stage_layers,
+)
+from trustfed.distributed.provenance import (
+    ProvenanceLog,
+    config_hash,
+    latest_checkpoint,
+    read_verified,
+    verify_run,
+    write_checkpoint,
+)
+from trustfed.distributed.settings import ParticipantTrainingSettings, load_train_config, validate_train_config
+from trustfed.errors import CheckpointError, ConfigError
+
+SHAPE = LMShape(d_model=16, n_heads=2, n_layers=3, d_ff=32, seq_len=8)
+
+
+def test_corpus_is_deterministic_and_encodable() -> None:
+    a, b = assistant_corpus(40, seed=7), assistant_corpus(40, seed=7)
+    assert a == b and a != assistant_corpus(40, seed=8)
+    assert a.count("User: ") == 40 and a.count("Assistant: ") == 40
+    assert decode(encode(a)) == a
+    with pytest.raises(Exception, match="not in the model's vocabulary"):
+        encode("naïve")
+
+
+def test_batches_are_a_function_of_the_step() -> None:
+    tokens = encode(assistant_corpus(30, seed=0))
+    x1, y1 = lm_batch(tokens, 4, 8, seed=1, step=5)
+    x2, y2 = lm_batch(tokens, 4, 8, seed=1, step=5)
+    x3, _ = lm_batch(tokens, 4, 8, seed=1, step=6)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the next tokens
+
+
+def test_pipeline_stages_partition_the_model() -> None:
+    assert [list(stage_layers(5, 2, s)) for s in range(2)] == [[0, 1, 2], [3, 4]]
+    full = dict(build_lm(SHAPE, 0).named_parameters())
+    names: list[str] = []
+    for s in range(3):
+        names += [n for n, _ in keep_stage(build_lm(SHAPE, 0), s, 3).named_parameters()]
+    assert sorted(names) == sorted(full) and len(names) == len(set(names))
+
+
+def test_stages_chained_equal_the_full_model() -> None:
+    x = encode(assistant_corpus(5, 0))[: 2 * 8].reshape(2, 8)
+    full = build_lm(SHAPE, 1)
+    h = x
+    for s in range(3):
+        h = keep_stage(build_lm(SHAPE, 1), s, 3)(h)
+    assert torch.allclose(h, full(x), atol=1e-6)
+
+
+def test_layouts() -> None:
+    assert Layout.of("ddp", 4, 3, 2).dp_rank == 3
+    lay = Layout.of("ddp+pp", 4, 3, 2)
+    assert (lay.dp, lay.pp, lay.dp_rank, lay.pp_rank) == (2, 2, 1, 1)
+    assert Layout.of("pp", 2, 1).pp_rank == 1
+    with pytest.raises(Exception, match="not a multiple"):
+        Layout.of("ddp+pp", 3, 0, 2)
+
+
+def test_train_config_reports_every_problem(tmp_path: Path) -> None:
+    f = tmp_path / "train.toml"
+    f.write_text('[parallel]\nstrategy = "tp"\n[model]\nn_heads = 3\nd_model = 48\nd_ff = 33\n[train]\nbogus = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_train_config(f)
+    assert "train.bogus" in str(err.value)
+    f.write_text('[parallel]\nstrategy = "tp"\n[model]\nn_heads = 3\nd_model = 48\nd_ff = 33\n')
+    with pytest.raises(ConfigError) as err:
+        load_train_config(f)
+    assert "model.n_heads" in str(err.value) and "model.d_ff" in str(err.value)
+    f.write_text('[run]\nout = "r"\n[parallel]\nstrategy = "pp"\nmicrobatches = 4\n[train]\nbatch_size = 8\n')
+    assert load_train_config(f).run.out == tmp_path / "r"
+
+
+def test_participant_training_settings() -> None:
+    assert not ParticipantTrainingSettings().applies_to("p000")
+    s = ParticipantTrainingSettings(trainer="ddp", workers=2, participants=["p000"])
+    assert s.applies_to("p000") and not s.applies_to("p001")
+    from trustfed.config import validate_federation_config
+
+    cfg = validate_federation_config({"participant_training": {"trainer": "ddp", "workers": 2}})
+    assert cfg.participant_training.applies_to("p003")
+    with pytest.raises(ConfigError, match=r"participant_training\.workers"):
+        validate_federation_config({"participant_training": {"trainer": "ddp", "workers": 0}})
+
+
+def test_ddp_participant_refuses_local_dp() -> None:
+    from trustfed.config import validate_federation_config
+    from trustfed.simulation.federation import build_data, build_trainer
+
+    raw = {
+        "federation": {"participants": 2},
+        "participant_training": {"trainer": "ddp"},
+        "privacy": {"mode": "local"},
+    }
+    try:
+        cfg = validate_federation_config(raw)
+    except ConfigError:
+        return  # the privacy settings may already refuse this combination
+    with pytest.raises(ConfigError, match=r"privacy\.mode"):
+        build_trainer(cfg, build_data(cfg), "p000")
+
+
+def test_optimizer_state_round_trip() -> None:
+    torch.manual_seed(0)
+    model = build_lm(SHAPE, 2)
+    opt = make_optimizer(model.parameters(), "adamw", 1e-2, 0.0, 0.0)
+    x = encode(assistant_corpus(5, 0))[:16].reshape(2, 8)
+    lm_loss(model(x), x).backward()
+    opt.step()
+    spec = optim_spec(model, "adamw")
+    vec, got_spec = flatten(optim_state(iter(model.named_parameters()), opt, "adamw"))
+    assert got_spec == spec
+    model2 = build_lm(SHAPE, 2)
+    opt2 = make_optimizer(model2.parameters(), "adamw", 1e-2, 0.0, 0.0)
+    from trustfed.core.codec import unflatten
+
+    load_optim_state(iter(model2.named_parameters()), opt2, "adamw", unflatten(vec, spec))
+    vec2, _ = flatten(optim_state(iter(model2.named_parameters()), opt2, "adamw"))
+    assert torch.equal(vec, vec2) and vec.abs().sum() > 0
+
+
+def test_provenance_chain_detects_tampering(tmp_path: Path) -> None:
+    log = ProvenanceLog(tmp_path / "provenance.jsonl")
+    log.append("run_start", world_size=2)
+    log.append("checkpoint", step=1, model_hash="a" * 64)
+    assert log.verify().ok and log.verify().entries == 2
+    lines = log.path.read_text().splitlines()
+    e = json.loads(lines[1])
+    e["step"] = 2
+    log.path.write_text(lines[0] + "\n" + json.dumps(e) + "\n")
+    v = log.verify()
+    assert not v.ok and "hash does not match" in v.reasons[0]
+
+
+def test_checkpoint_resume_verifies_hashes(tmp_path: Path) -> None:
+    model = build_lm(SHAPE, 3)
+    mvec, mspec = flatten(model.state_dict())
+    ospec = optim_spec(model, "sgd")
+    ovec = torch.arange(ospec.size, dtype=torch.float32)
+    cfg_h = config_hash({"x": 1})
+    log = ProvenanceLog(tmp_path / "provenance.jsonl")
+    for step in (5, 10):
+        ck = write_checkpoint(tmp_path, step, mvec + step, mspec, ovec, ospec)
+        log.append(
+            "checkpoint",
+            step=step,
+            path=str(ck.path.relative_to(tmp_path)),
+            model_hash=ck.model_hash,
+            optim_hash=ck.optim_hash,
+            config_hash=cfg_h,
+        )
+    assert latest_checkpoint(tmp_path, config_hash({"x": 2})) is None  # another config's checkpoints
+    latest = latest_checkpoint(tmp_path, cfg_h)
+    assert latest is not None and latest.step == 10
+    m, _ = read_verified(latest, mspec, ospec)
+    assert model_hash(m, mspec) == latest.model_hash and torch.equal(m, mvec + 10)
+    assert verify_run(tmp_path) == ([], 2)
+    # flip one float in the newest checkpoint: resuming from it is refused
+    raw = bytearray((latest.path / "model.f32").read_bytes())
+    raw[100] ^= 0x01
+    (latest.path / "model.f32").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="does not match the provenance log"):
+        read_verified(latest, mspec, ospec)
+    problems, checked = verify_run(tmp_path)
+    assert checked == 1 and len(problems) == 1
+    # a rewritten log is refused outright
+    log.path.write_text(log.path.read_text().replace('"step": 5', '"step": 6'))
+    with pytest.raises(CheckpointError, match="fails verification"):
+        latest_checkpoint(tmp_path, cfg_h)
+
+
+def test_torchrun_command_is_elastic() -> None:
+    from trustfed.distributed.launch import torchrun_argv
+
+    argv = torchrun_argv("m", ["--a"], nproc_per_node=2, nnodes="1:2", max_restarts=3)
+    joined = " ".join(argv)
+    assert "-m torch.distributed.run" in joined and "--nnodes 1:2" in joined and "--max-restarts 3" in joined
+    assert "--rdzv-backend c10d" in joined and "--rdzv-endpoint 127.0.0.1:" in joined
+    assert argv[-3:] == ["-m", "m", "--a"]
+
+
+def test_train_cli_requires_config() -> None:
+    validate_train_config({})  # defaults are valid
+    from typer.testing import CliRunner
+
+    from trustfed.distributed.cli import app
+
+    res = CliRunner().invoke(app, [])
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError)
+
+
+def test_provenance_is_mirrored_into_the_signed_audit_log(tmp_path: Path) -> None:
+    from trustfed.distributed.provenance import SignedAuditSink
+    from trustfed.ledger.audit import EcdsaSigner, parse_entry, verify_signature
+
+    signer = EcdsaSigner.generate("trainer")
+    signer.save(tmp_path / "trainer.pem")
+    sink = SignedAuditSink(tmp_path / "audit.jsonl", tmp_path / "trainer.pem")
+    log = ProvenanceLog(tmp_path / "provenance.jsonl", (sink,))
+    log.append("run_start", world_size=2, config={"a": 1})
+    log.append("checkpoint", step=5, model_hash="b" * 64)
+    entries = [parse_entry(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [e.kind for e in entries] == ["train.run_start", "train.checkpoint"]
+    assert entries[1].body["model_hash"] == "b" * 64 and entries[1].prev == entries[0].hash
+    assert all(verify_signature(signer.public_key_pem(), e.digest, e.sig) for e in entries)
