@@ -125,3 +125,30 @@ def test_aggregator_registry() -> None:
     assert isinstance(get_aggregator("mean"), WeightedMean)
     with pytest.raises(AggregationError, match="unknown aggregator 'nope'"):
         get_aggregator("nope")
+
+
+@pytest.mark.parametrize("strategy_cls", [FedAvg, FedAdam])
+def test_strategy_state_carries_the_aggregator_state(strategy_cls: type[FedAvg]) -> None:
+    """A checkpointed strategy resumes with its aggregator's memory (centered clipping + momentum)."""
+    g = torch.Generator().manual_seed(7)
+    params = torch.zeros(6)
+    rounds = [[Update(f"p{i}", torch.randn(6, generator=g), 10) for i in range(4)] for _ in range(3)]
+
+    def make() -> FedAvg:
+        return strategy_cls(aggregator="centered_clipping", aggregator_params={"momentum": 0.9})
+
+    straight = make()
+    p = params
+    for ups in rounds:
+        p = straight.aggregate(PLAN, p, ups).params
+    first = make()
+    q = first.aggregate(PLAN, params, rounds[0]).params
+    state = first.state_dict()
+    assert {"aggregator.center", "aggregator.momentum_buffer"} <= set(state)
+    resumed = make()
+    resumed.load_state_dict(state)
+    for ups in rounds[1:]:
+        q = resumed.aggregate(PLAN, q, ups).params
+    assert torch.equal(p, q)
+    with pytest.raises(AggregationError, match="unknown"):
+        make().load_state_dict({"bogus": torch.zeros(1)})

@@ -152,6 +152,24 @@ class FedAvg(Strategy):
     def evaluate(self, rnd: int, params: torch.Tensor) -> dict[str, float] | None:
         return self.evaluate_fn(rnd, params) if self.evaluate_fn else None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The aggregator's state (centered clipping's centre, server momentum, ...) under ``aggregator.``."""
+        get = getattr(self.aggregator, "state_dict", None)
+        inner: Mapping[str, torch.Tensor] = get() if callable(get) else {}
+        return {f"aggregator.{k}": v for k, v in inner.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        prefix = "aggregator."
+        unknown = sorted(k for k in state if not k.startswith(prefix))
+        if unknown:
+            raise AggregationError(f"strategy {self.name} got unknown state keys {unknown}")
+        inner = {k[len(prefix) :]: v for k, v in state.items()}
+        load = getattr(self.aggregator, "load_state_dict", None)
+        if callable(load):
+            load(inner)
+        elif inner:
+            raise AggregationError(f"aggregator {self.aggregator.describe()} keeps no state but got {sorted(inner)}")
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -232,16 +250,25 @@ class FedOpt(FedAvg):
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.m is None or self.v is None:
-            return {}
-        return {"m": self.m, "v": self.v, "t": torch.tensor(self.t)}
+        out = super().state_dict()
+        if self.m is not None and self.v is not None:
+            out.update({"m": self.m, "v": self.v, "t": torch.tensor(self.t)})
+        return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if not state:
+        own = {k: v for k, v in state.items() if not k.startswith("aggregator.")}
+        unknown = sorted(set(own) - {"m", "v", "t"})
+        if unknown:
+            raise AggregationError(f"strategy {self.name} got unknown state keys {unknown}")
+        super().load_state_dict({k: v for k, v in state.items() if k.startswith("aggregator.")})
+        if not own:
             self.m = self.v = None
             self.t = 0
             return
-        self.m, self.v, self.t = state["m"].to(torch.float64), state["v"].to(torch.float64), int(state["t"])
+        missing = sorted({"m", "v", "t"} - set(own))
+        if missing:
+            raise AggregationError(f"strategy {self.name} state lacks {missing}")
+        self.m, self.v, self.t = own["m"].to(torch.float64), own["v"].to(torch.float64), int(own["t"])
 
 
 class FedAdagrad(FedOpt):
