@@ -30,7 +30,7 @@ from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 from trustfed.simulation.federation import build_data, model_factory
 
-DEFAULT = "centered_clipping"  # the default robust configuration (see notes/robust.md)
+DEFAULT = "centered_clipping"  # the default robust configuration (see docs/robust.md)
 F = 4  # malicious participants assumed by Krum-family rules (20% of 20)
 
 AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {

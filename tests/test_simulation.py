@@ -44,18 +44,72 @@ def test_runs_are_reproducible() -> None:
     assert run_simulation(cfg).metrics["model_hash"] == run_simulation(cfg).metrics["model_hash"]
 
 
-def test_demo_reaches_090_and_writes_its_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["trustfed", "demo", "--out", str(tmp_path / "run")])
-    try:
-        main()
-    except SystemExit as exc:
-        assert exc.code in (0, None)
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``trustfed demo`` as a user runs it: coordinator + 5 participant processes, SIMULATED enclave, ledger."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["trustfed", "demo", "--out", str(out)])
+        try:
+            main()
+        except SystemExit as exc:
+            assert exc.code in (0, None)
+    return out
+
+
+def test_demo_reaches_090_and_writes_its_contract(demo_run: Path) -> None:
+    m = json.loads((demo_run / "metrics.json").read_text())
     assert m["final_accuracy"] >= 0.90
     assert len(m["rounds"]) == 10
     assert set(m["rounds"][0]) >= {"round", "accuracy", "loss", "seconds"}
     assert m["config"]["federation"]["participants"] == 5 and "torch" in m["versions"]
-    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+    assert (demo_run / "metrics.png").stat().st_size > 1000
+
+
+def test_demo_run_passes_the_independent_audit(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from trustfed.ledger.verify import verify_run
+
+    verdict = verify_run(demo_run)
+    assert verdict.ok, [str(f) for f in verdict.failures]
+    assert verdict.checked["receipts"] == 10 and verdict.checked["attestations"] == 1
+    assert verdict.checked["chain_rounds"] == 11 and verdict.checked["commitments"] == 50
+    assert any("SIMULATED" in n for n in verdict.notes)  # the simulated enclave is never hidden
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["trustfed", "audit", "verify", str(demo_run)])
+        with pytest.raises(SystemExit) as exc:
+            main()
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "VERIFIED" in out and "SIMULATED" in out
+
+
+def test_altered_enclave_receipt_fails_the_audit(demo_run: Path, tmp_path: Path) -> None:
+    """A forger holding the coordinator's key rewrites round 3's receipt (output model), re-signs the
+    entry and re-chains the log: the enclave's signature on the receipt still gives it away."""
+    import shutil
+
+    from ledger_helpers import find, has, read_lines, rechain, write_lines
+    from trustfed.ledger.audit import EcdsaSigner, make_entry, parse_entry
+    from trustfed.ledger.verify import verify_run
+    from trustfed.pki.ca import load_private_key
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    lines = read_lines(run)
+    i = find(lines, "enclave_receipt", 3)
+    e = parse_entry(lines[i])
+    body = json.loads(json.dumps(e.body))
+    body["receipt"]["body"]["output_model_hash"] = "ab" * 32
+    signer = EcdsaSigner("coordinator", load_private_key(run / "pki" / "coordinator.key"))
+    _, line = make_entry(e.seq, e.prev, e.kind, e.round, body, signer)
+    lines[i] = line.rstrip("\n")
+    write_lines(run, rechain(lines, i))
+    verdict = verify_run(run)
+    assert not verdict.ok
+    assert has(verdict.failures, file="audit.jsonl", line=i + 1, rnd=3, field="body.receipt")
+    reasons = " ".join(f.message for f in verdict.failures if f.field == "body.receipt")
+    assert "receipt signature does not verify" in reasons and "output model hash" in reasons
+    assert not has(verdict.failures, file="audit.jsonl", field="sig")  # the forger's signature is valid
 
 
 def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger("trustfed.robust")
 # which removes the common offset that would otherwise cancel); below it, in float64.
 _F64_GRAM_LIMIT = 2_000_000
 _CHUNK = 16_384
+_GRAM_BLOCK = 32_768  # columns per Gram block: 100 updates x 32k floats = 12.5 MiB
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -59,15 +60,19 @@ _CHUNK = 16_384
 def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances ``[n, n]`` (float64) from one Gram matrix ``X @ X.T``.
 
-    The rows are centred first so the expansion ``|a|^2 + |b|^2 - 2ab`` does not cancel the
-    (usually large) common part of model vectors.
+    The columns are centred first so the expansion ``|a|^2 + |b|^2 - 2ab`` does not cancel the
+    (usually large) common part of model vectors. Centring is per column, so it is done block by
+    block of columns, each block centred while it is in cache and its Gram added in float64: one
+    pass over ``x`` and no ``[n, d]`` temporary.
     """
-    if x.numel() <= _F64_GRAM_LIMIT:
-        xc = x.to(torch.float64)
-        xc = xc - xc.mean(dim=0)
-    else:
-        xc = x - x.mean(dim=0)
-    g = (xc @ xc.T).to(torch.float64)
+    n, d = x.shape
+    wide = x.numel() <= _F64_GRAM_LIMIT
+    g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for j in range(0, d, _GRAM_BLOCK):
+        b = x[:, j : j + _GRAM_BLOCK]
+        b = b.to(torch.float64) if wide else b
+        b = b - b.mean(dim=0)
+        g += (b @ b.T).to(torch.float64)
     sq = g.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min_(0.0)
     d2 = (d2 + d2.T) * 0.5  # exactly symmetric, so tied Krum scores tie exactly (lowest index wins)

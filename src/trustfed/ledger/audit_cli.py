@@ -38,6 +38,8 @@ def verify(
         raise AuditFailed(f"{run_dir} is not a folder; pass the run folder (for example runs/demo)")
     verdict = verify_run(run_dir, rpc)
     checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in verdict.checked.items())
+    for note in verdict.notes:
+        console.print(f"[bold yellow]{escape(note)}[/bold yellow]", highlight=False)
     if verdict.ok:
         console.print(f"[bold green]VERIFIED[/bold green] {run_dir}: {checked}")
         return

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustfed.coordinator.recorders import ATTESTATION_KIND, RECEIPT_KIND
 from trustfed.errors import CheckpointError, TrustFedError
 from trustfed.ledger.audit import (
     GENESIS_PREV,
     AuditEntry,
     AuditError,
+    certificate_fingerprint,
     chain_hash,
     key_fingerprint,
     parse_entry,
@@ -53,6 +55,7 @@ class Verdict:
     ok: bool
     failures: list[Failure]
     checked: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # facts an auditor must see (a SIMULATED enclave)
 
 
 @dataclass
@@ -70,6 +73,8 @@ class _Verifier:
         self.keys: dict[str, bytes] = {}
         self.identities: dict[str, tuple[str, str]] = {}  # id -> (fingerprint, role)
         self.entries: list[_Located] = []
+        self.notes: list[str] = []
+        self.enclave: dict[str, Any] | None = None  # the attested enclave (public key, measurement, backend)
 
     def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
         self.failures.append(Failure(file, line, rnd, fld, msg))
@@ -149,8 +154,25 @@ class _Verifier:
         except TrustFedError as exc:
             self.fail(AUDIT_FILE, lineno, e.round, "body.public_key_pem", str(exc))
             return
+        cert = b.get("certificate_pem")
+        if cert is not None:  # a PKI identity: registered by its certificate's fingerprint
+            try:
+                cert_fp, cert_key = certificate_fingerprint(str(cert).encode())
+            except TrustFedError as exc:
+                self.fail(AUDIT_FILE, lineno, e.round, "body.certificate_pem", str(exc))
+                return
+            if key_fingerprint(cert_key) != real:
+                self.fail(
+                    AUDIT_FILE,
+                    lineno,
+                    e.round,
+                    "body.certificate_pem",
+                    f"the certificate of {pid!r} does not hold its declared public key",
+                )
+            real = cert_fp
         if real != fp:
-            self.fail(AUDIT_FILE, lineno, e.round, "body.fingerprint", f"fingerprint of {pid!r} is not its key's")
+            what = "certificate" if cert is not None else "key"
+            self.fail(AUDIT_FILE, lineno, e.round, "body.fingerprint", f"fingerprint of {pid!r} is not its {what}'s")
         if pid in self.identities:
             self.fail(AUDIT_FILE, lineno, e.round, "body.id", f"{pid!r} is declared twice")
         self.keys[pid] = pem
@@ -194,6 +216,12 @@ class _Verifier:
                             f"recorded {str(e.body.get('merkle_root'))[:16]}…, the commitments give {root[:16]}…",
                         )
                     f["merkle_root"], f["aggregation"] = root, loc
+                elif e.kind == ATTESTATION_KIND:
+                    self._attestation(loc)
+                elif e.kind == RECEIPT_KIND:
+                    if "receipt" in f:
+                        self.fail(AUDIT_FILE, ln, rnd, "kind", "a second enclave receipt for this round")
+                    f["receipt"] = loc
                 elif e.kind == "checkpoint":
                     f["model_hash"] = self._checkpoint(loc)
                     agg = f.get("aggregation")
@@ -208,8 +236,104 @@ class _Verifier:
                     "round",
                     "round is incomplete: needs round_plan, aggregation and checkpoint entries",
                 )
+            if rnd > 0:
+                self._receipt(rnd, f)
             facts[rnd] = f
         return facts
+
+    # ------------------------------------------------------------ enclave attestation and receipts
+    def _attestation(self, loc: _Located) -> None:
+        """Re-verify the enclave evidence the coordinator recorded, as of when it verified it."""
+        import base64
+        import binascii
+
+        from trustfed.enclave.attestation import verify_evidence
+        from trustfed.enclave.policy import AttestationPolicy
+
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        if self.enclave is not None:
+            self.fail(AUDIT_FILE, ln, e.round, "kind", "a second enclave attestation in one run")
+            return
+        backend, measurement = str(b.get("backend", "")), str(b.get("measurement", ""))
+        simulated = backend == "simulated"
+        if bool(b.get("simulated")) != simulated or b.get("label") != ("SIMULATED" if simulated else "ATTESTED"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.label", "simulated flag / label does not match the backend")
+        try:
+            evidence = base64.b64decode(str(b.get("evidence", "")), validate=True)
+            nonce = bytes.fromhex(str(b.get("nonce", "")))
+            at = float(b.get("verified_at", 0.0))
+            policy = AttestationPolicy(
+                allowed_backends=[backend],  # type: ignore[list-item]
+                allow_simulated_tee=simulated,
+                expected_measurements=[measurement],
+            )
+        except (binascii.Error, ValueError, TypeError) as exc:
+            self.fail(AUDIT_FILE, ln, e.round, "body", f"malformed attestation record: {exc}")
+            return
+        verdict = verify_evidence(evidence, policy, nonce, at)
+        for reason in verdict.reasons:
+            self.fail(AUDIT_FILE, ln, e.round, "body.evidence", f"enclave evidence does not verify: {reason}")
+        if verdict.ok and verdict.claims.get("public_key") != b.get("public_key"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.public_key", "the evidence binds another enclave key")
+        self.checked["attestations"] += 1
+        self.enclave = {"public_key": str(b.get("public_key", "")), "measurement": measurement, "simulated": simulated}
+        if simulated:
+            self.notes.append(
+                f"enclave: SIMULATED backend (software only, no hardware root of trust), measurement {measurement[:16]}…"
+            )
+        else:
+            self.notes.append(f"enclave: {backend} attested, measurement {measurement[:16]}…")
+
+    def _receipt(self, rnd: int, f: dict[str, Any]) -> None:
+        """The round's enclave receipt: signed by the attested key, binding this round's commitments
+        and output model; its hash is the one the aggregation entry and the chain record."""
+        from trustfed.enclave.canonical import canonical_json as receipt_json
+        from trustfed.enclave.errors import EnclaveError
+        from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
+
+        loc: _Located | None = f.get("receipt")
+        agg: _Located | None = f.get("aggregation")
+        recorded = str(agg.entry.body.get("receipt_hash", "")) if agg is not None else ""
+        if loc is None:
+            f["receipt_hash"] = ZERO32
+            if self.enclave is not None and agg is not None:
+                self.fail(AUDIT_FILE, agg.line, rnd, "receipt", "enclave run, but this round has no enclave receipt")
+            elif recorded:
+                self.fail(AUDIT_FILE, agg.line if agg else None, rnd, "body.receipt_hash", "no receipt in the log")
+            return
+        e, ln = loc.entry, loc.line
+        if self.enclave is None:
+            self.fail(AUDIT_FILE, ln, rnd, "kind", "enclave receipt without an attested enclave in the log")
+            return
+        try:
+            receipt = Receipt.from_json(receipt_json(e.body.get("receipt")))
+        except (EnclaveError, ValueError, TypeError) as exc:
+            self.fail(AUDIT_FILE, ln, rnd, "body.receipt", f"unreadable receipt: {exc}")
+            return
+        commitments = {
+            str(c.entry.author): bytes.fromhex(str(c.entry.body.get("commitment", "")))
+            for c in f.get("commitment_entries", [])
+        }
+        verdict = verify_receipt(
+            receipt,
+            enclave_public_key=bytes.fromhex(self.enclave["public_key"]),
+            expected_measurements=[self.enclave["measurement"]],
+            commitments=commitments,
+            output_model_hash=str(f.get("model_hash", "")),
+            rnd=rnd,
+            allow_simulated=bool(self.enclave["simulated"]),
+        )
+        for reason in verdict.reasons:
+            self.fail(AUDIT_FILE, ln, rnd, "body.receipt", reason)
+        h = receipt_hash(receipt)
+        if recorded != h:
+            self.fail(
+                AUDIT_FILE, agg.line if agg else ln, rnd, "body.receipt_hash", "differs from the logged receipt's hash"
+            )
+        if e.body.get("label") != receipt.body.get("label"):
+            self.fail(AUDIT_FILE, ln, rnd, "body.label", "differs from the receipt's own label")
+        f["receipt_hash"] = h
+        self.checked["receipts"] += 1
 
     def _commitment(self, loc: _Located, plan: _Located | None, f: dict[str, Any]) -> None:
         e, ln, b = loc.entry, loc.line, loc.entry.body
@@ -226,6 +350,7 @@ class _Verifier:
             self.fail(AUDIT_FILE, ln, e.round, "body.commitment", "is not H(round, id, H(update))")
         self.checked["commitments"] += 1
         f["leaves"].append(bytes.fromhex(real))
+        f.setdefault("commitment_entries", []).append(loc)
 
     def _checkpoint(self, loc: _Located) -> str:
         e, ln, b = loc.entry, loc.line, loc.entry.body
@@ -312,6 +437,7 @@ class _Verifier:
                 "model_hash": f.get("model_hash", ""),
                 "merkle_root": f.get("merkle_root", ZERO32) if rnd > 0 else ZERO32,
                 "num_updates": len(f["leaves"]),
+                "receipt_hash": f.get("receipt_hash", ZERO32) if rnd > 0 else ZERO32,
             }
             for name, value in want.items():
                 if getattr(rec, name) != value:
@@ -359,4 +485,4 @@ def verify_run(run_dir: Path, rpc_url: str | None = None) -> Verdict:
     v.check_log()
     facts = v.check_rounds()
     v.check_chain(facts)
-    return Verdict(not v.failures, v.failures, dict(v.checked))
+    return Verdict(not v.failures, v.failures, dict(v.checked), list(v.notes))
