@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.distributed_helpers import MemoryRoundLog, edit_provenance, rechain_provenance
 
 from trustfed.core.codec import flatten, model_hash
 from trustfed.distributed.lm import LMShape, assistant_corpus, build_lm, decode, encode, lm_batch, lm_loss
@@ -224,3 +225,153 @@ def test_provenance_is_mirrored_into_the_signed_audit_log(tmp_path: Path) -> Non
     assert [e.kind for e in entries] == ["train.run_start", "train.checkpoint"]
     assert entries[1].body["model_hash"] == "b" * 64 and entries[1].prev == entries[0].hash
     assert all(verify_signature(signer.public_key_pem(), e.digest, e.sig) for e in entries)
+
+
+def test_train_config_ledger_settings(tmp_path: Path) -> None:
+    f = tmp_path / "train.toml"
+    f.write_text('[run]\nledger = "jsonrpc"\n')
+    with pytest.raises(ConfigError, match="needs rpc_url"):
+        load_train_config(f)
+    f.write_text('[run]\nrpc_url = "http://127.0.0.1:8545"\n')
+    with pytest.raises(ConfigError, match="are for ledger = 'jsonrpc'"):
+        load_train_config(f)
+    f.write_text('[run]\nledger = "jsonrpc"\nrpc_url = "127.0.0.1:8545"\n')
+    with pytest.raises(ConfigError, match="must start with http"):
+        load_train_config(f)
+    f.write_text('[run]\nledger = "bitcoin"\n')
+    with pytest.raises(ConfigError, match=r"run\.ledger"):
+        load_train_config(f)
+    f.write_text('[run]\nledger = "jsonrpc"\nrpc_url = "http://127.0.0.1:8545"\nledger_key_file = "k.hex"\n')
+    assert load_train_config(f).run.ledger_key_file == tmp_path / "k.hex"
+    f.write_text('[run]\nledger = "embedded"\n')
+    assert load_train_config(f).run.ledger == "embedded"
+    assert validate_train_config({}).run.ledger == "none"
+
+
+def test_checkpoints_are_anchored_and_checked_against_the_chain(tmp_path: Path) -> None:
+    from trustfed.distributed.anchor import (
+        Anchor,
+        LedgerAnchorSink,
+        anchor_for,
+        check_anchors,
+        read_anchors,
+        resume_point,
+    )
+    from trustfed.distributed.provenance import checkpoint_hashes
+
+    chain = MemoryRoundLog()
+    model = build_lm(SHAPE, 3)
+    mvec, mspec = flatten(model.state_dict())
+    ospec = optim_spec(model, "sgd")
+    cfg_h = config_hash({"x": 1})
+    log = ProvenanceLog(tmp_path / "provenance.jsonl", (LedgerAnchorSink(chain),))
+    log.append("run_start", config_hash=cfg_h)
+    for step in (5, 10):
+        ck = write_checkpoint(tmp_path, step, mvec + step, mspec, torch.full((ospec.size,), float(step)), ospec)
+        log.append(
+            "checkpoint",
+            step=step,
+            path=str(ck.path.relative_to(tmp_path)),
+            model_hash=ck.model_hash,
+            optim_hash=ck.optim_hash,
+            config_hash=cfg_h,
+        )
+    log.append("run_end", step=10)
+    # the mapping onto RoundLog: consecutive rounds, step in numUpdates, optimizer hash in receiptHash
+    entries = list(log.numbered())
+    anchors = read_anchors(chain)
+    ck10 = entries[2][1]
+    assert anchors[1] == anchor_for(1, ck10) == Anchor(1, 10, ck10["model_hash"], ck10["optim_hash"], ck10["hash"])
+    rc = anchors[1].to_commitment()
+    assert (rc.round, rc.num_updates, rc.receipt_hash, rc.log_head, rc.merkle_root) == (
+        1,
+        10,
+        ck10["optim_hash"],
+        ck10["hash"],
+        "00" * 32,
+    )
+    files = {line: checkpoint_hashes(tmp_path / e["path"]) for line, e in entries if e["kind"] == "checkpoint"}
+    assert check_anchors(entries, anchors, files) == []
+    found = resume_point(tmp_path, cfg_h, anchors)
+    assert found is not None and found[0].checkpoint.step == 10 and found[1].index == 1
+
+    # a forger swaps in other weights for step 10 and makes log and files agree: only the chain knows
+    forged = mvec + 99
+    ck = write_checkpoint(tmp_path, 10, forged, mspec, torch.full((ospec.size,), 10.0), ospec)
+    edit_provenance(log.path, 3, model_hash=ck.model_hash)
+    rechain_provenance(log.path, 3)
+    assert log.verify().ok and verify_run(tmp_path) == ([], 2)  # self-consistent without the chain
+    entries = list(log.numbered())
+    files = {line: checkpoint_hashes(tmp_path / e["path"]) for line, e in entries if e["kind"] == "checkpoint"}
+    problems = check_anchors(entries, anchors, files)
+    by_field = {(p.file, p.line, p.step, p.field) for p in problems}
+    assert ("provenance.jsonl", 3, 10, "model_hash") in by_field, problems
+    assert ("provenance.jsonl", 3, 10, "hash") in by_field
+    assert ("checkpoints/ckpt-00000010/model.f32", None, 10, "model_hash") in by_field
+    assert "on-chain round 1 anchored" in str(problems[0])
+    with pytest.raises(CheckpointError, match="no longer contains"):
+        resume_point(tmp_path, cfg_h, anchors)
+
+    # a checkpoint entry the chain never saw: verify flags it, resume skips it for the anchored one
+    sub = tmp_path / "b"
+    chain2 = MemoryRoundLog()
+    log2 = ProvenanceLog(sub / "provenance.jsonl", (LedgerAnchorSink(chain2),))
+    for step, sink in ((5, True), (10, False)):
+        ck = write_checkpoint(sub, step, mvec + step, mspec, torch.zeros(ospec.size), ospec)
+        log2.sinks = log2.sinks if sink else ()
+        log2.append(
+            "checkpoint",
+            step=step,
+            path=str(ck.path.relative_to(sub)),
+            model_hash=ck.model_hash,
+            optim_hash=ck.optim_hash,
+            config_hash=cfg_h,
+        )
+    anchors2 = read_anchors(chain2)
+    problems = check_anchors(list(log2.numbered()), anchors2, {})
+    assert [(p.line, p.step, p.field) for p in problems] == [(2, 10, "anchor")]
+    found = resume_point(sub, cfg_h, anchors2)
+    assert found is not None and found[0].checkpoint.step == 5
+    # an anchor whose hashes disagree with the entry it points at is refused outright
+    bad = [Anchor(0, 5, "ab" * 32, anchors2[0].optim_hash, anchors2[0].log_head)]
+    with pytest.raises(CheckpointError, match="disagrees with on-chain round 0"):
+        resume_point(sub, cfg_h, bad)
+
+
+def test_anchors_on_a_jsonrpc_node_are_verified(tmp_path: Path) -> None:
+    """The ``jsonrpc`` ledger end to end without torchrun: anchors committed to anvil through the
+    sink, then ``verify_run`` reads them back (read-only, URL from the deployment) and catches a
+    rewritten log."""
+    from trustfed.ledger.anvil import Anvil, find_anvil
+
+    anvil = find_anvil(Path(__file__).parent)
+    if anvil is None:
+        pytest.skip("anvil not installed: run `npm ci` in the repository root")
+    from trustfed.distributed.anchor import LedgerAnchorSink, describe, open_run_ledger
+    from trustfed.distributed.provenance import verify_run_report
+
+    model = build_lm(SHAPE, 3)
+    mvec, mspec = flatten(model.state_dict())
+    ospec = optim_spec(model, "sgd")
+    with Anvil(anvil) as node:
+        ledger = open_run_ledger(tmp_path, "jsonrpc", node.url)
+        log = ProvenanceLog(tmp_path / "provenance.jsonl", (LedgerAnchorSink(ledger),))
+        run = {"ledger": "jsonrpc", "rpc_url": node.url}
+        log.append("run_start", config={"run": run}, ledger=describe(ledger))
+        for step in (4, 8):
+            ck = write_checkpoint(tmp_path, step, mvec * step, mspec, torch.zeros(ospec.size), ospec)
+            log.append(
+                "checkpoint",
+                step=step,
+                path=str(ck.path.relative_to(tmp_path)),
+                model_hash=ck.model_hash,
+                optim_hash=ck.optim_hash,
+            )
+        ledger.close()
+        v = verify_run_report(tmp_path)
+        assert v.problems == [] and (v.checkpoints, v.anchors) == (2, 2), v
+        assert v.chain.startswith("jsonrpc chain ")
+        edit_provenance(log.path, 3, step=9)
+        rechain_provenance(log.path, 3)
+        problems = verify_run_report(tmp_path).problems
+        assert any(p.startswith("provenance.jsonl:3 step 8 [step]") for p in problems), problems

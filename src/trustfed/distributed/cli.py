@@ -54,16 +54,28 @@ def train(
 
 
 @app.command("verify")
-def verify(run_dir: Annotated[Path, typer.Argument(help="run folder of `trustfed train`")]) -> None:
-    """Check the run's provenance chain and every checkpoint's hashes (exit 1 on any mismatch)."""
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="run folder of `trustfed train`")],
+    rpc_url: Annotated[
+        str | None, typer.Option(help="JSON-RPC node to read the anchors from (ledger = 'jsonrpc'; default: the run's)")
+    ] = None,
+) -> None:
+    """Check the run's provenance chain and every checkpoint's hashes, and, when the run anchors on a
+    ledger, every on-chain record against the log and the files (exit 1 on any mismatch)."""
     from rich.console import Console
+    from rich.markup import escape
 
-    from trustfed.distributed.provenance import verify_run
+    from trustfed.distributed.provenance import verify_run_report
 
-    problems, n = verify_run(run_dir)
+    v = verify_run_report(run_dir, rpc_url)
     console = Console()
-    if problems:
-        for pr in problems:
-            console.print(f"[red]FAIL[/red] {pr}")
+    if v.problems:
+        for pr in v.problems:
+            console.print(f"[red]FAIL[/red] {escape(pr)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print(f"[green]OK[/green] {run_dir}: provenance chain intact, {n} checkpoint(s) match their hashes")
+    anchored = f"; {v.anchors} on-chain record(s) match ({v.chain})" if v.chain else ""
+    console.print(
+        f"[green]OK[/green] {escape(str(run_dir))}: provenance chain intact, {v.checkpoints} checkpoint(s) match "
+        f"their hashes{escape(anchored)}",
+        soft_wrap=True,
+    )

@@ -6,7 +6,12 @@
 - ``pp``: pipeline parallel with ``torch.distributed.pipelining``: each rank keeps one stage
   (a TinyLM holding only its layers under their original names) in a ``PipelineStage``, run
   by ``ScheduleGPipe`` or ``Schedule1F1B`` over micro-batches.
-- ``ddp+pp``: a 2-D mesh (dp, pp): each stage is wrapped in DDP over its dp group.
+- ``ddp+pp``: a 2-D mesh (dp, pp): each dp replica runs the pipeline on its shard of the batch,
+  then every stage averages its gradients over its dp group with one all-reduce
+  (:func:`average_gradients`). The stage is not wrapped in DDP: the pipeline's shape inference
+  runs the stage's forward once outside ``no_sync``, which arms DDP's gradient hooks, so DDP
+  all-reduced the first micro-batch early, counted every parameter twice when rebuilding its
+  buckets and failed an internal assert on the second step (torch 2.13).
 
 Full states are assembled with one all-reduce: every tensor is owned by exactly one rank,
 which writes it into a zero vector; the sum is the whole model on every rank (exact, since
@@ -15,7 +20,7 @@ x + 0 = x), and a coverage count checks that each tensor had exactly one owner.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +92,37 @@ def keep_stage(model: TinyLM, stage: int, stages: int) -> TinyLM:
         model.norm = None
         model.head = None
     return model
+
+
+def dp_pp_groups(device_type: str, dp: int, pp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The (dp, pp) process groups of this rank on a 2-D mesh: rank = dp_rank * pp + pp_rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (dp, pp), mesh_dim_names=("dp", "pp"))
+    return mesh["dp"].get_group(), mesh["pp"].get_group()
+
+
+def average_gradients(params: Iterable[nn.Parameter], group: dist.ProcessGroup, size: int) -> None:
+    """Average the gradients of ``params`` over ``group`` (``size`` ranks) with one all-reduce.
+
+    Collective over ``group``: its ranks hold the same stage, so the parameters line up. A missing
+    gradient counts as zero (and every rank still takes part)."""
+    ps = list(params)
+    if not ps:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
+    flat = torch.cat([g.detach().reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    off = 0
+    for p, g in zip(ps, grads, strict=True):
+        n = g.numel()
+        avg = flat[off : off + n].view_as(g)
+        if p.grad is None:
+            p.grad = avg.clone()
+        else:
+            p.grad.copy_(avg)
+        off += n
 
 
 def tp_plan(model: TinyLM) -> dict[str, Any]:

@@ -8,8 +8,10 @@ file whose entries are hash-chained (each holds the SHA-256 of the previous entr
 Resuming trusts the log, not the checkpoint folder: a checkpoint is loaded only if the log
 chain verifies and the bytes on disk hash to what the log recorded. Nothing is unpickled.
 
-:class:`ProvenanceSink` is the small interface the signed audit log (``trustfed.ledger``) can
-implement to receive the same entries.
+:class:`ProvenanceSink` is the small interface that receives the same entries: the signed audit
+log (:class:`SignedAuditSink`) and the on-chain anchor of every checkpoint
+(:class:`trustfed.distributed.anchor.LedgerAnchorSink`, with ``[run] ledger``). When a run anchors
+on a ledger, :func:`verify_run` also checks every on-chain record against this log and the files.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
-from trustfed.errors import CheckpointError
+from trustfed.errors import CheckpointError, CodecError
 
 log = logging.getLogger("trustfed.distributed.provenance")
 
@@ -49,7 +51,8 @@ def config_hash(config_json: Mapping[str, Any]) -> str:
     return hashlib.sha256(b"trustfed-config-v1\0" + canonical(config_json)).hexdigest()
 
 
-def _entry_hash(body: Mapping[str, Any]) -> str:
+def entry_hash(body: Mapping[str, Any]) -> str:
+    """The chain hash of a provenance entry's body (every field but ``hash``)."""
     return hashlib.sha256(b"trustfed-provenance-v1\0" + canonical(body)).hexdigest()
 
 
@@ -75,6 +78,22 @@ class ProvenanceLog:
                 if line.strip():
                     yield json.loads(line)
 
+    def numbered(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(1-based line number, entry) for every line that is a JSON object; :meth:`verify`
+        reports the others."""
+        if not self.path.exists():
+            return
+        with self.path.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    yield lineno, obj
+
     def verify(self) -> ChainVerdict:
         prev, n, reasons = GENESIS, 0, []
         try:
@@ -82,7 +101,7 @@ class ProvenanceLog:
                 body = {k: v for k, v in e.items() if k != "hash"}
                 if e.get("prev") != prev:
                     reasons.append(f"entry {n}: prev does not match the previous entry's hash")
-                if _entry_hash(body) != e.get("hash"):
+                if entry_hash(body) != e.get("hash"):
                     reasons.append(f"entry {n}: hash does not match its content")
                 prev = str(e.get("hash"))
         except (json.JSONDecodeError, AttributeError) as exc:
@@ -97,7 +116,7 @@ class ProvenanceLog:
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": kind, "time": time.time(), **fields, "prev": self.head()}
-        entry = {**body, "hash": _entry_hash(body)}
+        entry = {**body, "hash": entry_hash(body)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -172,51 +191,128 @@ def read_verified(ckpt: Checkpoint, model_spec: ParamSpec, optim_spec: ParamSpec
     return out[0], out[1]
 
 
-def latest_checkpoint(run_dir: Path, cfg_hash: str) -> Checkpoint | None:
-    """The newest checkpoint the provenance log records for this config, after verifying the chain."""
-    plog = ProvenanceLog(run_dir / "provenance.jsonl")
+LOG_FILE = "provenance.jsonl"
+
+
+@dataclass(frozen=True)
+class LoggedCheckpoint:
+    """A checkpoint as the provenance log records it: where (line) and the whole entry."""
+
+    line: int
+    entry: dict[str, Any]
+    checkpoint: Checkpoint
+
+
+def _logged(run_dir: Path, line: int, e: Mapping[str, Any]) -> LoggedCheckpoint:
+    ck = Checkpoint(int(e["step"]), run_dir / str(e["path"]), str(e["model_hash"]), str(e["optim_hash"]))
+    return LoggedCheckpoint(line, dict(e), ck)
+
+
+def checkpoint_candidates(run_dir: Path, cfg_hash: str) -> list[LoggedCheckpoint]:
+    """The checkpoints the provenance log records for this config and that are still on disk,
+    newest first (by step, then by line), after verifying the log's chain."""
+    plog = ProvenanceLog(run_dir / LOG_FILE)
     verdict = plog.verify()
     if not verdict.ok:
         raise CheckpointError(
             f"provenance log {plog.path} fails verification: {'; '.join(verdict.reasons)}; refusing to resume"
         )
-    best: Checkpoint | None = None
-    for e in plog.entries():
+    out = []
+    for line, e in plog.numbered():
         if e.get("kind") != "checkpoint" or e.get("config_hash") != cfg_hash:
             continue
-        ck = Checkpoint(int(e["step"]), run_dir / str(e["path"]), str(e["model_hash"]), str(e["optim_hash"]))
-        if not ck.path.is_dir():
-            log.warning("checkpoint %s is in the log but missing on disk; skipping it", ck.path)
+        try:
+            lc = _logged(run_dir, line, e)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{plog.path}:{line}: malformed checkpoint entry ({exc!r}); refusing to resume"
+            ) from None
+        if not lc.checkpoint.path.is_dir():
+            log.warning("checkpoint %s is in the log but missing on disk; skipping it", lc.checkpoint.path)
             continue
-        if best is None or ck.step > best.step:
-            best = ck
-    return best
+        out.append(lc)
+    out.sort(key=lambda lc: (lc.checkpoint.step, lc.line), reverse=True)
+    return out
 
 
-def verify_run(run_dir: Path) -> tuple[list[str], int]:
-    """Verify a run folder: the log's chain, then every logged checkpoint still on disk.
+def latest_checkpoint(run_dir: Path, cfg_hash: str) -> Checkpoint | None:
+    """The newest checkpoint the provenance log records for this config, after verifying the chain."""
+    found = checkpoint_candidates(run_dir, cfg_hash)
+    return found[0].checkpoint if found else None
 
-    Returns (problems, checkpoints verified)."""
-    plog = ProvenanceLog(run_dir / "provenance.jsonl")
+
+def checkpoint_hashes(path: Path) -> tuple[str, str]:
+    """(model hash, optimizer-state hash) of the files in a checkpoint folder, under their own specs."""
+    out = []
+    for stem in ("model", "optim"):
+        try:
+            spec = ParamSpec.from_json((path / f"{stem}.spec.json").read_text(encoding="utf-8"))
+            out.append(model_hash(from_bytes((path / f"{stem}.f32").read_bytes(), spec), spec))
+        except (OSError, CodecError) as exc:
+            raise CheckpointError(f"checkpoint {path}: cannot read {stem} files ({exc})") from None
+    return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class RunVerdict:
+    """What ``trustfed train verify`` found: located problems (empty: all good) and what was checked."""
+
+    problems: list[str]
+    checkpoints: int  # checkpoint folders whose files hash to what the log records
+    anchors: int = 0  # on-chain records checked (0 without a ledger)
+    chain: str = ""  # which chain and contract the anchors were read from
+
+
+def verify_run_report(run_dir: Path, rpc_url: str | None = None) -> RunVerdict:
+    """Verify a run folder: the log's chain, every logged checkpoint still on disk, and, when the
+    run anchors on a ledger, every on-chain record against the log and the files."""
+    plog = ProvenanceLog(run_dir / LOG_FILE)
     if not plog.path.exists():
-        return [f"{plog.path}: no provenance log"], 0
-    verdict = plog.verify()
-    problems = list(verdict.reasons)
+        return RunVerdict([f"{plog.path}: no provenance log"], 0)
+    problems = list(plog.verify().reasons)
+    entries = list(plog.numbered())
+    file_hashes: dict[int, tuple[str, str]] = {}  # log line -> hashes of the files on disk
     checked = 0
-    for e in plog.entries():
+    for line, e in entries:
         if e.get("kind") != "checkpoint":
             continue
-        ck = Checkpoint(int(e["step"]), run_dir / str(e["path"]), str(e["model_hash"]), str(e["optim_hash"]))
-        if not ck.path.is_dir():
+        try:
+            lc = _logged(run_dir, line, e)
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{LOG_FILE}:{line} [checkpoint] malformed checkpoint entry ({exc!r})")
+            continue
+        if not lc.checkpoint.path.is_dir():
             continue
         try:
-            mspec = ParamSpec.from_json((ck.path / "model.spec.json").read_text(encoding="utf-8"))
-            ospec = ParamSpec.from_json((ck.path / "optim.spec.json").read_text(encoding="utf-8"))
-            read_verified(ck, mspec, ospec)
-            checked += 1
-        except (CheckpointError, OSError) as exc:
-            problems.append(str(exc))
-    return problems, checked
+            got = checkpoint_hashes(lc.checkpoint.path)
+        except CheckpointError as exc:
+            problems.append(f"{LOG_FILE}:{line} step {lc.checkpoint.step} [files] {exc}")
+            continue
+        file_hashes[line] = got
+        bad = False
+        for stem, have, want in zip(
+            ("model", "optim"), got, (lc.checkpoint.model_hash, lc.checkpoint.optim_hash), strict=True
+        ):
+            if have != want:
+                bad = True
+                problems.append(
+                    f"{LOG_FILE}:{line} step {lc.checkpoint.step} [{stem}_hash] checkpoint {lc.checkpoint.path}: "
+                    f"{stem} hash {have[:16]}… does not match the provenance log's {want[:16]}…; "
+                    "the files were altered or corrupted"
+                )
+        checked += 0 if bad else 1
+    from trustfed.distributed.anchor import ledger_in_use, verify_anchors
+
+    if not ledger_in_use(run_dir, entries):
+        return RunVerdict(problems, checked)
+    chain_problems, anchors, chain = verify_anchors(run_dir, entries, file_hashes, rpc_url)
+    return RunVerdict(problems + [str(p) for p in chain_problems], checked, anchors, chain)
+
+
+def verify_run(run_dir: Path, rpc_url: str | None = None) -> tuple[list[str], int]:
+    """:func:`verify_run_report` as (problems, checkpoints verified)."""
+    v = verify_run_report(run_dir, rpc_url)
+    return v.problems, v.checkpoints
 
 
 class SignedAuditSink:

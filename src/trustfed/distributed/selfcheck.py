@@ -1,7 +1,9 @@
 """Checks that this machine's DDP, tensor- and pipeline-parallel runs give single-process results.
 
 Run inside an initialised process group (``trustfed train --selfcheck`` runs it before training;
-the tests run it on 2 CPU processes with gloo). Each check computes the same thing twice: once
+the tests run it on 2 CPU processes with gloo, and on 4 for ``ddp+pp``). Pipeline checks run
+when the world fits the 2-layer check model (2 processes); ``ddp+pp`` (2 stages x world/2
+replicas) when the world is even and at least 4. Each check computes the same thing twice: once
 with the full model in one process (the oracle, on every rank) and once distributed; it reports
 the largest absolute difference. Collective: every rank must call :func:`run_selfcheck`.
 """
@@ -14,7 +16,16 @@ import torch
 import torch.distributed as dist
 
 from trustfed.distributed.lm import LMShape, assistant_corpus, build_lm, encode, lm_batch, lm_loss
-from trustfed.distributed.parallel import _full, apply_tp, build_pipeline, keep_stage, make_optimizer
+from trustfed.distributed.parallel import (
+    Layout,
+    _full,
+    apply_tp,
+    average_gradients,
+    build_pipeline,
+    dp_pp_groups,
+    keep_stage,
+    make_optimizer,
+)
 
 TOLERANCE = 1e-5
 SHAPE = LMShape(d_model=32, n_heads=4, n_layers=2, d_ff=64, seq_len=16)
@@ -113,6 +124,53 @@ def check_pp(device: torch.device, schedule: str, microbatches: int = 4) -> dict
     return out
 
 
+def check_ddp_pp(device: torch.device, schedule: str = "1f1b", steps: int = 3, microbatches: int = 2) -> dict[str, Any]:
+    """ddp+pp (2 pipeline stages x world/2 data-parallel replicas, as ``trustfed train`` lays it out)
+    vs one process on the combined batch: every parameter after ``steps`` SGD-momentum steps."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    lay = Layout.of("ddp+pp", world, rank, 2)
+    dp_group, pp_group = dp_pp_groups(device.type, lay.dp, lay.pp)
+    ref = build_lm(SHAPE, seed=6).to(device)
+    stage = keep_stage(build_lm(SHAPE, seed=6), lay.pp_rank, lay.pp).to(device)
+    runner = build_pipeline(stage, lay.pp_rank, lay.pp, microbatches, schedule, pp_group, device)
+    ropt = make_optimizer(ref.parameters(), "sgd", 0.5, 0.9, 0.01)
+    sopt = make_optimizer(stage.parameters(), "sgd", 0.5, 0.9, 0.01)
+    for step in range(steps):
+        x, y = _batch(step, 2 * microbatches * lay.dp)
+        x, y = x.to(device), y.to(device)
+        lm_loss(ref(x), y).backward()  # type: ignore[no-untyped-call]
+        ropt.step()
+        ropt.zero_grad()
+        runner.step(x.chunk(lay.dp)[lay.dp_rank], y.chunk(lay.dp)[lay.dp_rank])
+        average_gradients(stage.parameters(), dp_group, lay.dp)
+        sopt.step()
+        sopt.zero_grad()
+    refp, init = dict(ref.named_parameters()), dict(build_lm(SHAPE, seed=6).named_parameters())
+    mine = list(stage.named_parameters())
+    stats = torch.tensor(
+        [
+            _max_diff([(p, refp[n]) for n, p in mine]),
+            _max_diff([(p, init[n]) for n, p in mine]),
+        ]
+    )
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    count = torch.tensor([float(len(mine))])
+    dist.all_reduce(count)  # each stage's parameters are counted once per dp replica
+    covered = int(count.item()) == lay.dp * len(refp)
+    diff, moved = float(stats[0]), float(stats[1])
+    return {
+        "dp": lay.dp,
+        "pp": lay.pp,
+        "schedule": schedule,
+        "microbatches": microbatches,
+        "steps": steps,
+        "max_param_diff": diff,
+        "param_change": moved,
+        "params_covered": covered,
+        "ok": covered and diff <= TOLERANCE and moved > 1e-3,
+    }
+
+
 def run_selfcheck(device: torch.device) -> dict[str, Any]:
     world = dist.get_world_size()
     torch.manual_seed(0)
@@ -122,5 +180,7 @@ def run_selfcheck(device: torch.device) -> dict[str, Any]:
     if world >= 2 and SHAPE.n_layers >= world:
         report["pp_1f1b"] = check_pp(device, "1f1b")
         report["pp_gpipe"] = check_pp(device, "gpipe")
+    if world >= 4 and world % 2 == 0:
+        report["ddp_pp"] = check_ddp_pp(device)
     report["ok"] = all(v["ok"] for v in report.values() if isinstance(v, dict))
     return report

@@ -15,6 +15,7 @@ from trustfed.errors import ConfigError, ConfigProblem
 
 Strategy = Literal["ddp", "tp", "pp", "ddp+pp"]
 Backend = Literal["auto", "gloo", "nccl"]
+LedgerName = Literal["none", "embedded", "jsonrpc"]
 
 
 class _Section(BaseModel):
@@ -46,6 +47,25 @@ class RunSection(_Section):
     audit_key: Path | None = Field(
         None, description="ECDSA P-256 PEM key: also write each provenance entry, signed, to OUT/audit.jsonl"
     )
+    ledger: LedgerName = Field(
+        "none",
+        description="anchor every checkpoint on a chain: 'embedded' (an in-process EVM kept in OUT/ledger) "
+        "or 'jsonrpc' (a node at rpc_url); see trustfed.distributed.anchor",
+    )
+    rpc_url: str | None = Field(None, description="JSON-RPC URL of the node (ledger = 'jsonrpc' only)")
+    ledger_key_file: Path | None = Field(
+        None, description="hex private key to sign with (ledger = 'jsonrpc'; default: the node's first account)"
+    )
+
+    @model_validator(mode="after")
+    def _ledger(self) -> RunSection:
+        if self.ledger == "jsonrpc" and not self.rpc_url:
+            raise ValueError("ledger = 'jsonrpc' needs rpc_url, for example http://127.0.0.1:8545")
+        if self.ledger != "jsonrpc" and (self.rpc_url is not None or self.ledger_key_file is not None):
+            raise ValueError(f"rpc_url and ledger_key_file are for ledger = 'jsonrpc' (ledger is {self.ledger!r})")
+        if self.rpc_url is not None and not self.rpc_url.startswith(("http://", "https://")):
+            raise ValueError("rpc_url must start with http:// or https://")
+        return self
 
 
 class LaunchSection(_Section):
@@ -152,7 +172,7 @@ def load_train_config(path: str | Path) -> TrainRunConfig:
         raise ConfigError(str(p), [ConfigProblem("(syntax)", f"invalid TOML: {exc}")]) from None
     run = raw.get("run")
     if isinstance(run, dict):
-        for key in ("out", "audit_key"):
+        for key in ("out", "audit_key", "ledger_key_file"):
             if isinstance(run.get(key), str) and not Path(run[key]).is_absolute():
                 run[key] = str(p.parent / run[key])
     return validate_train_config(raw, str(p))

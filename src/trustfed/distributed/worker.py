@@ -7,7 +7,9 @@ the same model and data from the config and its seed. Rank 0 alone writes the ru
 
 On start (and after every elastic restart) the workers resume from the newest checkpoint the
 provenance log records, after rank 0 has checked the log's chain and the checkpoint's hashes;
-the verified vectors are then broadcast, so nodes need no shared file system.
+the verified vectors are then broadcast, so nodes need no shared file system. With ``[run]
+ledger`` set, rank 0 also anchors every checkpoint on the chain (:mod:`trustfed.distributed.anchor`)
+and resumes only from a checkpoint the chain anchors with the same hashes.
 
 Fault injection for tests: ``TRUSTFED_FAULT_KILL_AT=RANK:STEP`` makes that rank SIGKILL itself
 at that step, on the first attempt only (``TORCHELASTIC_RESTART_COUNT == 0``).
@@ -24,20 +26,30 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from trustfed.core.codec import load_vector, model_hash, unflatten
+from trustfed.distributed.anchor import (
+    LedgerAnchorSink,
+    RoundLedger,
+    describe,
+    open_run_ledger,
+    read_anchors,
+    resume_point,
+)
 from trustfed.distributed.lm import LMShape, assistant_corpus, build_lm, encode, lm_batch, lm_loss
 from trustfed.distributed.parallel import (
     DistributedError,
     Layout,
     PipelineRunner,
     apply_tp,
+    average_gradients,
     build_pipeline,
+    dp_pp_groups,
     full_model_spec,
     gather_full,
     keep_stage,
@@ -58,6 +70,9 @@ from trustfed.distributed.provenance import (
 )
 from trustfed.distributed.settings import TrainRunConfig
 from trustfed.errors import CheckpointError, TrustFedError
+
+if TYPE_CHECKING:
+    from trustfed.ledger.backends import Web3Ledger
 
 log = logging.getLogger("trustfed.distributed.worker")
 
@@ -84,6 +99,7 @@ class Parallel:
     wrapped: nn.Module  # what runs forward (DDP wrapper, TP module); unused for pp
     pipeline: PipelineRunner | None
     owner: bool  # contributes its tensors when assembling the full state
+    dp_group: dist.ProcessGroup | None = None  # ddp+pp: the ranks holding the same stage
 
 
 def parallelize(cfg: TrainRunConfig, model: nn.Module, layout: Layout, device: torch.device) -> Parallel:
@@ -96,17 +112,13 @@ def parallelize(cfg: TrainRunConfig, model: nn.Module, layout: Layout, device: t
         model = apply_tp(model.to(device), layout.world)  # type: ignore[arg-type]
         return Parallel(layout, model, model, None, layout.rank == 0)
     stage = keep_stage(model, layout.pp_rank, layout.pp).to(device)  # type: ignore[arg-type]
-    group = None
-    runnable: nn.Module = stage
+    pp_group = dp_group = None
     if layout.strategy == "ddp+pp":
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (layout.dp, layout.pp), mesh_dim_names=("dp", "pp"))
-        group = mesh["pp"].get_group()
-        runnable = DDP(stage, device_ids=ids, process_group=mesh["dp"].get_group())
+        # Not DDP around the stage: see parallel.py. Gradients are averaged after each pipeline step.
+        dp_group, pp_group = dp_pp_groups(device.type, layout.dp, layout.pp)
     p = cfg.parallel
-    runner = build_pipeline(runnable, layout.pp_rank, layout.pp, p.microbatches, p.pp_schedule, group, device)
-    return Parallel(layout, stage, runnable, runner, layout.dp_rank == 0)
+    runner = build_pipeline(stage, layout.pp_rank, layout.pp, p.microbatches, p.pp_schedule, pp_group, device)
+    return Parallel(layout, stage, stage, runner, layout.dp_rank == 0, dp_group)
 
 
 def train_step(par: Parallel, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -124,6 +136,8 @@ def train_step(par: Parallel, x: torch.Tensor, y: torch.Tensor, device: torch.de
             out /= lay.dp
         return out
     last = par.pipeline.step(x, y)
+    if par.dp_group is not None:
+        average_gradients(par.local.parameters(), par.dp_group, lay.dp)
     out = last.clone() if last is not None else torch.zeros((), device=device)
     dist.all_reduce(out)
     return out / lay.dp
@@ -140,16 +154,29 @@ def _maybe_fault(rank: int, step: int) -> None:
 
 
 def _resume(
-    rank: int, run_dir: Path, cfg_h: str, mspec: Any, ospec: Any, plog: ProvenanceLog | None
+    rank: int,
+    run_dir: Path,
+    cfg_h: str,
+    mspec: Any,
+    ospec: Any,
+    plog: ProvenanceLog | None,
+    ledger: RoundLedger | None = None,
 ) -> tuple[int, torch.Tensor | None, torch.Tensor | None, Checkpoint | None]:
-    """Rank 0 finds and verifies the newest checkpoint, then broadcasts it to every rank."""
+    """Rank 0 finds and verifies the newest checkpoint (against the chain too, with a ledger), then
+    broadcasts it to every rank."""
     status = torch.tensor([0], dtype=torch.long)  # >0: step, 0: fresh start, -1: refused
     ck: Checkpoint | None = None
     vecs: tuple[torch.Tensor, torch.Tensor] | None = None
     err: TrustFedError | None = None
+    anchored: dict[str, Any] = {}
     if rank == 0:
         try:
-            ck = latest_checkpoint(run_dir, cfg_h)
+            if ledger is None:
+                ck = latest_checkpoint(run_dir, cfg_h)
+            else:
+                found = resume_point(run_dir, cfg_h, read_anchors(ledger))
+                if found is not None:
+                    ck, anchored = found[0].checkpoint, {"anchor_round": found[1].index}
             if ck is not None:
                 vecs = read_verified(ck, mspec, ospec)
                 status[0] = ck.step
@@ -174,8 +201,24 @@ def _resume(
             verified=True,
             config_hash=cfg_h,
             restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            **anchored,
         )
     return int(status.item()), mvec, ovec, ck
+
+
+def _open_provenance(cfg: TrainRunConfig, run_dir: Path) -> tuple[ProvenanceLog, Web3Ledger | None, dict[str, Any]]:
+    """Rank 0's provenance log with its sinks (signed audit mirror, on-chain anchors), the ledger
+    it anchors on, and what ``run_start`` records about that chain."""
+    sinks: tuple[ProvenanceSink, ...] = ()
+    if cfg.run.audit_key is not None:
+        sinks = (SignedAuditSink(run_dir / "audit.jsonl", cfg.run.audit_key),)
+    ledger, chain = None, {}
+    if cfg.run.ledger != "none":
+        r = cfg.run
+        ledger = open_run_ledger(run_dir, r.ledger, r.rpc_url, r.ledger_key_file)
+        sinks += (LedgerAnchorSink(ledger),)
+        chain = {"ledger": describe(ledger)}
+    return ProvenanceLog(run_dir / "provenance.jsonl", sinks), ledger, chain
 
 
 def run(cfg: TrainRunConfig, run_dir: Path, selfcheck: bool = False) -> dict[str, Any]:
@@ -204,70 +247,70 @@ def run(cfg: TrainRunConfig, run_dir: Path, selfcheck: bool = False) -> dict[str
     mspec, ospec = full_model_spec(model), optim_spec(model, cfg.train.optimizer)
     cfg_json = cfg.model_dump(mode="json")
     cfg_h = config_hash(cfg_json)
-    plog = None
-    if rank == 0:
-        sinks: tuple[ProvenanceSink, ...] = ()
-        if cfg.run.audit_key is not None:
-            sinks = (SignedAuditSink(run_dir / "audit.jsonl", cfg.run.audit_key),)
-        plog = ProvenanceLog(run_dir / "provenance.jsonl", sinks)
-    if plog is not None:
-        plog.append(
-            "run_start",
-            config_hash=cfg_h,
-            config=cfg_json,
-            world_size=world,
-            strategy=layout.strategy,
-            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-            torch=torch.__version__,
-            backend=dist.get_backend(),
-        )
-    start, mvec, ovec, _ = _resume(rank, run_dir, cfg_h, mspec, ospec, plog)
-    if mvec is not None:
-        load_vector(model, mvec, mspec)
-    par = parallelize(cfg, model, layout, device)
-    t = cfg.train
-    opt = make_optimizer(par.local.parameters(), t.optimizer, t.lr, t.momentum, t.weight_decay)
-    if ovec is not None:
-        load_optim_state(par.local.named_parameters(), opt, t.optimizer, unflatten(ovec, ospec))
-    tokens = encode(assistant_corpus(cfg.data.dialogues, seed))
-    losses: list[tuple[int, float]] = []
-    t0, steps_run = time.perf_counter(), 0
-    for step in range(start + 1, t.steps + 1):
-        _maybe_fault(rank, step)
-        x, y = lm_batch(tokens, t.batch_size, shape.seq_len, seed, step)
-        loss = train_step(par, x, y, device)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        steps_run += 1
-        if step % t.log_every == 0 or step == t.steps:
-            losses.append((step, float(loss)))
-            if rank == 0:
-                log.info("step %d loss %.4f", step, float(loss))
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            save_checkpoint(par, opt, cfg, run_dir, step, mspec, ospec, cfg_h, plog, float(loss))
-    seconds = time.perf_counter() - t0
-    final = gather_full(par.local.state_dict(), mspec, par.owner, device)
-    metrics = {
-        "strategy": layout.strategy,
-        "world_size": world,
-        "start_step": start,
-        "steps": t.steps,
-        "losses": losses,
-        "seconds": seconds,
-        "tokens_per_s": steps_run * t.batch_size * shape.seq_len / max(seconds, 1e-9),
-        "model_hash": model_hash(final, mspec),
-    }
-    if plog is not None:
-        plog.append(
-            "run_end",
-            step=t.steps,
-            model_hash=metrics["model_hash"],
-            config_hash=cfg_h,
-            world_size=world,
-            seconds=seconds,
-        )
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    plog, ledger, chain = _open_provenance(cfg, run_dir) if rank == 0 else (None, None, {})
+    try:
+        if plog is not None:
+            plog.append(
+                "run_start",
+                config_hash=cfg_h,
+                config=cfg_json,
+                world_size=world,
+                strategy=layout.strategy,
+                restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                torch=torch.__version__,
+                backend=dist.get_backend(),
+                **chain,
+            )
+        start, mvec, ovec, _ = _resume(rank, run_dir, cfg_h, mspec, ospec, plog, ledger)
+        if mvec is not None:
+            load_vector(model, mvec, mspec)
+        par = parallelize(cfg, model, layout, device)
+        t = cfg.train
+        opt = make_optimizer(par.local.parameters(), t.optimizer, t.lr, t.momentum, t.weight_decay)
+        if ovec is not None:
+            load_optim_state(par.local.named_parameters(), opt, t.optimizer, unflatten(ovec, ospec))
+        tokens = encode(assistant_corpus(cfg.data.dialogues, seed))
+        losses: list[tuple[int, float]] = []
+        t0, steps_run = time.perf_counter(), 0
+        for step in range(start + 1, t.steps + 1):
+            _maybe_fault(rank, step)
+            x, y = lm_batch(tokens, t.batch_size, shape.seq_len, seed, step)
+            loss = train_step(par, x, y, device)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            steps_run += 1
+            if step % t.log_every == 0 or step == t.steps:
+                losses.append((step, float(loss)))
+                if rank == 0:
+                    log.info("step %d loss %.4f", step, float(loss))
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                save_checkpoint(par, opt, cfg, run_dir, step, mspec, ospec, cfg_h, plog, float(loss))
+        seconds = time.perf_counter() - t0
+        final = gather_full(par.local.state_dict(), mspec, par.owner, device)
+        metrics = {
+            "strategy": layout.strategy,
+            "world_size": world,
+            "start_step": start,
+            "steps": t.steps,
+            "losses": losses,
+            "seconds": seconds,
+            "tokens_per_s": steps_run * t.batch_size * shape.seq_len / max(seconds, 1e-9),
+            "model_hash": model_hash(final, mspec),
+        }
+        if plog is not None:
+            plog.append(
+                "run_end",
+                step=t.steps,
+                model_hash=metrics["model_hash"],
+                config_hash=cfg_h,
+                world_size=world,
+                seconds=seconds,
+            )
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+    finally:
+        if ledger is not None:
+            ledger.close()
 
 
 def save_checkpoint(
