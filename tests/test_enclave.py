@@ -108,13 +108,20 @@ def test_measurement_changes_with_config_and_code(tmp_path: Path) -> None:
     copy = tmp_path / "trustfed"
     for d in ("enclave", "core"):
         shutil.copytree(root / d, copy / d, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "privacy").mkdir()
+    for f in ("central.py", "accounting.py"):  # central DP runs inside the enclave
+        shutil.copy(root / "privacy" / f, copy / "privacy" / f)
     base = measure(AGG.measured(), copy)
     assert base == measure(AGG.measured(), copy)  # deterministic
     assert base == measure(AGG.measured())  # the copy measures like the installed package
     assert measure(AggregationSettings(aggregator="median").measured(), copy) != base
     with (copy / "enclave" / "core.py").open("a") as f:
         f.write("\n# changed\n")
-    assert measure(AGG.measured(), copy) != base
+    changed = measure(AGG.measured(), copy)
+    assert changed != base
+    with (copy / "privacy" / "central.py").open("a") as f:
+        f.write("\n# changed\n")
+    assert measure(AGG.measured(), copy) != changed
 
 
 # ---------------------------------------------------------------- enclave + receipts

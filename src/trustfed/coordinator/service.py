@@ -347,6 +347,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 sealed=bytes(buf),
                 commitment=bytes(h.commitment),
                 signature=bytes(h.enclave_signature),
+                metrics=dict(h.metrics),  # the participant's privacy accounting, if any (its parameters stay sealed)
             )
         else:
             update = Update(pid, as_vector(buf, self.spec), int(h.num_examples), dict(h.metrics))
@@ -639,6 +640,7 @@ def run_coordinator(
     from trustfed.ledger.audit import EcdsaSigner
     from trustfed.ledger.recorder import COORDINATOR_ID
     from trustfed.simulation.federation import (
+        build_base_strategy,
         build_data,
         build_strategy,
         make_evaluator,
@@ -652,7 +654,9 @@ def run_coordinator(
     params, spec = flatten(factory().state_dict())
     if spec != transport.spec:
         raise TransportError("the transport was built for another model spec than the federation config's")
-    strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
+    evaluate_fn = make_evaluator(factory, spec, data.test)
+    # With an enclave, central DP runs inside it (its measured config), never here on the coordinator.
+    strategy = build_base_strategy(cfg, evaluate_fn) if cfg.enclave.enabled else build_strategy(cfg, evaluate_fn)
     expected = participant_ids(cfg.federation.participants)
     enclave: EnclaveRecord | None = None
     if cfg.enclave.enabled:
@@ -719,7 +723,7 @@ def _enclave_strategy(cfg: Any, inner: Any, spec: ParamSpec, settings: Transport
     from trustfed.coordinator.recorders import EnclaveRecord, attest_enclave
     from trustfed.enclave.errors import EnclaveError
     from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
-    from trustfed.enclave.simulation import aggregation_settings_for, simulated_policy
+    from trustfed.enclave.simulation import enclave_aggregation, simulated_policy
     from trustfed.enclave.strategy import EnclaveStrategy
 
     section = cfg.enclave
@@ -734,10 +738,12 @@ def _enclave_strategy(cfg: Any, inner: Any, spec: ParamSpec, settings: Transport
         )
     ca, cert, key = _required(settings)
     client = GrpcEnclaveClient(section.address, TlsMaterial.from_files(ca, cert, key))
-    aggregation = aggregation_settings_for(cfg.strategy, cfg.strategy.min_participants)
+    aggregation = enclave_aggregation(cfg)
     policy = simulated_policy(aggregation, section.policy) if section.policy.allow_simulated_tee else section.policy
     attestation = attest_enclave(client, policy, "coordinator")
-    strategy = EnclaveStrategy(inner, client, spec, allow_simulated=section.allow_simulated_tee)
+    strategy = EnclaveStrategy(
+        inner, client, spec, allow_simulated=section.allow_simulated_tee, central_dp=aggregation.central_dp
+    )
     label = "SIMULATED " if attestation.claims.get("simulated") else ""
     log.warning(
         "aggregating through the %senclave at %s (measurement %s…)",

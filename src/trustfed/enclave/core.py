@@ -6,8 +6,13 @@ or the gRPC service in :mod:`trustfed.enclave.service`). Per round it
 1. refuses updates sealed to another key (an enclave restarted with a new key must be re-attested),
    for another round, with a commitment that does not match the sealed bytes, or with a signature
    that does not verify against the participant's identity key;
-2. opens the rest and runs the configured strategy/aggregator from :mod:`trustfed.core`;
-3. returns the new parameters and a :class:`~trustfed.enclave.receipts.Receipt` signed by its key.
+2. opens the rest and runs the configured strategy/aggregator from :mod:`trustfed.core`, wrapped,
+   when the measured config has ``central_dp``, in DP-FedAvg (:mod:`trustfed.privacy.central`):
+   every delta is clipped and calibrated Gaussian noise is added *here*, so the coordinator only
+   ever receives the noised aggregate;
+3. returns the new parameters and a :class:`~trustfed.enclave.receipts.Receipt` signed by its key
+   (with central DP, the receipt's ``privacy`` block states the release: noise multiplier, clip
+   norm, noise std, sampling rate and the accountant's epsilon at delta).
 
 With the simulated backend every log line starts with ``[SIMULATED TEE]``.
 """
@@ -15,8 +20,9 @@ With the simulated backend every log line starts with ``[SIMULATED TEE]``.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,6 +39,8 @@ from trustfed.enclave.receipts import Receipt, make_receipt_body
 from trustfed.enclave.sealing import ParticipantKeyring, SealedUpdate, commitment, decode_update, open_sealed
 from trustfed.enclave.settings import AggregationSettings
 from trustfed.errors import AggregationError
+from trustfed.privacy.accounting import GaussianSteps, PrivacyError, epsilon
+from trustfed.privacy.central import DPFedAvg
 
 _log = logging.getLogger("trustfed.enclave")
 
@@ -44,12 +52,19 @@ class _Labelled(logging.LoggerAdapter[logging.Logger]):
 
 @dataclass(frozen=True)
 class AggregationRequest:
-    """What the coordinator relays to the enclave for one round: ciphertexts, never clear updates."""
+    """What the coordinator relays to the enclave for one round: ciphertexts, never clear updates.
+
+    ``selected``: the participants the round plan selected (updates from anyone else are rejected;
+    with central DP, the fixed denominator of the noised mean). ``available``: how many participants
+    they were selected from (central DP's sampling rate ``len(selected) / available``; 0: not
+    reported, and the enclave accounts without sampling amplification)."""
 
     round: int
     params: torch.Tensor
     spec: ParamSpec
     updates: Sequence[SealedUpdate]
+    selected: tuple[str, ...] = ()
+    available: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,8 +85,8 @@ class EnclaveClient(Protocol):
     def aggregate(self, request: AggregationRequest) -> AggregationResponse: ...
 
 
-def build_strategy(settings: AggregationSettings) -> FedAvg:
-    """The core strategy the enclave runs, from its (measured) aggregation settings."""
+def build_core_strategy(settings: AggregationSettings) -> FedAvg:
+    """The core strategy the enclave runs, from its (measured) aggregation settings, without DP."""
     cls = STRATEGIES[settings.strategy]
     common: dict[str, Any] = {
         "aggregator": settings.aggregator,
@@ -88,6 +103,39 @@ def build_strategy(settings: AggregationSettings) -> FedAvg:
         return cls(**common)
     except (AggregationError, ValueError) as exc:
         raise EnclaveError(f"enclave aggregation config is invalid: {exc}") from exc
+
+
+def build_strategy(settings: AggregationSettings) -> Strategy:
+    """The core strategy, wrapped in DP-FedAvg when the measured settings have ``central_dp``."""
+    core = build_core_strategy(settings)
+    dp = settings.central_dp
+    if dp is None:
+        return core
+    try:
+        return DPFedAvg(
+            core,
+            noise_multiplier=dp.noise_multiplier,
+            clip_norm=dp.clip_norm,
+            delta=dp.delta,
+            clipping=dp.clipping,
+            target_quantile=dp.target_quantile,
+            clip_learning_rate=dp.clip_learning_rate,
+            clip_count_stddev=dp.clip_count_stddev,
+            sampling_amplification=dp.sampling_amplification,
+            accountant=dp.accountant,
+            seed=dp.seed,
+            secure_noise=dp.secure_noise,
+        )
+    except PrivacyError as exc:
+        raise EnclaveError(f"enclave central DP config is invalid: {exc}") from exc
+
+
+# Statistics DP-FedAvg reports that are computed from the clear updates without noise: they stay in the enclave.
+_UNRELEASED_METRICS = ("dp_unclipped_fraction", "dp_update_norm_median")
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 class Enclave:
@@ -124,6 +172,22 @@ class Enclave:
         self.last_round = 0
         if self.simulated:
             self.log.warning("software-only enclave: no hardware root of trust; receipts are labelled SIMULATED")
+        dp = aggregation.central_dp
+        if dp is not None:
+            self.log.info(
+                "central DP inside the enclave: noise multiplier %g, clip norm %g (%s), delta %g, %s accountant",
+                dp.noise_multiplier,
+                dp.clip_norm,
+                dp.clipping,
+                dp.delta,
+                dp.accountant,
+            )
+            if not dp.secure_noise:
+                self.log.warning(
+                    "central DP noise is seeded from the run seed (secure_noise = false): reproducible, but anyone "
+                    "who knows the seed can recompute the noise and remove it; set privacy.secure_noise = true "
+                    "in a deployment"
+                )
         self.log.info(
             "enclave up: backend %s, key %s…, measurement %s…",
             backend.name,
@@ -155,6 +219,8 @@ class Enclave:
             )
         if u.round != req.round:
             raise SealingError(f"update from {pid} is for round {u.round}, this is round {req.round}")
+        if req.selected and pid not in req.selected:
+            raise SealingError(f"update from {pid}, who is not among the participants selected for round {req.round}")
         if commitment(req.round, pid, self.key_id, u.sealed) != u.commitment:
             raise SealingError(f"commitment of {pid} does not match its sealed bytes")
         if not self._keyring.verify(pid, u.commitment, u.signature):
@@ -176,6 +242,8 @@ class Enclave:
             raise EnclaveError("global parameters must be a flat float32 vector matching the spec")
         if req.params.numel() > self.aggregation.max_params:
             raise EnclaveError(f"model has {req.params.numel()} values, more than max_params")
+        if len(set(req.selected)) != len(req.selected):
+            raise EnclaveError(f"round {req.round}: the selected participants list someone twice")
         accepted: list[Update] = []
         commitments: dict[str, bytes] = {}
         rejected: dict[str, str] = {}
@@ -197,8 +265,16 @@ class Enclave:
                 f"round {req.round}: {len(accepted)} valid sealed update(s), {self.aggregation.min_updates} needed "
                 f"({detail})"
             )
-        plan = RoundPlan(req.round, tuple(u.participant_id for u in accepted), {})
-        result = self.strategy.aggregate(plan, req.params, accepted)
+        privacy: dict[str, Any] | None = None
+        if self.aggregation.central_dp is None:
+            plan = RoundPlan(req.round, tuple(u.participant_id for u in accepted), {})
+            result = self.strategy.aggregate(plan, req.params, accepted)
+        else:
+            selected = req.selected or tuple(u.participant_id for u in accepted)
+            q = self._sample_rate(req, len(selected))
+            plan = RoundPlan(req.round, selected, {"dp_central_sample_rate": q})
+            result = self.strategy.aggregate(plan, req.params, accepted)
+            privacy = self._privacy_release(result.metrics, max(len(selected), len(accepted)), q)
         self.last_round = req.round
         desc = self.strategy.describe()
         body = make_receipt_body(
@@ -207,12 +283,13 @@ class Enclave:
             rejected=rejected,
             input_model_hash=model_hash(req.params, req.spec),
             output_model_hash=model_hash(result.params, req.spec),
-            aggregator=desc.get("aggregator", {}),
+            aggregator=self._core_aggregator(),
             strategy=desc,
             measurement=self.measurement,
             backend=self.backend.name,
             enclave_key_id=self.key_id,
             issued_at=float(self._clock()),
+            privacy=privacy,
         )
         receipt = Receipt(body, self._keys.sign(canonical_json(body)), self.public_key())
         self.log.info(
@@ -222,7 +299,7 @@ class Enclave:
             len(rejected),
             body["output_model_hash"][:16],
         )
-        metrics = dict(result.metrics)
+        metrics = {k: v for k, v in result.metrics.items() if k not in _UNRELEASED_METRICS}
         metrics["enclave_rejected"] = float(len(rejected))
         return AggregationResponse(
             result.params,
@@ -230,3 +307,54 @@ class Enclave:
             metrics,
             tuple(accepted[i].participant_id for i in result.aggregate.selected),
         )
+
+    def _core_aggregator(self) -> dict[str, Any]:
+        core = self.strategy.inner if isinstance(self.strategy, DPFedAvg) else self.strategy
+        describe = getattr(getattr(core, "aggregator", None), "describe", None)
+        return dict(describe()) if callable(describe) else {}
+
+    def _sample_rate(self, req: AggregationRequest, n_selected: int) -> float:
+        """Central DP's participant sampling rate for the accountant: ``selected / available`` as the
+        coordinator reports it, bounded by the participants registered with this enclave; 1.0 (no
+        amplification) when it reports nothing or amplification is off."""
+        dp = self.aggregation.central_dp
+        assert dp is not None
+        if not dp.sampling_amplification or req.available <= 0:
+            return 1.0
+        if req.available < n_selected:
+            raise EnclaveError(
+                f"round {req.round}: the coordinator reports {req.available} available participants but selected "
+                f"{n_selected}"
+            )
+        if isinstance(self._keyring, Sized) and req.available > len(self._keyring):
+            raise EnclaveError(
+                f"round {req.round}: the coordinator reports {req.available} available participants, more than the "
+                f"{len(self._keyring)} registered with the enclave (that would understate the privacy spend)"
+            )
+        return n_selected / req.available
+
+    def _privacy_release(self, metrics: dict[str, float], denominator: int, q: float) -> dict[str, Any]:
+        """The receipt's ``privacy`` block: what this round released and what it cost."""
+        dp = self.aggregation.central_dp
+        assert dp is not None and isinstance(self.strategy, DPFedAvg)
+        out: dict[str, Any] = {
+            "algorithm": "dp_fedavg",
+            "mechanism": "gaussian",
+            "noise_multiplier": dp.noise_multiplier,
+            "clipping": dp.clipping,
+            "clip_norm": metrics["dp_clip_norm"],
+            "noise_std": metrics["dp_noise_std"] * denominator,  # on the sum of clipped deltas
+            "noise_std_mean": metrics["dp_noise_std"],  # on the released mean
+            "denominator": denominator,
+            "sample_rate": q,
+            "steps": 1,
+            "delta": dp.delta,
+            "accountant": dp.accountant,
+            "epsilon_round": _finite(epsilon([GaussianSteps(dp.noise_multiplier, q, 1)], dp.delta, dp.accountant)),
+            "epsilon": _finite(metrics["dp_epsilon"]),  # cumulative over the rounds this enclave released
+            "rounds_accounted": len(self.strategy.accountant.history),
+            "secure_noise": dp.secure_noise,
+        }
+        if "dp_next_clip_norm" in metrics:
+            out["next_clip_norm"] = metrics["dp_next_clip_norm"]
+        return out

@@ -53,16 +53,20 @@ class SealedUpdate(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., round: _Optional[int] = ..., enclave_key_id: _Optional[str] = ..., sealed: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("round", "params", "spec_json", "updates")
+    __slots__ = ("round", "params", "spec_json", "updates", "selected", "available")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     round: int
     params: bytes
     spec_json: str
     updates: _containers.RepeatedCompositeFieldContainer[SealedUpdate]
-    def __init__(self, round: _Optional[int] = ..., params: _Optional[bytes] = ..., spec_json: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[SealedUpdate, _Mapping]]] = ...) -> None: ...
+    selected: _containers.RepeatedScalarFieldContainer[str]
+    available: int
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[bytes] = ..., spec_json: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[SealedUpdate, _Mapping]]] = ..., selected: _Optional[_Iterable[str]] = ..., available: _Optional[int] = ...) -> None: ...
 
 class AggregateReply(_message.Message):
     __slots__ = ("params", "receipt", "metrics", "selected")

@@ -2,8 +2,9 @@
 
 A hardware TEE measures the loaded code itself (``mr_enclave`` / ``mr_td``); in simulation the
 enclave process hashes, in a fixed order, every file of the ``trustfed.enclave`` package plus the
-``trustfed.core`` modules it runs (codec, aggregators, strategies), then the canonical JSON of its
-aggregation config. Changing any of them changes the measurement. ``trustfed enclave measure
+``trustfed.core`` modules it runs (codec, aggregators, strategies) and the central-DP modules it
+runs (``trustfed/privacy/central.py`` and ``accounting.py``), then the canonical JSON of its
+aggregation config (with its ``central_dp`` parameters, when there are any). Changing any of them changes the measurement. ``trustfed enclave measure
 --config enclave.toml`` prints it, so verifiers can pin it in ``expected_measurements``.
 """
 
@@ -20,6 +21,7 @@ from trustfed.enclave.canonical import canonical_json
 _DOMAIN = b"trustfed-simulated-measurement-v1\0"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # src/trustfed
 MEASURED_DIRS = ("enclave", "core")
+MEASURED_FILES = ("privacy/central.py", "privacy/accounting.py")  # DP-FedAvg runs inside the enclave
 MEASURED_SUFFIXES = (".py", ".proto")
 
 
@@ -30,6 +32,7 @@ def code_files(package_root: Path = _PACKAGE_ROOT) -> list[Path]:
         base = package_root / d
         if base.is_dir():
             out += [p for p in base.rglob("*") if p.is_file() and p.suffix in MEASURED_SUFFIXES]
+    out += [package_root / f for f in MEASURED_FILES if (package_root / f).is_file()]
     return sorted(out, key=lambda p: p.relative_to(package_root).as_posix())
 
 

@@ -7,10 +7,13 @@ is re-attested first, and refused if it does not verify.
 
 :class:`SealingTrainer` wraps any Trainer: it checks the enclave *before* training, so a participant
 whose policy refuses the enclave computes and sends nothing, and says why (AttestationRefused).
+Of the update's metrics only the privacy accounting (:data:`CLEAR_METRICS`) travels in the clear,
+for the coordinator's privacy record; everything else stays inside the sealed bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +33,20 @@ from trustfed.participant.trainer import Trainer
 log = logging.getLogger("trustfed.enclave.participant")
 
 NONCE_BYTES = 32
+
+# A participant's privacy accounting, as its budget guard reports it (trustfed.privacy.budget.BudgetGuard.metrics):
+# derived from the announced mechanism and its own budget, not from its data.
+CLEAR_METRICS = frozenset(
+    {
+        "dp_epsilon",
+        "dp_delta",
+        "dp_epsilon_round",
+        "dp_noise_multiplier",
+        "dp_sample_rate",
+        "dp_steps",
+        "dp_budget_epsilon",
+    }
+)
 
 
 class EvidenceSource(Protocol):
@@ -110,7 +127,8 @@ class SealingTrainer:
         key = self.enclave.sealing_key(str(key_id) if key_id else None)  # raises before any training
         update = self.inner.fit(params, plan)
         sealed: SealedUpdate = seal_update(update, plan.round, key, self.signer)
-        return sealed
+        accounting = {k: float(v) for k, v in update.metrics.items() if k in CLEAR_METRICS}
+        return dataclasses.replace(sealed, metrics=accounting) if accounting else sealed
 
     def evaluate(self, params: torch.Tensor) -> dict[str, float]:
         return self.inner.evaluate(params)

@@ -2,7 +2,9 @@
 
 A receipt body (canonical JSON) binds {round, Merkle root of the input commitments, the input and
 output model hashes, aggregator and strategy with their parameters, measurement, backend, enclave
-key id}. The enclave signs it with its Ed25519 key. :func:`receipt_hash` is what the ledger commits
+key id}, and with central DP a ``privacy`` block describing the round's Gaussian release
+(noise multiplier, clip norm, noise std, sampling rate, delta, accountant and epsilon). The
+enclave signs it with its Ed25519 key. :func:`receipt_hash` is what the ledger commits
 on chain; :func:`verify_receipt` is what ``trustfed audit verify`` and participants run.
 Receipts from the simulated backend carry ``"simulated": true`` and ``"label": "SIMULATED"``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,9 +84,10 @@ def make_receipt_body(
     backend: str,
     enclave_key_id: str,
     issued_at: float,
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     simulated = backend == "simulated"
-    return {
+    body: dict[str, Any] = {
         "format": RECEIPT_FORMAT,
         "round": rnd,
         "participants": sorted(commitments),
@@ -100,6 +104,9 @@ def make_receipt_body(
         "enclave_key_id": enclave_key_id,
         "issued_at": issued_at,
     }
+    if privacy is not None:
+        body["privacy"] = dict(privacy)
+    return body
 
 
 def receipt_hash(receipt: Receipt) -> str:
@@ -117,12 +124,14 @@ def verify_receipt(
     rnd: int | None = None,
     allow_simulated: bool = False,
     expected_hash: str | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> Verdict:
     """Check a receipt's signature and, where given, that it matches what the caller knows.
 
     ``enclave_public_key`` should be the key the caller attested (otherwise only the receipt's own key
     is used, which proves integrity but not origin). Simulated receipts are refused unless
-    ``allow_simulated``. Returns a Verdict with every mismatch as a reason.
+    ``allow_simulated``. ``privacy``: values the receipt's central-DP ``privacy`` block must carry
+    (a receipt without one is refused). Returns a Verdict with every mismatch as a reason.
     """
     reasons: list[str] = []
     b = receipt.body
@@ -161,4 +170,21 @@ def verify_receipt(
         reasons.append(f"receipt is for round {b.get('round')}, expected round {rnd}")
     if expected_hash is not None and receipt_hash(receipt) != expected_hash:
         reasons.append("receipt hash differs from the hash committed on the ledger")
+    if privacy is not None:
+        reasons += _privacy_mismatches(b.get("privacy"), privacy)
     return Verdict.of(reasons, claims)
+
+
+def _privacy_mismatches(block: object, expected: Mapping[str, Any]) -> list[str]:
+    if not isinstance(block, dict):
+        return ["receipt states no central-DP release (no privacy block), but the federation runs central DP"]
+    out = []
+    for key, want in expected.items():
+        got = block.get(key)
+        if isinstance(got, int | float) and isinstance(want, int | float) and not isinstance(got, bool):
+            same = not isinstance(want, bool) and math.isclose(got, want, rel_tol=1e-12, abs_tol=0.0)
+        else:
+            same = got == want
+        if not same:
+            out.append(f"receipt's privacy.{key} is {got!r}, expected {want!r}")
+    return out

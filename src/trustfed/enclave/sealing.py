@@ -201,6 +201,9 @@ class StaticKeyring:
     def __contains__(self, participant_id: str) -> bool:
         return participant_id in self._keys
 
+    def __len__(self) -> int:
+        return len(self._keys)
+
     def verify(self, participant_id: str, message: bytes, signature: bytes) -> bool:
         key = self._keys.get(participant_id)
         if key is None:

@@ -118,8 +118,8 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
             spec = ParamSpec.from_json(request.spec_json)
             if spec.size > self.enclave.aggregation.max_params:
                 raise EnclaveError(f"model of {spec.size} values exceeds max_params")
-            if len(request.updates) > MAX_UPDATES:
-                raise EnclaveError(f"{len(request.updates)} updates exceed the limit of {MAX_UPDATES}")
+            if len(request.updates) > MAX_UPDATES or len(request.selected) > MAX_UPDATES:
+                raise EnclaveError(f"more than {MAX_UPDATES} updates or selected participants")
             params = from_bytes(request.params, spec)
             updates = [
                 SealedUpdate(
@@ -135,7 +135,16 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
                 for u in request.updates
             ]
             with self._lock:
-                resp = self.enclave.aggregate(AggregationRequest(int(request.round), params, spec, updates))
+                resp = self.enclave.aggregate(
+                    AggregationRequest(
+                        int(request.round),
+                        params,
+                        spec,
+                        updates,
+                        tuple(str(p) for p in request.selected),
+                        int(request.available),
+                    )
+                )
         except (EnclaveError, CodecError) as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.AggregateReply(
@@ -261,6 +270,8 @@ class GrpcEnclaveClient:
                 )
                 for u in request.updates
             ],
+            selected=list(request.selected),
+            available=request.available,
         )
         reply = self._call("Aggregate", self._stub.Aggregate, msg)
         params = from_bytes(reply.params, request.spec)

@@ -19,6 +19,12 @@ Pure pydantic models; this module must not import :mod:`trustfed.config` (config
     strategy = "fedavg"
     aggregator = "mean"
 
+    [aggregation.central_dp]         # optional: DP-FedAvg inside the enclave (also measured)
+    noise_multiplier = 1.0
+    clip_norm = 1.0
+    delta = 1e-5
+    seed = 0                         # the run seed; ignored with secure_noise = true
+
     [participants]                   # identity public keys (PEM) used to check update signatures
     p000 = "pki/p000.pub.pem"
 """
@@ -39,6 +45,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CentralDPSettings(_Section):
+    """Central DP-FedAvg that the enclave applies around its aggregator (the federation's ``[privacy]``
+    with ``mode = "central"``). Part of the measured config: a participant that pins a measurement
+    pins these values too."""
+
+    noise_multiplier: float = Field(gt=0, description="noise std on the sum of clipped deltas / clip norm")
+    clip_norm: float = Field(gt=0, description="(initial) L2 clip of each participant's model delta")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    clip_count_stddev: float | None = Field(None, gt=0)
+    sampling_amplification: bool = Field(
+        True, description="account with the sampling rate selected / available that the coordinator reports"
+    )
+    accountant: Literal["rdp", "pld", "prv"] = "rdp"
+    seed: int = Field(0, ge=0, description="noise seed (the run seed); not used with secure_noise")
+    secure_noise: bool = Field(False, description="draw the noise seed from the OS inside the enclave")
+
+
 class AggregationSettings(_Section):
     """What the enclave computes. Its canonical JSON enters the measurement."""
 
@@ -51,9 +77,13 @@ class AggregationSettings(_Section):
     tau: float = Field(1e-3, gt=0)
     min_updates: int = Field(1, ge=1, description="fewest valid sealed updates a round needs")
     max_params: int = Field(100_000_000, ge=1, description="largest model (float32 values) accepted")
+    central_dp: CentralDPSettings | None = Field(None, description="DP-FedAvg around the aggregator (off: none)")
 
     def measured(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if out["central_dp"] is None:  # configs without DP measure as they did before the field existed
+            del out["central_dp"]
+        return out
 
 
 class TlsFiles(_Section):

@@ -5,13 +5,15 @@ each trainer becomes a :class:`SealingTrainer` with its own identity key and att
 strategy becomes an :class:`EnclaveStrategy`. :func:`run_federation` builds the whole thing from a
 :class:`FederationConfig` with the same building blocks as ``trustfed simulate`` so that plain and
 enclave mode can be compared round by round (tests, ``benchmarks/enclave.py``, the demo).
+With ``[privacy] mode = "central"`` the enclave, not the coordinator, runs DP-FedAvg: the DP
+parameters enter the enclave's measured aggregation config (:func:`enclave_aggregation`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,18 +28,22 @@ from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
 from trustfed.enclave.policy import AttestationPolicy
 from trustfed.enclave.receipts import Receipt
 from trustfed.enclave.sealing import KeySigner, StaticKeyring
-from trustfed.enclave.settings import AggregationSettings
+from trustfed.enclave.settings import AggregationSettings, CentralDPSettings
 from trustfed.participant.trainer import Trainer
 
 if TYPE_CHECKING:
     from trustfed.config import FederationConfig, StrategySection
-    from trustfed.coordinator.engine import RoundRecord, Transport
+    from trustfed.coordinator.engine import RoundObserver, RoundRecord, Transport
+    from trustfed.privacy.settings import PrivacySettings
 
 log = logging.getLogger("trustfed.enclave.simulation")
 
 
-def aggregation_settings_for(strategy: StrategySection, min_updates: int = 1) -> AggregationSettings:
-    """The enclave's aggregation settings equivalent to a federation's ``[strategy]``."""
+def aggregation_settings_for(
+    strategy: StrategySection, min_updates: int = 1, *, privacy: PrivacySettings | None = None, seed: int = 0
+) -> AggregationSettings:
+    """The enclave's aggregation settings equivalent to a federation's ``[strategy]`` (and, with
+    ``privacy.mode = "central"``, its ``[privacy]``; ``seed`` seeds the noise unless secure_noise)."""
     return AggregationSettings(
         strategy=strategy.name,
         aggregator=strategy.aggregator,
@@ -47,6 +53,34 @@ def aggregation_settings_for(strategy: StrategySection, min_updates: int = 1) ->
         beta2=strategy.beta2,
         tau=strategy.tau,
         min_updates=min_updates,
+        central_dp=central_dp_settings(privacy, seed) if privacy is not None else None,
+    )
+
+
+def central_dp_settings(privacy: PrivacySettings, seed: int) -> CentralDPSettings | None:
+    """The enclave's DP-FedAvg settings for a federation's ``[privacy]`` (none unless mode = "central")."""
+    if privacy.mode != "central":
+        return None
+    return CentralDPSettings(
+        noise_multiplier=privacy.noise_multiplier,
+        clip_norm=privacy.max_grad_norm,
+        delta=privacy.delta,
+        clipping=privacy.clipping,
+        target_quantile=privacy.target_quantile,
+        clip_learning_rate=privacy.clip_learning_rate,
+        clip_count_stddev=privacy.clip_count_stddev,
+        sampling_amplification=privacy.sampling_amplification,
+        accountant=privacy.accountant,
+        seed=seed,
+        secure_noise=privacy.secure_noise,
+    )
+
+
+def enclave_aggregation(cfg: FederationConfig) -> AggregationSettings:
+    """What the enclave of federation ``cfg`` computes (and is measured with): every party derives it
+    the same way from the shared federation file."""
+    return aggregation_settings_for(
+        cfg.strategy, cfg.strategy.min_participants, privacy=cfg.privacy, seed=cfg.federation.seed
     )
 
 
@@ -110,7 +144,9 @@ def wrap_for_enclave(
         wrapped[pid] = SealingTrainer(
             t, AttestedEnclave(enclave, policy, where=f"participant {pid}", clock=clock), signers[pid]
         )
-    strategy = EnclaveStrategy(inner, enclave, spec, allow_simulated=allow_simulated_tee)
+    strategy = EnclaveStrategy(
+        inner, enclave, spec, allow_simulated=allow_simulated_tee, central_dp=aggregation.central_dp
+    )
     return EnclaveFederation(strategy, wrapped, enclave, signers)
 
 
@@ -129,11 +165,16 @@ def run_federation(
     rounds: int | None = None,
     transport_wrapper: Callable[[Transport], Transport] | None = None,
     enclave_factory: Callable[[StaticKeyring], EnclaveClient] | None = None,
+    observers: Sequence[RoundObserver] = (),
 ) -> FederationRun:
-    """Run ``cfg`` in process, plain or through an in-process enclave (``cfg.enclave`` settings)."""
+    """Run ``cfg`` in process, plain or through an in-process enclave (``cfg.enclave`` settings).
+
+    Plain mode with ``[privacy] mode = "central"`` runs DP-FedAvg on the coordinator; enclave mode runs
+    it in the enclave (the coordinator's strategy is the base one)."""
     from trustfed.coordinator.engine import Coordinator
     from trustfed.core.codec import flatten
     from trustfed.simulation.federation import (
+        build_base_strategy,
         build_data,
         build_strategy,
         build_trainer,
@@ -146,7 +187,8 @@ def run_federation(
     data = build_data(cfg)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     params, spec = flatten(factory().state_dict())
-    strategy: Strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
+    evaluate_fn = make_evaluator(factory, spec, data.test)
+    strategy: Strategy = build_base_strategy(cfg, evaluate_fn) if enclave_mode else build_strategy(cfg, evaluate_fn)
     trainers: dict[str, Trainer] = {
         pid: build_trainer(cfg, data, pid) for pid in participant_ids(cfg.federation.participants)
     }
@@ -162,7 +204,7 @@ def run_federation(
             raise EnclaveError(
                 "run_federation builds an in-process simulated enclave; pass enclave_factory to use another one"
             )
-        aggregation = aggregation_settings_for(cfg.strategy, cfg.strategy.min_participants)
+        aggregation = enclave_aggregation(cfg)
         policy = simulated_policy(aggregation, section.policy) if section.policy.allow_simulated_tee else section.policy
         fed = wrap_for_enclave(
             strategy,
@@ -178,7 +220,9 @@ def run_federation(
     transport: Transport = InProcessTransport(trainers)
     if transport_wrapper is not None:
         transport = transport_wrapper(transport)
-    coord = Coordinator(strategy, transport, params, spec, min_updates=cfg.strategy.min_participants)
+    coord = Coordinator(
+        strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=list(observers)
+    )
     t0 = time.perf_counter()
     try:
         hist = coord.run(rounds if rounds is not None else cfg.federation.rounds)

@@ -458,7 +458,16 @@ def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
             f"participant id {cfg.participant.id!r} is not one of the federation's participants "
             f"({', '.join(sorted(data.shards)[:5])}…); check [participant].id"
         )
-    trainer = build_trainer(fed, data, cfg.participant.id)
+    state_dir = cfg.state.dir if cfg.state is not None else None
+    if fed.privacy.mode != "none" and state_dir is None:
+        from trustfed.privacy.accounting import PrivacyError
+
+        raise PrivacyError(
+            f"participant {cfg.participant.id}: the federation runs differential privacy, but this participant has "
+            "no [state].dir to keep its privacy spend in; a restart would forget what it has spent. Set [state].dir "
+            "(load_participant_config defaults it to the participant file's folder)"
+        )
+    trainer = build_trainer(fed, data, cfg.participant.id, budget_state_dir=state_dir)
     _, spec = flatten(model_factory(fed, data.train.input_shape, data.train.num_classes)().state_dict())
     if fed.enclave.enabled:
         trainer = _sealing_trainer(fed, cfg, trainer)
@@ -483,13 +492,13 @@ def _sealing_trainer(fed: Any, cfg: ParticipantConfig, trainer: Trainer) -> Trai
     from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
     from trustfed.enclave.sealing import KeySigner
     from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
-    from trustfed.enclave.simulation import aggregation_settings_for, simulated_policy
+    from trustfed.enclave.simulation import enclave_aggregation, simulated_policy
 
     section = fed.enclave
     if section.address is None:
         raise EnclaveError("the federation aggregates in an enclave but [enclave].address is not set")
     pid = cfg.participant.id
-    aggregation = aggregation_settings_for(fed.strategy, fed.strategy.min_participants)
+    aggregation = enclave_aggregation(fed)  # with central DP, its parameters are part of the measurement
     # This participant's own policy: the expected measurement is computed from its copy of the code.
     policy = simulated_policy(aggregation, section.policy) if section.policy.allow_simulated_tee else section.policy
     client = GrpcEnclaveClient(section.address, TlsMaterial.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key))

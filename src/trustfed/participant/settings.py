@@ -20,6 +20,9 @@ dir = "runs/demo/ledger"                 # embedded: replay its signed journal; 
 attempts = 8
 initial_backoff_s = 0.5
 max_backoff_s = 5.0
+
+[state]                                  # optional: this participant's own state
+dir = "state"                            # default: this file's folder; holds <id>.privacy-budget.json
 ```
 Relative paths resolve against the file's folder.
 """
@@ -65,12 +68,19 @@ class LedgerViewSection(_Section):
     rpc_url: str | None = Field(None, description="JSON-RPC node to query (jsonrpc ledgers)")
 
 
+class StateSection(_Section):
+    """What this participant keeps across restarts: its privacy spend (``<id>.privacy-budget.json``)."""
+
+    dir: Path = Field(description="folder of the participant's state files (default: the participant file's folder)")
+
+
 class ParticipantConfig(_Section):
     participant: ParticipantSection
     tls: TlsSection
     retry: RetrySection = RetrySection()
     limits: Limits = Limits()
     ledger: LedgerViewSection | None = None
+    state: StateSection | None = Field(None, description="set by the loader when the file has no [state]")
 
 
 def _resolve(raw: dict[str, object], base: Path) -> None:
@@ -78,6 +88,7 @@ def _resolve(raw: dict[str, object], base: Path) -> None:
         ("participant", ("federation_config",)),
         ("tls", ("ca", "cert", "key", "crl")),
         ("ledger", ("dir",)),
+        ("state", ("dir",)),
     ):
         sec = raw.get(section)
         if isinstance(sec, dict):
@@ -93,6 +104,9 @@ def load_participant_config(path: str | Path) -> ParticipantConfig:
 
     p = Path(path)
     raw = parse_toml(p)
+    state = raw.setdefault("state", {})
+    if isinstance(state, dict):
+        state.setdefault("dir", ".")  # next to this file
     _resolve(raw, p.parent)
     try:
         cfg = ParticipantConfig.model_validate(raw)

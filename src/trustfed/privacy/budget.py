@@ -1,4 +1,9 @@
-"""Per-participant privacy budgets: refuse a round that would overspend, and leave cleanly."""
+"""Per-participant privacy budgets: refuse a round that would overspend, and leave cleanly.
+
+With a :class:`~trustfed.privacy.budget_state.BudgetStateFile` the guard starts from the spend
+recorded there and writes every new mechanism to it before the update leaves, so a restarted
+participant process (``trustfed client``) resumes its spend instead of starting afresh.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import math
 
 from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyAccountant, PrivacyError
+from trustfed.privacy.budget_state import BudgetStateFile, RecordedStep
 
 log = logging.getLogger("trustfed.privacy")
 
@@ -26,12 +32,32 @@ class BudgetGuard:
         budget_epsilon: float | None,
         delta: float,
         accountant: AccountantName = "rdp",
+        *,
+        state: BudgetStateFile | None = None,
     ) -> None:
         if budget_epsilon is not None and not budget_epsilon > 0:
             raise PrivacyError(f"participant {participant_id}: budget epsilon must be > 0, got {budget_epsilon}")
         self.participant_id = participant_id
         self.budget_epsilon = budget_epsilon
         self.accountant = PrivacyAccountant(delta, accountant)
+        self.state = state
+        self.steps: list[RecordedStep] = []
+        self.last_round = 0  # the last round whose spend is recorded
+        loaded = state.load(participant_id) if state is not None else None
+        if state is not None and loaded is not None:
+            self.steps = list(loaded.steps)
+            self.accountant.history = loaded.events
+            self.last_round = loaded.last_round
+            log.info(
+                "participant %s resumes its privacy spend from %s: epsilon %.4g at delta %.3g over %d mechanism(s), "
+                "last round %d",
+                participant_id,
+                state.path,
+                self.spent(),
+                self.delta,
+                len(self.steps),
+                self.last_round,
+            )
 
     @property
     def delta(self) -> float:
@@ -53,7 +79,15 @@ class BudgetGuard:
             )
         return after
 
-    def record(self, event: GaussianSteps) -> None:
+    def record(self, event: GaussianSteps, rnd: int | None = None) -> None:
+        """Record ``event`` (spent in round ``rnd``); with a state file, it is on disk before this returns."""
+        r = self.last_round if rnd is None else rnd
+        steps = [*self.steps, RecordedStep(r, event)]
+        last = max(self.last_round, r)
+        if self.state is not None:  # first on disk: if that fails, the update is not sent
+            self.state.save(self.participant_id, self.accountant.accountant, self.delta, last, steps)
+        self.steps = steps
+        self.last_round = last
         self.accountant.step(event)
 
     def metrics(self, event: GaussianSteps, epsilon_after: float) -> dict[str, float]:

@@ -138,7 +138,9 @@ class DPFedAvg(Strategy):
         total = sum(u.num_examples for u in updates)
         pseudo = Update("dp-aggregate", (params.to(torch.float64) + mean).to(torch.float32), total)
         inner = self.inner.aggregate(plan, params, [pseudo])
-        q = self._sample_rate.pop(plan.round, 1.0)
+        q = self._sample_rate.pop(plan.round, None)
+        if q is None:  # configured elsewhere (the coordinator, when this runs in the enclave): the plan says
+            q = float(plan.config.get("dp_central_sample_rate", 1.0))
         self.accountant.step(GaussianSteps(self.noise_multiplier, q, 1))
         metrics.update(
             {

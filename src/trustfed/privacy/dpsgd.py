@@ -21,6 +21,7 @@ from trustfed.models.training import TrainConfig, evaluate
 from trustfed.participant.trainer import Trainer, round_seed, train_config_from_plan
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyError
 from trustfed.privacy.budget import BudgetGuard
+from trustfed.privacy.budget_state import BudgetStateFile
 from trustfed.privacy.per_sample import ClippedGrads, LossFn, clipped_grad_sum, sum_cross_entropy
 
 
@@ -84,6 +85,7 @@ class DPSGDTrainer:
         sample_rate: float | None = None,
         accountant: AccountantName = "rdp",
         secure_noise: bool = False,
+        budget_state: BudgetStateFile | None = None,
     ) -> None:
         if len(data) == 0:
             raise PrivacyError(f"participant {participant_id} has no training data")
@@ -99,7 +101,7 @@ class DPSGDTrainer:
         self.max_grad_norm = max_grad_norm
         self.sample_rate = sample_rate
         self.secure_noise = secure_noise
-        self.guard = BudgetGuard(participant_id, budget_epsilon, delta, accountant)
+        self.guard = BudgetGuard(participant_id, budget_epsilon, delta, accountant, state=budget_state)
 
     def plan_event(self, cfg: TrainConfig) -> GaussianSteps:
         q = self.sample_rate if self.sample_rate is not None else min(1.0, cfg.batch_size / len(self.data))
@@ -138,7 +140,7 @@ class DPSGDTrainer:
             seen += len(idx)
             clipped += int((cg.norms > self.max_grad_norm).sum())
             examples += len(idx)
-        self.guard.record(event)
+        self.guard.record(event, plan.round)
         vec, _ = flatten(self.model.state_dict())
         metrics = {
             "train_loss": total / max(seen, 1),
@@ -159,11 +161,22 @@ class CentralBudgetTrainer:
     checks the participant's budget against the aggregator's announced noise and sampling rate
     (``dp_central_*`` keys of the plan) and withdraws instead of overspending."""
 
-    def __init__(self, inner: Trainer, budget_epsilon: float | None, delta: float, accountant: AccountantName = "rdp"):
+    def __init__(
+        self,
+        inner: Trainer,
+        budget_epsilon: float | None,
+        delta: float,
+        accountant: AccountantName = "rdp",
+        *,
+        budget_state: BudgetStateFile | None = None,
+    ):
         self.inner = inner
         self.participant_id = inner.participant_id
-        self.guard = BudgetGuard(inner.participant_id, budget_epsilon, delta, accountant)
-        self.accounted_round = 0
+        self.guard = BudgetGuard(inner.participant_id, budget_epsilon, delta, accountant, state=budget_state)
+
+    @property
+    def accounted_round(self) -> int:
+        return self.guard.last_round
 
     def plan_event(self, plan: RoundPlan) -> GaussianSteps:
         c = plan.config
@@ -175,16 +188,17 @@ class CentralBudgetTrainer:
         z = float(c["dp_central_noise_multiplier"])
         q = float(c.get("dp_central_sample_rate", 1.0))
         # With participant sampling, every round since the last one accounted counts (amplified by q);
-        # without it, only the rounds this participant takes part in.
-        steps = max(1, plan.round - self.accounted_round) if q < 1 else 1
+        # without it, only the rounds this participant takes part in. A round at or before the last one
+        # accounted (a new run resuming a state file) counts every round of this run so far.
+        last = self.guard.last_round
+        steps = (plan.round - last if plan.round > last else plan.round) if q < 1 else 1
         return GaussianSteps(z, q, steps)
 
     def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
         event = self.plan_event(plan)
         eps_after = self.guard.admit(plan.round, event)
         upd = self.inner.fit(params, plan)
-        self.guard.record(event)
-        self.accounted_round = plan.round
+        self.guard.record(event, plan.round)
         return Update(
             upd.participant_id, upd.params, upd.num_examples, {**upd.metrics, **self.guard.metrics(event, eps_after)}
         )

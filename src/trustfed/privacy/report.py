@@ -6,7 +6,9 @@ One JSON object per line:
 - ``{"round", "party", "kind": "participant", "mode", "epsilon", "delta", "epsilon_round",
   "noise_multiplier", "sample_rate", "steps", "budget_epsilon"?}``: a participant's spend
   (local DP-SGD, or its own budget view of central DP);
-- ``{"round", "party": "aggregator", "kind": "aggregator", ...}``: the central DP-FedAvg release;
+- ``{"round", "party": "aggregator", "kind": "aggregator", ..., "released_in"}``: the central DP-FedAvg
+  release; ``released_in`` is ``"enclave"`` when the attested enclave applied the noise (the values
+  are then those of its signed receipt), ``"coordinator"`` otherwise;
 - ``{"round", "party", "kind": "absent"}``: a selected participant sent no update (it withdrew,
   for example because its budget was spent).
 
@@ -94,6 +96,7 @@ class PrivacyRecorder:
                     "accountant": self.accountant,
                     "clip_norm": m.get("dp_clip_norm"),
                     "noise_std": m.get("dp_noise_std"),
+                    "released_in": "enclave" if "enclave_simulated" in m else "coordinator",
                 }
             )
         self.lines[plan.round] = lines

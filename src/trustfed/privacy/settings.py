@@ -98,7 +98,9 @@ class PrivacySettings(_Section):
             out.append(
                 ConfigProblem(
                     "privacy.mode",
-                    "privacy budgets are kept by each participant object; use simulation.backend = 'inprocess'",
+                    "the multiprocess simulation rebuilds participants in several worker processes, each with its own "
+                    "copy of the privacy budget; use simulation.backend = 'inprocess' (networked participants, "
+                    "`trustfed client`, keep their spend in their own state file)",
                     repr(backend),
                 )
             )

@@ -12,6 +12,7 @@ from trustfed.core.strategy import FedAvg, Strategy
 from trustfed.data.datasets import Dataset
 from trustfed.models.training import TrainConfig
 from trustfed.participant.trainer import LocalTrainer, Trainer
+from trustfed.privacy.budget_state import BudgetStateFile
 from trustfed.privacy.central import DPFedAvg
 from trustfed.privacy.dpsgd import CentralBudgetTrainer, DPSGDTrainer
 from trustfed.privacy.report import PRIVACY_FILE, PrivacyRecorder
@@ -26,8 +27,15 @@ def build_private_trainer(
     data: Dataset,
     config: TrainConfig,
     seed: int,
+    *,
+    budget_state_dir: Path | None = None,
 ) -> Trainer:
+    """A DP-SGD trainer (``mode = "local"``) or a central-DP budget guard around a plain one.
+
+    ``budget_state_dir``: where the participant keeps its spend (``<id>.privacy-budget.json``) so that
+    a restarted process resumes it; None keeps it in memory only (the in-process simulation)."""
     budget, delta = s.budget_for(pid)
+    state = BudgetStateFile.in_dir(budget_state_dir, pid) if budget_state_dir is not None else None
     if s.mode == "local":
         return DPSGDTrainer(
             pid,
@@ -43,8 +51,11 @@ def build_private_trainer(
             sample_rate=s.sample_rate,
             accountant=s.accountant,
             secure_noise=s.secure_noise,
+            budget_state=state,
         )
-    return CentralBudgetTrainer(LocalTrainer(pid, factory, spec, data, config, seed), budget, delta, s.accountant)
+    return CentralBudgetTrainer(
+        LocalTrainer(pid, factory, spec, data, config, seed), budget, delta, s.accountant, budget_state=state
+    )
 
 
 def build_central_strategy(s: PrivacySettings, inner: FedAvg, seed: int) -> Strategy:

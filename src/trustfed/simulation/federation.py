@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,7 +69,11 @@ def train_config(cfg: FederationConfig) -> TrainConfig:
     return TrainConfig(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay, mu)
 
 
-def build_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> Trainer:
+def build_trainer(
+    cfg: FederationConfig, data: FederationData, pid: str, *, budget_state_dir: Path | None = None
+) -> Trainer:
+    """Participant ``pid``'s trainer. ``budget_state_dir``: with ``[privacy]``, where it keeps its spend
+    on disk (a networked participant process); None keeps it in the trainer object only."""
     if cfg.attack.kind != "none":  # malicious participants (simulation only), see trustfed.attacks
         from trustfed.simulation.adversary import adversarial_trainer
 
@@ -85,7 +90,14 @@ def build_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> Trai
         from trustfed.privacy.wiring import build_private_trainer
 
         return build_private_trainer(
-            cfg.privacy, pid, factory, spec, data.shards[pid], train_config(cfg), cfg.federation.seed
+            cfg.privacy,
+            pid,
+            factory,
+            spec,
+            data.shards[pid],
+            train_config(cfg),
+            cfg.federation.seed,
+            budget_state_dir=budget_state_dir,
         )
     return LocalTrainer(pid, factory, spec, data.shards[pid], train_config(cfg), cfg.federation.seed)
 
@@ -106,7 +118,7 @@ def make_evaluator(
 def build_strategy(
     cfg: FederationConfig, evaluate_fn: Callable[[int, torch.Tensor], dict[str, float]] | None
 ) -> Strategy:
-    inner = _build_base_strategy(cfg, evaluate_fn)
+    inner = build_base_strategy(cfg, evaluate_fn)
     if cfg.privacy.mode == "central":
         from trustfed.privacy.wiring import build_central_strategy
 
@@ -114,9 +126,10 @@ def build_strategy(
     return inner
 
 
-def _build_base_strategy(
+def build_base_strategy(
     cfg: FederationConfig, evaluate_fn: Callable[[int, torch.Tensor], dict[str, float]] | None
 ) -> FedAvg:
+    """The ``[strategy]`` without central DP: what the coordinator runs when the enclave applies DP."""
     s = cfg.strategy
     common = {
         "fraction_fit": s.fraction_fit,

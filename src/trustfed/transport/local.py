@@ -159,7 +159,7 @@ def start_enclave(
 
     from trustfed.config import validate_federation_config
     from trustfed.enclave.service import ENCLAVE_TLS_NAME
-    from trustfed.enclave.simulation import aggregation_settings_for
+    from trustfed.enclave.simulation import enclave_aggregation
     from trustfed.pki.ca import issue
 
     cfg = validate_federation_config(dict(raw), "demo flags")
@@ -174,7 +174,7 @@ def start_enclave(
         )
         (folder / f"{pid}.pub.pem").write_bytes(pub)
         keys[pid] = f"{pid}.pub.pem"
-    aggregation = aggregation_settings_for(cfg.strategy, cfg.strategy.min_participants)
+    aggregation = enclave_aggregation(cfg)  # with central DP: the enclave applies it, measured
     doc = {
         "enclave": {
             "backend": cfg.enclave.backend,
