@@ -647,7 +647,7 @@ def run_coordinator(
         model_factory,
         participant_ids,
     )
-    from trustfed.simulation.runner import versions, write_results
+    from trustfed.simulation.runner import run_rounds, write_results
 
     data = build_data(cfg)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
@@ -679,38 +679,8 @@ def run_coordinator(
     coord = Coordinator(
         strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=watchers
     )
-    rounds: list[dict[str, Any]] = []
-
-    def record(rec: RoundRecord, _params: torch.Tensor) -> None:
-        rounds.append(
-            {
-                "round": rec.round,
-                "accuracy": rec.metrics.get("accuracy", float("nan")),
-                "loss": rec.metrics.get("loss", float("nan")),
-                "seconds": rec.seconds,
-                "participants": list(rec.participants),
-                "model_hash": rec.model_hash,
-            }
-        )
-        if on_round:
-            on_round(rec)
-
-    t0 = time.perf_counter()
-    try:
-        coord.run(cfg.federation.rounds, record)
-    finally:
-        transport.close()
-    metrics: dict[str, Any] = {
-        "final_accuracy": rounds[-1]["accuracy"],
-        "final_loss": rounds[-1]["loss"],
-        "rounds": rounds,
-        "total_seconds": time.perf_counter() - t0,
-        "model_hash": model_hash(coord.params, spec),
-        "strategy": strategy.describe(),
-        "transport": {"kind": "grpc-mtls", "address": transport.address},
-        "config": cfg.model_dump(mode="json"),
-        "versions": versions(),
-    }
+    metrics = run_rounds(coord, cfg, transport, strategy, spec, on_round)
+    metrics["transport"] = {"kind": "grpc-mtls", "address": transport.address}
     if enclave is not None:
         metrics["enclave"] = enclave.describe()
     if out_dir is not None and write:

@@ -20,7 +20,8 @@ import torch
 from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import Coordinator, RoundObserver, RoundRecord, Transport
 from trustfed.coordinator.recorders import recorders_for
-from trustfed.core.codec import flatten, model_hash, to_bytes
+from trustfed.core.codec import ParamSpec, flatten, model_hash, to_bytes
+from trustfed.core.strategy import Strategy
 from trustfed.simulation.federation import (
     build_data,
     build_strategy,
@@ -81,6 +82,22 @@ def run_simulation(
     from trustfed.simulation.adversary import attach_root_update
 
     attach_root_update(cfg, data, strategy, coord)  # FLTrust's server update from a root sample
+    metrics = run_rounds(coord, cfg, transport, strategy, spec, on_round)
+    if out_dir is not None:
+        write_results(out_dir, metrics, coord.params, spec.to_json())
+    return SimulationResult(coord.params, metrics)
+
+
+def run_rounds(
+    coord: Coordinator,
+    cfg: FederationConfig,
+    transport: Transport,
+    strategy: Strategy,
+    spec: ParamSpec,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> dict[str, Any]:
+    """Run every round of ``cfg`` (closing ``transport`` after) and return the metrics.json contract:
+    the simulation and the networked coordinator share it."""
     rounds: list[dict[str, Any]] = []
 
     def record(rec: RoundRecord, _params: torch.Tensor) -> None:
@@ -102,7 +119,7 @@ def run_simulation(
         coord.run(cfg.federation.rounds, record)
     finally:
         transport.close()
-    metrics: dict[str, Any] = {
+    return {
         "final_accuracy": rounds[-1]["accuracy"],
         "final_loss": rounds[-1]["loss"],
         "rounds": rounds,
@@ -112,9 +129,6 @@ def run_simulation(
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
-    if out_dir is not None:
-        write_results(out_dir, metrics, coord.params, spec.to_json())
-    return SimulationResult(coord.params, metrics)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
