@@ -8,6 +8,9 @@ processes on CPU): a DDP launch (plain torch DDP loop, then ``trustfed.distribut
 the same model, data and steps, then the plain loop again) and a PP launch (plain pipelined loop with
 1F1B for several micro-batch counts, and each stage's compute time alone, from which the bubble is
 measured and set against the (K-1)/(M+K-1) bound). All rows are in this run, on this machine.
+Single-process and DDP loops are timed from their first step, as ``worker.run`` times itself (its
+two checkpoints, with hashes and provenance entries, are inside its time); the PP loop excludes 3
+warm-up steps, as its stage-alone timings do.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def worker_ddp(steps: int, out: Path) -> None:
     for rep in range(2):
         model = build_lm(SHAPE, 0)
         ddp = DDP(model)
-        plain.append(_plain_loop(ddp, ddp.parameters(), steps, world, rank))
+        # timed like worker.run: from the first step, no warm-up excluded (its checkpoints are included)
+        plain.append(_plain_loop(ddp, ddp.parameters(), steps, world, rank, warm=0))
         run_dir = out.parent / f"tf-run-{rep}"
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +203,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         single = statistics.median(
-            _plain_loop(m, m.parameters(), steps, 1, 0) for m in (build_lm(SHAPE, 0), build_lm(SHAPE, 0))
+            _plain_loop(m, m.parameters(), steps, 1, 0, warm=0) for m in (build_lm(SHAPE, 0), build_lm(SHAPE, 0))
         )
         ddp_file, pp_file = Path(tmp) / "ddp.json", Path(tmp) / "pp.json"
         _launch(["--worker", "ddp", "--steps", str(steps), "--result", str(ddp_file)])

@@ -45,20 +45,35 @@ def check_inputs(updates: torch.Tensor, weights: torch.Tensor, min_updates: int 
         raise AggregationError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
     if n < min_updates:
         raise AggregationError(f"need at least {min_updates} update(s), got {n}")
-    if not bool(torch.isfinite(updates).all()):
+    # One fast pass: a row sum is NaN or infinite iff the row holds a NaN or an infinity (or its values
+    # are so large that they overflow float32 when added); the exact check runs only on that path.
+    row_sums = updates.sum(dim=1)
+    if not bool(torch.isfinite(row_sums).all()):
         bad = (~torch.isfinite(updates)).any(dim=1).nonzero().flatten().tolist()
-        raise AggregationError(f"updates {bad} contain NaN or infinite values")
+        if bad:
+            raise AggregationError(f"updates {bad} contain NaN or infinite values")
+        big = (~torch.isfinite(row_sums)).nonzero().flatten().tolist()
+        raise AggregationError(f"updates {big} are too large to aggregate: their sums overflow float32")
     if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
         raise AggregationError("weights must be finite and non-negative")
     if float(weights.sum()) <= 0:
         raise AggregationError("weights sum to zero")
 
 
+_MEAN_BLOCK = 16_384  # columns converted to float64 at a time: no [n, d] float64 copy of the updates
+
+
 def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean accumulated in float64 and rounded once to float32."""
+    """Weighted mean accumulated in float64 and rounded once to float32 (a zero weight drops a row)."""
     w = weights.to(torch.float64)
     w = w / w.sum()
-    return (w @ updates.to(torch.float64)).to(torch.float32)
+    d = updates.shape[1]
+    if d <= _MEAN_BLOCK:
+        return (w @ updates.to(torch.float64)).to(torch.float32)
+    out = torch.empty(d, dtype=torch.float32, device=updates.device)
+    for j in range(0, d, _MEAN_BLOCK):
+        out[j : j + _MEAN_BLOCK] = w @ updates[:, j : j + _MEAN_BLOCK].to(torch.float64)
+    return out
 
 
 class WeightedMean:

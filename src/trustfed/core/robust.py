@@ -51,7 +51,7 @@ log = logging.getLogger("trustfed.robust")
 # which removes the common offset that would otherwise cancel); below it, in float64.
 _F64_GRAM_LIMIT = 2_000_000
 _CHUNK = 16_384
-_GRAM_BLOCK = 32_768  # columns per Gram block: 100 updates x 32k floats = 12.5 MiB
+_GRAM_BLOCK = 8_192  # columns per Gram block (100 updates x 8k floats = 3 MiB: stays in cache)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -277,7 +277,9 @@ class MultiKrum(_Base):
         keep = torch.sort(torch.argsort(scores, stable=True)[:m]).values
         w = _unit_weights(weights[keep], self.weighted)
         sel = tuple(int(i) for i in keep)
-        return AggregateResult(weighted_mean(updates[keep], w), sel, {"krum": scores})
+        full = torch.zeros(n, dtype=w.dtype)  # zero weight for the rest: no copy of the kept rows
+        full[keep] = w
+        return AggregateResult(weighted_mean(updates, full), sel, {"krum": scores})
 
 
 def bulyan_select(d2: torch.Tensor, f: int) -> list[int]:
