@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--flower-repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for trustfed (numpy/Flower: 1)")
     ap.add_argument("--quick", action="store_true", help="n = 30, d = 100,000")
+    ap.add_argument("--rules", default="", help="comma-separated subset of rules (default: all)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "aggregators.json")
     args = ap.parse_args()
     if args.quick:
@@ -79,6 +80,9 @@ def main() -> None:
             lambda: fa.aggregate_bulyan(list(results), bf, fa.aggregate_krum, to_keep=0),
         ),
     ]
+    if args.rules:
+        keep = set(args.rules.split(","))
+        cases = [c for c in cases if c[0] in keep]
     rows = []
     for name, params, flower in cases:
         agg = get_aggregator(name, **params)

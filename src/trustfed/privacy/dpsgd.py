@@ -26,7 +26,8 @@ from trustfed.privacy.per_sample import ClippedGrads, LossFn, clipped_grad_sum, 
 
 
 def noise_like(t: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(t.shape, generator=generator, dtype=t.dtype) * std
+    """N(0, std^2) noise shaped like ``t``, drawn and scaled in one pass."""
+    return torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std, generator=generator)
 
 
 def dp_sgd_step(
@@ -53,7 +54,7 @@ def dp_sgd_step(
     params = list(model.parameters())
     with torch.no_grad():
         for i, (p, g) in enumerate(zip(params, cg.grads, strict=True)):
-            grad = (g + noise_like(p, std, generator)) / expected_batch_size
+            grad = noise_like(p, std, generator).add_(g).div_(expected_batch_size)  # in place on the fresh noise
             if anchor is not None and proximal_mu > 0:
                 grad += proximal_mu * (p - anchor[i])
             p.grad = grad
