@@ -94,6 +94,9 @@ def verify_signature(public_key_pem: bytes, data: bytes, signature: bytes) -> bo
     return True
 
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
 class EcdsaSigner:
     """An ECDSA P-256 key held in this process."""
 
@@ -140,7 +143,7 @@ class EcdsaSigner:
         return self._pem
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self._key.sign(data, _ECDSA_SHA256)
 
 
 # ---------------------------------------------------------------- the chain (pure)
@@ -153,8 +156,13 @@ def _signed_text(kind: str, rnd: int, author: str, body_json: str) -> bytes:
     return f'{{"author":{_dumps(author)},"body":{body_json},"kind":{_dumps(kind)},"round":{int(rnd)}}}'.encode()
 
 
+# One encoder for every entry: ``json.dumps`` with non-default options builds a new encoder per call,
+# which was a third of an append's time. Same bytes as json.dumps(sort_keys, compact, ensure_ascii=False).
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def entry_digest(kind: str, rnd: int, author: str, body: Mapping[str, Any]) -> bytes:
