@@ -14,12 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from privacy_helpers import digits_dpsgd_trainer
 from trustfed.config import validate_federation_config
-from trustfed.core.codec import flatten
 from trustfed.core.strategy import FedAdam, FedAvg, RoundPlan, Update
-from trustfed.data.datasets import load_dataset
 from trustfed.errors import ConfigError
-from trustfed.models.training import TrainConfig
 from trustfed.privacy.accounting import GaussianSteps, PrivacyError, epsilon, noise_multiplier_for
 from trustfed.privacy.budget import BudgetExhausted
 from trustfed.privacy.central import DPFedAvg, clip_rows, delta_noise_multiplier
@@ -255,27 +253,7 @@ def test_central_dp_refuses_a_robust_aggregator() -> None:
 
 # --- budgets ------------------------------------------------------------------------------------
 def _digits_trainer(budget: float | None) -> tuple[DPSGDTrainer, torch.Tensor]:
-    ds = load_dataset("digits", None, 0)
-    data = ds.subset(torch.arange(200).numpy())
-
-    def factory() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-    params, spec = flatten(factory().state_dict())
-    t = DPSGDTrainer(
-        "p007",
-        factory,
-        spec,
-        data,
-        TrainConfig(1, 50, 0.1, 0.0),
-        0,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        delta=1e-5,
-        budget_epsilon=budget,
-    )
-    return t, params
+    return digits_dpsgd_trainer(budget)
 
 
 def test_budget_exhaustion_refuses_before_training() -> None:

@@ -17,14 +17,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
+from privacy_helpers import digits_dpsgd_trainer
 from trustfed.config import FederationConfig, validate_federation_config
 from trustfed.coordinator.engine import Coordinator
 from trustfed.core.codec import flatten
 from trustfed.core.strategy import RoundPlan
-from trustfed.data.datasets import load_dataset
-from trustfed.models.training import TrainConfig
 from trustfed.privacy.accounting import GaussianSteps, epsilon
 from trustfed.privacy.budget import BudgetExhausted
 from trustfed.privacy.budget_state import STATE_FORMAT, BudgetStateError, BudgetStateFile
@@ -33,28 +31,7 @@ from trustfed.privacy.report import PrivacyRecorder, load_records, summarize
 
 
 def _dpsgd(state: Path, budget: float | None) -> tuple[DPSGDTrainer, torch.Tensor]:
-    ds = load_dataset("digits", None, 0)
-    data = ds.subset(torch.arange(200).numpy())
-
-    def factory() -> nn.Module:
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-    params, spec = flatten(factory().state_dict())
-    t = DPSGDTrainer(
-        "p007",
-        factory,
-        spec,
-        data,
-        TrainConfig(1, 50, 0.1, 0.0),
-        0,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        delta=1e-5,
-        budget_epsilon=budget,
-        budget_state=BudgetStateFile.in_dir(state, "p007"),
-    )
-    return t, params
+    return digits_dpsgd_trainer(budget, hidden=16, budget_state=BudgetStateFile.in_dir(state, "p007"))
 
 
 def test_restarted_dpsgd_participant_resumes_its_spend(tmp_path: Path) -> None:
