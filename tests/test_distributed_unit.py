@@ -24,6 +24,7 @@ from trustfed.distributed.provenance import (
     ProvenanceLog,
     config_hash,
     latest_checkpoint,
+    log_checkpoint,
     read_verified,
     verify_run,
     write_checkpoint,
@@ -163,14 +164,7 @@ def test_checkpoint_resume_verifies_hashes(tmp_path: Path) -> None:
     log = ProvenanceLog(tmp_path / "provenance.jsonl")
     for step in (5, 10):
         ck = write_checkpoint(tmp_path, step, mvec + step, mspec, ovec, ospec)
-        log.append(
-            "checkpoint",
-            step=step,
-            path=str(ck.path.relative_to(tmp_path)),
-            model_hash=ck.model_hash,
-            optim_hash=ck.optim_hash,
-            config_hash=cfg_h,
-        )
+        log_checkpoint(log, tmp_path, ck, config_hash=cfg_h)
     assert latest_checkpoint(tmp_path, config_hash({"x": 2})) is None  # another config's checkpoints
     latest = latest_checkpoint(tmp_path, cfg_h)
     assert latest is not None and latest.step == 10
@@ -268,14 +262,7 @@ def test_checkpoints_are_anchored_and_checked_against_the_chain(tmp_path: Path) 
     log.append("run_start", config_hash=cfg_h)
     for step in (5, 10):
         ck = write_checkpoint(tmp_path, step, mvec + step, mspec, torch.full((ospec.size,), float(step)), ospec)
-        log.append(
-            "checkpoint",
-            step=step,
-            path=str(ck.path.relative_to(tmp_path)),
-            model_hash=ck.model_hash,
-            optim_hash=ck.optim_hash,
-            config_hash=cfg_h,
-        )
+        log_checkpoint(log, tmp_path, ck, config_hash=cfg_h)
     log.append("run_end", step=10)
     # the mapping onto RoundLog: consecutive rounds, step in numUpdates, optimizer hash in receiptHash
     entries = list(log.numbered())
@@ -319,14 +306,7 @@ def test_checkpoints_are_anchored_and_checked_against_the_chain(tmp_path: Path) 
     for step, sink in ((5, True), (10, False)):
         ck = write_checkpoint(sub, step, mvec + step, mspec, torch.zeros(ospec.size), ospec)
         log2.sinks = log2.sinks if sink else ()
-        log2.append(
-            "checkpoint",
-            step=step,
-            path=str(ck.path.relative_to(sub)),
-            model_hash=ck.model_hash,
-            optim_hash=ck.optim_hash,
-            config_hash=cfg_h,
-        )
+        log_checkpoint(log2, sub, ck, config_hash=cfg_h)
     anchors2 = read_anchors(chain2)
     problems = check_anchors(list(log2.numbered()), anchors2, {})
     assert [(p.line, p.step, p.field) for p in problems] == [(2, 10, "anchor")]
@@ -360,13 +340,7 @@ def test_anchors_on_a_jsonrpc_node_are_verified(tmp_path: Path) -> None:
         log.append("run_start", config={"run": run}, ledger=describe(ledger))
         for step in (4, 8):
             ck = write_checkpoint(tmp_path, step, mvec * step, mspec, torch.zeros(ospec.size), ospec)
-            log.append(
-                "checkpoint",
-                step=step,
-                path=str(ck.path.relative_to(tmp_path)),
-                model_hash=ck.model_hash,
-                optim_hash=ck.optim_hash,
-            )
+            log_checkpoint(log, tmp_path, ck)
         ledger.close()
         v = verify_run_report(tmp_path)
         assert v.problems == [] and (v.checkpoints, v.anchors) == (2, 2), v

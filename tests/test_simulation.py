@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,27 +86,39 @@ def test_demo_run_passes_the_independent_audit(demo_run: Path, capsys: pytest.Ca
     assert "VERIFIED" in out and "SIMULATED" in out
 
 
-def test_altered_enclave_receipt_fails_the_audit(demo_run: Path, tmp_path: Path) -> None:
-    """A forger holding the coordinator's key rewrites round 3's receipt (output model), re-signs the
-    entry and re-chains the log: the enclave's signature on the receipt still gives it away."""
-    import shutil
-
-    from ledger_helpers import find, has, read_lines, rechain, write_lines
+def _forge(
+    demo_run: Path, tmp_path: Path, kind: str, rnd: int, edit: Callable[[dict[str, Any]], None]
+) -> tuple[Path, int]:
+    """Copy the demo run, let a forger holding the coordinator's key edit one entry's body, re-sign it
+    and re-chain the log; returns the copy and the edited entry's 0-based index."""
+    from ledger_helpers import find, read_lines, rechain, write_lines
     from trustfed.ledger.audit import EcdsaSigner, make_entry, parse_entry
-    from trustfed.ledger.verify import verify_run
     from trustfed.pki.ca import load_private_key
 
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     lines = read_lines(run)
-    i = find(lines, "enclave_receipt", 3)
+    i = find(lines, kind, rnd)
     e = parse_entry(lines[i])
     body = json.loads(json.dumps(e.body))
-    body["receipt"]["body"]["output_model_hash"] = "ab" * 32
+    edit(body)
     signer = EcdsaSigner("coordinator", load_private_key(run / "pki" / "coordinator.key"))
     _, line = make_entry(e.seq, e.prev, e.kind, e.round, body, signer)
     lines[i] = line.rstrip("\n")
     write_lines(run, rechain(lines, i))
+    return run, i
+
+
+def test_altered_enclave_receipt_fails_the_audit(demo_run: Path, tmp_path: Path) -> None:
+    """A forger holding the coordinator's key rewrites round 3's receipt (output model), re-signs the
+    entry and re-chains the log: the enclave's signature on the receipt still gives it away."""
+    from ledger_helpers import has
+    from trustfed.ledger.verify import verify_run
+
+    def edit(body: dict[str, Any]) -> None:
+        body["receipt"]["body"]["output_model_hash"] = "ab" * 32
+
+    run, i = _forge(demo_run, tmp_path, "enclave_receipt", 3, edit)
     verdict = verify_run(run)
     assert not verdict.ok
     assert has(verdict.failures, file="audit.jsonl", line=i + 1, rnd=3, field="body.receipt")
@@ -124,3 +139,15 @@ def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         assert exc.code in (0, None)
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["final_accuracy"] > 0.8
+
+
+def test_malformed_attestation_record_is_a_located_failure(demo_run: Path, tmp_path: Path) -> None:
+    """A garbled enclave key in the recorded attestation is reported at its line, not raised."""
+    from ledger_helpers import has
+    from trustfed.ledger.verify import verify_run
+
+    run, i = _forge(demo_run, tmp_path, "enclave_attestation", 0, lambda body: body.update(public_key="not hex"))
+    verdict = verify_run(run)
+    assert has(verdict.failures, file="audit.jsonl", line=i + 1, rnd=0, field="body")
+    # without a usable attestation no receipt can be trusted: every round's receipt is flagged
+    assert sum(f.field == "kind" and "without an attested enclave" in f.message for f in verdict.failures) == 10

@@ -92,6 +92,9 @@ def stack_updates(updates: Sequence[Update], dim: int) -> tuple[torch.Tensor, to
     return x, w
 
 
+_AGGREGATOR_PREFIX = "aggregator."  # the aggregator's state inside a strategy's state_dict
+
+
 class FedAvg(Strategy):
     """FedAvg (McMahan et al. 2017): the example-weighted aggregate of the participants' models.
 
@@ -156,14 +159,13 @@ class FedAvg(Strategy):
         """The aggregator's state (centered clipping's centre, server momentum, ...) under ``aggregator.``."""
         get = getattr(self.aggregator, "state_dict", None)
         inner: Mapping[str, torch.Tensor] = get() if callable(get) else {}
-        return {f"aggregator.{k}": v for k, v in inner.items()}
+        return {_AGGREGATOR_PREFIX + k: v for k, v in inner.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        prefix = "aggregator."
-        unknown = sorted(k for k in state if not k.startswith(prefix))
+        unknown = sorted(k for k in state if not k.startswith(_AGGREGATOR_PREFIX))
         if unknown:
             raise AggregationError(f"strategy {self.name} got unknown state keys {unknown}")
-        inner = {k[len(prefix) :]: v for k, v in state.items()}
+        inner = {k[len(_AGGREGATOR_PREFIX) :]: v for k, v in state.items()}
         load = getattr(self.aggregator, "load_state_dict", None)
         if callable(load):
             load(inner)
@@ -256,11 +258,12 @@ class FedOpt(FedAvg):
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        own = {k: v for k, v in state.items() if not k.startswith("aggregator.")}
+        inner = {k: v for k, v in state.items() if k.startswith(_AGGREGATOR_PREFIX)}
+        own = {k: v for k, v in state.items() if k not in inner}
         unknown = sorted(set(own) - {"m", "v", "t"})
         if unknown:
             raise AggregationError(f"strategy {self.name} got unknown state keys {unknown}")
-        super().load_state_dict({k: v for k, v in state.items() if k.startswith("aggregator.")})
+        super().load_state_dict(inner)
         if not own:
             self.m = self.v = None
             self.t = 0

@@ -147,6 +147,18 @@ class Checkpoint:
     optim_hash: str
 
 
+def log_checkpoint(log: ProvenanceLog, run_dir: Path, ck: Checkpoint, **fields: Any) -> dict[str, Any]:
+    """Append the entry of a written checkpoint: its step, path (relative to ``run_dir``) and hashes."""
+    return log.append(
+        "checkpoint",
+        step=ck.step,
+        path=str(ck.path.relative_to(run_dir)),
+        model_hash=ck.model_hash,
+        optim_hash=ck.optim_hash,
+        **fields,
+    )
+
+
 def write_checkpoint(
     run_dir: Path, step: int, model: torch.Tensor, model_spec: ParamSpec, optim: torch.Tensor, optim_spec: ParamSpec
 ) -> Checkpoint:

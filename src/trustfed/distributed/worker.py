@@ -65,6 +65,7 @@ from trustfed.distributed.provenance import (
     SignedAuditSink,
     config_hash,
     latest_checkpoint,
+    log_checkpoint,
     read_verified,
     write_checkpoint,
 )
@@ -332,12 +333,10 @@ def save_checkpoint(
     if plog is None:
         return
     ck = write_checkpoint(run_dir, step, mvec, mspec, ovec, ospec)
-    plog.append(
-        "checkpoint",
-        step=step,
-        path=str(ck.path.relative_to(run_dir)),
-        model_hash=ck.model_hash,
-        optim_hash=ck.optim_hash,
+    log_checkpoint(
+        plog,
+        run_dir,
+        ck,
         config_hash=cfg_h,
         world_size=par.layout.world,
         strategy=par.layout.strategy,

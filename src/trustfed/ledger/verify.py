@@ -58,6 +58,13 @@ class Verdict:
     notes: list[str] = field(default_factory=list)  # facts an auditor must see (a SIMULATED enclave)
 
 
+@dataclass(frozen=True)
+class _AttestedEnclave:
+    public_key: bytes
+    measurement: str
+    simulated: bool
+
+
 @dataclass
 class _Located:
     line: int
@@ -74,7 +81,7 @@ class _Verifier:
         self.identities: dict[str, tuple[str, str]] = {}  # id -> (fingerprint, role)
         self.entries: list[_Located] = []
         self.notes: list[str] = []
-        self.enclave: dict[str, Any] | None = None  # the attested enclave (public key, measurement, backend)
+        self.enclave: _AttestedEnclave | None = None  # from the log's enclave_attestation entry
 
     def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
         self.failures.append(Failure(file, line, rnd, fld, msg))
@@ -247,8 +254,9 @@ class _Verifier:
         import base64
         import binascii
 
-        from trustfed.enclave.attestation import verify_evidence
+        from trustfed.enclave.attestation import SIMULATED_LABEL, verify_evidence
         from trustfed.enclave.policy import AttestationPolicy
+        from trustfed.enclave.receipts import HARDWARE_LABEL
 
         e, ln, b = loc.entry, loc.line, loc.entry.body
         if self.enclave is not None:
@@ -256,11 +264,14 @@ class _Verifier:
             return
         backend, measurement = str(b.get("backend", "")), str(b.get("measurement", ""))
         simulated = backend == "simulated"
-        if bool(b.get("simulated")) != simulated or b.get("label") != ("SIMULATED" if simulated else "ATTESTED"):
+        if bool(b.get("simulated")) != simulated or b.get("label") != (
+            SIMULATED_LABEL if simulated else HARDWARE_LABEL
+        ):
             self.fail(AUDIT_FILE, ln, e.round, "body.label", "simulated flag / label does not match the backend")
         try:
             evidence = base64.b64decode(str(b.get("evidence", "")), validate=True)
             nonce = bytes.fromhex(str(b.get("nonce", "")))
+            public_key = bytes.fromhex(str(b.get("public_key", "")))
             at = float(b.get("verified_at", 0.0))
             policy = AttestationPolicy(
                 allowed_backends=[backend],  # type: ignore[list-item]
@@ -276,7 +287,7 @@ class _Verifier:
         if verdict.ok and verdict.claims.get("public_key") != b.get("public_key"):
             self.fail(AUDIT_FILE, ln, e.round, "body.public_key", "the evidence binds another enclave key")
         self.checked["attestations"] += 1
-        self.enclave = {"public_key": str(b.get("public_key", "")), "measurement": measurement, "simulated": simulated}
+        self.enclave = _AttestedEnclave(public_key, measurement, simulated)
         if simulated:
             self.notes.append(
                 f"enclave: SIMULATED backend (software only, no hardware root of trust), measurement {measurement[:16]}…"
@@ -310,18 +321,14 @@ class _Verifier:
         except (EnclaveError, ValueError, TypeError) as exc:
             self.fail(AUDIT_FILE, ln, rnd, "body.receipt", f"unreadable receipt: {exc}")
             return
-        commitments = {
-            str(c.entry.author): bytes.fromhex(str(c.entry.body.get("commitment", "")))
-            for c in f.get("commitment_entries", [])
-        }
         verdict = verify_receipt(
             receipt,
-            enclave_public_key=bytes.fromhex(self.enclave["public_key"]),
-            expected_measurements=[self.enclave["measurement"]],
-            commitments=commitments,
+            enclave_public_key=self.enclave.public_key,
+            expected_measurements=[self.enclave.measurement],
+            commitments=f.get("commitments", {}),
             output_model_hash=str(f.get("model_hash", "")),
             rnd=rnd,
-            allow_simulated=bool(self.enclave["simulated"]),
+            allow_simulated=self.enclave.simulated,
         )
         for reason in verdict.reasons:
             self.fail(AUDIT_FILE, ln, rnd, "body.receipt", reason)
@@ -350,7 +357,7 @@ class _Verifier:
             self.fail(AUDIT_FILE, ln, e.round, "body.commitment", "is not H(round, id, H(update))")
         self.checked["commitments"] += 1
         f["leaves"].append(bytes.fromhex(real))
-        f.setdefault("commitment_entries", []).append(loc)
+        f.setdefault("commitments", {})[e.author] = f["leaves"][-1]  # author -> commitment, for the receipt
 
     def _checkpoint(self, loc: _Located) -> str:
         e, ln, b = loc.entry, loc.line, loc.entry.body
