@@ -116,7 +116,7 @@ def _cnn() -> nn.Module:
         nn.Conv2d(1, 4, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, stride=2),
+        nn.Conv2d(4, 6, (3, 2), stride=2, dilation=(1, 2), bias=False),
         nn.Flatten(),
         nn.Linear(6, 3),
     )
@@ -158,6 +158,22 @@ def test_per_example_clipping_matches_the_oracle(make: object, shape: tuple[int,
     assert bool((ref_norms > 0.5).any())  # the test really clips
     for a, b in zip(cg.grads, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_clipped_sums_scale_and_accumulate_into_given_tensors() -> None:
+    model = _cnn()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, 6, 6, generator=gen) * 3
+    y = torch.randint(0, 3, (5,), generator=gen)
+    plain = clipped_grad_sum(model, x, y, 0.5)
+    base = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
+    into = [t.clone() for t in base]
+    out = clipped_grad_sum(model, x, y, 0.5, scale=0.25, into=into)
+    for got, b, g, t in zip(out.grads, base, plain.grads, into, strict=True):
+        assert got is t  # accumulated in place
+        assert torch.allclose(got, b + 0.25 * g, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PrivacyError, match="into"):
+        clipped_grad_sum(model, x, y, 0.5, into=base[:1])
 
 
 def test_each_example_contributes_at_most_the_clip_norm() -> None:

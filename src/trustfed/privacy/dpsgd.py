@@ -26,11 +26,6 @@ from trustfed.privacy.budget_state import BudgetStateFile
 from trustfed.privacy.per_sample import ClippedGrads, LossFn, clipped_grad_sum, sum_cross_entropy
 
 
-def noise_like(t: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    """N(0, std^2) noise shaped like ``t``, drawn and scaled in one pass."""
-    return torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std, generator=generator)
-
-
 def dp_sgd_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -47,18 +42,28 @@ def dp_sgd_step(
 ) -> ClippedGrads:
     """One DP-SGD step: grad = (sum_i clip(g_i, C) + N(0, (sigma C)^2 I)) / expected_batch_size.
 
+    ``ClippedGrads.grads`` of the result are the noisy gradients (the parameters' ``.grad``).
+
     Dividing by the *expected* batch size (not the sampled one) keeps the sensitivity C / (qN)
     under Poisson sampling. A FedProx term, which does not depend on the data, is added after
     the noise."""
-    cg = clipped_grad_sum(model, x, y, max_grad_norm, loss_fn)
-    std = noise_multiplier * max_grad_norm
+    std = noise_multiplier * max_grad_norm / expected_batch_size
     params = list(model.parameters())
     with torch.no_grad():
-        for i, (p, g) in enumerate(zip(params, cg.grads, strict=True)):
-            grad = noise_like(p, std, generator).add_(g).div_(expected_batch_size)  # in place on the fresh noise
+        # The noise is drawn first, into each parameter's .grad (reused between steps); the clipped
+        # sum, already divided by the expected batch size, is then accumulated onto it.
+        noise = []
+        for p in params:
+            g = p.grad
+            if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous():
+                g = torch.empty_like(p, memory_format=torch.contiguous_format)
+            noise.append(g.normal_(0.0, std, generator=generator))
+    cg = clipped_grad_sum(model, x, y, max_grad_norm, loss_fn, scale=1.0 / expected_batch_size, into=noise)
+    with torch.no_grad():
+        for i, (p, g) in enumerate(zip(params, noise, strict=True)):
             if anchor is not None and proximal_mu > 0:
-                grad += proximal_mu * (p - anchor[i])
-            p.grad = grad
+                g += proximal_mu * (p - anchor[i])
+            p.grad = g
     optimizer.step()
     return cg
 

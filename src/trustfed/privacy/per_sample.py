@@ -7,8 +7,9 @@ from those two tensors directly:
 
 - ``nn.Linear`` on ``[B, in]``: ``||grad_W_i||^2 = ||a_i||^2 * ||g_i||^2`` (no per-example
   gradient is ever materialised) and ``sum_i c_i grad_W_i = (c * g)^T a``;
-- ``nn.Linear`` on ``[B, ..., in]`` and ``nn.Conv2d`` (via ``unfold``): the per-example gradients
-  are small and are materialised per layer.
+- ``nn.Linear`` on ``[B, ..., in]`` and ``nn.Conv2d``: the per-example gradients are small and are
+  materialised per layer (for a convolution, as the weight gradient of one grouped convolution
+  with the batch folded into its channels).
 
 Any other module that owns parameters falls back to ``torch.func`` (``vmap`` over ``grad``),
 which is exact but slower. The oracle these are tested against is one backward pass per example.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from trustfed.privacy.accounting import PrivacyError
 
@@ -72,17 +74,40 @@ def clipped_grad_sum(
     y: torch.Tensor,
     max_norm: float,
     loss_fn: LossFn = sum_cross_entropy,
+    *,
+    scale: float = 1.0,
+    into: list[torch.Tensor] | None = None,
 ) -> ClippedGrads:
-    """Clip every example's gradient to ``max_norm`` and sum them. ``loss_fn`` must sum over the batch."""
+    """Clip every example's gradient to ``max_norm`` and sum them. ``loss_fn`` must sum over the batch.
+
+    The sums are multiplied by ``scale``. With ``into`` (one tensor per parameter, e.g. freshly
+    drawn noise) they are added to those tensors in place, and ``grads`` are those tensors: on the
+    fast path the addition happens inside the same matrix product that forms the sum."""
+    params = list(model.parameters())
+    if into is not None and [t.shape for t in into] != [p.shape for p in params]:
+        raise PrivacyError("clipped_grad_sum: `into` needs one tensor shaped like each model parameter")
     if len(x) == 0:
-        params = list(model.parameters())
-        return ClippedGrads([torch.zeros_like(p) for p in params], torch.zeros(0), 0.0)
+        grads = into if into is not None else [torch.zeros_like(p) for p in params]
+        return ClippedGrads(grads, torch.zeros(0), 0.0)
     if fast_path_supported(model):
-        return _bookkeeping(model, x, y, max_norm, loss_fn)
-    return _vmap(model, x, y, max_norm, loss_fn)
+        return _bookkeeping(model, x, y, max_norm, loss_fn, scale, into)
+    cg = _vmap(model, x, y, max_norm, loss_fn)
+    if into is None:
+        return cg if scale == 1.0 else ClippedGrads([g.mul_(scale) for g in cg.grads], cg.norms, cg.loss)
+    for t, g in zip(into, cg.grads, strict=True):
+        t.add_(g, alpha=scale)
+    return ClippedGrads(into, cg.norms, cg.loss)
 
 
-def _bookkeeping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: float, loss_fn: LossFn) -> ClippedGrads:
+def _bookkeeping(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    max_norm: float,
+    loss_fn: LossFn,
+    scale: float,
+    into: list[torch.Tensor] | None,
+) -> ClippedGrads:
     layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and any(True for _ in m.parameters())]
     inputs: dict[nn.Module, torch.Tensor] = {}
     outputs: dict[nn.Module, torch.Tensor] = {}
@@ -112,9 +137,10 @@ def _bookkeeping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: f
         a = inputs[m]
         bias = getattr(m, "bias", None)
         if isinstance(m, nn.Linear) and a.dim() == 2:
-            norms2 += (a * a).sum(1) * (g * g).sum(1)
+            gg = torch.linalg.vector_norm(g, dim=1).square_()
+            norms2 += torch.linalg.vector_norm(a, dim=1).square_().mul_(gg)
             if bias is not None:
-                norms2 += (g * g).sum(1)
+                norms2 += gg
             factored[m] = (a, g)
             continue
         if isinstance(m, nn.Linear):
@@ -124,33 +150,51 @@ def _bookkeeping(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: f
             gb = g3.sum(1) if bias is not None else None
         else:
             assert isinstance(m, nn.Conv2d)
-            a3 = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
-            g3 = g.reshape(b, g.shape[1], -1)
-            gw = torch.bmm(g3, a3.transpose(1, 2))
-            gb = g3.sum(2) if bias is not None else None
+            gw = _conv2d_per_example_weight_grads(m, a, g)
+            gb = g.sum((2, 3)) if bias is not None else None
         norms2 += (gw * gw).reshape(b, -1).sum(1)
         if gb is not None:
             norms2 += (gb * gb).sum(1)
         material[m] = (gw, gb)
     norms = norms2.sqrt()
     c = clip_factors(norms, max_norm)
-    grad_of: dict[int, torch.Tensor] = {}
+    cs = c * scale if scale != 1.0 else c
+    params = list(model.parameters())
+    grads = into if into is not None else [torch.zeros_like(p) for p in params]
+    slot = {id(p): t for p, t in zip(params, grads, strict=True)}
     for m in used:
         w = m.weight
         bias = getattr(m, "bias", None)
         if m in factored:
             a, g = factored[m]
-            gc = g * c[:, None]
-            grad_of[id(w)] = gc.t() @ a
+            gc = g * cs[:, None]
+            slot[id(w)].addmm_(gc.t(), a)  # the accumulation rides on the GEMM
             if bias is not None:
-                grad_of[id(bias)] = gc.sum(0)
+                slot[id(bias)].add_(gc.sum(0))
         else:
             gw, gb = material[m]
-            grad_of[id(w)] = torch.einsum("b,bo...->o...", c, gw).reshape(w.shape)
+            slot[id(w)].add_(torch.einsum("b,bo...->o...", cs, gw).reshape(w.shape))
             if bias is not None and gb is not None:
-                grad_of[id(bias)] = c @ gb
-    grads = [grad_of.get(id(p), torch.zeros_like(p)) for p in model.parameters()]
+                slot[id(bias)].add_(cs @ gb)
     return ClippedGrads(grads, norms.detach(), float(loss.detach()))
+
+
+def _conv2d_per_example_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B, out, in, kh, kw]``: the batch folded into the channels of one grouped convolution
+    (``groups = B``) whose weight gradient is exactly the per-example gradients, computed by
+    torch's own convolution backward kernel (no ``unfold`` copy of the input)."""
+    b, cin = a.shape[0], a.shape[1]
+    cout = g.shape[1]
+    gw: torch.Tensor = conv2d_weight(  # type: ignore[no-untyped-call]
+        a.reshape(1, b * cin, *a.shape[2:]),
+        (b * cout, cin, *m.kernel_size),
+        g.reshape(1, b * cout, *g.shape[2:]),
+        stride=m.stride,
+        padding=m.padding,  # type: ignore[arg-type]
+        dilation=m.dilation,
+        groups=b,
+    )
+    return gw.reshape(b, cout, cin, *m.kernel_size)
 
 
 def _vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: float, loss_fn: LossFn) -> ClippedGrads:
