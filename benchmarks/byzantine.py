@@ -45,6 +45,7 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "fltrust": ("fltrust", {"root_size": 100}),
     DEFAULT: ("centered_clipping", {}),
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
+    "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
 }
 ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),

@@ -167,6 +167,35 @@ def test_median_large_input_uses_threaded_chunks_and_matches_numpy() -> None:
     assert np.array_equal(res.params.numpy(), np.median(x, axis=0))
 
 
+@pytest.mark.parametrize(("threads", "offset", "centred"), [(1, 100.0, True), (2, 100.0, True), (2, 0.005, False)])
+def test_large_input_distances_use_the_float32_gram_and_survive_a_large_common_offset(
+    threads: int, offset: float, centred: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, d = 12, R._F64_GRAM_LIMIT // 12 + 5 * R._GRAM_BLOCK + 3  # above the float64 limit, ragged last block
+    rng = np.random.default_rng(7)
+    # offset 100: a shared part 10,000x the spread, on which the plain X @ X.T would cancel; 0.005: small
+    x = (rng.normal(0, 1, d) * offset + rng.normal(0, 0.01, (n, d))).astype(np.float32)
+    x[3] += 0.05  # one update clearly apart
+    x64 = x.astype(np.float64)
+    ref = np.array([[float(np.sum((x64[i] - x64[j]) ** 2)) for j in range(n)] for i in range(n)])
+    calls: list[bool] = []
+    real = R._blocked_gram
+
+    def spy(a: np.ndarray, threads: int, centre: bool) -> np.ndarray:
+        calls.append(centre)
+        return real(a, threads, centre)
+
+    monkeypatch.setattr(R, "_blocked_gram", spy)
+    torch.set_num_threads(threads)
+    try:
+        got = R.pairwise_sq_distances(torch.from_numpy(x)).numpy()
+    finally:
+        torch.set_num_threads(1)
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    assert np.array_equal(got, got.T) and not got.diagonal().any()
+    assert calls == ([False, True] if centred else [False])  # centred blocks only when the offset needs them
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 20), st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.45]), st.integers(0, 2**31 - 1))
 def test_trimmed_mean_matches_oracle(n: int, d: int, beta: float, seed: int) -> None:
