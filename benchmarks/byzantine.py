@@ -30,7 +30,7 @@ from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 from trustfed.simulation.federation import build_data, model_factory
 
-DEFAULT = "centered_clipping"  # the default robust configuration (see docs/robust.md)
+DEFAULT = "cc+reject(3)"  # the default robust configuration (see docs/robust.md)
 F = 4  # malicious participants assumed by Krum-family rules (20% of 20)
 
 AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -43,7 +43,8 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "geometric_median": ("geometric_median", {}),
     "norm_bound": ("norm_bound", {}),
     "fltrust": ("fltrust", {"root_size": 100}),
-    DEFAULT: ("centered_clipping", {}),
+    "centered_clipping": ("centered_clipping", {}),
+    DEFAULT: ("centered_clipping", {"reject": 3.0}),
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
 }
@@ -79,6 +80,34 @@ def config(args: argparse.Namespace, agg: str, agg_params: dict[str, Any], kind:
     return validate_federation_config(raw)
 
 
+def run_cell(args: argparse.Namespace, row: str, col: str) -> tuple[float, float, float | None]:
+    """One simulation: test accuracy after the last round, seconds, and the backdoor success rate."""
+    torch.set_num_threads(1)
+    agg, agg_params = AGGREGATORS[row]
+    kind, params = ATTACKS[col]
+    cfg = config(args, agg, agg_params, kind, params)
+    t0 = time.perf_counter()
+    res = run_simulation(cfg)
+    acc = float(res.metrics["final_accuracy"])
+    secs = time.perf_counter() - t0
+    asr = None
+    if kind == "scaling_backdoor":
+        data = build_data(cfg)
+        model = model_factory(cfg, data.train.input_shape, data.train.num_classes)()
+        _, spec = flatten(model.state_dict())
+        load_vector(model, res.params, spec)
+        model.eval()
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                out: np.ndarray = model(torch.from_numpy(x)).argmax(dim=1).numpy()
+            return out
+
+        asr = backdoor_success(predict, data.test, params)
+    print(f"{row:18s} {col:17s} acc {acc:.3f}  ({secs:.1f}s)", flush=True)
+    return acc, secs, asr
+
+
 def heatmap(table: dict[str, dict[str, float]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -112,6 +141,7 @@ def main() -> None:
     ap.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated row names")
     ap.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated column names")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="simulations run at once, one process each")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "byzantine.json")
     args = ap.parse_args()
     if args.quick:
@@ -125,31 +155,21 @@ def main() -> None:
     backdoor_asr: dict[str, float] = {}
     seconds: dict[str, dict[str, float]] = {}
     t_all = time.perf_counter()
+    cells = [(row, col) for row in aggs for col in atts]
     for row in aggs:
-        agg, agg_params = AGGREGATORS[row]
         table[row], seconds[row] = {}, {}
-        for col in atts:
-            kind, params = ATTACKS[col]
-            cfg = config(args, agg, agg_params, kind, params)
-            t0 = time.perf_counter()
-            res = run_simulation(cfg)
-            acc = float(res.metrics["final_accuracy"])
-            table[row][col] = acc
-            seconds[row][col] = time.perf_counter() - t0
-            if kind == "scaling_backdoor":
-                data = build_data(cfg)
-                model = model_factory(cfg, data.train.input_shape, data.train.num_classes)()
-                _, spec = flatten(model.state_dict())
-                load_vector(model, res.params, spec)
-                model.eval()
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-                def predict(x: np.ndarray, model: Any = model) -> np.ndarray:
-                    with torch.no_grad():
-                        out: np.ndarray = model(torch.from_numpy(x)).argmax(dim=1).numpy()
-                    return out
-
-                backdoor_asr[row] = backdoor_success(predict, data.test, params)
-            print(f"{row:18s} {col:17s} acc {acc:.3f}  ({seconds[row][col]:.1f}s)", flush=True)
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(run_cell, [args] * len(cells), *zip(*cells, strict=True)))
+    else:
+        results = [run_cell(args, row, col) for row, col in cells]
+    for (row, col), (acc, secs, asr) in zip(cells, results, strict=True):
+        table[row][col], seconds[row][col] = acc, secs
+        if asr is not None:
+            backdoor_asr[row] = asr
     summary = {}
     for row in aggs:
         attacked = {c: v for c, v in table[row].items() if c != "none"}

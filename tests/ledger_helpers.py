@@ -12,8 +12,14 @@ from trustfed.ledger.verify import Failure
 from trustfed.simulation.runner import run_simulation
 
 
-def record_run(out: Path, ledger: dict[str, Any] | None = None, rounds: int = 2, participants: int = 3) -> None:
-    raw = {
+def record_run(
+    out: Path,
+    ledger: dict[str, Any] | None = None,
+    rounds: int = 2,
+    participants: int = 3,
+    privacy: dict[str, Any] | None = None,
+) -> None:
+    raw: dict[str, Any] = {
         "federation": {"name": "ledger-test", "rounds": rounds, "participants": participants, "seed": 1},
         "data": {"dataset": "digits", "partition": {"kind": "iid"}},
         "model": {"name": "mlp", "hidden": [16]},
@@ -21,6 +27,8 @@ def record_run(out: Path, ledger: dict[str, Any] | None = None, rounds: int = 2,
         "strategy": {"name": "fedavg", "min_participants": 2},
         "ledger": ledger or {"enabled": True},
     }
+    if privacy is not None:
+        raw["privacy"] = privacy
     run_simulation(validate_federation_config(raw, "test"), out)
 
 

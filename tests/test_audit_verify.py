@@ -243,3 +243,42 @@ def test_cli_verify_lists_failures_and_exits_1(run: Path) -> None:
     r = CliRunner().invoke(app, ["audit", "verify", str(run)])
     assert r.exit_code == 1
     assert f"audit.jsonl:{i + 1} round 1 [hash]" in r.output.replace("\n", " ")
+
+
+def test_privacy_spend_totals_are_recomputed_and_checked_against_budgets(tmp_path: Path) -> None:
+    out = tmp_path / "dp"
+    record_run(out, privacy={"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 8.0})
+    v = verify_run(out)
+    assert v.ok, [str(f) for f in v.failures]
+    assert v.checked["privacy_parties"] == 3 and v.checked["privacy_entries"] == 6
+    lines = read_lines(out)
+    i = find(lines, "privacy_spend", 2, nth=1)
+    e = parse_entry(lines[i])
+    forger = EcdsaSigner.generate(e.author)
+    body = {**e.body, "epsilon": float(e.body["epsilon"]) / 2}  # claims half the spend it made
+    raw = json.loads(lines[i])
+    raw["body"] = body
+    raw["sig"] = base64.b64encode(forger.sign(entry_digest("privacy_spend", 2, e.author, body))).decode()
+    lines[i] = json.dumps(raw)
+    write_lines(out, rechain(lines, i))
+    v = verify_run(out)
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="body.epsilon")
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="sig")
+
+
+def test_privacy_spend_over_the_declared_budget_fails(tmp_path: Path) -> None:
+    out = tmp_path / "dp"
+    record_run(out, privacy={"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 8.0})
+    lines = read_lines(out)
+    i = find(lines, "privacy_spend", 2, nth=0)
+    e = parse_entry(lines[i])
+    body = {**e.body, "budget_epsilon": float(e.body["epsilon"]) / 2}
+    raw = json.loads(lines[i])
+    raw["body"] = body
+    raw["sig"] = base64.b64encode(
+        EcdsaSigner.generate(e.author).sign(entry_digest("privacy_spend", 2, e.author, body))
+    ).decode()
+    lines[i] = json.dumps(raw)
+    write_lines(out, rechain(lines, i))
+    v = verify_run(out)
+    assert any(f.field == "body.epsilon" and "over its budget" in f.message and f.line == i + 1 for f in v.failures)

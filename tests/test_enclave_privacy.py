@@ -469,3 +469,21 @@ def test_central_dp_in_the_enclave_process_over_grpc_with_the_audit_log(tmp_path
     assert len(released) == 2 and all(p["noise_multiplier"] == 1.0 for p in released)
     verdict = verify_run(out)
     assert verdict.ok, verdict.failures
+    assert verdict.checked["privacy_receipts"] == 2
+    # An aggregator spend that disagrees with the enclave's signed receipt is reported at its line.
+    from tests.ledger_helpers import read_lines, rechain, write_lines
+
+    from trustfed.ledger.audit import parse_entry
+
+    lines = read_lines(out)
+    i = next(
+        k
+        for k, line in enumerate(lines)
+        if (e := parse_entry(line)).kind == "privacy_spend" and e.body.get("kind") == "aggregator" and e.round == 2
+    )
+    raw = json.loads(lines[i])
+    raw["body"]["noise_multiplier"] = 2.0
+    lines[i] = json.dumps(raw)
+    write_lines(out, rechain(lines, i))
+    bad = verify_run(out)
+    assert any(f.line == i + 1 and f.field == "body.noise_multiplier" for f in bad.failures), bad.failures

@@ -86,16 +86,20 @@ def ref_geomed(x: np.ndarray, iters: int, nu: float = 1e-6) -> np.ndarray:
     return z
 
 
-def ref_centered_clip(x: np.ndarray, v: np.ndarray, tau: float, iters: int) -> np.ndarray:
+def ref_centered_clip(x: np.ndarray, v: np.ndarray, tau: float, iters: int, reject: float = 0.0) -> np.ndarray:
     x64 = x.astype(np.float64)
     n = len(x64)
     for _ in range(iters):
         acc = np.zeros_like(v)
-        for i in range(n):
-            r = x64[i] - v
-            nr = math.sqrt(float(np.sum(r * r)))
-            acc += r * min(1.0, tau / nr) if nr > 0 else r
-        v = v + acc / n
+        rs = [x64[i] - v for i in range(n)]
+        nrs = [math.sqrt(float(np.sum(r * r))) for r in rs]
+        far = [bool(reject) and nr > reject * tau for nr in nrs]
+        if all(far):
+            far = [False] * n
+        for r, nr, out in zip(rs, nrs, far, strict=True):
+            if not out:
+                acc += r * min(1.0, tau / nr) if nr > 0 else r
+        v = v + acc / far.count(False)
     return v
 
 
@@ -139,7 +143,7 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def test_all_builtin_aggregators_are_registered() -> None:
     names = set(available_aggregators())
     expected = {"median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median"}
-    expected |= {"centered_clipping", "fltrust", "norm_bound", "bucketing", "server_momentum"}
+    expected |= {"centered_clipping", "fltrust", "norm_bound", "bucketing", "server_momentum", "krum_filter"}
     assert expected <= names
 
 
@@ -283,6 +287,30 @@ def test_centered_clipping_matches_oracle_across_two_rounds(n: int, d: int, tau:
     np.testing.assert_allclose(r2.params.numpy(), ref_centered_clip(x2, v1, tau, iters), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 10), st.integers(1, 20), st.sampled_from([1.0, 1.5, 3.0]), st.integers(0, 2**31 - 1))
+def test_centered_clipping_with_rejection_matches_oracle(n: int, d: int, reject: float, seed: int) -> None:
+    x, w = _data(seed, n, d, outliers=n // 4)
+    agg = get_aggregator("centered_clipping", tau=2.0, iters=3, reject=reject)
+    res = agg(_t(x), _t(w))
+    np.testing.assert_allclose(
+        res.params.numpy(), ref_centered_clip(x, np.zeros(d), 2.0, 3, reject), rtol=1e-5, atol=1e-5
+    )
+    assert agg.describe()["reject"] == reject
+
+
+def test_centered_clipping_rejection_ignores_a_far_update_that_plain_clipping_follows() -> None:
+    x = np.array([[1.0, 0.0], [1.2, 0.0], [0.8, 0.0], [-50.0, 0.0]], dtype=np.float32)
+    w = np.ones(4, dtype=np.float32)
+    plain = get_aggregator("centered_clipping", iters=3)(_t(x), _t(w))
+    rej = get_aggregator("centered_clipping", iters=3, reject=3.0)(_t(x), _t(w))
+    assert float(rej.params[0]) == pytest.approx(1.0, abs=0.05)  # the mean of the three that agree
+    assert float(plain.params[0]) < float(rej.params[0]) - 0.1  # clipping still moves towards the attacker
+    assert rej.selected == (0, 1, 2) and float(rej.scores["clip_scale"][3]) == 0.0
+    with pytest.raises(AggregationError, match="reject"):
+        get_aggregator("centered_clipping", reject=0.5)
+
+
 def test_centered_clipping_state_round_trips_and_bounds_an_attacker() -> None:
     x, w = _data(1, 10, 30)
     x[0] = 1e6
@@ -353,6 +381,49 @@ def test_bucketing_passes_inner_params_and_rejects_unknown_ones() -> None:
     assert getattr(agg, "operates_on", None) == "deltas"
     with pytest.raises(AggregationError, match="inner_"):
         get_aggregator("bucketing", inner="median", tau=1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(4, 12), st.integers(1, 8), st.sampled_from([0.1, 0.2, 0.3]), st.integers(0, 2**31 - 1))
+def test_krum_filter_drops_the_highest_krum_scores_then_applies_the_inner_rule(
+    n: int, d: int, fraction: float, seed: int
+) -> None:
+    f = int(fraction * n)
+    x, w = _data(seed, n, d, outliers=f)
+    res = get_aggregator("krum_filter", fraction=fraction, inner="median")(_t(x), _t(w))
+    scores = ref_krum_scores(ref_sqdist(x), f)
+    keep = sorted(sorted(range(n), key=lambda i: (scores[i], i))[: n - f])
+    assert res.selected == tuple(keep)
+    np.testing.assert_allclose(res.params.numpy(), ref_median(x[keep]), rtol=1e-6, atol=1e-6)
+    if f:
+        np.testing.assert_allclose(res.scores["krum"].numpy(), scores, rtol=1e-9)
+    else:  # nothing to drop: the inner rule alone, no distances computed
+        assert "krum" not in res.scores
+
+
+def test_krum_filter_names_its_count_keeps_inner_state_and_maps_inner_scores() -> None:
+    x, w = _data(3, 10, 5, outliers=2)
+    agg = get_aggregator("krum_filter", num_malicious=2, inner="centered_clipping", inner_iters=2)
+    assert agg.describe() == {
+        "name": "krum_filter",
+        "num_malicious": 2,
+        "fraction": 0.2,
+        "inner": {"name": "centered_clipping", "tau": 0.0, "iters": 2, "momentum": 0.0, "weighted": False},
+    }
+    assert getattr(agg, "operates_on", None) == "deltas"
+    res = agg(_t(x), _t(w))
+    assert set(res.selected).isdisjoint({0, 1})  # the two far outliers are dropped
+    scale = res.scores["clip_scale"]
+    assert scale.shape == (10,) and bool(scale[:2].isnan().all()) and not bool(scale[2:].isnan().any())
+    state = agg.state_dict()  # type: ignore[attr-defined]
+    assert set(state) == {"inner.center"}
+    again = get_aggregator("krum_filter", num_malicious=2, inner="centered_clipping", inner_iters=2)
+    again.load_state_dict(state)  # type: ignore[attr-defined]
+    assert torch.equal(again(_t(x), _t(w)).params, agg(_t(x), _t(w)).params)
+    with pytest.raises(AggregationError, match="fraction"):
+        get_aggregator("krum_filter", fraction=0.5)
+    with pytest.raises(AggregationError, match="needs at least"):
+        get_aggregator("krum_filter", num_malicious=3)(_t(x[:3]), _t(w[:3]))
 
 
 def test_server_momentum_accumulates_and_checkpoints() -> None:

@@ -427,20 +427,36 @@ class CenteredClipping(_Base):
     ``iters`` times moves by ``mean_i clip(x_i - v, tau)``. ``tau = 0`` (default) picks the radius
     each iteration as the median of ``|x_i - v|``, which a malicious minority cannot inflate.
     With ``momentum > 0`` the returned delta is ``m = momentum * m + (1 - momentum) * v``.
+    With ``reject > 0`` an update farther than ``reject * tau`` from ``v`` gets no weight in that
+    iteration (the others' weights are renormalised) instead of being clipped to ``tau``: a far
+    attacker then pulls the centre by nothing rather than by ``tau`` in its direction.
     """
 
     name = "centered_clipping"
     operates_on = "deltas"
 
-    def __init__(self, tau: float = 0.0, iters: int = 3, momentum: float = 0.0, weighted: bool = False) -> None:
-        if tau < 0 or iters < 1 or not 0.0 <= momentum < 1.0:
-            raise AggregationError("centered_clipping: need tau >= 0, iters >= 1, 0 <= momentum < 1")
+    def __init__(
+        self,
+        tau: float = 0.0,
+        iters: int = 3,
+        momentum: float = 0.0,
+        weighted: bool = False,
+        reject: float = 0.0,
+    ) -> None:
+        if tau < 0 or iters < 1 or not 0.0 <= momentum < 1.0 or not (reject == 0 or reject >= 1):
+            raise AggregationError(
+                "centered_clipping: need tau >= 0, iters >= 1, 0 <= momentum < 1, reject = 0 or reject >= 1"
+            )
         self.tau, self.iters, self.momentum, self.weighted = float(tau), int(iters), float(momentum), bool(weighted)
+        self.reject = float(reject)
         self.center: torch.Tensor | None = None
         self.buffer: torch.Tensor | None = None
 
     def _params(self) -> dict[str, Any]:
-        return {"tau": self.tau, "iters": self.iters, "momentum": self.momentum, "weighted": self.weighted}
+        p = {"tau": self.tau, "iters": self.iters, "momentum": self.momentum, "weighted": self.weighted}
+        if self.reject:
+            p["reject"] = self.reject
+        return p
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
         check_inputs(updates, weights)
@@ -449,19 +465,28 @@ class CenteredClipping(_Base):
         a = a / a.sum()
         d = x.shape[1]
         v = self.center.clone() if self.center is not None and self.center.numel() == d else torch.zeros(d).double()
-        scale = torch.ones(x.shape[0], dtype=torch.float64)
+        n = x.shape[0]
+        scale = torch.ones(n, dtype=torch.float64)
         for _ in range(self.iters):
             r = x - v
             norms = torch.linalg.vector_norm(r, dim=1)
             tau = self.tau if self.tau > 0 else _median_distance(norms)
             scale = torch.where(norms > tau, tau / norms.clamp_min(1e-30), torch.ones_like(norms))
-            v = v + (a * scale) @ r
+            step = a
+            if self.reject:
+                far = norms > self.reject * tau
+                if bool(far.any()) and not bool(far.all()):
+                    scale = scale.masked_fill(far, 0.0)
+                    step = a.masked_fill(far, 0.0)
+                    step = step / step.sum()
+            v = v + (step * scale) @ r
         self.center = v
         out = v
         if self.momentum > 0:
             m = self.buffer if self.buffer is not None and self.buffer.numel() == d else torch.zeros_like(v)
             self.buffer = out = self.momentum * m + (1.0 - self.momentum) * v
-        return AggregateResult(out.to(torch.float32), tuple(range(x.shape[0])), {"clip_scale": scale})
+        kept = tuple(int(i) for i in (scale > 0).nonzero().flatten())
+        return AggregateResult(out.to(torch.float32), kept, {"clip_scale": scale})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         s = {}

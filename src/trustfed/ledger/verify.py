@@ -9,12 +9,13 @@ round and field. The verdict holds only if no failure was found.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustfed.coordinator.recorders import ATTESTATION_KIND, RECEIPT_KIND
+from trustfed.coordinator.recorders import ATTESTATION_KIND, PRIVACY_KIND, RECEIPT_KIND
 from trustfed.errors import CheckpointError, TrustFedError
 from trustfed.ledger.audit import (
     GENESIS_PREV,
@@ -82,6 +83,7 @@ class _Verifier:
         self.entries: list[_Located] = []
         self.notes: list[str] = []
         self.enclave: _AttestedEnclave | None = None  # from the log's enclave_attestation entry
+        self.privacy: list[_Located] = []  # the signed privacy_spend entries, in log order
 
     def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
         self.failures.append(Failure(file, line, rnd, fld, msg))
@@ -225,6 +227,8 @@ class _Verifier:
                     f["merkle_root"], f["aggregation"] = root, loc
                 elif e.kind == ATTESTATION_KIND:
                     self._attestation(loc)
+                elif e.kind == PRIVACY_KIND:
+                    self.privacy.append(loc)
                 elif e.kind == RECEIPT_KIND:
                     if "receipt" in f:
                         self.fail(AUDIT_FILE, ln, rnd, "kind", "a second enclave receipt for this round")
@@ -486,10 +490,71 @@ class _Verifier:
                 f"lines {tail[0]}-{tail[-1]} come after the last head anchored on chain",
             )
 
+    # ------------------------------------------------------------ 4. privacy spend
+    def check_privacy(self, facts: dict[int, dict[str, Any]]) -> None:
+        """Every party's recorded epsilon must be the total its recorded mechanisms give (recomputed
+        with the same accountant over all its rounds so far) and must stay within its declared budget;
+        a release the enclave made must match the ``privacy`` block of that round's signed receipt."""
+        if not self.privacy:
+            return
+        from trustfed.privacy.report import summarize
+
+        for loc in self.privacy:
+            b, rnd = loc.entry.body, loc.entry.round
+            if b.get("kind") != "aggregator" or b.get("released_in") != "enclave":
+                continue
+            receipt: _Located | None = facts.get(rnd, {}).get("receipt")
+            block = (receipt.entry.body.get("receipt") or {}).get("body", {}).get("privacy") if receipt else None
+            if not isinstance(block, dict):
+                self.fail(
+                    AUDIT_FILE, loc.line, rnd, "body.released_in", "enclave release without a receipt privacy block"
+                )
+                continue
+            for key in ("noise_multiplier", "sample_rate", "delta", "epsilon"):
+                mine, theirs = b.get(key), block.get(key)
+                same = isinstance(mine, int | float) and isinstance(theirs, int | float)
+                if not same or not math.isclose(float(mine), float(theirs), rel_tol=1e-9, abs_tol=1e-12):  # type: ignore[arg-type]
+                    self.fail(
+                        AUDIT_FILE, loc.line, rnd, f"body.{key}", f"{mine!r} differs from the receipt's {theirs!r}"
+                    )
+            self.checked["privacy_receipts"] += 1
+
+        seen: dict[str, list[_Located]] = defaultdict(list)
+        for loc in self.privacy:
+            seen[str(loc.entry.body.get("party", ""))].append(loc)
+        for party, locs in sorted(seen.items()):
+            for k in range(len(locs)):  # the running total at every recorded round, not only the last
+                try:
+                    (s,) = summarize([dict(x.entry.body) for x in locs[: k + 1]])
+                except (TrustFedError, KeyError, TypeError, ValueError) as exc:
+                    self.fail(AUDIT_FILE, locs[k].line, locs[k].entry.round, "body", f"malformed privacy spend: {exc}")
+                    break
+                if not s.epsilons:
+                    continue
+                if not s.verified:
+                    self.fail(
+                        AUDIT_FILE,
+                        locs[k].line,
+                        locs[k].entry.round,
+                        "body.epsilon",
+                        f"{party} records epsilon {s.epsilon:.6g}, its recorded mechanisms give {s.recomputed:.6g}",
+                    )
+                if s.budget_epsilon is not None and s.recomputed > s.budget_epsilon * (1 + 1e-9):
+                    self.fail(
+                        AUDIT_FILE,
+                        locs[k].line,
+                        locs[k].entry.round,
+                        "body.epsilon",
+                        f"{party} spent epsilon {s.recomputed:.6g}, over its budget {s.budget_epsilon:g}",
+                    )
+            self.checked["privacy_parties"] += 1
+        self.checked["privacy_entries"] += len(self.privacy)
+
 
 def verify_run(run_dir: Path, rpc_url: str | None = None) -> Verdict:
     v = _Verifier(run_dir, rpc_url)
     v.check_log()
     facts = v.check_rounds()
     v.check_chain(facts)
+    v.check_privacy(facts)
     return Verdict(not v.failures, v.failures, dict(v.checked), list(v.notes))
