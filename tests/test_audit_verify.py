@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,17 +114,29 @@ def test_swapped_checkpoint(run: Path) -> None:
     assert len(v.failures) == 1, [str(f) for f in v.failures]
 
 
-def test_forged_participant_signature(run: Path) -> None:
+def forge(run: Path, kind: str, rnd: int, nth: int, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """Replace an entry's body with ``edit(body)``, signed by a fresh key (not the author's
+    registered one) and re-chained, as a forger covering their tracks would; returns its index."""
     lines = read_lines(run)
-    i = find(lines, "commitment", 2, nth=1)
+    i = find(lines, kind, rnd, nth=nth)
     e = parse_entry(lines[i])
-    forger = EcdsaSigner.generate(e.author)  # not the participant's registered key
-    body = commitment_body(2, e.author, b"\x00" * 64, int(e.body["num_examples"]))
+    body = edit(dict(e.body))
     raw = json.loads(lines[i])
     raw["body"] = body
-    raw["sig"] = base64.b64encode(forger.sign(entry_digest("commitment", 2, e.author, body))).decode()
+    raw["sig"] = base64.b64encode(EcdsaSigner.generate(e.author).sign(entry_digest(kind, rnd, e.author, body))).decode()
     lines[i] = json.dumps(raw)
     write_lines(run, rechain(lines, i))
+    return i
+
+
+def test_forged_participant_signature(run: Path) -> None:
+    i = forge(
+        run,
+        "commitment",
+        2,
+        1,
+        lambda b: commitment_body(2, str(b["participant"]), b"\x00" * 64, int(b["num_examples"])),
+    )
     v = verify_run(run)
     assert not v.ok
     assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="sig")
@@ -245,40 +259,26 @@ def test_cli_verify_lists_failures_and_exits_1(run: Path) -> None:
     assert f"audit.jsonl:{i + 1} round 1 [hash]" in r.output.replace("\n", " ")
 
 
-def test_privacy_spend_totals_are_recomputed_and_checked_against_budgets(tmp_path: Path) -> None:
-    out = tmp_path / "dp"
+@pytest.fixture(scope="module")
+def dp_recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dp") / "run"
     record_run(out, privacy={"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 8.0})
-    v = verify_run(out)
+    return out
+
+
+def test_privacy_spend_totals_are_recomputed_and_checked_against_budgets(dp_recorded: Path, tmp_path: Path) -> None:
+    v = verify_run(dp_recorded)
     assert v.ok, [str(f) for f in v.failures]
     assert v.checked["privacy_parties"] == 3 and v.checked["privacy_entries"] == 6
-    lines = read_lines(out)
-    i = find(lines, "privacy_spend", 2, nth=1)
-    e = parse_entry(lines[i])
-    forger = EcdsaSigner.generate(e.author)
-    body = {**e.body, "epsilon": float(e.body["epsilon"]) / 2}  # claims half the spend it made
-    raw = json.loads(lines[i])
-    raw["body"] = body
-    raw["sig"] = base64.b64encode(forger.sign(entry_digest("privacy_spend", 2, e.author, body))).decode()
-    lines[i] = json.dumps(raw)
-    write_lines(out, rechain(lines, i))
+    out = shutil.copytree(dp_recorded, tmp_path / "run")
+    i = forge(out, "privacy_spend", 2, 1, lambda b: {**b, "epsilon": float(b["epsilon"]) / 2})  # half the spend
     v = verify_run(out)
     assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="body.epsilon")
     assert has(v.failures, file=AUDIT, line=i + 1, rnd=2, field="sig")
 
 
-def test_privacy_spend_over_the_declared_budget_fails(tmp_path: Path) -> None:
-    out = tmp_path / "dp"
-    record_run(out, privacy={"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 8.0})
-    lines = read_lines(out)
-    i = find(lines, "privacy_spend", 2, nth=0)
-    e = parse_entry(lines[i])
-    body = {**e.body, "budget_epsilon": float(e.body["epsilon"]) / 2}
-    raw = json.loads(lines[i])
-    raw["body"] = body
-    raw["sig"] = base64.b64encode(
-        EcdsaSigner.generate(e.author).sign(entry_digest("privacy_spend", 2, e.author, body))
-    ).decode()
-    lines[i] = json.dumps(raw)
-    write_lines(out, rechain(lines, i))
+def test_privacy_spend_over_the_declared_budget_fails(dp_recorded: Path, tmp_path: Path) -> None:
+    out = shutil.copytree(dp_recorded, tmp_path / "run")
+    i = forge(out, "privacy_spend", 2, 0, lambda b: {**b, "budget_epsilon": float(b["epsilon"]) / 2})
     v = verify_run(out)
     assert any(f.field == "body.epsilon" and "over its budget" in f.message and f.line == i + 1 for f in v.failures)
