@@ -151,3 +151,22 @@ def test_malformed_attestation_record_is_a_located_failure(demo_run: Path, tmp_p
     assert has(verdict.failures, file="audit.jsonl", line=i + 1, rnd=0, field="body")
     # without a usable attestation no receipt can be trusted: every round's receipt is flagged
     assert sum(f.field == "kind" and "without an attested enclave" in f.message for f in verdict.failures) == 10
+
+
+def test_multiprocess_dp_run_matches_in_process_and_a_spent_budget_leaves_mid_run(tmp_path: Path) -> None:
+    """Local DP-SGD on the multiprocess backend: the budgets live in per-participant state files shared by
+    the workers, so the run (and p002 leaving once its budget is spent) is the same as in process."""
+    privacy = {"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budgets": {"p002": {"epsilon": 3.5}}}
+    a = run_simulation(validate_federation_config(small(privacy=privacy)), tmp_path / "a")
+    b = run_simulation(
+        validate_federation_config(small(privacy=privacy, simulation={"backend": "multiprocess", "workers": 2})),
+        tmp_path / "b",
+    )
+    rounds = [r["participants"] for r in b.metrics["rounds"]]
+    assert rounds == [r["participants"] for r in a.metrics["rounds"]]
+    assert torch.allclose(a.params, b.params, atol=1e-6, rtol=0)
+    spent = (tmp_path / "b" / "privacy.jsonl").read_text()
+    assert spent == (tmp_path / "a" / "privacy.jsonl").read_text()
+    p002 = [(r["round"], r["kind"]) for r in map(json.loads, spent.splitlines()) if r["party"] == "p002"]
+    assert p002 == [(1, "participant"), (2, "absent")]  # trained once, then withdrew before round 2's data
+    assert "p002" not in rounds[-1] and "p003" in rounds[-1]  # the run went on without it

@@ -94,14 +94,4 @@ class PrivacySettings(_Section):
             )
         if self.mode == "central" and aggregator != "mean":
             out.append(ConfigProblem("privacy.mode", "central DP needs strategy.aggregator = 'mean'", repr(aggregator)))
-        if self.mode != "none" and backend != "inprocess":
-            out.append(
-                ConfigProblem(
-                    "privacy.mode",
-                    "the multiprocess simulation rebuilds participants in several worker processes, each with its own "
-                    "copy of the privacy budget; use simulation.backend = 'inprocess' (networked participants, "
-                    "`trustfed client`, keep their spend in their own state file)",
-                    repr(backend),
-                )
-            )
         return out

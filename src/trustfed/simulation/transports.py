@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -46,7 +48,7 @@ class InProcessTransport:
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(cfg_json: str) -> None:
+def _init_worker(cfg_json: str, budget_dir: str | None = None) -> None:
     torch.set_num_threads(1)
     from trustfed.simulation.federation import build_data
 
@@ -54,6 +56,7 @@ def _init_worker(cfg_json: str) -> None:
     _WORKER["cfg"] = cfg
     _WORKER["data"] = build_data(cfg)
     _WORKER["trainers"] = {}
+    _WORKER["budget_dir"] = budget_dir
 
 
 def _fit_in_worker(
@@ -65,9 +68,16 @@ def _fit_in_worker(
     data = _WORKER["data"]
     trainers = _WORKER["trainers"]
     assert isinstance(cfg, FederationConfig) and isinstance(data, FederationData) and isinstance(trainers, dict)
-    if pid not in trainers:
-        trainers[pid] = build_trainer(cfg, data, pid)
-    trainer: Trainer = trainers[pid]
+    budget_dir = _WORKER.get("budget_dir")
+    if isinstance(budget_dir, str):
+        # With privacy, a participant's spend lives in its budget state file, shared by all workers:
+        # the trainer is rebuilt for every round so that it starts from the spend on disk, whichever
+        # worker trained it last.
+        trainer: Trainer = build_trainer(cfg, data, pid, budget_state_dir=Path(budget_dir))
+    else:
+        if pid not in trainers:
+            trainers[pid] = build_trainer(cfg, data, pid)
+        trainer = trainers[pid]
     upd = trainer.fit(from_bytes(payload), RoundPlan(rnd, (pid,), config))
     return upd.participant_id, to_bytes(upd.params), upd.num_examples, dict(upd.metrics)
 
@@ -78,6 +88,9 @@ class MultiprocessTransport:
     def __init__(self, cfg: FederationConfig, workers: int) -> None:
         self.ids = sorted(f"p{i:03d}" for i in range(cfg.federation.participants))
         self.withdrawn: set[str] = set()
+        # Privacy budgets: one state file per participant in a folder of this run's own (a participant
+        # trains at most once per round, so its file is never written by two workers at once).
+        self._budgets = tempfile.TemporaryDirectory(prefix="trustfed-budgets-") if cfg.privacy.mode != "none" else None
         ctx = mp.get_context("spawn")
         env_threads = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = "1"
@@ -86,7 +99,7 @@ class MultiprocessTransport:
                 max_workers=workers,
                 mp_context=ctx,
                 initializer=_init_worker,
-                initargs=(cfg.model_dump_json(),),
+                initargs=(cfg.model_dump_json(), self._budgets.name if self._budgets else None),
             )
         finally:
             if env_threads is None:
@@ -115,3 +128,5 @@ class MultiprocessTransport:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._budgets is not None:
+            self._budgets.cleanup()
