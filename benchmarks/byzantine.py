@@ -30,7 +30,7 @@ from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 from trustfed.simulation.federation import build_data, model_factory
 
-DEFAULT = "cc+reject(3)"  # the default robust configuration (see docs/robust.md)
+DEFAULT = "cc+reject+dedup"  # the default robust configuration (see docs/robust.md)
 F = 4  # malicious participants assumed by Krum-family rules (20% of 20)
 
 AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -44,7 +44,8 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "norm_bound": ("norm_bound", {}),
     "fltrust": ("fltrust", {"root_size": 100}),
     "centered_clipping": ("centered_clipping", {}),
-    DEFAULT: ("centered_clipping", {"reject": 3.0}),
+    "cc+reject(3)": ("centered_clipping", {"reject": 3.0}),
+    DEFAULT: ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99}),
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
 }

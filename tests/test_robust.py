@@ -311,6 +311,24 @@ def test_centered_clipping_rejection_ignores_a_far_update_that_plain_clipping_fo
         get_aggregator("centered_clipping", reject=0.5)
 
 
+def test_centered_clipping_leaves_out_colluding_copies_of_one_vector() -> None:
+    x, w = _data(5, 10, 12)
+    x[7] = x[8] = x[9] = -0.5 * x[:7].mean(axis=0)  # three colluders send one vector (IPM)
+    agg = get_aggregator("centered_clipping", tau=2.0, iters=3, max_cosine=0.99)
+    res = agg(_t(x), _t(w))
+    assert res.selected == tuple(range(7))
+    np.testing.assert_allclose(res.params.numpy(), ref_centered_clip(x[:7], np.zeros(12), 2.0, 3), rtol=1e-5, atol=1e-5)
+    assert agg.describe()["max_cosine"] == 0.99
+    # A zero update has no direction, and a majority of look-alikes is not left out.
+    z = x.copy()
+    z[8] = z[9] = 0.0
+    assert 8 in get_aggregator("centered_clipping", max_cosine=0.99)(_t(z), _t(w)).selected
+    same = np.repeat(x[:1], 10, axis=0) + np.random.default_rng(0).normal(0, 1e-6, (10, 12)).astype(np.float32)
+    assert len(get_aggregator("centered_clipping", max_cosine=0.99)(_t(same), _t(w)).selected) == 10
+    with pytest.raises(AggregationError, match="max_cosine"):
+        get_aggregator("centered_clipping", max_cosine=1.5)
+
+
 def test_centered_clipping_state_round_trips_and_bounds_an_attacker() -> None:
     x, w = _data(1, 10, 30)
     x[0] = 1e6

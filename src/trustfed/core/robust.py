@@ -442,6 +442,7 @@ class CenteredClipping(_Base):
         momentum: float = 0.0,
         weighted: bool = False,
         reject: float = 0.0,
+        max_cosine: float = 0.0,
     ) -> None:
         if tau < 0 or iters < 1 or not 0.0 <= momentum < 1.0 or not (reject == 0 or reject >= 1):
             raise AggregationError(
@@ -449,6 +450,9 @@ class CenteredClipping(_Base):
             )
         self.tau, self.iters, self.momentum, self.weighted = float(tau), int(iters), float(momentum), bool(weighted)
         self.reject = float(reject)
+        if not 0.0 <= max_cosine <= 1.0:
+            raise AggregationError("centered_clipping: need 0 <= max_cosine <= 1 (0 = off)")
+        self.max_cosine = float(max_cosine)
         self.center: torch.Tensor | None = None
         self.buffer: torch.Tensor | None = None
 
@@ -456,6 +460,8 @@ class CenteredClipping(_Base):
         p = {"tau": self.tau, "iters": self.iters, "momentum": self.momentum, "weighted": self.weighted}
         if self.reject:
             p["reject"] = self.reject
+        if self.max_cosine:
+            p["max_cosine"] = self.max_cosine
         return p
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
@@ -467,18 +473,22 @@ class CenteredClipping(_Base):
         v = self.center.clone() if self.center is not None and self.center.numel() == d else torch.zeros(d).double()
         n = x.shape[0]
         scale = torch.ones(n, dtype=torch.float64)
+        twins = self._near_duplicates(x) if self.max_cosine else torch.zeros(x.shape[0], dtype=torch.bool)
         for _ in range(self.iters):
             r = x - v
             norms = torch.linalg.vector_norm(r, dim=1)
-            tau = self.tau if self.tau > 0 else _median_distance(norms)
+            tau = self.tau if self.tau > 0 else _median_distance(norms[~twins])
             scale = torch.where(norms > tau, tau / norms.clamp_min(1e-30), torch.ones_like(norms))
-            step = a
+            drop = twins
             if self.reject:
-                far = norms > self.reject * tau
-                if bool(far.any()) and not bool(far.all()):
-                    scale = scale.masked_fill(far, 0.0)
-                    step = a.masked_fill(far, 0.0)
-                    step = step / step.sum()
+                far = twins | (norms > self.reject * tau)
+                if not bool(far.all()):
+                    drop = far
+            step = a
+            if bool(drop.any()):
+                scale = scale.masked_fill(drop, 0.0)
+                step = a.masked_fill(drop, 0.0)
+                step = step / step.sum()
             v = v + (step * scale) @ r
         self.center = v
         out = v
@@ -487,6 +497,18 @@ class CenteredClipping(_Base):
             self.buffer = out = self.momentum * m + (1.0 - self.momentum) * v
         kept = tuple(int(i) for i in (scale > 0).nonzero().flatten())
         return AggregateResult(out.to(torch.float32), kept, {"clip_scale": scale})
+
+    def _near_duplicates(self, x: torch.Tensor) -> torch.Tensor:
+        """Updates whose cosine similarity to another update reaches ``max_cosine`` (colluding
+        participants that send one vector, as FoolsGold assumes of sybils); none when that would
+        leave out half of the updates or more."""
+        norms = torch.linalg.vector_norm(x, dim=1)
+        cos = (x @ x.T) / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+        cos.fill_diagonal_(-1.0)
+        cos[norms == 0] = -1.0
+        cos[:, norms == 0] = -1.0  # zero updates have no direction
+        twins = cos.max(dim=1).values >= self.max_cosine - 1e-12
+        return twins if 2 * int(twins.sum()) < x.shape[0] else torch.zeros_like(twins)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         s = {}
