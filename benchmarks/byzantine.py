@@ -62,6 +62,12 @@ ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "scaling_backdoor": ("scaling_backdoor", {"boost": 10.0}),
     "free_rider": ("free_rider", {}),
 }
+# Not in the default grid: colluders that add independent noise to their copies (--attacks NAME).
+EXTRA_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ipm_jitter": ("ipm", {"epsilon": 0.5, "jitter": 1.0}),
+    "alie_jitter": ("alie", {"jitter": 1.0}),
+    "min_max_jitter": ("min_max", {"jitter": 1.0}),
+}
 
 
 def config(args: argparse.Namespace, agg: str, agg_params: dict[str, Any], kind: str, params: dict[str, Any]) -> Any:
@@ -85,7 +91,7 @@ def run_cell(args: argparse.Namespace, row: str, col: str) -> tuple[float, float
     """One simulation: test accuracy after the last round, seconds, and the backdoor success rate."""
     torch.set_num_threads(1)
     agg, agg_params = AGGREGATORS[row]
-    kind, params = ATTACKS[col]
+    kind, params = {**ATTACKS, **EXTRA_ATTACKS}[col]
     cfg = config(args, agg, agg_params, kind, params)
     t0 = time.perf_counter()
     res = run_simulation(cfg)
@@ -202,7 +208,7 @@ def main() -> None:
             "default_robust": DEFAULT,
         },
         "aggregators": {r: {"name": AGGREGATORS[r][0], "params": AGGREGATORS[r][1]} for r in aggs},
-        "attacks": {c: {"kind": ATTACKS[c][0], "params": ATTACKS[c][1]} for c in atts},
+        "attacks": {c: {"kind": k, "params": p} for c in atts for k, p in [{**ATTACKS, **EXTRA_ATTACKS}[c]]},
         "accuracy": table,
         "summary": summary,
         "backdoor_success": backdoor_asr,

@@ -160,5 +160,21 @@ def _replace(deltas: torch.Tensor, malicious: torch.Tensor, row: torch.Tensor) -
     return out
 
 
+def jitter_copies(
+    poisoned: torch.Tensor, deltas: torch.Tensor, malicious: torch.Tensor, scale: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Make colluders' copies of one vector distinct: add independent N(0, (scale * sigma_j)^2) noise to
+    every malicious row, sigma_j the benign deltas' spread in coordinate j (``jitter`` parameter of the
+    omniscient attacks; evades rules that look for identical updates, at the cost of some aim)."""
+    if scale <= 0:
+        return poisoned
+    _, sd = _benign_stats(deltas, ~malicious)
+    out = poisoned.clone()
+    m = int(malicious.sum())
+    noise = torch.randn((m, deltas.shape[1]), generator=gen, dtype=torch.float64) * (scale * sd)
+    out[malicious] = (out[malicious].to(torch.float64) + noise).to(out.dtype)
+    return out
+
+
 LOCAL = {"sign_flip": sign_flip, "gaussian_noise": gaussian_noise, "free_rider": free_ride, "scaling_backdoor": boost}
 OMNISCIENT_FNS = {"alie": alie, "ipm": ipm, "min_max": min_max, "min_sum": min_sum}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trustfed.attacks.data_poisoning import backdoor, flip_labels
-from trustfed.attacks.model_poisoning import LOCAL, OMNISCIENT_FNS
+from trustfed.attacks.model_poisoning import LOCAL, OMNISCIENT_FNS, jitter_copies
 from trustfed.attacks.settings import OMNISCIENT
 from trustfed.attacks.trainers import MaliciousTrainer
 from trustfed.config import FederationConfig
@@ -65,12 +65,16 @@ def adversarial_trainer(cfg: FederationConfig, data: FederationData, pid: str) -
 class OmniscientTransport:
     """A Transport whose malicious participants see every update of the round before sending theirs."""
 
-    def __init__(self, inner: Transport, kind: str, malicious: Sequence[str], params: dict[str, Any]) -> None:
+    def __init__(
+        self, inner: Transport, kind: str, malicious: Sequence[str], params: dict[str, Any], seed: int = 0
+    ) -> None:
         self.inner = inner
         self.attack = OMNISCIENT_FNS[kind]
         self.kind = kind
         self.malicious = frozenset(malicious)
         self.params = dict(params)
+        self.jitter = float(self.params.get("jitter", 0.0))
+        self.gen = torch.Generator().manual_seed(seed)
 
     def available(self) -> Sequence[str]:
         return self.inner.available()
@@ -81,7 +85,7 @@ class OmniscientTransport:
         if not bool(mask.any()) or bool(mask.all()):
             return updates
         deltas = torch.stack([u.params for u in updates]) - params
-        poisoned = self.attack(deltas, mask, self.params) + params
+        poisoned = jitter_copies(self.attack(deltas, mask, self.params), deltas, mask, self.jitter, self.gen) + params
         return [
             Update(u.participant_id, poisoned[i].contiguous(), u.num_examples, u.metrics) if bool(mask[i]) else u
             for i, u in enumerate(updates)
@@ -97,7 +101,9 @@ def adversarial_transport(cfg: FederationConfig, transport: Transport) -> Transp
         return transport
     bad = malicious_participants(cfg)
     log.info("omniscient attack %s by %s", cfg.attack.kind, bad)
-    return OmniscientTransport(transport, cfg.attack.kind, bad, dict(cfg.attack.params))
+    return OmniscientTransport(
+        transport, cfg.attack.kind, bad, dict(cfg.attack.params), seed=cfg.attack.seed * 7919 + cfg.federation.seed
+    )
 
 
 def _find_root_consumers(obj: object, depth: int = 0) -> list[Any]:
