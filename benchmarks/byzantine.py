@@ -68,6 +68,7 @@ EXTRA_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "alie_jitter": ("alie", {"jitter": 1.0}),
     "min_max_jitter": ("min_max", {"jitter": 1.0}),
 }
+ALL_ATTACKS = {**ATTACKS, **EXTRA_ATTACKS}
 
 
 def config(args: argparse.Namespace, agg: str, agg_params: dict[str, Any], kind: str, params: dict[str, Any]) -> Any:
@@ -91,7 +92,7 @@ def run_cell(args: argparse.Namespace, row: str, col: str) -> tuple[float, float
     """One simulation: test accuracy after the last round, seconds, and the backdoor success rate."""
     torch.set_num_threads(1)
     agg, agg_params = AGGREGATORS[row]
-    kind, params = {**ATTACKS, **EXTRA_ATTACKS}[col]
+    kind, params = ALL_ATTACKS[col]
     cfg = config(args, agg, agg_params, kind, params)
     t0 = time.perf_counter()
     res = run_simulation(cfg)
@@ -208,7 +209,7 @@ def main() -> None:
             "default_robust": DEFAULT,
         },
         "aggregators": {r: {"name": AGGREGATORS[r][0], "params": AGGREGATORS[r][1]} for r in aggs},
-        "attacks": {c: {"kind": k, "params": p} for c in atts for k, p in [{**ATTACKS, **EXTRA_ATTACKS}[c]]},
+        "attacks": {c: {"kind": ALL_ATTACKS[c][0], "params": ALL_ATTACKS[c][1]} for c in atts},
         "accuracy": table,
         "summary": summary,
         "backdoor_success": backdoor_asr,

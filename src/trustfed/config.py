@@ -134,7 +134,7 @@ class FederationConfig(_Section):
         if self.simulation.backend == "multiprocess" and self.simulation.workers > n:
             out.append(ConfigProblem("simulation.workers", f"must be <= federation.participants ({n})"))
         ids = [f"p{i:03d}" for i in range(n)]
-        out += self.privacy.problems(ids, self.strategy.aggregator, self.simulation.backend)
+        out += self.privacy.problems(ids, self.strategy.aggregator)
         return out
 
 

@@ -473,7 +473,7 @@ class CenteredClipping(_Base):
         v = self.center.clone() if self.center is not None and self.center.numel() == d else torch.zeros(d).double()
         n = x.shape[0]
         scale = torch.ones(n, dtype=torch.float64)
-        twins = self._near_duplicates(x) if self.max_cosine else torch.zeros(x.shape[0], dtype=torch.bool)
+        twins = self._near_duplicates(x) if self.max_cosine else torch.zeros(n, dtype=torch.bool)
         for _ in range(self.iters):
             r = x - v
             norms = torch.linalg.vector_norm(r, dim=1)
@@ -617,6 +617,20 @@ def _inner(inner: str | Aggregator, params: Mapping[str, Any]) -> Aggregator:
     return get_aggregator(inner, **sub)
 
 
+def _inner_state(inner: Aggregator) -> dict[str, torch.Tensor]:
+    """A wrapper's checkpoint entries for its inner aggregator's state, under ``inner.``."""
+    state: dict[str, torch.Tensor] = getattr(inner, "state_dict", dict)()
+    return {f"inner.{k}": v for k, v in state.items()}
+
+
+def _load_inner_state(name: str, inner: Aggregator, state: Mapping[str, torch.Tensor]) -> None:
+    sub = {k[len("inner.") :]: v for k, v in state.items() if k.startswith("inner.")}
+    if hasattr(inner, "load_state_dict"):
+        inner.load_state_dict(sub)
+    elif sub:
+        raise AggregationError(f"{name}: inner aggregator keeps no state but got {sorted(sub)}")
+
+
 @register_aggregator("bucketing")
 class Bucketing(_Base):
     """Bucketing (Karimireddy et al. 2022): shuffle, average buckets of ``bucket_size``, then apply
@@ -653,16 +667,11 @@ class Bucketing(_Base):
         return AggregateResult(res.params, sel, scores)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        inner: dict[str, torch.Tensor] = getattr(self.inner, "state_dict", dict)()
-        return {"calls": torch.tensor(self.calls), **{f"inner.{k}": v for k, v in inner.items()}}
+        return {"calls": torch.tensor(self.calls), **_inner_state(self.inner)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.calls = int(state["calls"]) if "calls" in state else 0
-        inner = {k[len("inner.") :]: v for k, v in state.items() if k.startswith("inner.")}
-        if hasattr(self.inner, "load_state_dict"):
-            self.inner.load_state_dict(inner)
-        elif inner:
-            raise AggregationError(f"bucketing: inner aggregator keeps no state but got {sorted(inner)}")
+        _load_inner_state(self.name, self.inner, state)
 
 
 @register_aggregator("krum_filter")
@@ -705,8 +714,7 @@ class KrumFilter(_Base):
         f = self.dropped_count(n)
         _check_f(self.name, f, n, f + 1)
         if f == 0:
-            res = self.inner(updates, weights)
-            return AggregateResult(res.params, res.selected, res.scores)
+            return self.inner(updates, weights)
         scores = krum_scores(pairwise_sq_distances(updates), f)
         keep = torch.sort(torch.argsort(scores, stable=True)[: n - f]).values
         res = self.inner(updates[keep], weights[keep])
@@ -719,15 +727,10 @@ class KrumFilter(_Base):
         return AggregateResult(res.params, tuple(int(keep[i]) for i in res.selected), out_scores)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        inner: dict[str, torch.Tensor] = getattr(self.inner, "state_dict", dict)()
-        return {f"inner.{k}": v for k, v in inner.items()}
+        return _inner_state(self.inner)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        inner = {k[len("inner.") :]: v for k, v in state.items() if k.startswith("inner.")}
-        if hasattr(self.inner, "load_state_dict"):
-            self.inner.load_state_dict(inner)
-        elif inner:
-            raise AggregationError(f"krum_filter: inner aggregator keeps no state but got {sorted(inner)}")
+        _load_inner_state(self.name, self.inner, state)
 
 
 @register_aggregator("server_momentum")
@@ -760,8 +763,7 @@ class ServerMomentum(_Base):
         return AggregateResult(self.buffer.to(torch.float32), res.selected, res.scores)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        inner: dict[str, torch.Tensor] = getattr(self.inner, "state_dict", dict)()
-        s = {f"inner.{k}": v for k, v in inner.items()}
+        s = _inner_state(self.inner)
         if self.buffer is not None:
             s["momentum_buffer"] = self.buffer
         return s

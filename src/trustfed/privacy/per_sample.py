@@ -86,17 +86,15 @@ def clipped_grad_sum(
     params = list(model.parameters())
     if into is not None and [t.shape for t in into] != [p.shape for p in params]:
         raise PrivacyError("clipped_grad_sum: `into` needs one tensor shaped like each model parameter")
+    grads = into if into is not None else [torch.zeros_like(p) for p in params]
     if len(x) == 0:
-        grads = into if into is not None else [torch.zeros_like(p) for p in params]
         return ClippedGrads(grads, torch.zeros(0), 0.0)
     if fast_path_supported(model):
-        return _bookkeeping(model, x, y, max_norm, loss_fn, scale, into)
+        return _bookkeeping(model, x, y, max_norm, loss_fn, scale, grads)
     cg = _vmap(model, x, y, max_norm, loss_fn)
-    if into is None:
-        return cg if scale == 1.0 else ClippedGrads([g.mul_(scale) for g in cg.grads], cg.norms, cg.loss)
-    for t, g in zip(into, cg.grads, strict=True):
+    for t, g in zip(grads, cg.grads, strict=True):
         t.add_(g, alpha=scale)
-    return ClippedGrads(into, cg.norms, cg.loss)
+    return ClippedGrads(grads, cg.norms, cg.loss)
 
 
 def _bookkeeping(
@@ -106,8 +104,9 @@ def _bookkeeping(
     max_norm: float,
     loss_fn: LossFn,
     scale: float,
-    into: list[torch.Tensor] | None,
+    grads: list[torch.Tensor],
 ) -> ClippedGrads:
+    """Adds ``scale`` times the clipped sums onto ``grads`` (one tensor per parameter)."""
     layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and any(True for _ in m.parameters())]
     inputs: dict[nn.Module, torch.Tensor] = {}
     outputs: dict[nn.Module, torch.Tensor] = {}
@@ -159,9 +158,7 @@ def _bookkeeping(
     norms = norms2.sqrt()
     c = clip_factors(norms, max_norm)
     cs = c * scale if scale != 1.0 else c
-    params = list(model.parameters())
-    grads = into if into is not None else [torch.zeros_like(p) for p in params]
-    slot = {id(p): t for p, t in zip(params, grads, strict=True)}
+    slot = {id(p): t for p, t in zip(model.parameters(), grads, strict=True)}
     for m in used:
         w = m.weight
         bias = getattr(m, "bias", None)

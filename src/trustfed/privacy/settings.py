@@ -80,7 +80,7 @@ class PrivacySettings(_Section):
             return b.epsilon, b.delta if b.delta is not None else self.delta
         return self.budget_epsilon, self.delta
 
-    def problems(self, participant_ids: list[str], aggregator: str, backend: str) -> list[ConfigProblem]:
+    def problems(self, participant_ids: list[str], aggregator: str) -> list[ConfigProblem]:
         """Checks that need other sections (called from ``FederationConfig.semantic_problems``)."""
         out: list[ConfigProblem] = []
         unknown = sorted(set(self.budgets) - set(participant_ids))
