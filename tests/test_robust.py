@@ -473,6 +473,62 @@ def test_aggregators_reject_nan_updates(name: str) -> None:
         get_aggregator(name)(x, torch.ones(5))
 
 
+@pytest.mark.parametrize("name", ["krum", "multi_krum", "bulyan"])
+def test_gram_based_aggregators_reject_non_finite_and_overflowing_wide_updates(name: str) -> None:
+    """Krum, Multi-Krum and Bulyan skip check_inputs' pass over the values: the squared norms on the
+    Gram diagonal (float32 path for wide updates) catch NaN, infinity and overflow instead."""
+    n, d = 6, R._F64_GRAM_LIMIT // 6 + 11
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[4, d - 3] = bad
+        with pytest.raises(AggregationError, match=r"updates \[4\] contain NaN or infinite"):
+            get_aggregator(name)(y, torch.ones(n))
+    y = x.clone()
+    y[1, :5] = 3e19  # finite, and so are the row sums, but the squared norm overflows float32
+    with pytest.raises(AggregationError, match=r"updates \[1\] are too large to aggregate: their squared norms"):
+        get_aggregator(name)(y, torch.ones(n))
+
+
+def test_float32_weighted_mean_is_close_to_float64_and_independent_of_the_thread_count() -> None:
+    n, d = 9, 3 * R._CHUNK + 17
+    rng = np.random.default_rng(11)
+    x = (rng.normal(0, 1, (n, d)) * 0.01 + rng.normal(0, 1, d) * 0.01).astype(np.float32)
+    w = rng.integers(1, 1000, n).astype(np.float32)
+    w[[2, 6]] = 0.0
+    x[2] = 1e30  # a dropped row does not leak into the mean
+    oracle = (w.astype(np.float64) / w.astype(np.float64).sum()) @ x.astype(np.float64)
+    got = {}
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            got[threads] = R.weighted_mean_f32(_t(x), _t(w)).numpy()
+        finally:
+            torch.set_num_threads(1)
+    assert got[1].dtype == np.float32
+    assert np.array_equal(got[1], got[2]) and np.array_equal(got[1], got[3])
+    # The float32 rounding bound of an n-term weighted sum (weights rounded too): (n + 1) eps sum |w x|.
+    wn = w.astype(np.float64) / w.astype(np.float64).sum()
+    bound = (n + 1) * np.finfo(np.float32).eps * (wn @ np.abs(x.astype(np.float64)))
+    assert np.all(np.abs(got[1] - oracle) <= bound)
+
+
+def test_multi_krum_accumulates_in_float32_or_in_float64_on_request() -> None:
+    x, w = _data(3, 12, 5000, outliers=2)
+    fast = get_aggregator("multi_krum", num_malicious=2)(_t(x), _t(w))
+    exact = get_aggregator("multi_krum", num_malicious=2, accumulate="float64")(_t(x), _t(w))
+    assert fast.selected == exact.selected
+    keep = list(exact.selected)
+    ww = np.zeros(len(w))
+    ww[keep] = w[keep]
+    ref = (ww / ww.sum()) @ x.astype(np.float64)
+    assert np.array_equal(exact.params.numpy(), ref.astype(np.float32))
+    np.testing.assert_allclose(fast.params.numpy(), ref, rtol=1e-6, atol=1e-7)
+    assert get_aggregator("multi_krum").describe()["accumulate"] == "float32"
+    with pytest.raises(AggregationError, match="accumulate must be 'float32' or 'float64'"):
+        get_aggregator("multi_krum", accumulate="float16")
+
+
 # ----------------------------------------------------------------------------- Flower
 
 

@@ -37,7 +37,11 @@ class Aggregator(Protocol):
         ...
 
 
-def check_inputs(updates: torch.Tensor, weights: torch.Tensor, min_updates: int = 1) -> None:
+def check_inputs(updates: torch.Tensor, weights: torch.Tensor, min_updates: int = 1, finite: bool = True) -> None:
+    """Check shapes and weights, and (``finite``) that every update value is finite.
+
+    Aggregators that compute the updates' Gram matrix anyway pass ``finite=False`` and check its
+    diagonal instead (see :func:`check_finite`), saving a pass over the updates."""
     if updates.dim() != 2:
         raise AggregationError(f"updates must be a 2-D tensor [n, d], got shape {tuple(updates.shape)}")
     n = updates.shape[0]
@@ -45,19 +49,28 @@ def check_inputs(updates: torch.Tensor, weights: torch.Tensor, min_updates: int 
         raise AggregationError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
     if n < min_updates:
         raise AggregationError(f"need at least {min_updates} update(s), got {n}")
-    # One fast pass: a row sum is NaN or infinite iff the row holds a NaN or an infinity (or its values
-    # are so large that they overflow float32 when added); the exact check runs only on that path.
-    row_sums = updates.sum(dim=1)
-    if not bool(torch.isfinite(row_sums).all()):
-        bad = (~torch.isfinite(updates)).any(dim=1).nonzero().flatten().tolist()
-        if bad:
-            raise AggregationError(f"updates {bad} contain NaN or infinite values")
-        big = (~torch.isfinite(row_sums)).nonzero().flatten().tolist()
-        raise AggregationError(f"updates {big} are too large to aggregate: their sums overflow float32")
+    if finite:
+        # One fast pass: a row sum is NaN or infinite iff the row holds a NaN or an infinity (or its
+        # values are so large that they overflow float32 when added); the exact check runs only then.
+        row_sums = updates.sum(dim=1)
+        if not bool(torch.isfinite(row_sums).all()):
+            check_finite(updates, row_sums, "sums")
     if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
         raise AggregationError("weights must be finite and non-negative")
     if float(weights.sum()) <= 0:
         raise AggregationError("weights sum to zero")
+
+
+def check_finite(updates: torch.Tensor, per_row: torch.Tensor, what: str) -> None:
+    """Raise if any update holds a NaN or an infinity, or if ``per_row`` (a statistic of each row
+    computed in float32, e.g. its sum or its squared norm, named by ``what``) overflowed."""
+    if bool(torch.isfinite(per_row).all()):
+        return
+    bad = (~torch.isfinite(updates)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise AggregationError(f"updates {bad} contain NaN or infinite values")
+    big = (~torch.isfinite(per_row)).nonzero().flatten().tolist()
+    raise AggregationError(f"updates {big} are too large to aggregate: their {what} overflow float32")
 
 
 _MEAN_BLOCK = 16_384  # columns converted to float64 at a time: no [n, d] float64 copy of the updates
