@@ -77,6 +77,14 @@ def test_demo_run_passes_the_independent_audit(demo_run: Path, capsys: pytest.Ca
     assert verdict.checked["receipts"] == 10 and verdict.checked["attestations"] == 1
     assert verdict.checked["chain_rounds"] == 11 and verdict.checked["commitments"] == 50
     assert any("SIMULATED" in n for n in verdict.notes)  # the simulated enclave is never hidden
+    # incentives: every round scored from the contributions in the enclave's signed receipt, paid on chain
+    assert verdict.checked["incentive_rounds"] == 10 and verdict.checked["incentive_accounts"] == 6
+    entries = [json.loads(line) for line in (demo_run / "audit.jsonl").read_text().splitlines()]
+    scored = [e["body"] for e in entries if e["kind"] == "incentives"]
+    receipts = [e["body"]["receipt"]["body"] for e in entries if e["kind"] == "enclave_receipt"]
+    assert {b["source"] for b in scored} == {"enclave receipt"}
+    assert [b["contributions"] for b in scored] == [r["contributions"] for r in receipts]
+    assert all(sum(b["rewards"].values()) == 1000 for b in scored)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["trustfed", "audit", "verify", str(demo_run)])
         with pytest.raises(SystemExit) as exc:
@@ -107,6 +115,23 @@ def _forge(
     lines[i] = line.rstrip("\n")
     write_lines(run, rechain(lines, i))
     return run, i
+
+
+def test_coordinator_paying_itself_more_fails_the_audit(demo_run: Path, tmp_path: Path) -> None:
+    """The coordinator (holding its key) moves round 4's rewards from one participant to another and
+    re-signs: the recomputed rewards and the chain's balances both disagree."""
+    from ledger_helpers import has
+    from trustfed.ledger.verify import verify_run
+
+    def edit(body: dict[str, Any]) -> None:
+        body["rewards"]["p000"] += body["rewards"]["p001"]
+        body["rewards"]["p001"] = 0
+
+    run, i = _forge(demo_run, tmp_path, "incentives", 4, edit)
+    verdict = verify_run(run)
+    assert has(verdict.failures, file="audit.jsonl", line=i + 1, rnd=4, field="body.rewards")
+    assert not has(verdict.failures, file="audit.jsonl", field="sig")
+    assert not has(verdict.failures, file="chain", field="incentives.p000")  # chain paid what the rules give
 
 
 def test_altered_enclave_receipt_fails_the_audit(demo_run: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from trustfed.attacks.settings import AttackSettings
 from trustfed.distributed.settings import ParticipantTrainingSettings
 from trustfed.enclave.settings import EnclaveSection
 from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.incentives.settings import IncentiveSettings
 from trustfed.ledger.settings import LedgerSettings
 from trustfed.privacy.settings import PrivacySettings
 from trustfed.transport.settings import TransportSettings
@@ -98,6 +99,7 @@ class FederationConfig(_Section):
     simulation: SimulationSection = SimulationSection()
     attack: AttackSettings = AttackSettings()
     ledger: LedgerSettings = LedgerSettings()
+    incentives: IncentiveSettings = IncentiveSettings()
     enclave: EnclaveSection = EnclaveSection()
     privacy: PrivacySettings = PrivacySettings()
     transport: TransportSettings = TransportSettings()
@@ -133,6 +135,16 @@ class FederationConfig(_Section):
             )
         if self.simulation.backend == "multiprocess" and self.simulation.workers > n:
             out.append(ConfigProblem("simulation.workers", f"must be <= federation.participants ({n})"))
+        if self.incentives.enabled and not self.ledger.enabled:
+            out.append(ConfigProblem("incentives.enabled", "needs [ledger] enabled = true: rewards are paid on chain"))
+        if self.incentives.enabled and self.incentives.flag_unselected and self.strategy.aggregator == "krum":
+            out.append(
+                ConfigProblem(
+                    "incentives.flag_unselected",
+                    "krum keeps a single update, so every other participant would be flagged each round; "
+                    "set flag_unselected = false or use multi_krum",
+                )
+            )
         ids = [f"p{i:03d}" for i in range(n)]
         out += self.privacy.problems(ids, self.strategy.aggregator)
         return out

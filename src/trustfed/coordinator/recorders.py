@@ -14,7 +14,9 @@ are recorded the same way. What differs is who holds the keys:
 
 The privacy spend lines and the enclave's attestation and receipts become coordinator-signed audit
 entries (:class:`~trustfed.ledger.recorder.Attachment`), anchored on chain with the round; the
-receipt's hash goes in the chain's ``receiptHash`` slot.
+receipt's hash goes in the chain's ``receiptHash`` slot. With ``[incentives]`` every round's
+contributions, reputation and rewards become an ``incentives`` entry and one ``applyRound``
+transaction on the Incentives contract.
 """
 
 from __future__ import annotations
@@ -36,11 +38,15 @@ if TYPE_CHECKING:
     from trustfed.enclave.core import EnclaveClient
     from trustfed.enclave.policy import AttestationPolicy
     from trustfed.enclave.strategy import EnclaveStrategy
+    from trustfed.incentives.book import RoundIncentives
+    from trustfed.incentives.settings import IncentiveSettings
     from trustfed.ledger.audit import Signer
+    from trustfed.ledger.backends import LedgerBackend
     from trustfed.ledger.recorder import Attachment, CommitmentSource, RoundAttachments
     from trustfed.privacy.report import PrivacyRecorder
 
 PRIVACY_KIND = "privacy_spend"
+INCENTIVES_KIND = "incentives"
 ATTESTATION_KIND = "enclave_attestation"
 RECEIPT_KIND = "enclave_receipt"
 
@@ -158,6 +164,96 @@ class EnclaveRecord:
         }
 
 
+class IncentivesRecord:
+    """Scores every round and moves reputation and rewards (a RoundObserver that runs before the
+    ledger recorder, and the source of that round's ``incentives`` entry and transaction).
+
+    Contributions come from the updates themselves when the coordinator holds them in the clear
+    (``source = "coordinator"``), from the enclave's signed receipt in enclave mode
+    (``"enclave receipt"``), or, when the enclave releases none (central DP), as equal shares of
+    the updates the aggregator used (``"selection"``). Updates the aggregator left out (or the
+    enclave rejected) are flagged. The book starts from the chain's accounts, so a resumed run goes
+    on from where the chain stands."""
+
+    def __init__(self, settings: IncentiveSettings, enclave: EnclaveRecord | None = None) -> None:
+        from trustfed.incentives.book import IncentiveBook
+
+        self.settings = settings
+        self.book = IncentiveBook(settings.policy())
+        self.enclave = enclave
+        self.ledger: LedgerBackend | None = None  # set by recorders_for: where to read accounts back
+        self._global: Any = None
+        self._pending: dict[int, tuple[RoundIncentives, str]] = {}
+        self._restored: set[str] = set()
+
+    def on_round_start(self, plan: RoundPlan, params: Any) -> None:
+        self._global = params.detach().clone()
+
+    def on_round_end(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> None:
+        ids = [u.participant_id for u in updates]
+        selected = [ids[i] for i in result.aggregate.selected]
+        contributions, source = self._contributions(plan, updates, result, selected)
+        for pid in ids:
+            self._restore(pid)
+        flagged = set(ids) - set(selected) if self.settings.flag_unselected else set()
+        if self.enclave is not None and (receipt := self.enclave.strategy.last_receipt) is not None:
+            flagged |= set(receipt.body.get("rejected", {})) & set(ids)
+        change = self.book.apply(plan.round, ids, contributions, flagged, self.settings.reward_per_round)
+        self._pending[plan.round] = (change, source)
+
+    def _contributions(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, selected: Sequence[str]
+    ) -> tuple[dict[str, float], str]:
+        import torch
+
+        from trustfed.incentives.book import selection_shares
+        from trustfed.incentives.scoring import contribution_scores
+
+        ids = [u.participant_id for u in updates]
+        if self.enclave is not None:
+            receipt = self.enclave.strategy.last_receipt
+            released = receipt.body.get("contributions") if receipt is not None else None
+            if isinstance(released, dict):
+                return {pid: float(released.get(pid, 0.0)) for pid in ids}, "enclave receipt"
+            return selection_shares(ids, selected), "selection"
+        deltas = torch.stack([u.params for u in updates]) - self._global
+        scores = contribution_scores(deltas, result.params - self._global)
+        return {pid: float(s) for pid, s in zip(ids, scores.tolist(), strict=True)}, "coordinator"
+
+    def _restore(self, pid: str) -> None:
+        if pid in self._restored:
+            return
+        self._restored.add(pid)
+        if self.ledger is None or pid in self.book.reputation:
+            return
+        acct = self.ledger.account(pid)
+        if acct.reputation:
+            self.book.reputation[pid] = acct.reputation
+        if acct.balance:
+            self.book.balances[pid] = acct.balance
+
+    def genesis(self) -> Sequence[Attachment]:
+        return []
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        from trustfed.ledger.recorder import Attachment
+
+        change, source = self._pending.pop(plan.round)
+        body = change.to_body(self.settings.reward_per_round, source, self.book.policy, self.settings.flag_unselected)
+        ids = sorted(change.rewards)
+        deltas = [change.reputation_deltas[p] for p in ids]
+        rewards = [change.rewards[p] for p in ids]
+
+        def apply(ledger: LedgerBackend) -> object:
+            return ledger.apply_incentives(plan.round, ids, deltas, rewards)
+
+        return [Attachment(INCENTIVES_KIND, body, chain=apply)]
+
+
 def recorders_for(
     cfg: FederationConfig,
     out_dir: Path | None,
@@ -182,21 +278,27 @@ def recorders_for(
         privacy = privacy_recorder(cfg.privacy, out_dir)
         out += privacy
         attachments += [_PrivacySpend(p) for p in privacy]
+    incentives: IncentivesRecord | None = None
+    if cfg.incentives.enabled and cfg.ledger.enabled:  # scores each round before the ledger records it
+        incentives = IncentivesRecord(cfg.incentives, enclave)
+        out.append(incentives)
+        attachments.append(incentives)
     if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger
         from trustfed.ledger.recorder import network_recorder, simulated_recorder
 
         if network is None:
-            out.append(simulated_recorder(cfg.ledger, out_dir, spec, list(participant_ids), attachments))
+            recorder = simulated_recorder(cfg.ledger, out_dir, spec, list(participant_ids), attachments)
         else:
-            out.append(
-                network_recorder(
-                    cfg.ledger,
-                    out_dir,
-                    spec,
-                    network.coordinator,
-                    network.certificates,
-                    network.commitments,
-                    attachments,
-                )
+            recorder = network_recorder(
+                cfg.ledger,
+                out_dir,
+                spec,
+                network.coordinator,
+                network.certificates,
+                network.commitments,
+                attachments,
             )
+        out.append(recorder)
+        if incentives is not None:
+            incentives.ledger = recorder.ledger
     return out

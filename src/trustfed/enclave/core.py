@@ -290,6 +290,7 @@ class Enclave:
             enclave_key_id=self.key_id,
             issued_at=float(self._clock()),
             privacy=privacy,
+            contributions=self._contributions(req.params, accepted, result.params),
         )
         receipt = Receipt(body, self._keys.sign(canonical_json(body)), self.public_key())
         self.log.info(
@@ -307,6 +308,19 @@ class Enclave:
             metrics,
             tuple(accepted[i].participant_id for i in result.aggregate.selected),
         )
+
+    def _contributions(
+        self, params: torch.Tensor, accepted: Sequence[Update], new_params: torch.Tensor
+    ) -> dict[str, float] | None:
+        """Each accepted update's contribution score (see :func:`trustfed.incentives.contribution_scores`),
+        when the measured config releases them: one number per participant leaves the enclave."""
+        if not self.aggregation.release_contributions:
+            return None
+        from trustfed.incentives.scoring import contribution_scores
+
+        deltas = torch.stack([u.params for u in accepted]) - params
+        scores = contribution_scores(deltas, new_params - params)
+        return {u.participant_id: float(s) for u, s in zip(accepted, scores.tolist(), strict=True)}
 
     def _core_aggregator(self) -> dict[str, Any]:
         core = self.strategy.inner if isinstance(self.strategy, DPFedAvg) else self.strategy

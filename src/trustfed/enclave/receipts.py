@@ -85,6 +85,7 @@ def make_receipt_body(
     enclave_key_id: str,
     issued_at: float,
     privacy: Mapping[str, Any] | None = None,
+    contributions: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     simulated = backend == "simulated"
     body: dict[str, Any] = {
@@ -106,6 +107,8 @@ def make_receipt_body(
     }
     if privacy is not None:
         body["privacy"] = dict(privacy)
+    if contributions is not None:
+        body["contributions"] = dict(sorted(contributions.items()))
     return body
 
 

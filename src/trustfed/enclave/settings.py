@@ -35,7 +35,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trustfed.enclave.policy import AttestationPolicy, BackendName
 from trustfed.errors import ConfigError, ConfigProblem
@@ -78,11 +78,24 @@ class AggregationSettings(_Section):
     min_updates: int = Field(1, ge=1, description="fewest valid sealed updates a round needs")
     max_params: int = Field(100_000_000, ge=1, description="largest model (float32 values) accepted")
     central_dp: CentralDPSettings | None = Field(None, description="DP-FedAvg around the aggregator (off: none)")
+    release_contributions: bool = Field(
+        False,
+        description="put each accepted update's contribution score (one number per participant) in the receipt, "
+        "for reputation and rewards; never with central DP, whose guarantee covers the model only",
+    )
+
+    @model_validator(mode="after")
+    def _contributions_without_dp(self) -> AggregationSettings:
+        if self.release_contributions and self.central_dp is not None:
+            raise ValueError("release_contributions cannot be combined with central_dp: the scores are not noised")
+        return self
 
     def measured(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")
         if out["central_dp"] is None:  # configs without DP measure as they did before the field existed
             del out["central_dp"]
+        if not out["release_contributions"]:  # likewise for configs that release no contributions
+            del out["release_contributions"]
         return out
 
 

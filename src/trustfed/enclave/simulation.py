@@ -40,10 +40,18 @@ log = logging.getLogger("trustfed.enclave.simulation")
 
 
 def aggregation_settings_for(
-    strategy: StrategySection, min_updates: int = 1, *, privacy: PrivacySettings | None = None, seed: int = 0
+    strategy: StrategySection,
+    min_updates: int = 1,
+    *,
+    privacy: PrivacySettings | None = None,
+    seed: int = 0,
+    contributions: bool = False,
 ) -> AggregationSettings:
     """The enclave's aggregation settings equivalent to a federation's ``[strategy]`` (and, with
-    ``privacy.mode = "central"``, its ``[privacy]``; ``seed`` seeds the noise unless secure_noise)."""
+    ``privacy.mode = "central"``, its ``[privacy]``; ``seed`` seeds the noise unless secure_noise).
+    ``contributions``: release per-update contribution scores (for ``[incentives]``; never with
+    central DP)."""
+    central = central_dp_settings(privacy, seed) if privacy is not None else None
     return AggregationSettings(
         strategy=strategy.name,
         aggregator=strategy.aggregator,
@@ -53,7 +61,8 @@ def aggregation_settings_for(
         beta2=strategy.beta2,
         tau=strategy.tau,
         min_updates=min_updates,
-        central_dp=central_dp_settings(privacy, seed) if privacy is not None else None,
+        central_dp=central,
+        release_contributions=contributions and central is None,
     )
 
 
@@ -80,7 +89,11 @@ def enclave_aggregation(cfg: FederationConfig) -> AggregationSettings:
     """What the enclave of federation ``cfg`` computes (and is measured with): every party derives it
     the same way from the shared federation file."""
     return aggregation_settings_for(
-        cfg.strategy, cfg.strategy.min_participants, privacy=cfg.privacy, seed=cfg.federation.seed
+        cfg.strategy,
+        cfg.strategy.min_participants,
+        privacy=cfg.privacy,
+        seed=cfg.federation.seed,
+        contributions=cfg.incentives.enabled,
     )
 
 

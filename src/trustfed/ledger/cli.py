@@ -24,6 +24,7 @@ def show(
     rpc: Annotated[str | None, typer.Option("--rpc", help="read the chain from this JSON-RPC URL")] = None,
 ) -> None:
     """Print the participants, the round commitments and the incentive accounts on chain."""
+    from trustfed.incentives.book import REPUTATION_SCALE
     from trustfed.ledger.backends import EmbeddedLedger, JsonRpcLedger, Web3Ledger, read_deployment
     from trustfed.ledger.recorder import LEDGER_DIR
     from trustfed.ledger.records import LedgerError
@@ -48,7 +49,7 @@ def show(
             ident.role.name.lower(),
             ident.status.name.lower(),
             ident.fingerprint[:12] + "…",
-            str(acct.reputation),
+            f"{acct.reputation / REPUTATION_SCALE:.4f}" if acct.reputation else "-",  # "-": never scored
             str(acct.balance),
             str(acct.stake),
         )

@@ -53,11 +53,14 @@ CommitmentSource = Callable[[RoundPlan, Update], SignedCommitment]
 class Attachment:
     """An extra coordinator-signed entry of a round (enclave attestation and receipt, privacy spend).
 
-    ``receipt_hash`` is set on the entry that carries the round's enclave receipt: it goes on chain."""
+    ``receipt_hash`` is set on the entry that carries the round's enclave receipt: it goes on chain.
+    ``chain``, when set, is called with the ledger after the round's commitment transaction (the
+    round's incentive changes, for example)."""
 
     kind: str
     body: dict[str, Any]
     receipt_hash: str | None = None
+    chain: Callable[[LedgerBackend], object] | None = None
 
 
 class RoundAttachments(Protocol):
@@ -135,10 +138,13 @@ class LedgerRecorder:
                 leaves.append(sc.commitment)
             root = merkle_root(leaves).hex()
             receipt = ""
+            on_chain: list[Callable[[LedgerBackend], object]] = []
             for source in self.attachments:
                 for att in source.for_round(plan, updates, result, record):
                     audit.append(att.kind, rnd, att.body, self.coordinator)
                     receipt = att.receipt_hash or receipt
+                    if att.chain is not None:
+                        on_chain.append(att.chain)
             selected = [updates[i].participant_id for i in result.aggregate.selected]
             audit.append(
                 "aggregation",
@@ -160,6 +166,8 @@ class LedgerRecorder:
         tx = self.ledger.commit_round(
             RoundCommitment(rnd, record.model_hash, root, receipt or ZERO32, head, len(updates))
         )
+        for action in on_chain:
+            action(self.ledger)
         self.seconds[rnd] = self.seconds.get(rnd, 0.0) + time.perf_counter() - t0
         log.info("round %d recorded: root %s…, head %s…, tx %s", rnd, root[:12], head[:12], tx.tx_hash[:12])
 

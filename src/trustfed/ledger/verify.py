@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustfed.coordinator.recorders import ATTESTATION_KIND, PRIVACY_KIND, RECEIPT_KIND
+from trustfed.coordinator.recorders import ATTESTATION_KIND, INCENTIVES_KIND, PRIVACY_KIND, RECEIPT_KIND
 from trustfed.errors import CheckpointError, TrustFedError
+from trustfed.incentives.book import IncentiveBook, selection_shares
+from trustfed.incentives.scoring import IncentiveError, ReputationPolicy
 from trustfed.ledger.audit import (
     GENESIS_PREV,
     AuditEntry,
@@ -84,6 +86,7 @@ class _Verifier:
         self.notes: list[str] = []
         self.enclave: _AttestedEnclave | None = None  # from the log's enclave_attestation entry
         self.privacy: list[_Located] = []  # the signed privacy_spend entries, in log order
+        self.book: IncentiveBook | None = None  # reputation and balances recomputed from the log
 
     def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
         self.failures.append(Failure(file, line, rnd, fld, msg))
@@ -229,6 +232,10 @@ class _Verifier:
                     self._attestation(loc)
                 elif e.kind == PRIVACY_KIND:
                     self.privacy.append(loc)
+                elif e.kind == INCENTIVES_KIND:
+                    if "incentives" in f:
+                        self.fail(AUDIT_FILE, ln, rnd, "kind", "a second incentives entry for this round")
+                    f["incentives"] = loc
                 elif e.kind == RECEIPT_KIND:
                     if "receipt" in f:
                         self.fail(AUDIT_FILE, ln, rnd, "kind", "a second enclave receipt for this round")
@@ -385,6 +392,87 @@ class _Verifier:
             )
         return recorded
 
+    # ------------------------------------------------------------ incentives
+    def check_incentives(self, facts: dict[int, dict[str, Any]]) -> None:
+        """Recompute every round's reputation and rewards from the logged contributions and flags (and
+        those from the round's aggregation entry and enclave receipt); the totals are compared with
+        the chain's accounts in :meth:`_compare_chain`."""
+        for rnd in sorted(facts):
+            f = facts[rnd]
+            loc: _Located | None = f.get("incentives")
+            if loc is None:
+                if self.book is not None and rnd > 0 and "aggregation" in f:
+                    self.fail(
+                        AUDIT_FILE, f["aggregation"].line, rnd, "incentives", "this round has no incentives entry"
+                    )
+                continue
+            self._incentive_round(rnd, f, loc)
+
+    def _incentive_round(self, rnd: int, f: dict[str, Any], loc: _Located) -> None:
+        b, ln = loc.entry.body, loc.line
+        agg: _Located | None = f.get("aggregation")
+        if agg is None:
+            self.fail(AUDIT_FILE, ln, rnd, "incentives", "incentives without the round's aggregation entry")
+            return
+        try:
+            policy = ReputationPolicy(**{k: float(v) for k, v in dict(b["policy"]).items()})
+            pool, source, flag_unselected = int(b["pool"]), str(b["source"]), bool(b["flag_unselected"])
+            contributions = {str(k): float(v) for k, v in dict(b["contributions"]).items()}
+            flagged = {str(p) for p in b["flagged"]}
+        except (KeyError, TypeError, ValueError, IncentiveError) as exc:
+            self.fail(AUDIT_FILE, ln, rnd, "body", f"malformed incentives entry: {exc}")
+            return
+        if self.book is None:
+            self.book = IncentiveBook(policy)
+        elif policy != self.book.policy:
+            self.fail(AUDIT_FILE, ln, rnd, "body.policy", "the reputation policy changed during the run")
+        participants = [str(p) for p in agg.entry.body.get("participants", [])]
+        selected = [str(p) for p in agg.entry.body.get("selected", [])]
+        receipt: _Located | None = f.get("receipt")
+        rbody = (receipt.entry.body.get("receipt") or {}).get("body", {}) if receipt is not None else {}
+        rejected = set(rbody.get("rejected", {})) & set(participants)
+        want_flagged = (set(participants) - set(selected) if flag_unselected else set()) | rejected
+        if flagged != want_flagged:
+            self.fail(
+                AUDIT_FILE, ln, rnd, "body.flagged", f"{sorted(flagged)}, the aggregation gives {sorted(want_flagged)}"
+            )
+        if set(contributions) != set(participants):
+            self.fail(AUDIT_FILE, ln, rnd, "body.contributions", "names other participants than the aggregation")
+            return
+        if source == "enclave receipt":
+            released = rbody.get("contributions")
+            if not isinstance(released, dict):
+                self.fail(AUDIT_FILE, ln, rnd, "body.source", "the round's receipt releases no contributions")
+            elif any(contributions[p] != float(released.get(p, 0.0)) for p in participants):
+                self.fail(AUDIT_FILE, ln, rnd, "body.contributions", "differ from the enclave receipt's")
+        elif source == "selection":
+            if contributions != selection_shares(participants, selected):
+                self.fail(AUDIT_FILE, ln, rnd, "body.contributions", "are not equal shares of the selected updates")
+        elif source == "coordinator":
+            if self.enclave is not None:
+                self.fail(AUDIT_FILE, ln, rnd, "body.source", "enclave run, but the coordinator scored the updates")
+            total = sum(contributions.values())
+            if total != 0.0 and not math.isclose(total, 1.0, rel_tol=1e-9):
+                self.fail(AUDIT_FILE, ln, rnd, "body.contributions", f"sum to {total:.12g}, not 1 or 0")
+        else:
+            self.fail(AUDIT_FILE, ln, rnd, "body.source", f"unknown source {source!r}")
+        try:
+            change = self.book.apply(rnd, participants, contributions, flagged & set(participants), pool)
+        except IncentiveError as exc:
+            self.fail(AUDIT_FILE, ln, rnd, "body", str(exc))
+            return
+        for key, want in (
+            ("reputation_ppm", change.reputation),
+            ("reputation_deltas", change.reputation_deltas),
+            ("rewards", change.rewards),
+        ):
+            got = b.get(key)
+            if not isinstance(got, dict) or {str(k): v for k, v in got.items()} != want:
+                self.fail(
+                    AUDIT_FILE, ln, rnd, f"body.{key}", f"recorded {got!r}, the contributions and policy give {want!r}"
+                )
+        self.checked["incentive_rounds"] += 1
+
     # ------------------------------------------------------------ 3. the chain
     def check_chain(self, facts: dict[int, dict[str, Any]]) -> None:
         from trustfed.ledger.backends import JsonRpcLedger, Web3Ledger, read_deployment
@@ -431,6 +519,20 @@ class _Verifier:
                 )
         for pid in on_chain.keys() - self.identities.keys():
             self.fail(CHAIN, None, None, f"registry.{pid}", "registered on chain but absent from the log")
+        book = self.book or IncentiveBook()
+        for pid in sorted(self.identities):
+            acct = ledger.account(pid)
+            want_rep, want_bal = book.reputation.get(pid, 0), book.balances.get(pid, 0)
+            if (acct.reputation, acct.balance) != (want_rep, want_bal):
+                self.fail(
+                    CHAIN,
+                    None,
+                    None,
+                    f"incentives.{pid}",
+                    f"chain holds reputation {acct.reputation} and balance {acct.balance}, the log gives "
+                    f"{want_rep} and {want_bal}",
+                )
+            self.checked["incentive_accounts"] += 1
         nxt = ledger.next_round()
         rounds = sorted(facts)
         hashes = {loc.entry.hash: loc for loc in self.entries}
@@ -555,6 +657,7 @@ def verify_run(run_dir: Path, rpc_url: str | None = None) -> Verdict:
     v = _Verifier(run_dir, rpc_url)
     v.check_log()
     facts = v.check_rounds()
+    v.check_incentives(facts)
     v.check_chain(facts)
     v.check_privacy(facts)
     return Verdict(not v.failures, v.failures, dict(v.checked), list(v.notes))

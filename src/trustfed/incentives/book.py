@@ -1,0 +1,95 @@
+"""The incentive book: reputation and balances, moved round by round, exactly as the ledger holds them.
+
+Reputation is held in integer parts per million (``REPUTATION_SCALE``), the unit of the on-chain
+``Incentives`` contract, and every round starts from those integers: the coordinator that records a
+round and the auditor who recomputes it from the audit log get the same numbers, also across a
+restart that reads the book back from the chain. A participant the contract has never scored holds
+0 there and ``initial`` here; a scored reputation is at least 1 ppm, so the two never meet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trustfed.incentives.scoring import IncentiveError, ReputationPolicy, allocate_rewards, update_reputation
+
+REPUTATION_SCALE = 1_000_000
+
+
+@dataclass(frozen=True)
+class RoundIncentives:
+    """One round's changes: what the audit log records and the chain applies."""
+
+    round: int
+    contributions: dict[str, float]
+    flagged: tuple[str, ...]
+    reputation: dict[str, int]  # after the round, parts per million
+    reputation_deltas: dict[str, int]  # change of the on-chain value
+    rewards: dict[str, int]
+
+    def to_body(self, pool: int, source: str, policy: ReputationPolicy, flag_unselected: bool) -> dict[str, Any]:
+        """The audit log entry: everything an auditor needs to recompute the round's changes."""
+        return {
+            "source": source,
+            "pool": pool,
+            "policy": policy_dict(policy),
+            "flag_unselected": flag_unselected,
+            "contributions": dict(sorted(self.contributions.items())),
+            "flagged": list(self.flagged),
+            "reputation_ppm": dict(sorted(self.reputation.items())),
+            "reputation_deltas": dict(sorted(self.reputation_deltas.items())),
+            "rewards": dict(sorted(self.rewards.items())),
+        }
+
+
+@dataclass
+class IncentiveBook:
+    policy: ReputationPolicy = field(default_factory=ReputationPolicy)
+    reputation: dict[str, int] = field(default_factory=dict)  # ppm, as on chain (absent: never scored)
+    balances: dict[str, int] = field(default_factory=dict)
+
+    def current(self, pid: str) -> float:
+        ppm = self.reputation.get(pid)
+        return ppm / REPUTATION_SCALE if ppm is not None else self.policy.initial
+
+    def apply(
+        self, rnd: int, participants: Sequence[str], contributions: Mapping[str, float], flagged: set[str], pool: int
+    ) -> RoundIncentives:
+        """Score one round: ``participants`` sent updates, ``contributions`` (summing to 1 or 0) says
+        how much each moved the model, ``flagged`` were left out by the aggregator. Rewards go to the
+        unflagged, in proportion to contribution x new reputation; the whole pool or nothing."""
+        ids = sorted(participants)
+        if set(contributions) != set(ids) or not flagged <= set(ids):
+            raise IncentiveError(f"round {rnd}: contributions / flags name other participants than the round's")
+        if any(not 0.0 <= c <= 1.0 + 1e-9 for c in contributions.values()):
+            raise IncentiveError(f"round {rnd}: contributions must lie in [0, 1]")
+        prev = {pid: self.current(pid) for pid in ids}
+        scores = torch.tensor([float(contributions[p]) for p in ids], dtype=torch.float64)
+        new = update_reputation(prev, ids, scores, flagged, self.policy)
+        after = {pid: max(1, round(new[pid] * REPUTATION_SCALE)) for pid in ids}
+        deltas = {pid: after[pid] - self.reputation.get(pid, 0) for pid in ids}
+        weights = {pid: contributions[pid] * after[pid] for pid in ids if pid not in flagged}
+        rewards = allocate_rewards(pool, weights) if weights else {}
+        rewards = {pid: rewards.get(pid, 0) for pid in ids}
+        self.reputation.update(after)
+        for pid, amount in rewards.items():
+            self.balances[pid] = self.balances.get(pid, 0) + amount
+        return RoundIncentives(
+            rnd, {p: float(contributions[p]) for p in ids}, tuple(sorted(flagged)), after, deltas, rewards
+        )
+
+
+def policy_dict(policy: ReputationPolicy) -> dict[str, float]:
+    return {"decay": policy.decay, "penalty": policy.penalty, "initial": policy.initial, "floor": policy.floor}
+
+
+def selection_shares(participants: Sequence[str], selected: Sequence[str]) -> dict[str, float]:
+    """Equal contributions among the updates the aggregator used (when per-update scores are not
+    available, e.g. from an enclave that releases none)."""
+    chosen = set(selected)
+    share = 1.0 / len(chosen) if chosen else 0.0
+    return {pid: (share if pid in chosen else 0.0) for pid in participants}
