@@ -42,6 +42,7 @@ COMPONENT_APPS: list[tuple[str, str]] = [
     ("client", "trustfed.transport.client_cli"),
     ("enclave", "trustfed.enclave.cli"),
     ("train", "trustfed.distributed.cli"),
+    ("dashboard", "trustfed.dashboard.cli"),
 ]
 
 

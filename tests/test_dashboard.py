@@ -1,0 +1,164 @@
+"""The dashboard served for real (uvicorn on 127.0.0.1, an ephemeral port) over recorded runs: pages and
+JSON show the run, the ledger's accounts and incentives, the audit on request, and refuse what is not
+a run folder; strings from run files are escaped; bad files become located problems, not errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.ledger_helpers import read_lines, write_lines
+
+from trustfed.config import validate_federation_config
+from trustfed.simulation import run_simulation
+
+uvicorn = pytest.importorskip("uvicorn", reason="the dashboard extra (uvicorn) is not installed")
+pytest.importorskip("fastapi", reason="the dashboard extra (fastapi) is not installed")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    raw: dict[str, Any] = {
+        "federation": {"name": "dash <b>", "rounds": 2, "participants": 3, "seed": 4},
+        "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "mlp", "hidden": [16]},
+        "training": {"local_epochs": 1, "batch_size": 64, "lr": 0.05},
+        "strategy": {"name": "fedavg", "min_participants": 2},
+        "ledger": {"enabled": True},
+        "incentives": {"enabled": True},
+        "privacy": {"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 50.0},
+    }
+    run_simulation(validate_federation_config(raw, "test"), root / "good")
+    (root / "not-a-run").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(root: Path) -> Iterator[str]:
+    from trustfed.dashboard.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=0, log_level="warning", ws="none"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the dashboard server did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_index_lists_run_folders_only(base: str) -> None:
+    status, page = get(base + "/")
+    assert status == 200 and 'href="/runs/good"' in page and "not-a-run" not in page
+    assert json.loads(get(base + "/api/runs")[1]) == {"runs": ["good"]}
+
+
+def test_run_page_shows_progress_accounts_incentives_and_privacy(base: str) -> None:
+    status, page = get(base + "/runs/good")
+    assert status == 200
+    assert "2 / 2 rounds" in page and "<svg" in page and "<polyline" in page
+    for text in ("Ledger accounts", "p002", "Incentives", "coordinator", "Privacy spend"):
+        assert text in page
+    view = json.loads(get(base + "/api/runs/good")[1])
+    assert view["status"] == "finished" and len(view["rounds"]) == 2 and view["final_accuracy"] is not None
+    accounts = {p["id"]: p for p in view["participants"]}
+    assert sum(accounts[p]["balance"] for p in ("p000", "p001", "p002")) == 2000
+    assert [i["round"] for i in view["incentives"]] == [1, 2]
+    assert {p["party"] for p in view["privacy"]} == {"p000", "p001", "p002"}
+    assert all(p["verified"] for p in view["privacy"])
+    assert view["federation"]["name"] == "dash <b>" and "dash &lt;b&gt;" not in json.dumps(view)
+
+
+def test_a_run_still_recording_shows_its_rounds_from_the_audit_log(root: Path, base: str) -> None:
+    live = Path(shutil.copytree(root / "good", root / "live"))
+    finished = json.loads((live / "metrics.json").read_text())
+    (live / "metrics.json").unlink()  # as while the federation is still running
+    status, page = get(base + "/runs/live?refresh=5")
+    assert status == 200 and '<meta http-equiv="refresh" content="5">' in page and "recording" in page
+    view = json.loads(get(base + "/api/runs/live")[1])
+    assert view["status"] == "recording"
+    assert [r["accuracy"] for r in view["rounds"]] == [r["accuracy"] for r in finished["rounds"]]
+    assert get(base + "/runs/live?refresh=-1")[0] == 422
+
+
+def test_audit_on_request_verifies(base: str) -> None:
+    status, page = get(base + "/runs/good/verify")
+    assert status == 200 and "VERIFIED" in page and "NOT VERIFIED" not in page
+    v = json.loads(get(base + "/api/runs/good/verify")[1])
+    assert v["ok"] and v["checked"]["incentive_rounds"] == 2 and v["failures"] == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/runs/nope", "/runs/not-a-run", "/api/runs/%2e%2e", "/api/runs/..%2Fgood", "/runs/.hidden"]
+)
+def test_anything_but_a_run_folder_is_404(base: str, path: str) -> None:
+    assert get(base + path)[0] == 404
+
+
+def test_a_tampered_run_is_shown_with_its_located_failures(root: Path, base: str) -> None:
+    bad = Path(shutil.copytree(root / "good", root / "tampered"))
+    lines = read_lines(bad)
+    lines[5] = lines[5].replace('"round":', '"round": ', 1) + " "  # still JSON, no longer the signed bytes
+    lines.append("{not json")
+    write_lines(bad, lines)
+    status, page = get(base + "/runs/tampered/verify")
+    assert status == 200 and "NOT VERIFIED" in page and "audit.jsonl:" in page
+    view = json.loads(get(base + "/api/runs/tampered")[1])
+    assert any(p.startswith(f"audit.jsonl:{len(lines)}: unreadable entry") for p in view["problems"])
+
+
+def test_strings_from_run_files_are_escaped_and_a_simulated_enclave_is_labelled(root: Path, base: str) -> None:
+    run = root / "sim"
+    run.mkdir()
+    metrics = {
+        "final_accuracy": 0.5,
+        "model_hash": "<script>alert(1)</script>",
+        "rounds": [{"round": 1, "accuracy": 0.5, "loss": 1.0, "seconds": 0.1, "participants": ["<i>x</i>"]}],
+        "config": {"federation": {"name": "n", "rounds": 1}},
+        "enclave": {"label": "ATTESTED", "backend": "simulated", "measurement": "<img src=x>"},
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    status, page = get(base + "/runs/sim")
+    assert status == 200
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<img" not in page
+    assert "SIMULATED" in page and "ATTESTED" not in page  # a simulated backend is never shown as attested
+
+
+def test_unreadable_metrics_is_a_problem_line_not_an_error(root: Path, base: str) -> None:
+    run = root / "broken"
+    run.mkdir()
+    (run / "metrics.json").write_text("[1, 2")
+    status, page = get(base + "/runs/broken")
+    assert status == 200 and "metrics.json: unreadable" in page
+    assert json.loads(get(base + "/api/runs/broken")[1])["status"] == "unreadable"
+
+
+def test_cli_refuses_a_missing_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from trustfed.cli import app
+
+    r = CliRunner().invoke(app, ["dashboard", str(tmp_path / "absent")])
+    assert r.exit_code != 0
+    assert "folder does not exist" in str(r.exception) or "folder does not exist" in r.output
