@@ -18,6 +18,7 @@ from trustfed.incentives.book import REPUTATION_SCALE, IncentiveBook, selection_
 from trustfed.incentives.scoring import IncentiveError, ReputationPolicy
 from trustfed.ledger.audit import EcdsaSigner, entry_digest, parse_entry
 from trustfed.ledger.backends import EmbeddedLedger
+from trustfed.ledger.records import LedgerError
 from trustfed.ledger.verify import verify_run
 from trustfed.simulation import run_simulation
 
@@ -207,3 +208,59 @@ def test_enclave_releases_contributions_only_when_measured_to_and_never_with_cen
         AggregationSettings(
             release_contributions=True, central_dp=CentralDPSettings(noise_multiplier=1.0, clip_norm=1.0)
         )
+
+
+# ------------------------------------------------------------------ reputation-weighted selection
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("draw") / "run"
+    raw = raw_config(federation={"name": "draw", "rounds": 4, "participants": 5, "seed": 3})
+    raw["strategy"] = {**raw["strategy"], "fraction_fit": 0.6}
+    raw["incentives"] = {"enabled": True, "selection": "reputation"}
+    run_simulation(validate_federation_config(raw, "test"), out)
+    return out
+
+
+def test_reputation_weighted_draws_are_recorded_and_recomputed(drawn: Path) -> None:
+    plans = [json.loads(line)["body"] for line in read_lines(drawn) if json.loads(line)["kind"] == "round_plan"]
+    assert len(plans) == 4
+    for p in plans:
+        assert len(p["participants"]) == 3
+        assert p["config"]["selection"] == "reputation" and p["config"]["selection_seed"] == 3
+        assert p["config"]["selection_available"] == "p000,p001,p002,p003,p004"
+    v = verify_run(drawn)
+    assert v.ok, [str(f) for f in v.failures]
+    assert v.checked["reputation_draws"] == 4 and v.checked["incentive_rounds"] == 4
+
+
+def test_a_coordinator_that_picks_its_own_participants_is_caught(drawn: Path, tmp_path: Path) -> None:
+    from trustfed.pki.ca import load_private_key
+
+    run = Path(shutil.copytree(drawn, tmp_path / "run"))
+    lines = read_lines(run)
+    i = find(lines, "round_plan", 3)
+    raw = json.loads(lines[i])
+    chosen = raw["body"]["participants"]
+    others = [p for p in ("p000", "p001", "p002", "p003", "p004") if p not in chosen]
+    raw["body"]["participants"] = sorted([*chosen[:2], others[0]])
+    signer = EcdsaSigner("coordinator", load_private_key(run / "keys" / "coordinator.pem"))
+    raw["sig"] = base64.b64encode(signer.sign(entry_digest("round_plan", 3, "coordinator", raw["body"]))).decode()
+    lines[i] = json.dumps(raw)
+    write_lines(run, rechain(lines, i))
+    v = verify_run(run)
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=3, field="body.participants")
+
+
+def test_reputation_selection_config_problems() -> None:
+    raw = raw_config(incentives={"enabled": False, "selection": "reputation"})
+    with pytest.raises(ConfigError, match=r"incentives\.selection: 'reputation' needs incentives\.enabled"):
+        validate_federation_config(raw)
+    raw = raw_config(incentives={"enabled": True, "selection": "reputation"})
+    raw["privacy"] = {"mode": "central", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 100.0}
+    raw["strategy"] = {**raw["strategy"], "aggregator": "mean", "aggregator_params": {}}
+    with pytest.raises(ConfigError, match="sampling amplification assumes uniform sampling"):
+        validate_federation_config(raw)
+    with pytest.raises(LedgerError, match="needs the run to be recorded"):
+        run_simulation(validate_federation_config(raw_config(incentives={"enabled": True, "selection": "reputation"})))

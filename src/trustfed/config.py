@@ -137,6 +137,20 @@ class FederationConfig(_Section):
             out.append(ConfigProblem("simulation.workers", f"must be <= federation.participants ({n})"))
         if self.incentives.enabled and not self.ledger.enabled:
             out.append(ConfigProblem("incentives.enabled", "needs [ledger] enabled = true: rewards are paid on chain"))
+        if self.incentives.selection == "reputation" and not self.incentives.enabled:
+            out.append(ConfigProblem("incentives.selection", "'reputation' needs incentives.enabled = true"))
+        if (
+            self.incentives.selection == "reputation"
+            and self.privacy.mode == "central"
+            and self.privacy.sampling_amplification
+        ):
+            out.append(
+                ConfigProblem(
+                    "incentives.selection",
+                    "central DP's sampling amplification assumes uniform sampling of participants; use "
+                    "selection = 'uniform' or privacy.sampling_amplification = false",
+                )
+            )
         if self.incentives.enabled and self.incentives.flag_unselected and self.strategy.aggregator == "krum":
             out.append(
                 ConfigProblem(

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from trustfed.coordinator.engine import RoundObserver, RoundRecord
 from trustfed.core.codec import ParamSpec
-from trustfed.core.strategy import RoundPlan, RoundResult, Update
+from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
 
 if TYPE_CHECKING:
     from trustfed.config import FederationConfig
@@ -222,6 +222,11 @@ class IncentivesRecord:
         scores = contribution_scores(deltas, result.params - self._global)
         return {pid: float(s) for pid, s in zip(ids, scores.tolist(), strict=True)}, "coordinator"
 
+    def reputation(self, pid: str) -> float:
+        """``pid``'s reputation now (read back from the chain the first time): what selection uses."""
+        self._restore(pid)
+        return self.book.current(pid)
+
     def _restore(self, pid: str) -> None:
         if pid in self._restored:
             return
@@ -252,6 +257,28 @@ class IncentivesRecord:
             return ledger.apply_incentives(plan.round, ids, deltas, rewards)
 
         return [Attachment(INCENTIVES_KIND, body, chain=apply)]
+
+
+def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observers: Sequence[object]) -> None:
+    """With ``[incentives] selection = "reputation"``, let the federation's FedAvg-family strategy (inside
+    any enclave / DP wrapper) draw participants by the reputation the run's incentives record holds."""
+    if cfg.incentives.selection != "reputation":
+        return
+    from trustfed.core.strategy import FedAvg
+    from trustfed.incentives.book import ReputationSelector
+    from trustfed.ledger.records import LedgerError
+
+    record = next((o for o in observers if isinstance(o, IncentivesRecord)), None)
+    if record is None:
+        raise LedgerError(
+            "incentives.selection = 'reputation' needs the run to be recorded (an output folder and [ledger] enabled)"
+        )
+    inner: Any = strategy
+    while not isinstance(inner, FedAvg) and hasattr(inner, "inner"):
+        inner = inner.inner
+    if not isinstance(inner, FedAvg):
+        raise LedgerError(f"strategy {strategy.name!r} does not draw participants the FedAvg way")
+    inner.selector = ReputationSelector(record.reputation, cfg.federation.seed)
 
 
 def recorders_for(

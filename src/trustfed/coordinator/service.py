@@ -635,7 +635,12 @@ def run_coordinator(
     certificates. With ``[enclave] enabled`` aggregation runs in the attested enclave service at
     ``[enclave].address``; this process relays sealed updates only. Returns the final parameters
     and the metrics (written to ``out_dir`` unless ``write`` is false)."""
-    from trustfed.coordinator.recorders import EnclaveRecord, NetworkIdentities, recorders_for
+    from trustfed.coordinator.recorders import (
+        EnclaveRecord,
+        NetworkIdentities,
+        recorders_for,
+        use_reputation_selection,
+    )
     from trustfed.core.codec import flatten
     from trustfed.ledger.audit import EcdsaSigner
     from trustfed.ledger.recorder import COORDINATOR_ID
@@ -674,6 +679,7 @@ def run_coordinator(
         transport.commitment_for,
     )
     recorders = recorders_for(cfg, out_dir, spec, present, network=network, enclave=enclave)
+    use_reputation_selection(cfg, strategy, recorders)
     # The transport publishes receipts (with Merkle proofs) last, once the round is on chain.
     watchers: list[RoundObserver] = [*observers, *recorders, transport]
     coord = Coordinator(

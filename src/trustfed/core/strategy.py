@@ -10,7 +10,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -95,6 +95,16 @@ def stack_updates(updates: Sequence[Update], dim: int) -> tuple[torch.Tensor, to
 _AGGREGATOR_PREFIX = "aggregator."  # the aggregator's state inside a strategy's state_dict
 
 
+class Selector(Protocol):
+    """Chooses ``k`` of the available participants for a round (when not all of them take part)."""
+
+    def select(self, rnd: int, pool: Sequence[str], k: int) -> tuple[str, ...]: ...
+
+    def plan_config(self, pool: Sequence[str]) -> dict[str, Scalar]:
+        """Scalars for the round plan that let anyone recompute the choice."""
+        ...
+
+
 class FedAvg(Strategy):
     """FedAvg (McMahan et al. 2017): the example-weighted aggregate of the participants' models.
 
@@ -126,6 +136,7 @@ class FedAvg(Strategy):
         )
         self.evaluate_fn = evaluate_fn
         self.seed = seed
+        self.selector: Selector | None = None  # e.g. reputation-weighted; default: uniform without replacement
 
     def select(self, rnd: int, available: Sequence[str]) -> tuple[str, ...]:
         pool = sorted(available)
@@ -134,11 +145,17 @@ class FedAvg(Strategy):
             raise AggregationError(f"round {rnd} needs {k} participants but only {len(pool)} are available")
         if k == len(pool):
             return tuple(pool)
+        if self.selector is not None:
+            return self.selector.select(rnd, pool, k)
         rng = random.Random(f"{self.seed}:select:{rnd}")
         return tuple(sorted(rng.sample(pool, k)))
 
     def configure_round(self, rnd: int, params: torch.Tensor, available: Sequence[str]) -> RoundPlan:
-        return RoundPlan(rnd, self.select(rnd, available), dict(self.local_config))
+        chosen = self.select(rnd, available)
+        config = dict(self.local_config)
+        if self.selector is not None and len(chosen) < len(available):
+            config.update(self.selector.plan_config(sorted(available)))  # what an auditor recomputes it from
+        return RoundPlan(rnd, chosen, config)
 
     def combine(self, params: torch.Tensor, updates: Sequence[Update]) -> AggregateResult:
         x, w = stack_updates(updates, params.numel())

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend)
     try:
         train_round(args.job)
+        # Tear down together: a rank that destroys its gloo group while rank 0 still writes the update
+        # can abort in gloo's threads ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0

@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(pick_backend(cfg.launch.backend))
     try:
         run(cfg, args.run_dir, args.selfcheck)
+        dist.barrier()  # tear down together (see participant_worker.main)
     except TrustFedError as exc:
         log.error("%s", exc)
         return 3

@@ -9,13 +9,19 @@ restart that reads the book back from the chain. A participant the contract has 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trustfed.incentives.scoring import IncentiveError, ReputationPolicy, allocate_rewards, update_reputation
+from trustfed.incentives.scoring import (
+    IncentiveError,
+    ReputationPolicy,
+    allocate_rewards,
+    reputation_weighted_selection,
+    update_reputation,
+)
 
 REPUTATION_SCALE = 1_000_000
 
@@ -81,6 +87,31 @@ class IncentiveBook:
         return RoundIncentives(
             rnd, {p: float(contributions[p]) for p in ids}, tuple(sorted(flagged)), after, deltas, rewards
         )
+
+
+SELECTION_KEYS = ("selection", "selection_available", "selection_seed")
+
+
+class ReputationSelector:
+    """Picks a round's participants with probability proportional to their current reputation
+    (:func:`~trustfed.incentives.scoring.reputation_weighted_selection`, seeded by ``seed`` and the
+    round). The plan carries the available participants and the seed, so that anyone holding the
+    audit log recomputes the choice from the reputations the log gives before that round."""
+
+    def __init__(self, reputation: Callable[[str], float], seed: int) -> None:
+        self.reputation, self.seed = reputation, seed
+
+    def select(self, rnd: int, pool: Sequence[str], k: int) -> tuple[str, ...]:
+        return choose_by_reputation(pool, {p: self.reputation(p) for p in pool}, k, self.seed, rnd)
+
+    def plan_config(self, pool: Sequence[str]) -> dict[str, bool | int | float | str]:
+        return {"selection": "reputation", "selection_available": ",".join(pool), "selection_seed": self.seed}
+
+
+def choose_by_reputation(
+    pool: Sequence[str], reputation: Mapping[str, float], k: int, seed: int, rnd: int
+) -> tuple[str, ...]:
+    return reputation_weighted_selection(sorted(pool), reputation, k, seed, rnd)
 
 
 def policy_dict(policy: ReputationPolicy) -> dict[str, float]:

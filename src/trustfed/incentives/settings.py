@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trustfed.incentives.scoring import ReputationPolicy
@@ -23,6 +25,9 @@ class IncentiveSettings(BaseModel):
     penalty: float = Field(0.5, ge=0.0, le=1.0, description="reputation multiplier for a flagged update")
     initial: float = Field(0.5, ge=0.0, le=1.0, description="reputation before a participant's first round")
     floor: float = Field(0.0, ge=0.0, le=1.0, description="lowest reputation")
+    selection: Literal["uniform", "reputation"] = Field(
+        "uniform", description="how a round's participants are drawn when fraction_fit < 1"
+    )
     flag_unselected: bool = Field(
         True, description="flag updates the aggregator left out (turn off for rules that keep one update, like krum)"
     )

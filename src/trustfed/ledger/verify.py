@@ -9,6 +9,7 @@ round and field. The verdict holds only if no failure was found.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from trustfed.coordinator.recorders import ATTESTATION_KIND, INCENTIVES_KIND, PRIVACY_KIND, RECEIPT_KIND
 from trustfed.errors import CheckpointError, TrustFedError
-from trustfed.incentives.book import IncentiveBook, selection_shares
+from trustfed.incentives.book import IncentiveBook, choose_by_reputation, selection_shares
 from trustfed.incentives.scoring import IncentiveError, ReputationPolicy
 from trustfed.ledger.audit import (
     GENESIS_PREV,
@@ -205,7 +206,7 @@ class _Verifier:
             for loc in locs:
                 e, ln = loc.entry, loc.line
                 if e.kind == "round_plan":
-                    plan = loc
+                    plan = f["plan"] = loc
                     if prev_model is not None and e.body.get("model_hash") != prev_model:
                         self.fail(
                             AUDIT_FILE,
@@ -397,8 +398,15 @@ class _Verifier:
         """Recompute every round's reputation and rewards from the logged contributions and flags (and
         those from the round's aggregation entry and enclave receipt); the totals are compared with
         the chain's accounts in :meth:`_compare_chain`."""
+        first = next((facts[r]["incentives"] for r in sorted(facts) if "incentives" in facts[r]), None)
+        if first is not None:  # a malformed policy is reported with its entry below
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError, IncentiveError):
+                self.book = IncentiveBook(
+                    ReputationPolicy(**{k: float(v) for k, v in first.entry.body["policy"].items()})
+                )
         for rnd in sorted(facts):
             f = facts[rnd]
+            self._selection(rnd, f)
             loc: _Located | None = f.get("incentives")
             if loc is None:
                 if self.book is not None and rnd > 0 and "aggregation" in f:
@@ -407,6 +415,33 @@ class _Verifier:
                     )
                 continue
             self._incentive_round(rnd, f, loc)
+
+    def _selection(self, rnd: int, f: dict[str, Any]) -> None:
+        """A reputation-weighted draw must be the one the reputations before this round give."""
+        plan: _Located | None = f.get("plan")
+        config = plan.entry.body.get("config") if plan is not None else None
+        if plan is None or not isinstance(config, dict) or config.get("selection") != "reputation":
+            return
+        if self.book is None:
+            self.fail(AUDIT_FILE, plan.line, rnd, "body.config.selection", "reputation selection without incentives")
+            return
+        try:
+            pool = [p for p in str(config["selection_available"]).split(",") if p]
+            seed = int(config["selection_seed"])
+            chosen = tuple(sorted(str(p) for p in plan.entry.body.get("participants", [])))
+            want = choose_by_reputation(pool, {p: self.book.current(p) for p in pool}, len(chosen), seed, rnd)
+        except (KeyError, TypeError, ValueError, IncentiveError) as exc:
+            self.fail(AUDIT_FILE, plan.line, rnd, "body.config", f"malformed selection record: {exc}")
+            return
+        if chosen != want:
+            self.fail(
+                AUDIT_FILE,
+                plan.line,
+                rnd,
+                "body.participants",
+                f"{list(chosen)} is not the reputation-weighted draw {list(want)} from the reputations before the round",
+            )
+        self.checked["reputation_draws"] += 1
 
     def _incentive_round(self, rnd: int, f: dict[str, Any], loc: _Located) -> None:
         b, ln = loc.entry.body, loc.line

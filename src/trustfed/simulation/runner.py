@@ -19,7 +19,7 @@ import torch
 
 from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import Coordinator, RoundObserver, RoundRecord, Transport
-from trustfed.coordinator.recorders import recorders_for
+from trustfed.coordinator.recorders import recorders_for, use_reputation_selection
 from trustfed.core.codec import ParamSpec, flatten, model_hash, to_bytes
 from trustfed.core.strategy import Strategy
 from trustfed.simulation.federation import (
@@ -76,6 +76,7 @@ def run_simulation(
         transport = adversarial_transport(cfg, transport)
     # privacy spend + ledger (audit log, checkpoints, chain): the same recorders as the networked coordinator
     watchers = [*observers, *recorders_for(cfg, out_dir, spec, participant_ids(cfg.federation.participants))]
+    use_reputation_selection(cfg, strategy, watchers)
     coord = Coordinator(
         strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=watchers
     )
