@@ -114,7 +114,7 @@ class FileLease:
             sleep(poll)
 
 
-class _Heartbeat(threading.Thread):
+class LeaseHeartbeat(threading.Thread):
     def __init__(self, lease: FileLease, interval: float) -> None:
         super().__init__(daemon=True, name="trustfed-lease")
         self.lease, self.interval = lease, interval
@@ -147,7 +147,7 @@ def run_as_leader(
     if state is not None:
         resume(coordinator, state)
         log.info("%s resumed after round %d", lease.holder, state.round)
-    beat = _Heartbeat(lease, lease.ttl / 3)
+    beat = LeaseHeartbeat(lease, lease.ttl / 3)
     if heartbeat:
         beat.start()
     hist = History()

@@ -22,6 +22,8 @@ transaction on the Incentives contract.
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from trustfed.ledger.backends import LedgerBackend
     from trustfed.ledger.recorder import Attachment, CommitmentSource, RoundAttachments
     from trustfed.privacy.report import PrivacyRecorder
+
+log = logging.getLogger("trustfed.coordinator.recorders")
 
 PRIVACY_KIND = "privacy_spend"
 INCENTIVES_KIND = "incentives"
@@ -239,6 +243,36 @@ class IncentivesRecord:
         if acct.balance:
             self.book.balances[pid] = acct.balance
 
+    def check_resume(self, audit_path: Path, last: int) -> None:
+        """On resume after round ``last``: the chain must hold the reputations that round's incentives
+        entry records. If it holds those from before that round (the coordinator stopped between the
+        round's commitment and its incentives transaction), the entry's transaction is sent now."""
+        if self.ledger is None or last <= 0:
+            return
+        from trustfed.ledger.records import LedgerError
+
+        body: dict[str, Any] | None = None
+        for text in audit_path.read_text(encoding="utf-8").splitlines():
+            e = json.loads(text)
+            if e.get("kind") == INCENTIVES_KIND and int(e.get("round", -1)) == last:
+                body = e["body"]
+        if body is None:
+            return
+        after = {str(k): int(v) for k, v in body["reputation_ppm"].items()}
+        deltas = {str(k): int(v) for k, v in body["reputation_deltas"].items()}
+        held = {pid: self.ledger.account(pid).reputation for pid in after}
+        if held == after:
+            return
+        if held == {pid: after[pid] - deltas[pid] for pid in after}:
+            ids = sorted(after)
+            self.ledger.apply_incentives(last, ids, [deltas[p] for p in ids], [int(body["rewards"][p]) for p in ids])
+            log.warning("resume: sent round %d's incentives transaction, which the chain did not have", last)
+            return
+        raise LedgerError(
+            f"cannot resume: the chain's reputations {held} match neither round {last}'s incentives entry nor the "
+            "state before it"
+        )
+
     def genesis(self) -> Sequence[Attachment]:
         return []
 
@@ -289,6 +323,7 @@ def recorders_for(
     *,
     network: NetworkIdentities | None = None,
     enclave: EnclaveRecord | None = None,
+    resume: bool = False,
 ) -> list[RoundObserver]:
     """The observers that record a run of ``cfg`` in ``out_dir`` (none without a folder).
 
@@ -302,7 +337,7 @@ def recorders_for(
     if cfg.privacy.mode != "none":  # OUT/privacy.jsonl; before the ledger, which signs and anchors it
         from trustfed.privacy.wiring import privacy_recorder
 
-        privacy = privacy_recorder(cfg.privacy, out_dir)
+        privacy = privacy_recorder(cfg.privacy, out_dir, resume=resume)
         out += privacy
         attachments += [_PrivacySpend(p) for p in privacy]
     incentives: IncentivesRecord | None = None
@@ -324,6 +359,7 @@ def recorders_for(
                 network.certificates,
                 network.commitments,
                 attachments,
+                resume=resume,
             )
         out.append(recorder)
         if incentives is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustfed.coordinator.engine import Coordinator, RoundObserver, RoundRecord
+from trustfed.coordinator.ha import LeadershipLost, LeaseHeartbeat
+from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.pki.ca import PkiError, RevocationList, identity_of, load_certificate, load_private_key
@@ -131,6 +134,9 @@ _REJECT_CODES = {
     "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "too_many_chunks": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "nonce_cache_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # the round closed or this coordinator never opened it (it restarted): participants drop the round
+    # and ask for the next plan instead of leaving
+    "round_not_open": grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -149,6 +155,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         sealed: bool = False,
     ) -> None:
         self.board = board
+        self.session = secrets.token_hex(8)  # in every plan and receipt: a participant sees a restart
         self.signer = signer
         self.verifier = verifier
         self.spec = spec
@@ -219,7 +226,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 if b.done:
                     b.told_done.add(pid)
                     b.cond.notify_all()
-                    plan = pb.RoundPlan(status=pb.DONE, round=cur.plan.round if cur else 0)
+                    plan = pb.RoundPlan(status=pb.DONE, round=cur.plan.round if cur else 0, session=self.session)
                     break
                 if (
                     cur is not None
@@ -238,11 +245,12 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                         model_bytes=len(cur.payload),
                         chunk_bytes=self.limits.chunk_bytes,
                         deadline_ms=int(cur.deadline * 1000),
+                        session=self.session,
                     )
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    plan = pb.RoundPlan(status=pb.WAIT, retry_after_ms=200)
+                    plan = pb.RoundPlan(status=pb.WAIT, retry_after_ms=200, session=self.session)
                     break
                 b.cond.wait(left)
         return self.signer.sign("round_plan", plan.round, plan.SerializeToString())
@@ -407,11 +415,12 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 self.board.cond.wait(left)
             info = self.board.receipts.get(req.round)
         if info is None:
-            receipt = pb.Receipt(round=req.round, ready=False)
+            receipt = pb.Receipt(round=req.round, ready=False, session=self.session)
         else:
             receipt = pb.Receipt(
                 round=req.round,
                 ready=True,
+                session=self.session,
                 included=pid in info.included,
                 new_model_hash=info.new_model_hash,
                 participants=list(info.participants),
@@ -485,7 +494,8 @@ class GrpcTransport:
         self.enclave_receipts: Callable[[int], bytes | None] = lambda _rnd: None  # set in enclave mode
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="trustfed-grpc"),
-            options=grpc_options(self.limits.max_message_bytes + 64 * 1024),
+            # no SO_REUSEPORT: a second coordinator on the same address fails to bind instead of sharing it
+            options=[*grpc_options(self.limits.max_message_bytes + 64 * 1024), ("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_FederationServicer_to_server(self.servicer, self.server)  # type: ignore[no-untyped-call]
         host = settings.listen.rpartition(":")[0]
@@ -627,6 +637,8 @@ def run_coordinator(
     on_round: Callable[[RoundRecord], None] | None = None,
     observers: Sequence[RoundObserver] = (),
     write: bool = True,
+    resume: bool = False,
+    lease: LeaseHeartbeat | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the federation in ``cfg`` (a FederationConfig) over ``transport``: the same
     Coordinator round loop as the simulation, with the same recorders (privacy, ledger; see
@@ -678,20 +690,89 @@ def run_coordinator(
         {COORDINATOR_ID: cert_path.read_bytes(), **certificates},
         transport.commitment_for,
     )
-    recorders = recorders_for(cfg, out_dir, spec, present, network=network, enclave=enclave)
+    recorders = recorders_for(cfg, out_dir, spec, present, network=network, enclave=enclave, resume=resume)
     use_reputation_selection(cfg, strategy, recorders)
+    # Coordinator state (model + server-side strategy state) after every round, before the ledger records
+    # it: what a restarted or standby coordinator resumes from.
+    state: list[RoundObserver] = [] if out_dir is None else [CheckpointObserver(out_dir / STATE_DIR, strategy, spec)]
     # The transport publishes receipts (with Merkle proofs) last, once the round is on chain.
-    watchers: list[RoundObserver] = [*observers, *recorders, transport]
+    watchers: list[RoundObserver] = [*observers, *state, *recorders, transport]
     coord = Coordinator(
         strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=watchers
     )
-    metrics = run_rounds(coord, cfg, transport, strategy, spec, on_round)
+    resumed = _resume(cfg, coord, out_dir, recorders) if resume else 0
+    beat = lease  # started when the lease was taken; renews it in the background
+
+    def each_round(rec: RoundRecord) -> None:
+        if beat is not None and (beat.lost.is_set() or not beat.lease.renew()):
+            transport.abort("this coordinator lost its lease: another one has taken over")
+            raise LeadershipLost(f"{beat.lease.holder} lost the lease {beat.lease.path} after round {rec.round}")
+        if on_round:
+            on_round(rec)
+
+    try:
+        metrics = run_rounds(coord, cfg, transport, strategy, spec, each_round)
+    finally:
+        if beat is not None:
+            beat.stop.set()
+    if beat is not None:
+        beat.lease.release()
+    if resumed:
+        metrics["resumed_after_round"] = resumed
     metrics["transport"] = {"kind": "grpc-mtls", "address": transport.address}
     if enclave is not None:
         metrics["enclave"] = enclave.describe()
     if out_dir is not None and write:
         write_results(out_dir, metrics, coord.params, spec.to_json())
     return coord.params, metrics
+
+
+STATE_DIR = "state"
+
+
+def _resume(cfg: Any, coord: Coordinator, out_dir: Path | None, recorders: Sequence[RoundObserver]) -> int:
+    """Continue a run that stopped: from the coordinator state of the last round on chain (recorded
+    runs; the audit log cut back to that round's anchor) or the newest state (unrecorded runs).
+    Returns the round resumed after (0: nothing to resume, a fresh start)."""
+    from trustfed.coordinator.recorders import IncentivesRecord
+    from trustfed.coordinator.state import latest_state, load_state, resume
+    from trustfed.errors import CheckpointError
+    from trustfed.ledger.recorder import LedgerRecorder
+    from trustfed.privacy.report import PrivacyRecorder
+
+    if out_dir is None:
+        raise CheckpointError("resuming needs the run folder (--out) of the run to continue")
+    if cfg.privacy.mode == "central":
+        raise CheckpointError(
+            "resuming a run with central DP is not supported yet: the aggregator's privacy accountant is not "
+            "checkpointed; start a new run"
+        )
+    state_dir = out_dir / STATE_DIR
+    recorder = next((o for o in recorders if isinstance(o, LedgerRecorder)), None)
+    if recorder is not None:
+        last = recorder.prepare_resume()
+        if last == 0:
+            return 0
+        folder = state_dir / f"round_{last:04d}"
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"cannot resume: the chain is at round {last} but {folder} (the coordinator state of that round) is "
+                "missing"
+            )
+        state = load_state(folder)
+        for rec in recorders:
+            if isinstance(rec, PrivacyRecorder):
+                rec.keep_rounds_upto(last)
+            if isinstance(rec, IncentivesRecord):
+                rec.check_resume(recorder.audit_path, last)
+    else:
+        found = latest_state(state_dir)
+        if found is None:
+            return 0
+        state = found
+    resume(coord, state)
+    log.warning("resumed after round %d from %s", state.round, state_dir)
+    return state.round
 
 
 def _enclave_strategy(cfg: Any, inner: Any, spec: ParamSpec, settings: TransportSettings) -> tuple[Any, Any]:

@@ -18,6 +18,7 @@ Run folder layout::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -171,6 +172,36 @@ class LedgerRecorder:
         self.seconds[rnd] = self.seconds.get(rnd, 0.0) + time.perf_counter() - t0
         log.info("round %d recorded: root %s…, head %s…, tx %s", rnd, root[:12], head[:12], tx.tx_hash[:12])
 
+    def prepare_resume(self) -> int:
+        """Before a resumed coordinator's first round: the last round on chain (0 for none), with the
+        audit log cut back to the head that round anchored. Entries after it (a round that was being
+        recorded when the coordinator stopped) are moved to ``audit.unanchored-<UTC time>.jsonl``,
+        never deleted; that round runs again."""
+        from trustfed.ledger.audit import parse_entry
+
+        nxt = self.ledger.next_round()
+        if nxt == 0:
+            return 0
+        last = nxt - 1
+        rec = self.ledger.read_round(last)
+        if rec is None or not self.audit_path.is_file():
+            raise LedgerError(f"cannot resume: the chain has round {last} but {self.audit_path} is missing")
+        lines = self.audit_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        cut = next((i for i, text in enumerate(lines) if parse_entry(text).hash == rec.log_head), None)
+        if cut is None:
+            raise LedgerError(
+                f"cannot resume: round {last}'s anchored log head {rec.log_head[:16]}… is no entry of {self.audit_path}"
+            )
+        tail = lines[cut + 1 :]
+        if tail:
+            aside = self.run_dir / f"audit.unanchored-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.jsonl"
+            aside.write_text("".join(tail), encoding="utf-8")
+            tmp = self.audit_path.with_name(self.audit_path.name + ".tmp")
+            tmp.write_text("".join(lines[: cut + 1]), encoding="utf-8")
+            os.replace(tmp, self.audit_path)
+            log.warning("resume: %d unanchored log entries after round %d moved to %s", len(tail), last, aside)
+        return last
+
     # ------------------------------------------------------------------ internals
     def _start(self, plan: RoundPlan, params: torch.Tensor, audit: AuditLog) -> None:
         nxt = self.ledger.next_round()
@@ -319,6 +350,8 @@ def network_recorder(
     certificates: Mapping[str, bytes],
     commitments: CommitmentSource,
     attachments: Sequence[RoundAttachments] = (),
+    *,
+    resume: bool = False,
 ) -> LedgerRecorder:
     """A recorder for a networked federation: nobody's private key but the coordinator's is here.
 
@@ -329,7 +362,8 @@ def network_recorder(
     if coordinator.key_id != COORDINATOR_ID:
         raise LedgerError(f"the coordinator's audit key id must be {COORDINATOR_ID!r}, got {coordinator.key_id!r}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _archive_previous_run(run_dir)
+    if not resume:
+        _archive_previous_run(run_dir)
     keys = {pid: certificate_fingerprint(pem)[1] for pid, pem in certificates.items() if pid != COORDINATOR_ID}
     ledger = open_backend(settings.backend, run_dir / LEDGER_DIR, settings.rpc_url, settings.key_file)
     return LedgerRecorder(

@@ -59,6 +59,12 @@ T = TypeVar("T")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+class RoundGone(TransportError):
+    """The round this participant is in is no longer open at the coordinator: its deadline passed, or
+    the coordinator restarted (a standby took over) and never opened it. The participant drops the
+    round and asks for the next plan."""
+
+
 @dataclass(frozen=True)
 class ReceivedPlan:
     """A verified round plan."""
@@ -130,6 +136,7 @@ class ParticipantClient:
         self.channel = channel(self.address, tls.ca, tls.cert, tls.key, self.limits.max_message_bytes + 64 * 1024)
         self.stub = pb_grpc.FederationStub(self.channel)  # type: ignore[no-untyped-call]
         self.refusal: str | None = None  # why this participant refused a round and left, if it did
+        self.dropped: list[int] = []  # rounds given up because they closed or the coordinator restarted
         # Hooks: extra checks of the downloaded model (the chain's, below), and sealing.
         self.model_checks: list[Callable[[ReceivedPlan, torch.Tensor], None]] = []
         if chain is not None:  # before training: the model must be the one committed on chain
@@ -155,6 +162,8 @@ class ParticipantClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 detail = exc.details() or ""
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise RoundGone(f"{what}: {detail}") from None
                 if code not in _RETRYABLE:
                     raise TransportError(
                         f"the coordinator at {self.address} refused {what}: {code.name}: {detail}"
@@ -329,6 +338,11 @@ class ParticipantClient:
 
             v = self._check(self._call(f"the receipt of round {rp.round}", call), "receipt")
             r = pb.Receipt.FromString(v.body)
+            if rp.raw.session and r.session != rp.raw.session:
+                raise RoundGone(
+                    f"the coordinator restarted while round {rp.round} was in flight (session {rp.raw.session} -> "
+                    f"{r.session or '?'})"
+                )
             if r.round != rp.round:
                 raise self.verifier.reject(
                     "round_mismatch", f"receipt for round {r.round}, asked {rp.round}", "receipt"
@@ -429,7 +443,14 @@ class ParticipantClient:
             if raw.status != pb.TRAIN:
                 time.sleep(min(raw.retry_after_ms, 5000) / 1000)
                 continue
-            outcome = self.run_round(raw, after)
+            try:
+                outcome = self.run_round(raw, after)
+            except RoundGone as exc:
+                log.warning(
+                    "participant %s: round %d dropped (%s); waiting for the next plan", self.pid, raw.round, exc
+                )
+                self.dropped.append(int(raw.round))
+                continue
             if outcome is None:
                 return outcomes
             outcomes.append(outcome)

@@ -61,13 +61,30 @@ def _participant_line(rnd: int, upd: Update, mode: str, accountant: str) -> dict
 class PrivacyRecorder:
     """A coordinator RoundObserver that appends each round's privacy spend to ``privacy.jsonl``."""
 
-    def __init__(self, path: Path, mode: str, accountant: AccountantName = "rdp") -> None:
+    def __init__(self, path: Path, mode: str, accountant: AccountantName = "rdp", *, resume: bool = False) -> None:
         self.path = path
         self.mode = mode
         self.accountant = accountant
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("", encoding="utf-8")
+        if not (resume and path.exists()):
+            path.write_text("", encoding="utf-8")
         self.lines: dict[int, list[dict[str, Any]]] = {}  # round -> the lines written for it (the ledger signs them)
+
+    def keep_rounds_upto(self, last: int) -> int:
+        """On resume: drop the lines of rounds after ``last`` (a round that was not recorded and will run
+        again); returns how many lines were dropped."""
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        for text in self.path.read_text(encoding="utf-8").splitlines():
+            if text.strip() and int(json.loads(text)["round"]) > last:
+                dropped += 1
+            elif text.strip():
+                kept.append(text)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(t + "\n" for t in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        return dropped
 
     def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None:
         pass

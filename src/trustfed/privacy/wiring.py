@@ -75,8 +75,9 @@ def build_central_strategy(s: PrivacySettings, inner: FedAvg, seed: int) -> Stra
     )
 
 
-def privacy_recorder(s: PrivacySettings, out_dir: Path | None) -> list[PrivacyRecorder]:
-    """The observer that writes ``OUT/privacy.jsonl`` (none when privacy is off or there is no run folder)."""
+def privacy_recorder(s: PrivacySettings, out_dir: Path | None, *, resume: bool = False) -> list[PrivacyRecorder]:
+    """The observer that writes ``OUT/privacy.jsonl`` (none when privacy is off or there is no run folder;
+    ``resume``: append to the file of the run being resumed)."""
     if s.mode == "none" or out_dir is None:
         return []
-    return [PrivacyRecorder(out_dir / PRIVACY_FILE, s.mode, s.accountant)]
+    return [PrivacyRecorder(out_dir / PRIVACY_FILE, s.mode, s.accountant, resume=resume)]

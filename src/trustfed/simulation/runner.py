@@ -117,12 +117,17 @@ def run_rounds(
 
     t0 = time.perf_counter()
     try:
-        coord.run(cfg.federation.rounds, record)
+        coord.run(cfg.federation.rounds - coord.round, record)  # a resumed coordinator starts after round 0
     finally:
         transport.close()
+    if not rounds:  # resumed after the last round: nothing ran here, evaluate the model as it stands
+        final = strategy.evaluate(coord.round, coord.params) or {}
+        rounds_left = {"accuracy": final.get("accuracy", float("nan")), "loss": final.get("loss", float("nan"))}
+    else:
+        rounds_left = rounds[-1]
     return {
-        "final_accuracy": rounds[-1]["accuracy"],
-        "final_loss": rounds[-1]["loss"],
+        "final_accuracy": rounds_left["accuracy"],
+        "final_loss": rounds_left["loss"],
         "rounds": rounds,
         "total_seconds": time.perf_counter() - t0,
         "model_hash": model_hash(coord.params, spec),

@@ -73,7 +73,7 @@ class PlanRequest(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., after_round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class RoundPlan(_message.Message):
-    __slots__ = ("status", "round", "participants", "config_json", "model_hash", "spec_json", "model_bytes", "chunk_bytes", "deadline_ms", "retry_after_ms", "model_commitment", "enclave_quote", "enclave_public_key")
+    __slots__ = ("status", "round", "participants", "config_json", "model_hash", "spec_json", "model_bytes", "chunk_bytes", "deadline_ms", "retry_after_ms", "model_commitment", "enclave_quote", "enclave_public_key", "session")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class RoundPlan(_message.Message):
     MODEL_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     ENCLAVE_QUOTE_FIELD_NUMBER: _ClassVar[int]
     ENCLAVE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     status: PlanStatus
     round: int
     participants: _containers.RepeatedScalarFieldContainer[str]
@@ -100,7 +101,8 @@ class RoundPlan(_message.Message):
     model_commitment: bytes
     enclave_quote: bytes
     enclave_public_key: bytes
-    def __init__(self, status: _Optional[_Union[PlanStatus, str]] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., config_json: _Optional[str] = ..., model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., model_commitment: _Optional[bytes] = ..., enclave_quote: _Optional[bytes] = ..., enclave_public_key: _Optional[bytes] = ...) -> None: ...
+    session: str
+    def __init__(self, status: _Optional[_Union[PlanStatus, str]] = ..., round: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., config_json: _Optional[str] = ..., model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., model_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., model_commitment: _Optional[bytes] = ..., enclave_quote: _Optional[bytes] = ..., enclave_public_key: _Optional[bytes] = ..., session: _Optional[str] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
     __slots__ = ("round", "model_hash")
@@ -182,7 +184,7 @@ class ReceiptRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("round", "ready", "included", "new_model_hash", "participants", "merkle_root", "merkle_proof", "enclave_receipt", "proof_index", "leaf_count")
+    __slots__ = ("round", "ready", "included", "new_model_hash", "participants", "merkle_root", "merkle_proof", "enclave_receipt", "proof_index", "leaf_count", "session")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     INCLUDED_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +195,7 @@ class Receipt(_message.Message):
     ENCLAVE_RECEIPT_FIELD_NUMBER: _ClassVar[int]
     PROOF_INDEX_FIELD_NUMBER: _ClassVar[int]
     LEAF_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     round: int
     ready: bool
     included: bool
@@ -203,4 +206,5 @@ class Receipt(_message.Message):
     enclave_receipt: bytes
     proof_index: int
     leaf_count: int
-    def __init__(self, round: _Optional[int] = ..., ready: _Optional[bool] = ..., included: _Optional[bool] = ..., new_model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., merkle_root: _Optional[bytes] = ..., merkle_proof: _Optional[_Iterable[bytes]] = ..., enclave_receipt: _Optional[bytes] = ..., proof_index: _Optional[int] = ..., leaf_count: _Optional[int] = ...) -> None: ...
+    session: str
+    def __init__(self, round: _Optional[int] = ..., ready: _Optional[bool] = ..., included: _Optional[bool] = ..., new_model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., merkle_root: _Optional[bytes] = ..., merkle_proof: _Optional[_Iterable[bytes]] = ..., enclave_receipt: _Optional[bytes] = ..., proof_index: _Optional[int] = ..., leaf_count: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...

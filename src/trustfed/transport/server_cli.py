@@ -19,8 +19,23 @@ def server(
         "runs/server"
     ),
     listen: Annotated[str | None, typer.Option(help="override \\[transport].listen (host:port)")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the run recorded in OUT after its last round on chain")
+    ] = False,
+    lease: Annotated[
+        Path | None,
+        typer.Option(
+            help="leadership lease file shared with standby coordinators: wait for it, then resume the run in OUT"
+        ),
+    ] = None,
+    lease_ttl: Annotated[float, typer.Option(min=0.5, help="seconds a lease lasts without renewal")] = 5.0,
 ) -> None:
-    """Wait for the federation's participants, run every round, write OUT/metrics.json."""
+    """Wait for the federation's participants, run every round, write OUT/metrics.json.
+
+    With --lease, several coordinators started the same way share OUT and the lease: one leads, the
+    others wait as standbys; when the leader stops, one of them takes the lease, binds the same
+    address and resumes after the last round on chain. Participants drop the round in flight and
+    take the next plan (give them enough \\[retry] attempts to outlast the lease's ttl)."""
     import logging
 
     import torch
@@ -31,6 +46,20 @@ def server(
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(1)
     cfg = load_federation_config(config)
+    held = None
+    if lease is not None:
+        import os
+        import socket
+
+        from trustfed.coordinator.ha import FileLease, LeaseHeartbeat
+
+        taken = FileLease(lease, f"{socket.gethostname()}:{os.getpid()}", lease_ttl)
+        console.print(f"waiting for the lease {lease} (standby until the leader stops)")
+        taken.wait(poll=min(0.5, lease_ttl / 4))
+        held = LeaseHeartbeat(taken, lease_ttl / 3)  # renew from now on, also while participants join
+        held.start()
+        console.print(f"{taken.holder} leads (epoch {taken.epoch})")
+        resume = True
     settings = cfg.transport.resolved(config.parent)
     if listen is not None:
         settings = settings.model_copy(update={"listen": listen})
@@ -43,5 +72,5 @@ def server(
         m = getattr(rec, "metrics", {})
         console.print(f"round {getattr(rec, 'round', '?')}: accuracy {m.get('accuracy', float('nan')):.4f}")
 
-    _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round)
+    _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round, resume=resume, lease=held)
     console.print(f"final accuracy {metrics['final_accuracy']:.4f}; results in {out}")

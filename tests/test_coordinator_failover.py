@@ -1,0 +1,110 @@
+"""A standby coordinator process takes over a recorded federation: the leader is killed (SIGKILL) mid-run,
+the standby takes the lease, binds the same address, resumes after the last round on chain, and the
+participant processes drop the round in flight and follow. The run ends with the same model as an
+uninterrupted one and passes the independent audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trustfed.config import validate_federation_config
+from trustfed.core.codec import from_bytes
+from trustfed.ledger.verify import verify_run
+from trustfed.simulation import run_simulation
+from trustfed.simulation.federation import participant_ids
+from trustfed.transport.local import prepare, start_participant, write_participant_configs
+
+RAW: dict[str, Any] = {
+    "federation": {"name": "failover", "rounds": 4, "participants": 3, "seed": 5},
+    "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+    "model": {"name": "mlp", "hidden": [16]},
+    "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+    "strategy": {"name": "fedavg", "aggregator": "mean", "min_participants": 3},
+    "ledger": {"enabled": True},
+    "incentives": {"enabled": True},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _server(fed_file: Path, out: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "trustfed.cli", "server", "--config", str(fed_file), "--out", str(out)]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--lease", str(out / "lease.json"), "--lease-ttl", "2"]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_for(what: str, cond: Any, timeout: float, procs: list[subprocess.Popen[bytes]]) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        if any(p.poll() not in (None, 0) for p in procs):
+            raise AssertionError(f"a process failed while waiting for {what}")
+        time.sleep(0.1)
+
+
+def _aggregated(out: Path) -> int:
+    path = out / "audit.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"kind":"aggregation"' in line.replace(" ", ""))
+
+
+def test_standby_takes_over_a_recorded_run_and_participants_follow(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    ids = participant_ids(3)
+    fed = prepare(out, RAW, ids, round_timeout_s=60)
+    port = _free_port()
+    write_participant_configs(fed, f"127.0.0.1:{port}", ids, ledger_view=True)
+    for f in fed.participant_files.values():  # outlast the lease ttl and the standby's start
+        f.write_text(
+            f.read_text().replace("attempts = 6", "attempts = 60").replace("max_backoff_s = 2.0", "max_backoff_s = 1.0")
+        )
+    logs = out / "logs"
+    leader = _server(fed.federation_file, out, port, logs / "leader.log")
+    procs = [leader]
+    try:
+        _wait_for("the leader", lambda: "leads" in (logs / "leader.log").read_text(), 60, procs)
+        standby = _server(fed.federation_file, out, port, logs / "standby.log")
+        procs.append(standby)
+        _wait_for("the standby", lambda: "waiting for the lease" in (logs / "standby.log").read_text(), 60, procs)
+        parts = [start_participant(fed.participant_files[pid], logs / f"{pid}.log") for pid in ids]
+        procs += parts
+        _wait_for("round 2 on record", lambda: _aggregated(out) >= 2, 180, procs)
+        leader.send_signal(signal.SIGKILL)
+        leader.wait(timeout=10)
+        assert standby.wait(timeout=240) == 0, (logs / "standby.log").read_text()[-3000:]
+        for pid, p in zip(ids, parts, strict=True):
+            assert p.wait(timeout=60) == 0, (logs / f"{pid}.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    standby_log = (logs / "standby.log").read_text()
+    assert "resumed after round" in standby_log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_after_round"] >= 1 and metrics["rounds"][-1]["round"] == 4
+    params = from_bytes((out / "model.f32").read_bytes())
+    plain = run_simulation(validate_federation_config(RAW), tmp_path / "plain")
+    assert torch.max(torch.abs(params - plain.params)).item() <= 1e-6
+    verdict = verify_run(out)
+    assert verdict.ok, [str(f) for f in verdict.failures]
+    assert verdict.checked["chain_rounds"] == 5 and verdict.checked["incentive_rounds"] == 4
