@@ -264,3 +264,52 @@ def test_reputation_selection_config_problems() -> None:
         validate_federation_config(raw)
     with pytest.raises(LedgerError, match="needs the run to be recorded"):
         run_simulation(validate_federation_config(raw_config(incentives={"enabled": True, "selection": "reputation"})))
+
+
+# ------------------------------------------------------------------ stakes and slashing
+
+
+@pytest.fixture(scope="module")
+def staked(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stake") / "run"
+    raw = raw_config(incentives={"enabled": True, "stake": 100, "slash_fraction": 0.5})
+    run_simulation(validate_federation_config(raw, "test"), out)
+    return out
+
+
+def test_flagged_participants_lose_stake_on_chain_and_the_audit_recomputes_it(staked: Path) -> None:
+    bodies = _bodies(staked)
+    slashes: dict[str, list[int]] = {}
+    for b in bodies:
+        assert set(b["slashed"]) == set(b["flagged"]) and b["slash_fraction"] == 0.5
+        for pid, amount in b["slashed"].items():
+            slashes.setdefault(pid, []).append(amount)
+    assert slashes  # multi_krum leaves one update out every round
+    ledger = EmbeddedLedger(staked / "ledger", read_only=True)
+    for pid in (f"p{i:03d}" for i in range(5)):
+        stake = 100
+        for amount in slashes.get(pid, []):
+            assert amount == stake // 2  # half of what is left, rounded down
+            stake -= amount
+        assert ledger.account(pid).stake == stake
+    v = verify_run(staked)
+    assert v.ok, [str(f) for f in v.failures]
+    kinds = [json.loads(line)["kind"] for line in read_lines(staked)]
+    assert kinds.count("incentives_stake") == 1
+
+
+def test_a_skipped_slash_is_caught(staked: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(staked, tmp_path / "run"))
+    rnd = next(i + 1 for i, b in enumerate(_bodies(run)) if b["slashed"])
+    i = _resign(
+        run,
+        rnd,
+        lambda b: (b["stake"].update({p: b["stake"][p] + a for p, a in b["slashed"].items()}), b.update(slashed={})),
+    )
+    v = verify_run(run)
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=rnd, field="body.slashed")
+
+
+def test_slashing_needs_a_stake() -> None:
+    with pytest.raises(ConfigError, match="slash_fraction > 0 needs a stake"):
+        validate_federation_config(raw_config(incentives={"enabled": True, "slash_fraction": 0.5}))

@@ -161,7 +161,8 @@ def demo(
         "training": {"local_epochs": 3, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "strategy": {"name": "fedavg", "aggregator": "mean", "min_participants": min(2, participants)},
         "ledger": {"enabled": True},  # audit log, checkpoints and the embedded chain in OUT
-        "incentives": {"enabled": True},  # contributions, reputation and rewards each round, on chain
+        # contributions, reputation and rewards each round, on chain; a stake that flagged updates lose a share of
+        "incentives": {"enabled": True, "stake": 1000, "slash_fraction": 0.1},
     }
     if transport == "grpc":  # aggregation in a SIMULATED enclave process (software only; see trustfed.enclave)
         raw["enclave"] = {

@@ -51,6 +51,7 @@ log = logging.getLogger("trustfed.coordinator.recorders")
 
 PRIVACY_KIND = "privacy_spend"
 INCENTIVES_KIND = "incentives"
+STAKE_KIND = "incentives_stake"
 ATTESTATION_KIND = "enclave_attestation"
 RECEIPT_KIND = "enclave_receipt"
 
@@ -179,7 +180,10 @@ class IncentivesRecord:
     enclave rejected) are flagged. The book starts from the chain's accounts, so a resumed run goes
     on from where the chain stands."""
 
-    def __init__(self, settings: IncentiveSettings, enclave: EnclaveRecord | None = None) -> None:
+    def __init__(
+        self, settings: IncentiveSettings, enclave: EnclaveRecord | None = None, participants: Sequence[str] = ()
+    ) -> None:
+        self.participants = list(participants)  # who stakes before round 1
         from trustfed.incentives.book import IncentiveBook
 
         self.settings = settings
@@ -204,7 +208,8 @@ class IncentivesRecord:
         flagged = set(ids) - set(selected) if self.settings.flag_unselected else set()
         if self.enclave is not None and (receipt := self.enclave.strategy.last_receipt) is not None:
             flagged |= set(receipt.body.get("rejected", {})) & set(ids)
-        change = self.book.apply(plan.round, ids, contributions, flagged, self.settings.reward_per_round)
+        s = self.settings
+        change = self.book.apply(plan.round, ids, contributions, flagged, s.reward_per_round, s.slash_fraction)
         self._pending[plan.round] = (change, source)
 
     def _contributions(
@@ -242,6 +247,7 @@ class IncentivesRecord:
             self.book.reputation[pid] = acct.reputation
         if acct.balance:
             self.book.balances[pid] = acct.balance
+        self.book.stakes[pid] = acct.stake
 
     def check_resume(self, audit_path: Path, last: int) -> None:
         """On resume after round ``last``: the chain must hold the reputations that round's incentives
@@ -265,6 +271,12 @@ class IncentivesRecord:
             return
         if held == {pid: after[pid] - deltas[pid] for pid in after}:
             ids = sorted(after)
+            for pid, amount in sorted(body.get("slashed", {}).items()):  # slashes go first, one by one
+                stake, want = self.ledger.account(pid).stake, int(body["stake"][pid])
+                if stake == want + int(amount):
+                    self.ledger.slash(pid, last, int(amount), "flagged by the aggregator")
+                elif stake != want:
+                    raise LedgerError(f"cannot resume: {pid}'s stake on chain ({stake}) fits no state of round {last}")
             self.ledger.apply_incentives(last, ids, [deltas[p] for p in ids], [int(body["rewards"][p]) for p in ids])
             log.warning("resume: sent round %d's incentives transaction, which the chain did not have", last)
             return
@@ -274,7 +286,21 @@ class IncentivesRecord:
         )
 
     def genesis(self) -> Sequence[Attachment]:
-        return []
+        """Before round 1: every participant's stake (an ``incentives_stake`` entry, one tx each)."""
+        from trustfed.ledger.recorder import Attachment
+
+        stake = self.settings.stake
+        if stake == 0:
+            return []
+        ids = sorted(self.participants)
+        for pid in ids:
+            self.book.stakes[pid] = stake
+            self._restored.add(pid)  # a fresh run: nothing to read back
+
+        def put(ledger: LedgerBackend) -> object:
+            return [ledger.add_stake(pid, stake) for pid in ids]
+
+        return [Attachment(STAKE_KIND, {"stake": stake, "participants": ids}, chain=put)]
 
     def for_round(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
@@ -282,12 +308,15 @@ class IncentivesRecord:
         from trustfed.ledger.recorder import Attachment
 
         change, source = self._pending.pop(plan.round)
-        body = change.to_body(self.settings.reward_per_round, source, self.book.policy, self.settings.flag_unselected)
+        s = self.settings
+        body = change.to_body(s.reward_per_round, source, self.book.policy, s.flag_unselected, s.slash_fraction)
         ids = sorted(change.rewards)
         deltas = [change.reputation_deltas[p] for p in ids]
         rewards = [change.rewards[p] for p in ids]
 
         def apply(ledger: LedgerBackend) -> object:
+            for pid, amount in sorted(change.slashed.items()):  # before applyRound: see check_resume
+                ledger.slash(pid, plan.round, amount, "flagged by the aggregator")
             return ledger.apply_incentives(plan.round, ids, deltas, rewards)
 
         return [Attachment(INCENTIVES_KIND, body, chain=apply)]
@@ -342,7 +371,7 @@ def recorders_for(
         attachments += [_PrivacySpend(p) for p in privacy]
     incentives: IncentivesRecord | None = None
     if cfg.incentives.enabled and cfg.ledger.enabled:  # scores each round before the ledger records it
-        incentives = IncentivesRecord(cfg.incentives, enclave)
+        incentives = IncentivesRecord(cfg.incentives, enclave, participant_ids)
         out.append(incentives)
         attachments.append(incentives)
     if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger

@@ -20,6 +20,7 @@ from trustfed.incentives.scoring import (
     ReputationPolicy,
     allocate_rewards,
     reputation_weighted_selection,
+    slash,
     update_reputation,
 )
 
@@ -36,10 +37,17 @@ class RoundIncentives:
     reputation: dict[str, int]  # after the round, parts per million
     reputation_deltas: dict[str, int]  # change of the on-chain value
     rewards: dict[str, int]
+    slashed: dict[str, int] = field(default_factory=dict)  # stake taken from flagged participants
+    stakes: dict[str, int] = field(default_factory=dict)  # after the round, for the round's participants
 
-    def to_body(self, pool: int, source: str, policy: ReputationPolicy, flag_unselected: bool) -> dict[str, Any]:
+    def to_body(
+        self, pool: int, source: str, policy: ReputationPolicy, flag_unselected: bool, slash_fraction: float = 0.0
+    ) -> dict[str, Any]:
         """The audit log entry: everything an auditor needs to recompute the round's changes."""
         return {
+            "slash_fraction": slash_fraction,
+            "slashed": dict(sorted(self.slashed.items())),
+            "stake": dict(sorted(self.stakes.items())),
             "source": source,
             "pool": pool,
             "policy": policy_dict(policy),
@@ -57,13 +65,20 @@ class IncentiveBook:
     policy: ReputationPolicy = field(default_factory=ReputationPolicy)
     reputation: dict[str, int] = field(default_factory=dict)  # ppm, as on chain (absent: never scored)
     balances: dict[str, int] = field(default_factory=dict)
+    stakes: dict[str, int] = field(default_factory=dict)
 
     def current(self, pid: str) -> float:
         ppm = self.reputation.get(pid)
         return ppm / REPUTATION_SCALE if ppm is not None else self.policy.initial
 
     def apply(
-        self, rnd: int, participants: Sequence[str], contributions: Mapping[str, float], flagged: set[str], pool: int
+        self,
+        rnd: int,
+        participants: Sequence[str],
+        contributions: Mapping[str, float],
+        flagged: set[str],
+        pool: int,
+        slash_fraction: float = 0.0,
     ) -> RoundIncentives:
         """Score one round: ``participants`` sent updates, ``contributions`` (summing to 1 or 0) says
         how much each moved the model, ``flagged`` were left out by the aggregator. Rewards go to the
@@ -81,12 +96,16 @@ class IncentiveBook:
         weights = {pid: contributions[pid] * after[pid] for pid in ids if pid not in flagged}
         rewards = allocate_rewards(pool, weights) if weights else {}
         rewards = {pid: rewards.get(pid, 0) for pid in ids}
+        cut = {pid: slash(self.stakes.get(pid, 0), slash_fraction) for pid in sorted(flagged)}
+        slashed = {pid: a for pid, a in cut.items() if a > 0}
         self.reputation.update(after)
         for pid, amount in rewards.items():
             self.balances[pid] = self.balances.get(pid, 0) + amount
-        return RoundIncentives(
-            rnd, {p: float(contributions[p]) for p in ids}, tuple(sorted(flagged)), after, deltas, rewards
-        )
+        for pid, amount in slashed.items():
+            self.stakes[pid] -= amount
+        stakes = {pid: self.stakes.get(pid, 0) for pid in ids}
+        contrib = {p: float(contributions[p]) for p in ids}
+        return RoundIncentives(rnd, contrib, tuple(sorted(flagged)), after, deltas, rewards, slashed, stakes)
 
 
 SELECTION_KEYS = ("selection", "selection_available", "selection_seed")

@@ -28,6 +28,10 @@ class IncentiveSettings(BaseModel):
     selection: Literal["uniform", "reputation"] = Field(
         "uniform", description="how a round's participants are drawn when fraction_fit < 1"
     )
+    stake: int = Field(0, ge=0, description="units each participant stakes on chain before round 1")
+    slash_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of its stake a flagged participant loses each time (rounded down)"
+    )
     flag_unselected: bool = Field(
         True, description="flag updates the aggregator left out (turn off for rules that keep one update, like krum)"
     )
@@ -36,6 +40,8 @@ class IncentiveSettings(BaseModel):
     def _order(self) -> IncentiveSettings:
         if self.floor > self.initial:
             raise ValueError(f"floor ({self.floor}) must be <= initial ({self.initial})")
+        if self.slash_fraction > 0 and self.stake == 0:
+            raise ValueError("slash_fraction > 0 needs a stake to slash (set stake)")
         return self
 
     def policy(self) -> ReputationPolicy:

@@ -63,6 +63,10 @@ class LedgerBackend(Protocol):
         self, rnd: int, ids: Sequence[str], reputation_deltas: Sequence[int], rewards: Sequence[int]
     ) -> TxRef: ...
 
+    def add_stake(self, participant_id: str, amount: int) -> TxRef: ...
+
+    def slash(self, participant_id: str, rnd: int, amount: int, reason: str) -> TxRef: ...
+
     def account(self, participant_id: str) -> AccountState: ...
 
     def close(self) -> None: ...
@@ -269,6 +273,14 @@ class Web3Ledger:
     ) -> TxRef:
         fn = self.c["Incentives"].functions.applyRound(rnd, list(ids), list(reputation_deltas), list(rewards))
         return self._transact(fn, f"applying round {rnd} incentives")
+
+    def add_stake(self, participant_id: str, amount: int) -> TxRef:
+        fn = self.c["Incentives"].functions.addStake(participant_id, amount)
+        return self._transact(fn, f"staking {amount} for {participant_id}")
+
+    def slash(self, participant_id: str, rnd: int, amount: int, reason: str) -> TxRef:
+        fn = self.c["Incentives"].functions.slash(participant_id, rnd, amount, reason)
+        return self._transact(fn, f"slashing {amount} of {participant_id}'s stake in round {rnd}")
 
     def account(self, participant_id: str) -> AccountState:
         rep, bal, stake = self.c["Incentives"].functions.accountOf(participant_id).call()

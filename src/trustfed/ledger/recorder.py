@@ -246,12 +246,17 @@ class LedgerRecorder:
                 body["certificate_pem"] = self.certificates[ident.id].decode()
             audit.append("identity", 0, body, self.coordinator)
         self.ledger.register(idents)
+        on_chain: list[Callable[[LedgerBackend], object]] = []
         for source in self.attachments:
             for att in source.genesis():
                 audit.append(att.kind, 0, att.body, self.coordinator)
+                if att.chain is not None:
+                    on_chain.append(att.chain)
         self._checkpoint(audit, 0, params, h)
         audit.sync()
         self.ledger.commit_round(RoundCommitment(0, h, ZERO32, ZERO32, audit.head, 0))
+        for action in on_chain:
+            action(self.ledger)
 
     def _checkpoint(self, audit: AuditLog, rnd: int, params: torch.Tensor, h: str) -> None:
         body: dict[str, object] = {"model_hash": h, "size": int(params.numel())}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustfed.coordinator.recorders import ATTESTATION_KIND, INCENTIVES_KIND, PRIVACY_KIND, RECEIPT_KIND
+from trustfed.coordinator.recorders import ATTESTATION_KIND, INCENTIVES_KIND, PRIVACY_KIND, RECEIPT_KIND, STAKE_KIND
 from trustfed.errors import CheckpointError, TrustFedError
 from trustfed.incentives.book import IncentiveBook, choose_by_reputation, selection_shares
 from trustfed.incentives.scoring import IncentiveError, ReputationPolicy
@@ -233,6 +233,10 @@ class _Verifier:
                     self._attestation(loc)
                 elif e.kind == PRIVACY_KIND:
                     self.privacy.append(loc)
+                elif e.kind == STAKE_KIND:
+                    if rnd != 0 or "stake" in f:
+                        self.fail(AUDIT_FILE, ln, rnd, "kind", "stakes are set once, before round 1")
+                    f["stake"] = loc
                 elif e.kind == INCENTIVES_KIND:
                     if "incentives" in f:
                         self.fail(AUDIT_FILE, ln, rnd, "kind", "a second incentives entry for this round")
@@ -404,6 +408,16 @@ class _Verifier:
                 self.book = IncentiveBook(
                     ReputationPolicy(**{k: float(v) for k, v in first.entry.body["policy"].items()})
                 )
+        genesis: _Located | None = facts.get(0, {}).get("stake")
+        if genesis is not None:
+            try:
+                stake = int(genesis.entry.body["stake"])
+                ids = [str(p) for p in genesis.entry.body["participants"]]
+            except (KeyError, TypeError, ValueError) as exc:
+                self.fail(AUDIT_FILE, genesis.line, 0, "body", f"malformed stake entry: {exc}")
+            else:
+                self.book = self.book or IncentiveBook()
+                self.book.stakes.update(dict.fromkeys(ids, stake))
         for rnd in sorted(facts):
             f = facts[rnd]
             self._selection(rnd, f)
@@ -452,6 +466,7 @@ class _Verifier:
         try:
             policy = ReputationPolicy(**{k: float(v) for k, v in dict(b["policy"]).items()})
             pool, source, flag_unselected = int(b["pool"]), str(b["source"]), bool(b["flag_unselected"])
+            slash_fraction = float(b.get("slash_fraction", 0.0))
             contributions = {str(k): float(v) for k, v in dict(b["contributions"]).items()}
             flagged = {str(p) for p in b["flagged"]}
         except (KeyError, TypeError, ValueError, IncentiveError) as exc:
@@ -492,7 +507,9 @@ class _Verifier:
         else:
             self.fail(AUDIT_FILE, ln, rnd, "body.source", f"unknown source {source!r}")
         try:
-            change = self.book.apply(rnd, participants, contributions, flagged & set(participants), pool)
+            change = self.book.apply(
+                rnd, participants, contributions, flagged & set(participants), pool, slash_fraction
+            )
         except IncentiveError as exc:
             self.fail(AUDIT_FILE, ln, rnd, "body", str(exc))
             return
@@ -500,6 +517,8 @@ class _Verifier:
             ("reputation_ppm", change.reputation),
             ("reputation_deltas", change.reputation_deltas),
             ("rewards", change.rewards),
+            ("slashed", change.slashed),
+            ("stake", change.stakes),
         ):
             got = b.get(key)
             if not isinstance(got, dict) or {str(k): v for k, v in got.items()} != want:
@@ -557,15 +576,15 @@ class _Verifier:
         book = self.book or IncentiveBook()
         for pid in sorted(self.identities):
             acct = ledger.account(pid)
-            want_rep, want_bal = book.reputation.get(pid, 0), book.balances.get(pid, 0)
-            if (acct.reputation, acct.balance) != (want_rep, want_bal):
+            held = (book.reputation.get(pid, 0), book.balances.get(pid, 0), book.stakes.get(pid, 0))
+            if (acct.reputation, acct.balance, acct.stake) != held:
                 self.fail(
                     CHAIN,
                     None,
                     None,
                     f"incentives.{pid}",
-                    f"chain holds reputation {acct.reputation} and balance {acct.balance}, the log gives "
-                    f"{want_rep} and {want_bal}",
+                    f"chain holds reputation {acct.reputation}, balance {acct.balance} and stake {acct.stake}, the "
+                    f"log gives {held[0]}, {held[1]} and {held[2]}",
                 )
             self.checked["incentive_accounts"] += 1
         nxt = ledger.next_round()
