@@ -20,6 +20,7 @@ from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.incentives.settings import IncentiveSettings
 from trustfed.ledger.settings import LedgerSettings
 from trustfed.privacy.settings import PrivacySettings
+from trustfed.secagg.settings import SecAggSettings
 from trustfed.transport.settings import TransportSettings
 
 
@@ -100,6 +101,7 @@ class FederationConfig(_Section):
     attack: AttackSettings = AttackSettings()
     ledger: LedgerSettings = LedgerSettings()
     incentives: IncentiveSettings = IncentiveSettings()
+    secagg: SecAggSettings = SecAggSettings()
     enclave: EnclaveSection = EnclaveSection()
     privacy: PrivacySettings = PrivacySettings()
     transport: TransportSettings = TransportSettings()
@@ -135,6 +137,25 @@ class FederationConfig(_Section):
             )
         if self.simulation.backend == "multiprocess" and self.simulation.workers > n:
             out.append(ConfigProblem("simulation.workers", f"must be <= federation.participants ({n})"))
+        if self.secagg.enabled:
+            clash = {
+                "strategy.aggregator": self.strategy.aggregator != "mean",
+                "ledger.enabled": self.ledger.enabled,
+                "enclave.enabled": self.enclave.enabled,
+                "incentives.enabled": self.incentives.enabled,
+                "privacy.mode": self.privacy.mode == "central",
+                "simulation.backend": self.simulation.backend != "inprocess",
+            }
+            for where, bad in clash.items():
+                if bad:
+                    out.append(
+                        ConfigProblem(
+                            where,
+                            "secure aggregation gives the coordinator the sum only; this needs individual updates "
+                            "(secagg runs with the mean aggregator, in process, without ledger, enclave, incentives "
+                            "or central DP)",
+                        )
+                    )
         if self.incentives.enabled and not self.ledger.enabled:
             out.append(ConfigProblem("incentives.enabled", "needs [ledger] enabled = true: rewards are paid on chain"))
         if self.incentives.selection == "reputation" and not self.incentives.enabled:

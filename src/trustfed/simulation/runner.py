@@ -74,12 +74,15 @@ def run_simulation(
         from trustfed.simulation.adversary import adversarial_transport
 
         transport = adversarial_transport(cfg, transport)
+    if cfg.secagg.enabled:  # the coordinator gets the masked sum only
+        from trustfed.simulation.secagg import SecAggTransport
+
+        transport = SecAggTransport(transport, cfg.secagg, cfg.strategy.min_participants)
     # privacy spend + ledger (audit log, checkpoints, chain): the same recorders as the networked coordinator
     watchers = [*observers, *recorders_for(cfg, out_dir, spec, participant_ids(cfg.federation.participants))]
     use_reputation_selection(cfg, strategy, watchers)
-    coord = Coordinator(
-        strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=watchers
-    )
+    min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update
+    coord = Coordinator(strategy, transport, params, spec, min_updates=min_updates, observers=watchers)
     from trustfed.simulation.adversary import attach_root_update
 
     attach_root_update(cfg, data, strategy, coord)  # FLTrust's server update from a root sample

@@ -1,0 +1,93 @@
+"""Secure aggregation as a simulation run mode: a Transport wrapper around the participants.
+
+Each round the participants train as usual, then run the SecAgg protocol
+(:mod:`trustfed.secagg.protocol`) among themselves through a :class:`SecAggServer` that sees only
+public keys, encrypted key shares, masked vectors and unmasking shares. What reaches the coordinator
+is one update, ``"secagg"``: the global model plus the mean of the survivors' clipped deltas
+(unweighted: a participant's example count is not part of the sum), with the number of examples
+summed. Participants listed by ``dropout`` (seeded per round) compute their masked input but never
+deliver it; the protocol removes their masks from the sum using the others' shares.
+
+The coordinator learns the sum only, so rules that look at individual updates (robust aggregators),
+per-update commitments on the ledger, the enclave and incentive scores do not apply; the config
+refuses those combinations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.errors import AggregationError
+from trustfed.secagg.protocol import SecAggClient, SecAggParams, SecAggServer
+from trustfed.secagg.settings import SecAggSettings
+
+log = logging.getLogger("trustfed.secagg")
+
+SECAGG_ID = "secagg"
+
+
+class SecAggTransport:
+    """Wraps the participants' transport; ``fit`` returns the securely aggregated update only."""
+
+    def __init__(self, inner: object, settings: SecAggSettings, min_updates: int = 1) -> None:
+        self.inner = inner
+        self.settings = settings
+        self.min_updates = min_updates  # survivors needed (the coordinator sees one update per round)
+        self.last: dict[str, object] = {}  # round statistics (survivors, dropped), for metrics
+
+    def available(self) -> Sequence[str]:
+        return self.inner.available()  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        self.inner.close()  # type: ignore[attr-defined]
+
+    def threshold(self, n: int) -> int:
+        return self.settings.threshold or max(2, math.ceil(2 * n / 3))
+
+    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
+        # On each participant's side: train, then take part in the protocol with its own delta.
+        updates: list[Update] = self.inner.fit(plan, params)  # type: ignore[attr-defined]
+        s = self.settings
+        n = len(updates)
+        p = SecAggParams(threshold=self.threshold(n), clip=s.clip, bits=s.bits, round=plan.round)
+        p.check(n)
+        ids = {u.participant_id: i + 1 for i, u in enumerate(sorted(updates, key=lambda u: u.participant_id))}
+        clients = {ids[u.participant_id]: SecAggClient(ids[u.participant_id], p) for u in updates}
+        deltas = {ids[u.participant_id]: (u.params - params).numpy() for u in updates}
+        rng = random.Random(f"{s.seed}:secagg-dropout:{plan.round}")
+        lost = set(rng.sample(sorted(clients), int(s.dropout * n)))
+        server = SecAggServer(p, params.numel())  # the aggregator's side: never a single input
+        for cid, c in clients.items():
+            server.receive_keys(cid, c.advertise_keys())
+        roster = server.roster_for_clients()
+        for cid, c in clients.items():
+            server.receive_shares(cid, c.share_keys(roster))
+        for cid, c in clients.items():
+            masked = c.masked_input(deltas[cid], server.inbox_for(cid))
+            if cid not in lost:
+                server.receive_masked(cid, masked)
+        survivors = server.survivors()
+        for cid in survivors:
+            server.receive_unmask(cid, clients[cid].unmask(survivors))
+        total, who = server.aggregate()
+        if len(who) < self.min_updates:
+            raise AggregationError(
+                f"round {plan.round}: {len(who)} update(s) in the secure sum, {self.min_updates} needed"
+            )
+        names = {i: pid for pid, i in ids.items()}
+        kept = [names[i] for i in who]
+        examples = sum(u.num_examples for u in updates if u.participant_id in kept)
+        mean = torch.from_numpy(np.asarray(total, dtype=np.float32) / len(who))
+        self.last = {"round": plan.round, "survivors": kept, "dropped": sorted(names[i] for i in lost)}
+        log.info(
+            "round %d: secure aggregation of %d update(s), %d dropped after masking", plan.round, len(who), len(lost)
+        )
+        metrics = {"secagg_survivors": float(len(who)), "secagg_dropped": float(len(lost))}
+        return [Update(SECAGG_ID, params + mean, max(examples, 1), metrics)]

@@ -1,0 +1,92 @@
+"""Secure aggregation as a run mode: the coordinator gets one masked-sum update per round, which equals
+the unweighted mean of the participants' deltas up to quantisation, also when some drop out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from trustfed.config import validate_federation_config
+from trustfed.errors import ConfigError
+from trustfed.simulation import run_simulation
+
+
+def raw(**over: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {
+        "federation": {"name": "secagg", "rounds": 2, "participants": 4, "seed": 6},
+        "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "mlp", "hidden": [16]},
+        "training": {"local_epochs": 1, "batch_size": 64, "lr": 0.05},
+        "strategy": {"name": "fedavg", "aggregator": "mean", "min_participants": 2},
+        "secagg": {"enabled": True, "clip": 0.5, "bits": 24},
+    }
+    r.update(over)
+    return r
+
+
+class Seen:
+    """A RoundObserver keeping what the coordinator's round loop received."""
+
+    def __init__(self) -> None:
+        self.ids: list[list[str]] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_round_start(self, plan: Any, params: torch.Tensor) -> None:
+        pass
+
+    def on_round_end(self, plan: Any, updates: Sequence[Any], result: Any, record: Any) -> None:
+        self.ids.append([u.participant_id for u in updates])
+        self.metrics.append(dict(updates[0].metrics))
+
+
+def test_secagg_equals_the_unweighted_mean_and_the_coordinator_sees_only_the_sum() -> None:
+    seen = Seen()
+    sec = run_simulation(validate_federation_config(raw()), observers=[seen])
+    plain_raw = raw(strategy={"name": "fedavg", "aggregator": "trimmed_mean", "aggregator_params": {"beta": 0.0}})
+    plain_raw["secagg"] = {"enabled": False}
+    plain = run_simulation(validate_federation_config(plain_raw))  # trimmed mean with beta 0: the plain mean
+    assert seen.ids == [["secagg"], ["secagg"]]
+    assert [m["secagg_survivors"] for m in seen.metrics] == [4.0, 4.0]
+    diff = torch.max(torch.abs(sec.params - plain.params)).item()
+    assert diff <= 2 * 2 * 0.5 / (2**24 - 1) * 10  # a few quantisation steps after two rounds
+    assert sec.metrics["final_accuracy"] == pytest.approx(plain.metrics["final_accuracy"], abs=0.01)
+
+
+def test_participants_lost_after_masking_are_left_out_of_the_sum() -> None:
+    from trustfed.core.codec import flatten
+    from trustfed.core.strategy import RoundPlan
+    from trustfed.simulation.federation import build_data, build_trainer, model_factory
+
+    seen = Seen()
+    r = raw(secagg={"enabled": True, "dropout": 0.25, "seed": 1})
+    r["federation"] = {**r["federation"], "rounds": 1}
+    cfg = validate_federation_config(r)
+    res = run_simulation(cfg, observers=[seen])
+    assert [m["secagg_survivors"] for m in seen.metrics] == [3.0]
+    assert [m["secagg_dropped"] for m in seen.metrics] == [1.0]
+    # the survivors' unweighted mean, trained here in the clear from the same model
+    data = build_data(cfg)
+    p0 = flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())[0]
+    ids = ["p000", "p001", "p002", "p003"]
+    plan = RoundPlan(1, tuple(ids), {})
+    deltas = {pid: build_trainer(cfg, data, pid).fit(p0.clone(), plan).params - p0 for pid in ids}
+    means = {lost: p0 + torch.stack([d for pid, d in deltas.items() if pid != lost]).mean(dim=0) for lost in ids}
+    best = min(means, key=lambda k: torch.max(torch.abs(means[k] - res.params)).item())
+    assert torch.max(torch.abs(means[best] - res.params)).item() <= 3 * 2 * 0.5 / (2**24 - 1) * 4
+    assert all(torch.max(torch.abs(means[k] - res.params)).item() > 1e-4 for k in ids if k != best)
+
+
+@pytest.mark.parametrize(
+    ("over", "where"),
+    [
+        ({"strategy": {"name": "fedavg", "aggregator": "median"}}, "strategy.aggregator"),
+        ({"ledger": {"enabled": True}}, "ledger.enabled"),
+        ({"simulation": {"backend": "multiprocess", "workers": 2}}, "simulation.backend"),
+    ],
+)
+def test_secagg_refuses_what_needs_individual_updates(over: dict[str, Any], where: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{where.replace('.', '[.]')}: secure aggregation gives the coordinator"):
+        validate_federation_config(raw(**over))
