@@ -5,31 +5,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trustfed.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer, dequantize_sum, quantize, shamir
+from trustfed.secagg import (
+    SecAggClient,
+    SecAggError,
+    SecAggParams,
+    SecAggServer,
+    dequantize_sum,
+    quantize,
+    secure_sum,
+    shamir,
+)
 
 
 def run(n: int, t: int, dim: int, drop_after_masking: set[int], drop_before_sharing: set[int], seed: int = 0):
     rng = np.random.default_rng(seed)
     params = SecAggParams(threshold=t, clip=1.0, bits=16, round=3)
-    clients = {i: SecAggClient(i, params) for i in range(1, n + 1)}
-    xs = {i: rng.uniform(-1, 1, size=dim).astype(np.float32) for i in clients}
-    server = SecAggServer(params, dim)
-    for i, c in clients.items():
-        server.receive_keys(i, c.advertise_keys())
-    roster = server.roster_for_clients()
-    for i, c in clients.items():
-        if i not in drop_before_sharing:
-            server.receive_shares(i, c.share_keys(roster))
-    masked = {}
-    for i in server.shared:
-        masked[i] = clients[i].masked_input(xs[i], server.inbox_for(i))
-        if i not in drop_after_masking:
-            server.receive_masked(i, masked[i])
-    survivors = server.survivors()
-    for i in survivors:
-        server.receive_unmask(i, clients[i].unmask(survivors))
-    total, who = server.aggregate()
-    return total, who, xs, masked
+    xs = {i: rng.uniform(-1, 1, size=dim).astype(np.float32) for i in range(1, n + 1)}
+    r = secure_sum(params, xs, drop_before_sharing=drop_before_sharing, drop_after_masking=drop_after_masking)
+    return r.total, r.survivors, xs, r.masked
 
 
 def test_sum_is_exact_up_to_quantisation_and_inputs_stay_hidden() -> None:

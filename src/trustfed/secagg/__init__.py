@@ -6,9 +6,11 @@ from trustfed.secagg.protocol import (
     SecAggError,
     SecAggParams,
     SecAggServer,
+    SecureSum,
     UnmaskShares,
     dequantize_sum,
     quantize,
+    secure_sum,
 )
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "SecAggError",
     "SecAggParams",
     "SecAggServer",
+    "SecureSum",
     "UnmaskShares",
     "dequantize_sum",
     "quantize",
+    "secure_sum",
 ]

@@ -256,3 +256,43 @@ class SecAggServer:
                 else:
                     total += prg(seed, self.dim)
         return dequantize_sum(total, len(u3), self.p.clip, self.p.bits), u3
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    total: np.ndarray  # float32 sum of the survivors' clipped inputs
+    survivors: list[int]
+    masked: dict[int, np.ndarray]  # every masked input computed (delivered or not): what the server could see
+
+
+def secure_sum(
+    params: SecAggParams,
+    inputs: Mapping[int, np.ndarray],
+    *,
+    drop_before_sharing: Iterable[int] = (),
+    drop_after_masking: Iterable[int] = (),
+) -> SecureSum:
+    """One whole protocol run between in-process clients (ids = keys of ``inputs``) and a server, the
+    messages handed over directly; the given clients stop before sharing keys or after masking."""
+    before, after = set(drop_before_sharing), set(drop_after_masking)
+    dims = {x.shape for x in inputs.values()}
+    if len(dims) != 1:
+        raise SecAggError(f"inputs must share one shape, got {sorted(dims)}")
+    clients = {cid: SecAggClient(cid, params) for cid in inputs}
+    server = SecAggServer(params, int(next(iter(dims))[0]))
+    for cid, c in clients.items():
+        server.receive_keys(cid, c.advertise_keys())
+    roster = server.roster_for_clients()
+    for cid, c in clients.items():
+        if cid not in before:
+            server.receive_shares(cid, c.share_keys(roster))
+    masked: dict[int, np.ndarray] = {}
+    for cid in list(server.shared):
+        masked[cid] = clients[cid].masked_input(inputs[cid], server.inbox_for(cid))
+        if cid not in after:
+            server.receive_masked(cid, masked[cid])
+    survivors = server.survivors()
+    for cid in survivors:
+        server.receive_unmask(cid, clients[cid].unmask(survivors))
+    total, who = server.aggregate()
+    return SecureSum(total, who, masked)

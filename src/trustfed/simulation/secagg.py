@@ -25,7 +25,7 @@ import torch
 
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AggregationError
-from trustfed.secagg.protocol import SecAggClient, SecAggParams, SecAggServer
+from trustfed.secagg.protocol import SecAggParams, secure_sum
 from trustfed.secagg.settings import SecAggSettings
 
 log = logging.getLogger("trustfed.secagg")
@@ -59,24 +59,12 @@ class SecAggTransport:
         p = SecAggParams(threshold=self.threshold(n), clip=s.clip, bits=s.bits, round=plan.round)
         p.check(n)
         ids = {u.participant_id: i + 1 for i, u in enumerate(sorted(updates, key=lambda u: u.participant_id))}
-        clients = {ids[u.participant_id]: SecAggClient(ids[u.participant_id], p) for u in updates}
         deltas = {ids[u.participant_id]: (u.params - params).numpy() for u in updates}
         rng = random.Random(f"{s.seed}:secagg-dropout:{plan.round}")
-        lost = set(rng.sample(sorted(clients), int(s.dropout * n)))
-        server = SecAggServer(p, params.numel())  # the aggregator's side: never a single input
-        for cid, c in clients.items():
-            server.receive_keys(cid, c.advertise_keys())
-        roster = server.roster_for_clients()
-        for cid, c in clients.items():
-            server.receive_shares(cid, c.share_keys(roster))
-        for cid, c in clients.items():
-            masked = c.masked_input(deltas[cid], server.inbox_for(cid))
-            if cid not in lost:
-                server.receive_masked(cid, masked)
-        survivors = server.survivors()
-        for cid in survivors:
-            server.receive_unmask(cid, clients[cid].unmask(survivors))
-        total, who = server.aggregate()
+        lost = set(rng.sample(sorted(deltas), int(s.dropout * n)))
+        # the server side sees keys, encrypted shares, masked vectors and unmasking shares: never an input
+        result = secure_sum(p, deltas, drop_after_masking=lost)
+        total, who = result.total, result.survivors
         if len(who) < self.min_updates:
             raise AggregationError(
                 f"round {plan.round}: {len(who)} update(s) in the secure sum, {self.min_updates} needed"
