@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from trustfed.coordinator.engine import Coordinator, History, RoundCallback
 from trustfed.coordinator.state import latest_state, resume
@@ -114,8 +115,27 @@ class FileLease:
             sleep(poll)
 
 
+class Lease(Protocol):
+    """What a coordinator needs of a leadership lease (:class:`FileLease`, :class:`EtcdLease`)."""
+
+    holder: str
+    ttl: float
+    epoch: int
+
+    @property
+    def path(self) -> Any: ...
+
+    def try_acquire(self) -> bool: ...
+
+    def renew(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def wait(self, poll: float = 0.5, timeout: float | None = None, sleep: Callable[[float], None] = ...) -> None: ...
+
+
 class LeaseHeartbeat(threading.Thread):
-    def __init__(self, lease: FileLease, interval: float) -> None:
+    def __init__(self, lease: Lease, interval: float) -> None:
         super().__init__(daemon=True, name="trustfed-lease")
         self.lease, self.interval = lease, interval
         self.lost = threading.Event()
@@ -163,3 +183,97 @@ def run_as_leader(
         beat.stop.set()
     lease.release()
     return hist
+
+
+class EtcdLease:
+    """The leadership lease in etcd, for coordinators on different hosts (the ``ha`` extra: etcd3gw).
+
+    The key ``key`` is created only if absent, bound to an etcd lease of ``ttl`` seconds that the
+    holder keeps alive; when the holder stops renewing, etcd deletes the key and another coordinator
+    creates it. The fencing epoch is the key's create revision, which grows with every new holder.
+    ``url`` is ``etcd://HOST:PORT/KEY`` (etcd's HTTP JSON gateway)."""
+
+    def __init__(self, url: str, holder: str, ttl: float) -> None:
+        from urllib.parse import urlparse
+
+        u = urlparse(url)
+        if u.scheme != "etcd" or not u.hostname or not u.port or len(u.path) <= 1:
+            raise TrustFedError(f"lease URL {url!r} must look like etcd://HOST:PORT/KEY")
+        if ttl < 1:
+            raise ValueError("an etcd lease needs ttl >= 1 s")
+        try:
+            from etcd3gw.client import Etcd3Client
+        except ModuleNotFoundError as exc:
+            raise TrustFedError("an etcd lease needs the 'ha' extra (etcd3gw)") from exc
+        self.path = url
+        self.key = u.path
+        self.holder, self.ttl = holder, ttl
+        self.epoch = 0
+        self.client = Etcd3Client(host=u.hostname, port=u.port, api_path="/v3/", timeout=max(1.0, ttl / 2))
+        self._lease: Any = None
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # etcd3gw raises requests' and its own errors
+            raise TrustFedError(f"etcd at {self.path}: {what} failed: {exc}") from None
+
+    def read(self) -> LeaseRecord | None:
+        got = self._call("reading the leader key", lambda: self.client.get(self.key, metadata=True))
+        if not got:
+            return None
+        value, meta = got[0]
+        return LeaseRecord(value.decode(), float("inf"), int(meta["create_revision"]))
+
+    def try_acquire(self) -> bool:
+        if self._lease is not None and self.renew():
+            return True
+        lease = self._call("granting a lease", lambda: self.client.lease(ttl=int(self.ttl)))
+        created = self._call("creating the leader key", lambda: self.client.create(self.key, self.holder, lease=lease))
+        if not created:
+            self._call("revoking an unused lease", lease.revoke)
+            return False
+        self._lease = lease
+        rec = self.read()
+        self.epoch = rec.epoch if rec is not None else 0
+        return True
+
+    def renew(self) -> bool:
+        if self._lease is None:
+            return False
+        left = self._call("renewing the lease", self._lease.refresh)
+        rec = self.read()
+        if (
+            not isinstance(left, int)
+            or left <= 0
+            or rec is None
+            or rec.holder != self.holder
+            or rec.epoch != self.epoch
+        ):
+            self._lease = None
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._lease is not None:
+            self._call("revoking the lease", self._lease.revoke)
+            self._lease = None
+
+    def wait(
+        self, poll: float = 0.5, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        start = time.monotonic()
+        while not self.try_acquire():
+            if timeout is not None and time.monotonic() - start > timeout:
+                cur = self.read()
+                raise TrustFedError(
+                    f"could not take the lease {self.path} within {timeout} s; held by {cur.holder if cur else '?'}"
+                )
+            sleep(poll)
+
+
+def open_lease(where: str, holder: str, ttl: float) -> FileLease | EtcdLease:
+    """``etcd://HOST:PORT/KEY`` for an etcd lease, anything else a lease file path."""
+    if where.startswith("etcd://"):
+        return EtcdLease(where, holder, ttl)
+    return FileLease(Path(where), holder, ttl)

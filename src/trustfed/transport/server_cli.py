@@ -23,9 +23,10 @@ def server(
         bool, typer.Option("--resume", help="continue the run recorded in OUT after its last round on chain")
     ] = False,
     lease: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="leadership lease file shared with standby coordinators: wait for it, then resume the run in OUT"
+            help="leadership lease shared with standby coordinators (a file, or etcd://HOST:PORT/KEY across hosts): "
+            "wait for it, then resume the run in OUT"
         ),
     ] = None,
     lease_ttl: Annotated[float, typer.Option(min=0.5, help="seconds a lease lasts without renewal")] = 5.0,
@@ -51,9 +52,9 @@ def server(
         import os
         import socket
 
-        from trustfed.coordinator.ha import FileLease, LeaseHeartbeat
+        from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 
-        taken = FileLease(lease, f"{socket.gethostname()}:{os.getpid()}", lease_ttl)
+        taken = open_lease(lease, f"{socket.gethostname()}:{os.getpid()}", lease_ttl)
         console.print(f"waiting for the lease {lease} (standby until the leader stops)")
         taken.wait(poll=min(0.5, lease_ttl / 4))
         held = LeaseHeartbeat(taken, lease_ttl / 3)  # renew from now on, also while participants join
