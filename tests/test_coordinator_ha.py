@@ -117,3 +117,29 @@ def test_resume_refuses_a_different_federation(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="strategy"):
         resume(other, state)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"privacy": {"mode": "central", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 1e6}},
+        {"strategy": {"name": "fedavg", "aggregator": "centered_clipping", "aggregator_params": {"momentum": 0.9}}},
+    ],
+    ids=["central-dp", "stateful-aggregator"],
+)
+def test_wrapped_and_aggregator_state_round_trips_through_checkpoints(tmp_path: Path, extra: dict[str, object]) -> None:
+    """Wrappers nest their state keys ("inner.x", "dp.history", "aggregator.centre"): checkpoints keep them."""
+    raw = {**RAW, **extra}
+    cfg = validate_federation_config(raw)
+    data = build_data(cfg)
+    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
+    params, spec = flatten(factory().state_dict())
+    strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
+    trainers = {pid: build_trainer(cfg, data, pid) for pid in participant_ids(3)}
+    obs = CheckpointObserver(tmp_path, strategy, spec)
+    Coordinator(strategy, InProcessTransport(trainers), params, spec, observers=[obs]).run(2)
+    state = load_state(list_checkpoints(tmp_path)[-1])
+    saved = strategy.state_dict()
+    assert any("." in k for k in saved) and set(state.strategy_state) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(state.strategy_state[k], v), k

@@ -30,6 +30,7 @@ from trustfed.errors import CheckpointError
 FORMAT = "trustfed-coordinator-checkpoint-v1"
 _DTYPES = {"float32": "<f4", "float64": "<f8", "int64": "<i8"}
 _ROUND_DIR = re.compile(r"^round_(\d{4,})$")
+_KEY = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"  # strategy state keys: wrappers nest theirs as "inner.x", "dp.history"
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ def save_state(root: Path, state: CoordinatorState, keep: int = 3) -> Path:
 
     put("model.f32", to_bytes(state.params), "float32", [state.params.numel()])
     for key, t in sorted(state.strategy_state.items()):
-        if not re.fullmatch(r"[A-Za-z0-9_]+", key):
-            raise CheckpointError(f"strategy state key {key!r} is not a plain identifier")
+        if not re.fullmatch(_KEY, key):
+            raise CheckpointError(f"strategy state key {key!r} is not a dotted identifier")
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise CheckpointError(f"strategy state {key!r} has unsupported dtype {dtype}")
@@ -134,7 +135,7 @@ def load_state(folder: Path) -> CoordinatorState:
         raise CheckpointError(f"{folder}: model hash does not match the manifest's model_hash")
     strategy_state: dict[str, torch.Tensor] = {}
     for name, data in blobs.items():
-        m = re.fullmatch(r"strategy\.([A-Za-z0-9_]+)\.bin", name)
+        m = re.fullmatch(rf"strategy\.({_KEY})\.bin", name)
         meta = files[name]
         if not m or meta.get("dtype") not in _DTYPES:
             raise CheckpointError(f"{folder / name}: unexpected file or dtype in manifest")
