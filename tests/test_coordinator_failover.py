@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from trustfed.config import validate_federation_config
@@ -67,10 +68,19 @@ def _aggregated(out: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if '"kind":"aggregation"' in line.replace(" ", ""))
 
 
-def test_standby_takes_over_a_recorded_run_and_participants_follow(tmp_path: Path) -> None:
+CENTRAL_DP = {"mode": "central", "noise_multiplier": 0.5, "max_grad_norm": 1.0, "budget_epsilon": 1e6}
+
+
+@pytest.mark.parametrize("privacy", [None, CENTRAL_DP], ids=["plain", "central-dp"])
+def test_standby_takes_over_a_recorded_run_and_participants_follow(
+    tmp_path: Path, privacy: dict[str, Any] | None
+) -> None:
+    """With central DP the resumed coordinator also carries on the accountant (from its state) and the
+    seeded noise, so the run still ends where an uninterrupted one does."""
+    raw = {**RAW, **({"privacy": privacy} if privacy else {})}
     out = tmp_path / "run"
     ids = participant_ids(3)
-    fed = prepare(out, RAW, ids, round_timeout_s=60)
+    fed = prepare(out, raw, ids, round_timeout_s=60)
     port = _free_port()
     write_participant_configs(fed, f"127.0.0.1:{port}", ids, ledger_view=True)
     for f in fed.participant_files.values():  # outlast the lease ttl and the standby's start
@@ -103,8 +113,14 @@ def test_standby_takes_over_a_recorded_run_and_participants_follow(tmp_path: Pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_after_round"] >= 1 and metrics["rounds"][-1]["round"] == 4
     params = from_bytes((out / "model.f32").read_bytes())
-    plain = run_simulation(validate_federation_config(RAW), tmp_path / "plain")
+    plain = run_simulation(validate_federation_config(raw), tmp_path / "plain")
     assert torch.max(torch.abs(params - plain.params)).item() <= 1e-6
     verdict = verify_run(out)
     assert verdict.ok, [str(f) for f in verdict.failures]
     assert verdict.checked["chain_rounds"] == 5 and verdict.checked["incentive_rounds"] == 4
+    if privacy:
+        eps = [r["epsilon"] for r in map(json.loads, (out / "privacy.jsonl").read_text().splitlines())
+               if r["kind"] == "aggregator"]  # fmt: skip
+        want = [r["epsilon"] for r in map(json.loads, (tmp_path / "plain" / "privacy.jsonl").read_text().splitlines())
+                if r["kind"] == "aggregator"]  # fmt: skip
+        assert eps == pytest.approx(want, rel=1e-12) and len(eps) == 4

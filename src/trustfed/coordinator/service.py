@@ -742,10 +742,10 @@ def _resume(cfg: Any, coord: Coordinator, out_dir: Path | None, recorders: Seque
 
     if out_dir is None:
         raise CheckpointError("resuming needs the run folder (--out) of the run to continue")
-    if cfg.privacy.mode == "central":
+    if cfg.privacy.mode == "central" and cfg.enclave.enabled:
         raise CheckpointError(
-            "resuming a run with central DP is not supported yet: the aggregator's privacy accountant is not "
-            "checkpointed; start a new run"
+            "resuming an enclave run with central DP is not supported yet: the enclave's privacy accountant lives in "
+            "the enclave process and is not checkpointed; start a new run"
         )
     state_dir = out_dir / STATE_DIR
     recorder = next((o for o in recorders if isinstance(o, LedgerRecorder)), None)
