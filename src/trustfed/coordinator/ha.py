@@ -6,8 +6,9 @@ standby takes it (with a higher epoch, a fencing token recorded in every checkpo
 log), loads the newest verified checkpoint and carries on from the next round.
 
 :class:`FileLease` works on one host (or a shared POSIX file system) with an fcntl lock around
-each read-modify-write of the lease file. Across hosts, the same interface maps onto an etcd
-lease with create-if-absent (see ARCHITECTURE.md); only the file lease ships today.
+each read-modify-write of the lease file. Across hosts, :class:`EtcdLease` keeps the same interface
+on an etcd key created only if absent under an etcd lease (``trustfed server --lease
+etcd://HOST:PORT/KEY``).
 """
 
 from __future__ import annotations
