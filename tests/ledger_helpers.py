@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from trustfed.config import validate_federation_config
-from trustfed.ledger.audit import AuditEntry, chain_hash, parse_entry
+from trustfed.ledger.audit import AuditEntry, EcdsaSigner, chain_hash, make_entry, parse_entry
 from trustfed.ledger.verify import Failure
 from trustfed.simulation.runner import run_simulation
 
@@ -64,3 +65,22 @@ def has(failures: list[Failure], *, file: str, line: int | None = None, rnd: int
         f.file == file and f.field == field and (line is None or f.line == line) and (rnd is None or f.round == rnd)
         for f in failures
     )
+
+
+def resign(
+    run: Path, key_file: Path, kind: str, rnd: int, edit: Callable[[dict[str, Any]], object], nth: int = 0
+) -> int:
+    """Let ``edit`` change the body of the nth ``kind`` entry of round ``rnd`` in place, re-sign it with
+    the coordinator's own key (``key_file``) and re-chain the log: a dishonest coordinator covering its
+    tracks, not an outside forger. Returns the entry's 0-based index."""
+    from trustfed.pki.ca import load_private_key
+
+    lines = read_lines(run)
+    i = find(lines, kind, rnd, nth=nth)
+    e = parse_entry(lines[i])
+    body = json.loads(json.dumps(e.body))
+    edit(body)
+    _, line = make_entry(e.seq, e.prev, e.kind, e.round, body, EcdsaSigner("coordinator", load_private_key(key_file)))
+    lines[i] = line.rstrip("\n")
+    write_lines(run, rechain(lines, i))
+    return i

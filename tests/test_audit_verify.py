@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from tests.ledger_helpers import find, has, read_lines, rechain, record_run, write_lines
+from tests.ledger_helpers import find, has, read_lines, rechain, record_run, resign, write_lines
 from typer.testing import CliRunner
 
 from trustfed.core.codec import ParamSpec, from_bytes
@@ -287,17 +287,14 @@ def test_privacy_spend_over_the_declared_budget_fails(dp_recorded: Path, tmp_pat
 def test_a_participant_counting_more_spend_than_the_log_is_noted_not_failed(dp_recorded: Path, tmp_path: Path) -> None:
     """Over-counting is conservative (say, a round dropped in a coordinator failover still counts for
     the participant); under-counting hides a release and fails (test above)."""
-    from trustfed.pki.ca import load_private_key
-
     out = Path(shutil.copytree(dp_recorded, tmp_path / "run"))
-    lines = read_lines(out)
-    i = find(lines, "privacy_spend", 2, 0)
-    raw = json.loads(lines[i])
-    raw["body"] = {**raw["body"], "epsilon": float(raw["body"]["epsilon"]) * 2}
-    signer = EcdsaSigner("coordinator", load_private_key(out / "keys" / "coordinator.pem"))
-    raw["sig"] = base64.b64encode(signer.sign(entry_digest("privacy_spend", 2, "coordinator", raw["body"]))).decode()
-    lines[i] = json.dumps(raw)
-    write_lines(out, rechain(lines, i))
+    party: list[str] = []
+
+    def double(body: dict[str, Any]) -> None:
+        body["epsilon"] = float(body["epsilon"]) * 2
+        party.append(str(body["party"]))
+
+    resign(out, out / "keys" / "coordinator.pem", "privacy_spend", 2, double)
     v = verify_run(out)
     assert not [f for f in v.failures if f.field == "body.epsilon"]  # (the rewritten log no longer matches its anchor)
-    assert any(str(raw["body"]["party"]) in n and "more than" in n for n in v.notes)
+    assert any(party[0] in n and "more than" in n for n in v.notes)

@@ -30,8 +30,8 @@ RAW = {
 }
 
 
-def make_coordinator(ckpt: Path | None) -> Coordinator:
-    cfg = validate_federation_config(RAW)
+def make_coordinator(ckpt: Path | None, raw: dict[str, object] = RAW) -> Coordinator:
+    cfg = validate_federation_config(raw)
     data = build_data(cfg)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     params, spec = flatten(factory().state_dict())
@@ -129,17 +129,10 @@ def test_resume_refuses_a_different_federation(tmp_path: Path) -> None:
 )
 def test_wrapped_and_aggregator_state_round_trips_through_checkpoints(tmp_path: Path, extra: dict[str, object]) -> None:
     """Wrappers nest their state keys ("inner.x", "dp.history", "aggregator.centre"): checkpoints keep them."""
-    raw = {**RAW, **extra}
-    cfg = validate_federation_config(raw)
-    data = build_data(cfg)
-    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    params, spec = flatten(factory().state_dict())
-    strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
-    trainers = {pid: build_trainer(cfg, data, pid) for pid in participant_ids(3)}
-    obs = CheckpointObserver(tmp_path, strategy, spec)
-    Coordinator(strategy, InProcessTransport(trainers), params, spec, observers=[obs]).run(2)
+    coord = make_coordinator(tmp_path, {**RAW, **extra})
+    coord.run(2)
     state = load_state(list_checkpoints(tmp_path)[-1])
-    saved = strategy.state_dict()
+    saved = coord.strategy.state_dict()
     assert any("." in k for k in saved) and set(state.strategy_state) == set(saved)
     for k, v in saved.items():
         assert torch.equal(state.strategy_state[k], v), k

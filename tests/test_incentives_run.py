@@ -3,20 +3,18 @@ log and on the embedded chain, recomputed by ``audit verify``; tampering on eith
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.ledger_helpers import find, has, read_lines, rechain, write_lines
+from tests.ledger_helpers import find, has, read_lines, rechain, resign, write_lines
 
 from trustfed.config import validate_federation_config
 from trustfed.errors import ConfigError
 from trustfed.incentives.book import REPUTATION_SCALE, IncentiveBook, selection_shares
 from trustfed.incentives.scoring import IncentiveError, ReputationPolicy
-from trustfed.ledger.audit import EcdsaSigner, entry_digest, parse_entry
 from trustfed.ledger.backends import EmbeddedLedger
 from trustfed.ledger.records import LedgerError
 from trustfed.ledger.verify import verify_run
@@ -81,22 +79,9 @@ def test_a_recorded_run_pays_contributors_on_chain_and_verifies(recorded: Path) 
 
 
 def _resign(run: Path, rnd: int, edit: Any) -> int:
-    """Edit round ``rnd``'s incentives entry and re-sign it with the coordinator's own key (kept in
-    RUN_DIR/keys in a simulation): a dishonest coordinator, not an outside forger."""
-    from trustfed.pki.ca import load_private_key
-
-    lines = read_lines(run)
-    i = find(lines, "incentives", rnd)
-    e = parse_entry(lines[i])
-    body = json.loads(json.dumps(e.body))
-    edit(body)
-    signer = EcdsaSigner("coordinator", load_private_key(run / "keys" / "coordinator.pem"))
-    raw = json.loads(lines[i])
-    raw["body"] = body
-    raw["sig"] = base64.b64encode(signer.sign(entry_digest("incentives", rnd, "coordinator", body))).decode()
-    lines[i] = json.dumps(raw)
-    write_lines(run, rechain(lines, i))
-    return i
+    """Edit round ``rnd``'s incentives entry, re-signed with the coordinator's own key (kept in
+    RUN_DIR/keys in a simulation)."""
+    return resign(run, run / "keys" / "coordinator.pem", "incentives", rnd, edit)
 
 
 @pytest.mark.parametrize(
@@ -236,19 +221,14 @@ def test_reputation_weighted_draws_are_recorded_and_recomputed(drawn: Path) -> N
 
 
 def test_a_coordinator_that_picks_its_own_participants_is_caught(drawn: Path, tmp_path: Path) -> None:
-    from trustfed.pki.ca import load_private_key
-
     run = Path(shutil.copytree(drawn, tmp_path / "run"))
-    lines = read_lines(run)
-    i = find(lines, "round_plan", 3)
-    raw = json.loads(lines[i])
-    chosen = raw["body"]["participants"]
-    others = [p for p in ("p000", "p001", "p002", "p003", "p004") if p not in chosen]
-    raw["body"]["participants"] = sorted([*chosen[:2], others[0]])
-    signer = EcdsaSigner("coordinator", load_private_key(run / "keys" / "coordinator.pem"))
-    raw["sig"] = base64.b64encode(signer.sign(entry_digest("round_plan", 3, "coordinator", raw["body"]))).decode()
-    lines[i] = json.dumps(raw)
-    write_lines(run, rechain(lines, i))
+
+    def pick_own(body: dict[str, Any]) -> None:
+        chosen = body["participants"]
+        others = [p for p in ("p000", "p001", "p002", "p003", "p004") if p not in chosen]
+        body["participants"] = sorted([*chosen[:2], others[0]])
+
+    i = resign(run, run / "keys" / "coordinator.pem", "round_plan", 3, pick_own)
     v = verify_run(run)
     assert has(v.failures, file=AUDIT, line=i + 1, rnd=3, field="body.participants")
 

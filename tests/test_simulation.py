@@ -99,22 +99,11 @@ def _forge(
 ) -> tuple[Path, int]:
     """Copy the demo run, let a forger holding the coordinator's key edit one entry's body, re-sign it
     and re-chain the log; returns the copy and the edited entry's 0-based index."""
-    from ledger_helpers import find, read_lines, rechain, write_lines
-    from trustfed.ledger.audit import EcdsaSigner, make_entry, parse_entry
-    from trustfed.pki.ca import load_private_key
+    from ledger_helpers import resign
 
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
-    lines = read_lines(run)
-    i = find(lines, kind, rnd)
-    e = parse_entry(lines[i])
-    body = json.loads(json.dumps(e.body))
-    edit(body)
-    signer = EcdsaSigner("coordinator", load_private_key(run / "pki" / "coordinator.key"))
-    _, line = make_entry(e.seq, e.prev, e.kind, e.round, body, signer)
-    lines[i] = line.rstrip("\n")
-    write_lines(run, rechain(lines, i))
-    return run, i
+    return run, resign(run, run / "pki" / "coordinator.key", kind, rnd, edit)
 
 
 def test_coordinator_paying_itself_more_fails_the_audit(demo_run: Path, tmp_path: Path) -> None:

@@ -106,14 +106,7 @@ class FileLease:
         self, poll: float = 0.5, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep
     ) -> None:
         """Block until this holder becomes the leader."""
-        start = self.clock()
-        while not self.try_acquire():
-            if timeout is not None and self.clock() - start > timeout:
-                cur = self.read()
-                raise TrustFedError(
-                    f"could not take the lease {self.path} within {timeout} s; held by {cur.holder if cur else '?'}"
-                )
-            sleep(poll)
+        _wait_for_lease(self, self.clock, poll, timeout, sleep)
 
 
 class Lease(Protocol):
@@ -125,6 +118,8 @@ class Lease(Protocol):
 
     @property
     def path(self) -> Any: ...
+
+    def read(self) -> LeaseRecord | None: ...
 
     def try_acquire(self) -> bool: ...
 
@@ -263,14 +258,21 @@ class EtcdLease:
     def wait(
         self, poll: float = 0.5, timeout: float | None = None, sleep: Callable[[float], None] = time.sleep
     ) -> None:
-        start = time.monotonic()
-        while not self.try_acquire():
-            if timeout is not None and time.monotonic() - start > timeout:
-                cur = self.read()
-                raise TrustFedError(
-                    f"could not take the lease {self.path} within {timeout} s; held by {cur.holder if cur else '?'}"
-                )
-            sleep(poll)
+        """Block until this holder becomes the leader."""
+        _wait_for_lease(self, time.monotonic, poll, timeout, sleep)
+
+
+def _wait_for_lease(
+    lease: Lease, clock: Callable[[], float], poll: float, timeout: float | None, sleep: Callable[[float], None]
+) -> None:
+    start = clock()
+    while not lease.try_acquire():
+        if timeout is not None and clock() - start > timeout:
+            cur = lease.read()
+            raise TrustFedError(
+                f"could not take the lease {lease.path} within {timeout} s; held by {cur.holder if cur else '?'}"
+            )
+        sleep(poll)
 
 
 def open_lease(where: str, holder: str, ttl: float) -> FileLease | EtcdLease:

@@ -202,7 +202,7 @@ class IncentivesRecord:
     ) -> None:
         ids = [u.participant_id for u in updates]
         selected = [ids[i] for i in result.aggregate.selected]
-        contributions, source = self._contributions(plan, updates, result, selected)
+        contributions, source = self._contributions(updates, result, selected)
         for pid in ids:
             self._restore(pid)
         flagged = set(ids) - set(selected) if self.settings.flag_unselected else set()
@@ -213,7 +213,7 @@ class IncentivesRecord:
         self._pending[plan.round] = (change, source)
 
     def _contributions(
-        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, selected: Sequence[str]
+        self, updates: Sequence[Update], result: RoundResult, selected: Sequence[str]
     ) -> tuple[dict[str, float], str]:
         import torch
 

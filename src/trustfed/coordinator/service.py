@@ -638,7 +638,7 @@ def run_coordinator(
     observers: Sequence[RoundObserver] = (),
     write: bool = True,
     resume: bool = False,
-    lease: LeaseHeartbeat | None = None,
+    heartbeat: LeaseHeartbeat | None = None,  # started when the lease was taken; renews it meanwhile
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the federation in ``cfg`` (a FederationConfig) over ``transport``: the same
     Coordinator round loop as the simulation, with the same recorders (privacy, ledger; see
@@ -701,22 +701,23 @@ def run_coordinator(
         strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=watchers
     )
     resumed = _resume(cfg, coord, out_dir, recorders) if resume else 0
-    beat = lease  # started when the lease was taken; renews it in the background
 
     def each_round(rec: RoundRecord) -> None:
-        if beat is not None and (beat.lost.is_set() or not beat.lease.renew()):
+        if heartbeat is not None and (heartbeat.lost.is_set() or not heartbeat.lease.renew()):
             transport.abort("this coordinator lost its lease: another one has taken over")
-            raise LeadershipLost(f"{beat.lease.holder} lost the lease {beat.lease.path} after round {rec.round}")
+            raise LeadershipLost(
+                f"{heartbeat.lease.holder} lost the lease {heartbeat.lease.path} after round {rec.round}"
+            )
         if on_round:
             on_round(rec)
 
     try:
         metrics = run_rounds(coord, cfg, transport, strategy, spec, each_round)
     finally:
-        if beat is not None:
-            beat.stop.set()
-    if beat is not None:
-        beat.lease.release()
+        if heartbeat is not None:
+            heartbeat.stop.set()
+    if heartbeat is not None:
+        heartbeat.lease.release()
     if resumed:
         metrics["resumed_after_round"] = resumed
     metrics["transport"] = {"kind": "grpc-mtls", "address": transport.address}

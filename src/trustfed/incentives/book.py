@@ -108,9 +108,6 @@ class IncentiveBook:
         return RoundIncentives(rnd, contrib, tuple(sorted(flagged)), after, deltas, rewards, slashed, stakes)
 
 
-SELECTION_KEYS = ("selection", "selection_available", "selection_seed")
-
-
 class ReputationSelector:
     """Picks a round's participants with probability proportional to their current reputation
     (:func:`~trustfed.incentives.scoring.reputation_weighted_selection`, seeded by ``seed`` and the
@@ -121,16 +118,10 @@ class ReputationSelector:
         self.reputation, self.seed = reputation, seed
 
     def select(self, rnd: int, pool: Sequence[str], k: int) -> tuple[str, ...]:
-        return choose_by_reputation(pool, {p: self.reputation(p) for p in pool}, k, self.seed, rnd)
+        return reputation_weighted_selection(pool, {p: self.reputation(p) for p in pool}, k, self.seed, rnd)
 
     def plan_config(self, pool: Sequence[str]) -> dict[str, bool | int | float | str]:
         return {"selection": "reputation", "selection_available": ",".join(pool), "selection_seed": self.seed}
-
-
-def choose_by_reputation(
-    pool: Sequence[str], reputation: Mapping[str, float], k: int, seed: int, rnd: int
-) -> tuple[str, ...]:
-    return reputation_weighted_selection(sorted(pool), reputation, k, seed, rnd)
 
 
 def policy_dict(policy: ReputationPolicy) -> dict[str, float]:

@@ -138,14 +138,9 @@ class LedgerRecorder:
                 audit.append(COMMITMENT_KIND, rnd, sc.body, _AuthorOnly(upd.participant_id), sig=sc.sig)
                 leaves.append(sc.commitment)
             root = merkle_root(leaves).hex()
-            receipt = ""
-            on_chain: list[Callable[[LedgerBackend], object]] = []
-            for source in self.attachments:
-                for att in source.for_round(plan, updates, result, record):
-                    audit.append(att.kind, rnd, att.body, self.coordinator)
-                    receipt = att.receipt_hash or receipt
-                    if att.chain is not None:
-                        on_chain.append(att.chain)
+            atts = [att for source in self.attachments for att in source.for_round(plan, updates, result, record)]
+            on_chain = self._append_attachments(audit, rnd, atts)
+            receipt = next((att.receipt_hash for att in reversed(atts) if att.receipt_hash), "")
             selected = [updates[i].participant_id for i in result.aggregate.selected]
             audit.append(
                 "aggregation",
@@ -246,17 +241,20 @@ class LedgerRecorder:
                 body["certificate_pem"] = self.certificates[ident.id].decode()
             audit.append("identity", 0, body, self.coordinator)
         self.ledger.register(idents)
-        on_chain: list[Callable[[LedgerBackend], object]] = []
-        for source in self.attachments:
-            for att in source.genesis():
-                audit.append(att.kind, 0, att.body, self.coordinator)
-                if att.chain is not None:
-                    on_chain.append(att.chain)
+        on_chain = self._append_attachments(audit, 0, [att for source in self.attachments for att in source.genesis()])
         self._checkpoint(audit, 0, params, h)
         audit.sync()
         self.ledger.commit_round(RoundCommitment(0, h, ZERO32, ZERO32, audit.head, 0))
         for action in on_chain:
             action(self.ledger)
+
+    def _append_attachments(
+        self, audit: AuditLog, rnd: int, atts: Sequence[Attachment]
+    ) -> list[Callable[[LedgerBackend], object]]:
+        """Sign ``atts`` into the log; returns their on-chain actions, to run after the round's commitment."""
+        for att in atts:
+            audit.append(att.kind, rnd, att.body, self.coordinator)
+        return [att.chain for att in atts if att.chain is not None]
 
     def _checkpoint(self, audit: AuditLog, rnd: int, params: torch.Tensor, h: str) -> None:
         body: dict[str, object] = {"model_hash": h, "size": int(params.numel())}

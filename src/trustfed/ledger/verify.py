@@ -18,8 +18,8 @@ from typing import Any
 
 from trustfed.coordinator.recorders import ATTESTATION_KIND, INCENTIVES_KIND, PRIVACY_KIND, RECEIPT_KIND, STAKE_KIND
 from trustfed.errors import CheckpointError, TrustFedError
-from trustfed.incentives.book import IncentiveBook, choose_by_reputation, selection_shares
-from trustfed.incentives.scoring import IncentiveError, ReputationPolicy
+from trustfed.incentives.book import IncentiveBook, selection_shares
+from trustfed.incentives.scoring import IncentiveError, ReputationPolicy, reputation_weighted_selection
 from trustfed.ledger.audit import (
     GENESIS_PREV,
     AuditEntry,
@@ -443,7 +443,7 @@ class _Verifier:
             pool = [p for p in str(config["selection_available"]).split(",") if p]
             seed = int(config["selection_seed"])
             chosen = tuple(sorted(str(p) for p in plan.entry.body.get("participants", [])))
-            want = choose_by_reputation(pool, {p: self.book.current(p) for p in pool}, len(chosen), seed, rnd)
+            want = reputation_weighted_selection(pool, {p: self.book.current(p) for p in pool}, len(chosen), seed, rnd)
         except (KeyError, TypeError, ValueError, IncentiveError) as exc:
             self.fail(AUDIT_FILE, plan.line, rnd, "body.config", f"malformed selection record: {exc}")
             return

@@ -125,12 +125,12 @@ def run_rounds(
         transport.close()
     if not rounds:  # resumed after the last round: nothing ran here, evaluate the model as it stands
         final = strategy.evaluate(coord.round, coord.params) or {}
-        rounds_left = {"accuracy": final.get("accuracy", float("nan")), "loss": final.get("loss", float("nan"))}
+        last = {"accuracy": final.get("accuracy", float("nan")), "loss": final.get("loss", float("nan"))}
     else:
-        rounds_left = rounds[-1]
+        last = rounds[-1]
     return {
-        "final_accuracy": rounds_left["accuracy"],
-        "final_loss": rounds_left["loss"],
+        "final_accuracy": last["accuracy"],
+        "final_loss": last["loss"],
         "rounds": rounds,
         "total_seconds": time.perf_counter() - t0,
         "model_hash": model_hash(coord.params, spec),

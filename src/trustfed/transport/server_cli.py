@@ -73,5 +73,5 @@ def server(
         m = getattr(rec, "metrics", {})
         console.print(f"round {getattr(rec, 'round', '?')}: accuracy {m.get('accuracy', float('nan')):.4f}")
 
-    _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round, resume=resume, lease=held)
+    _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round, resume=resume, heartbeat=held)
     console.print(f"final accuracy {metrics['final_accuracy']:.4f}; results in {out}")
