@@ -152,7 +152,7 @@ class FederationConfig(_Section):
                         ConfigProblem(
                             where,
                             "secure aggregation gives the coordinator the sum only; this needs individual updates "
-                            "(secagg runs with the mean aggregator, in process, without ledger, enclave, incentives "
+                            "(secagg runs with the mean aggregator, in process or over gRPC, without ledger, enclave, incentives "
                             "or central DP)",
                         )
                     )

@@ -52,11 +52,14 @@ from trustfed.transport.streaming import (
 from trustfed.transport.tls import grpc_options, server_credentials
 
 if TYPE_CHECKING:
+    from trustfed.coordinator.secagg import SecAggRound
     from trustfed.ledger.participant import SignedCommitment
+    from trustfed.secagg.settings import SecAggSettings
 
 log = logging.getLogger("trustfed.coordinator.service")
 
 MAX_POLL_S = 5.0  # a long poll holds a server thread at most this long
+MAX_SECAGG_PARTICIPANTS = 4096  # bounds the maps of one secure-aggregation message
 
 
 class CrlSource:
@@ -95,6 +98,7 @@ class _OpenRound:
     updates: dict[str, Update] = field(default_factory=dict)
     commitments: dict[str, SignedCommitment] = field(default_factory=dict)  # participant-signed (ledger)
     closed: bool = False
+    secagg: SecAggRound | None = None  # secure aggregation: the protocol state of this round
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,11 @@ _REJECT_CODES = {
     # the round closed or this coordinator never opened it (it restarted): participants drop the round
     # and ask for the next plan instead of leaving
     "round_not_open": grpc.StatusCode.FAILED_PRECONDITION,
+    # secure aggregation went on without this participant (it came after a step closed): the same
+    "wrong_step": grpc.StatusCode.FAILED_PRECONDITION,
+    "not_in_roster": grpc.StatusCode.FAILED_PRECONDITION,
+    "not_a_survivor": grpc.StatusCode.FAILED_PRECONDITION,
+    "already_in_round": grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -153,6 +162,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         *,
         require_commitment: bool = False,
         sealed: bool = False,
+        secagg: SecAggSettings | None = None,
     ) -> None:
         self.board = board
         self.session = secrets.token_hex(8)  # in every plan and receipt: a participant sees a restart
@@ -163,6 +173,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         self.limits = limits
         self.require_commitment = require_commitment  # the ledger is on: every update carries a signed commitment
         self.sealed = sealed  # enclave mode: updates arrive sealed to the enclave; clear ones are refused
+        self.secagg = secagg  # secure aggregation: masked inputs only, through the SecAgg steps
         self._certs: dict[bytes, x509.Certificate] = {}
 
     # -- checks shared by every RPC
@@ -234,6 +245,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                     and cur.plan.round > req.after_round
                     and pid in cur.plan.participants
                     and pid not in cur.updates
+                    and not (cur.secagg is not None and cur.secagg.joined(pid))  # its keys are out: sits it out
                 ):
                     plan = pb.RoundPlan(
                         status=pb.TRAIN,
@@ -314,6 +326,19 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 self.board.withdrawn.add(pid)
                 self.board.cond.notify_all()
             return self._ack(h.round, True, "withdrawal recorded")
+        masked = h.HasField("secagg_masked") and h.secagg_masked
+        if masked and self.secagg is None:
+            self._reject(context, rpc, pid, "secagg_unsupported", "masked input sent, but secure aggregation is off")
+        if self.secagg is not None and not masked:
+            self._reject(
+                context, rpc, pid, "not_masked", "this federation aggregates securely: upload the masked input only"
+            )
+        if masked:
+            with self.board.cond:
+                try:
+                    self._secagg_state(h.round).check_masked(pid)
+                except MessageRejected as exc:
+                    self._reject(context, rpc, pid, exc.reason, exc.detail)
         sealed = h.HasField("sealed") and h.sealed
         if sealed and not self.sealed:
             self._reject(
@@ -339,6 +364,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             expect_end(parts, where)
         except MessageRejected as exc:
             self._reject(context, rpc, pid, exc.reason, exc.detail)
+        if masked:
+            return self._receive_masked(context, pid, h, buf)
         signed: SignedCommitment | None = None
         if h.HasField("commitment_signature"):
             signed = self._check_commitment(context, h, pid, bytes(buf), v)
@@ -398,6 +425,80 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 f"the commitment's signature does not verify with the certificate of {pid}",
             )
         return SignedCommitment(pid, rnd, body, sig)
+
+    def _secagg_state(self, rnd: int) -> SecAggRound:
+        """The current round's secure-aggregation state (board lock held); refused if it is not that round."""
+        cur = self.board.current
+        if cur is None or cur.plan.round != rnd or cur.secagg is None:
+            raise MessageRejected("round_not_open", f"round {rnd} is not the open secure-aggregation round")
+        return cur.secagg
+
+    def _receive_masked(
+        self, context: grpc.ServicerContext, pid: str, h: pb.UpdateHeader, buf: bytearray
+    ) -> pb.SignedMessage:
+        import numpy as np
+
+        y = np.frombuffer(bytes(buf), dtype="<u4").astype(np.uint32)
+        with self.board.cond:
+            try:
+                self._secagg_state(h.round).submit_masked(pid, y, int(h.num_examples))
+            except MessageRejected as exc:
+                self._reject(context, "UploadUpdate", pid, exc.reason, exc.detail)
+            self.board.cond.notify_all()
+        log.info("round %d: accepted the masked input of %s", h.round, pid)
+        return self._ack(h.round, True, "masked input accepted")
+
+    def SecAgg(self, request: pb.SignedMessage, context: grpc.ServicerContext) -> pb.SignedMessage:
+        """One secure-aggregation step: store what the participant submits, then long-poll for the
+        step's outcome (the roster, its inbox, the survivors, or the acknowledgement of its shares)."""
+        rpc = "SecAgg"
+        v = self._verify(request, "secagg_request", context, rpc)
+        pid = v.identity.name
+        req = pb.SecAggRequest.FromString(v.body)
+        if v.envelope.round != req.round:
+            self._reject(
+                context, rpc, pid, "round_mismatch", f"request for round {req.round} signed for {v.envelope.round}"
+            )
+        if self.secagg is None:
+            self._reject(
+                context, rpc, pid, "secagg_unsupported", "secure aggregation is not enabled in this federation"
+            )
+        cap = 4 * MAX_SECAGG_PARTICIPANTS
+        if max(len(req.shares), len(req.self_mask_shares), len(req.key_shares)) > cap:
+            self._reject(context, rpc, pid, "too_large", f"more than {cap} entries in one secure-aggregation map")
+        keys: pb.SecAggKeys | None = None
+        if req.step == pb.SECAGG_KEYS and req.HasField("keys"):
+            try:  # signed by the participant itself, for its peers: the coordinator relays it unchanged
+                kv = self.verifier.verify_relayed(req.keys, expected_type="secagg_keys", role="participant")
+            except MessageRejected as exc:
+                self._refuse(context, exc, rpc)
+            if kv.identity.name != pid:
+                self._reject(
+                    context, rpc, pid, "sender_mismatch", f"keys signed by {kv.identity.name!r}, sent by {pid!r}"
+                )
+            keys = pb.SecAggKeys.FromString(kv.body)
+        deadline = time.monotonic() + min(req.wait_ms / 1000, MAX_POLL_S)
+        b = self.board
+        with b.cond:
+            try:
+                sa = self._secagg_state(req.round)
+                if keys is not None:
+                    sa.submit_keys(pid, req.keys, keys)
+                elif req.step == pb.SECAGG_SHARES and req.shares:
+                    sa.submit_shares(pid, dict(req.shares))
+                elif req.step == pb.SECAGG_UNMASK and (req.self_mask_shares or req.key_shares):
+                    sa.submit_unmask(pid, dict(req.self_mask_shares), dict(req.key_shares))
+                b.cond.notify_all()
+                while (reply := sa.reply(pid, req.step)) is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        reply = pb.SecAggReply(round=req.round, step=req.step, ready=False, session=self.session)
+                        break
+                    b.cond.wait(left)
+                    sa = self._secagg_state(req.round)
+            except MessageRejected as exc:
+                self._reject(context, rpc, pid, exc.reason, exc.detail)
+        return self.signer.sign("secagg_reply", req.round, reply.SerializeToString())
 
     def _ack(self, rnd: int, accepted: bool, reason: str) -> pb.SignedMessage:
         return self.signer.sign("upload_ack", rnd, pb.UploadAck(accepted=accepted, reason=reason).SerializeToString())
@@ -461,6 +562,7 @@ class GrpcTransport:
         max_workers: int = 32,
         require_commitment: bool = False,
         sealed: bool = False,
+        secagg: SecAggSettings | None = None,
     ) -> None:
         ca, cert_path, key_path = _required(settings)
         self.settings = settings
@@ -490,7 +592,10 @@ class GrpcTransport:
             self.limits,
             require_commitment=require_commitment,
             sealed=sealed,
+            secagg=secagg,
         )
+        self.secagg = secagg
+        self.secagg_survivors: dict[int, tuple[str, ...]] = {}  # round -> whose masked inputs are in the sum
         self.enclave_receipts: Callable[[int], bytes | None] = lambda _rnd: None  # set in enclave mode
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="trustfed-grpc"),
@@ -554,6 +659,8 @@ class GrpcTransport:
             )
         deadline = time.time() + self.settings.round_timeout_s
         open_round = _OpenRound(plan, json.dumps(dict(plan.config), sort_keys=True), payload, deadline)
+        if self.secagg is not None:
+            return self._fit_secure(open_round, params)
         selected = set(plan.participants)
         with self.board.cond:
             self.board.current = open_round
@@ -573,6 +680,76 @@ class GrpcTransport:
         if missing:
             log.warning("round %d: no update from %s before the deadline", plan.round, ", ".join(missing))
         return [got[pid] for pid in plan.participants if pid in got]
+
+    def _wait(self, open_round: _OpenRound, done: Callable[[], bool], deadline: float) -> None:
+        """With the board lock held: wait until ``done()`` or ``deadline`` (wall clock), or abort."""
+        while not done():
+            if self.board.aborted is not None:
+                open_round.closed = True
+                self.board.check_aborted()
+            left = deadline - time.time()
+            if left <= 0:
+                return
+            self.board.cond.wait(min(left, 1.0))
+
+    def _fit_secure(self, open_round: _OpenRound, params: torch.Tensor) -> list[Update]:
+        """One round by secure aggregation: relay the protocol's four steps (see
+        :mod:`trustfed.coordinator.secagg`) and return one ``secagg`` update, the global model plus the
+        unweighted mean of the survivors' clipped deltas."""
+        from trustfed.coordinator.secagg import SecAggRound
+        from trustfed.errors import AggregationError
+        from trustfed.secagg.protocol import SecAggError
+        from trustfed.simulation.secagg import SECAGG_ID
+
+        assert self.secagg is not None
+        plan, step_s = open_round.plan, self.secagg.step_timeout_s
+        try:
+            sa = SecAggRound.open(self.secagg, plan, self.servicer.session, self.spec.size)
+        except SecAggError as exc:
+            raise AggregationError(f"round {plan.round}: cannot aggregate securely: {exc}") from None
+        open_round.secagg = sa
+        selected = set(plan.participants)
+        b = self.board
+        with b.cond:
+            b.current = open_round
+            b.cond.notify_all()
+            try:
+                self._wait(open_round, lambda: selected <= sa.roster_ids() | b.withdrawn, open_round.deadline)
+                sa.close("keys")
+                b.cond.notify_all()
+                self._wait(open_round, lambda: sa.roster_ids() <= sa.shared_ids(), time.time() + step_s)
+                sa.close("shares")
+                b.cond.notify_all()
+                self._wait(open_round, lambda: sa.shared_ids() <= sa.masked_ids(), time.time() + step_s)
+                sa.close("masked")
+                b.cond.notify_all()
+                self._wait(open_round, lambda: sa.masked_ids() <= sa.unmasked_ids(), time.time() + step_s)
+                sa.close("unmask")
+            except SecAggError as exc:
+                raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None
+            finally:
+                open_round.closed = True
+                b.cond.notify_all()
+            late = {
+                "keys": selected - sa.roster_ids() - b.withdrawn,
+                "shares": sa.roster_ids() - sa.shared_ids(),
+                "masked input": sa.shared_ids() - sa.masked_ids(),
+            }
+        for what, who in late.items():
+            if who:
+                log.warning("round %d: no secure-aggregation %s from %s", plan.round, what, ", ".join(sorted(who)))
+        total, survivors, examples = sa.result()  # the steps are closed: nothing changes sa any more
+        self.secagg_survivors[plan.round] = tuple(survivors)
+        mean = torch.from_numpy(total / len(survivors))
+        dropped = len(selected) - len(survivors)
+        log.info(
+            "round %d: secure aggregation of %d masked input(s), %d selected participant(s) missing",
+            plan.round,
+            len(survivors),
+            dropped,
+        )
+        metrics = {"secagg_survivors": float(len(survivors)), "secagg_dropped": float(dropped)}
+        return [Update(SECAGG_ID, params + mean, max(examples, 1), metrics)]
 
     def abort(self, reason: str) -> None:
         """Make a waiting ``fit`` / ``wait_for_participants`` raise (e.g. a participant process died)."""
@@ -622,6 +799,9 @@ class GrpcTransport:
             cur = self.board.current
             signed = dict(cur.commitments) if cur and cur.plan.round == plan.round else {}
         ids = tuple(u.participant_id for u in updates)
+        if plan.round in self.secagg_survivors:  # one summed update: the survivors are in it
+            ids = self.secagg_survivors.pop(plan.round)
+            included = frozenset(ids) if included else frozenset()
         leaves = tuple(signed[p].commitment for p in ids) if ids and all(p in signed for p in ids) else ()
         info = _ReceiptInfo(record.model_hash, ids, included, leaves, self.enclave_receipts(plan.round))
         with self.board.cond:
@@ -697,9 +877,10 @@ def run_coordinator(
     state: list[RoundObserver] = [] if out_dir is None else [CheckpointObserver(out_dir / STATE_DIR, strategy, spec)]
     # The transport publishes receipts (with Merkle proofs) last, once the round is on chain.
     watchers: list[RoundObserver] = [*observers, *state, *recorders, transport]
-    coord = Coordinator(
-        strategy, transport, params, spec, min_updates=cfg.strategy.min_participants, observers=watchers
-    )
+    if cfg.secagg.enabled and transport.secagg is None:
+        raise TransportError("[secagg] is enabled but the transport was built without it (GrpcTransport(secagg=...))")
+    min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update
+    coord = Coordinator(strategy, transport, params, spec, min_updates=min_updates, observers=watchers)
     resumed = _resume(cfg, coord, out_dir, recorders) if resume else 0
 
     def each_round(rec: RoundRecord) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,6 +86,7 @@ class _Reshape(nn.Module):
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cnn": _cnn}
+_BUILD_LOCK = threading.Lock()
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0, **kw: Any) -> nn.Module:
@@ -93,6 +95,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: i
         factory = MODELS[name]
     except KeyError:
         raise TrustFedError(f"unknown model {name!r}; available: {', '.join(MODELS)}") from None
-    with torch.random.fork_rng(devices=[]):
+    # torch's global generator is shared by threads: one build at a time keeps the weights deterministic
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory(input_shape, num_classes, **kw)

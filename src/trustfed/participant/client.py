@@ -38,6 +38,8 @@ from trustfed.ledger.participant import (
 from trustfed.participant.settings import ParticipantConfig
 from trustfed.participant.trainer import Trainer
 from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
+from trustfed.secagg.protocol import SecAggError
+from trustfed.secagg.settings import SecAggSettings
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport import federation_pb2_grpc as pb_grpc
 from trustfed.transport.envelope import Signer, Verified, Verifier
@@ -99,9 +101,11 @@ class ParticipantClient:
         *,
         chain: ChainView | None = None,
         commit: bool = False,
+        secagg: SecAggSettings | None = None,
     ) -> None:
         """``commit``: sign every update's ledger commitment with this participant's certificate key;
-        ``chain``: this participant's own view of the chain, to check models and inclusion proofs."""
+        ``chain``: this participant's own view of the chain, to check models and inclusion proofs;
+        ``secagg``: aggregate securely (the federation's ``[secagg]``): upload masked inputs only."""
         self.cfg = cfg
         self.pid = cfg.participant.id
         self.address = cfg.participant.coordinator
@@ -113,6 +117,8 @@ class ParticipantClient:
         cert = load_certificate(tls.cert)
         key = load_private_key(tls.key)
         self.signer = Signer(self.pid, key)
+        self.relay_signer = Signer(self.pid, key, cert)  # for messages relayed to peers: carries the certificate
+        self.secagg = secagg
         self.commit = commit
         self.commit_signer = EcdsaSigner(self.pid, key)  # the same PKI key signs the ledger commitment
         self.chain = chain
@@ -382,8 +388,12 @@ class ParticipantClient:
             self.withdraw(rp, f"refused: {exc}"[:1000])
             self.refusal = str(exc)
             return None
-        payload = self.seal(rp, update)
-        self.upload(rp, update, payload)
+        if self.secagg is not None:
+            if not self.aggregate_securely(rp, params, update):
+                return None
+        else:
+            payload = self.seal(rp, update)
+            self.upload(rp, update, payload)
         outcome = self.fetch_receipt(rp)
         self.check_outcome(rp, outcome)
         log.info(
@@ -394,6 +404,25 @@ class ParticipantClient:
             outcome.new_model_hash[:12],
         )
         return outcome
+
+    def aggregate_securely(self, rp: ReceivedPlan, params: torch.Tensor, update: Update) -> bool:
+        """Secure aggregation of this round's delta (:mod:`trustfed.participant.secagg`). A request the
+        protocol finds unsafe (a forged roster entry, a survivor set that grew) is refused: the
+        participant withdraws and leaves, as for a model that is not on chain. False: it left."""
+        from trustfed.participant.secagg import SecAggParticipant
+
+        assert self.secagg is not None
+        try:
+            SecAggParticipant(self, self.secagg, rp).run(params, update)
+        except SecAggError as exc:
+            log.error("participant %s refuses round %d and leaves: %s", self.pid, rp.round, exc)
+            self.refusal = str(exc)
+            try:
+                self.withdraw(rp, f"refused: {exc}"[:1000])
+            except TransportError as why:
+                log.warning("participant %s: could not record the withdrawal: %s", self.pid, why)
+            return False
+        return True
 
     def check_outcome(self, rp: ReceivedPlan, outcome: RoundOutcome) -> None:
         """After the round: my commitment is in the Merkle root on chain (and in the enclave's receipt)."""
@@ -503,7 +532,8 @@ def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
         else:
             rpc = cfg.ledger.rpc_url or (fed.ledger.rpc_url if fed.ledger.backend == "jsonrpc" else None)
             chain = ChainView(cfg.ledger.dir, rpc)
-    return ParticipantClient(cfg, trainer, spec, chain=chain, commit=fed.ledger.enabled)
+    secagg = fed.secagg if fed.secagg.enabled else None
+    return ParticipantClient(cfg, trainer, spec, chain=chain, commit=fed.ledger.enabled, secagg=secagg)
 
 
 def _sealing_trainer(fed: Any, cfg: ParticipantConfig, trainer: Trainer) -> Trainer:

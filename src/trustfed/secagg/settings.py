@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class SecAggSettings(BaseModel):
-    """Secure aggregation (simulation): the coordinator receives only the masked sum of the deltas."""
+    """Secure aggregation: the coordinator receives only the masked sum of the deltas (in the simulation
+    and over gRPC)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -16,3 +19,10 @@ class SecAggSettings(BaseModel):
     bits: int = Field(20, ge=1, le=31, description="quantisation bits per coordinate")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="simulated share of participants lost after masking")
     seed: int = Field(0, ge=0, description="chooses who drops out")
+    step_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="over gRPC: how long the coordinator waits for each step after the keys"
+    )
+
+    def threshold_for(self, n: int) -> int:
+        """Shares needed to unmask in a round of ``n`` selected participants (each side computes it)."""
+        return self.threshold or max(2, math.ceil(2 * n / 3))

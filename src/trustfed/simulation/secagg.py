@@ -16,7 +16,6 @@ refuses those combinations.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Sequence
 
@@ -48,15 +47,12 @@ class SecAggTransport:
     def close(self) -> None:
         self.inner.close()  # type: ignore[attr-defined]
 
-    def threshold(self, n: int) -> int:
-        return self.settings.threshold or max(2, math.ceil(2 * n / 3))
-
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
         # On each participant's side: train, then take part in the protocol with its own delta.
         updates: list[Update] = self.inner.fit(plan, params)  # type: ignore[attr-defined]
         s = self.settings
         n = len(updates)
-        p = SecAggParams(threshold=self.threshold(n), clip=s.clip, bits=s.bits, round=plan.round)
+        p = SecAggParams(threshold=s.threshold_for(n), clip=s.clip, bits=s.bits, round=plan.round)
         p.check(n)
         ids = {u.participant_id: i + 1 for i, u in enumerate(sorted(updates, key=lambda u: u.participant_id))}
         deltas = {ids[u.participant_id]: (u.params - params).numpy() for u in updates}

@@ -164,6 +164,18 @@ class Verifier:
         role: str,
     ) -> Verified:
         """Verify ``msg``; ``peer_cert`` None means: use the certificate carried in the envelope."""
+        return self._verify(msg, expected_type, peer_cert, role, fresh=True)
+
+    def verify_relayed(self, msg: pb.SignedMessage, *, expected_type: str, role: str) -> Verified:
+        """Verify a message its sender signed for *others*, relayed by a third party (a participant's
+        secure-aggregation keys in the roster): the carried certificate must come from the CA, name the
+        sender with ``role`` and verify the signature. The timestamp window and the nonce cache are not
+        applied (the relay may hand it to many, minutes later); the body must bind it to its context."""
+        return self._verify(msg, expected_type, None, role, fresh=False)
+
+    def _verify(
+        self, msg: pb.SignedMessage, expected_type: str, peer_cert: x509.Certificate | None, role: str, *, fresh: bool
+    ) -> Verified:
         if not msg.HasField("envelope"):
             raise self.reject("no_envelope", "message carries no signed envelope", expected_type)
         env = msg.envelope
@@ -175,7 +187,7 @@ class Verifier:
                 "body_hash_mismatch", "body does not match its signed hash (tampered in transit?)", mtype, sender
             )
         now_ms = int(self.clock() * 1000)
-        if abs(now_ms - env.timestamp_ms) > self.window_ms:
+        if fresh and abs(now_ms - env.timestamp_ms) > self.window_ms:
             raise self.reject(
                 "stale_timestamp",
                 f"timestamp is {(now_ms - env.timestamp_ms) / 1000:.1f} s from our clock; window is ±{self.window_ms / 1000:.0f} s",
@@ -217,6 +229,8 @@ class Verifier:
             raise self.reject(
                 "bad_signature", "signature does not verify with the sender's certificate", mtype, sender
             ) from None
+        if not fresh:
+            return Verified(ident, env, msg.body)
         why = self.nonces.check_and_add(sender, env.nonce, env.timestamp_ms, now_ms)
         if why == "replay":
             raise self.reject("replay", f"nonce {env.nonce.hex()} was already used (replayed message)", mtype, sender)

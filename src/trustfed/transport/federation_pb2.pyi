@@ -13,10 +13,23 @@ class PlanStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WAIT: _ClassVar[PlanStatus]
     TRAIN: _ClassVar[PlanStatus]
     DONE: _ClassVar[PlanStatus]
+
+class SecAggStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_STEP_UNSPECIFIED: _ClassVar[SecAggStep]
+    SECAGG_KEYS: _ClassVar[SecAggStep]
+    SECAGG_SHARES: _ClassVar[SecAggStep]
+    SECAGG_SURVIVORS: _ClassVar[SecAggStep]
+    SECAGG_UNMASK: _ClassVar[SecAggStep]
 PLAN_STATUS_UNSPECIFIED: PlanStatus
 WAIT: PlanStatus
 TRAIN: PlanStatus
 DONE: PlanStatus
+SECAGG_STEP_UNSPECIFIED: SecAggStep
+SECAGG_KEYS: SecAggStep
+SECAGG_SHARES: SecAggStep
+SECAGG_SURVIVORS: SecAggStep
+SECAGG_UNMASK: SecAggStep
 
 class Envelope(_message.Message):
     __slots__ = ("msg_type", "round", "sender_id", "nonce", "timestamp_ms", "body_sha256", "signature", "signer_cert")
@@ -129,7 +142,7 @@ class ModelHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., spec_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "participant_id", "num_examples", "metrics", "total_bytes", "chunk_bytes", "num_chunks", "model_hash", "commitment", "sealed", "withdrawn_reason", "commitment_signature", "enclave_key_id", "enclave_signature")
+    __slots__ = ("round", "participant_id", "num_examples", "metrics", "total_bytes", "chunk_bytes", "num_chunks", "model_hash", "commitment", "sealed", "withdrawn_reason", "commitment_signature", "enclave_key_id", "enclave_signature", "secagg_masked")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +164,7 @@ class UpdateHeader(_message.Message):
     COMMITMENT_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ENCLAVE_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     ENCLAVE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_MASKED_FIELD_NUMBER: _ClassVar[int]
     round: int
     participant_id: str
     num_examples: int
@@ -165,7 +179,8 @@ class UpdateHeader(_message.Message):
     commitment_signature: bytes
     enclave_key_id: str
     enclave_signature: bytes
-    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ..., commitment: _Optional[bytes] = ..., sealed: _Optional[bool] = ..., withdrawn_reason: _Optional[str] = ..., commitment_signature: _Optional[bytes] = ..., enclave_key_id: _Optional[str] = ..., enclave_signature: _Optional[bytes] = ...) -> None: ...
+    secagg_masked: bool
+    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ..., commitment: _Optional[bytes] = ..., sealed: _Optional[bool] = ..., withdrawn_reason: _Optional[str] = ..., commitment_signature: _Optional[bytes] = ..., enclave_key_id: _Optional[str] = ..., enclave_signature: _Optional[bytes] = ..., secagg_masked: _Optional[bool] = ...) -> None: ...
 
 class UploadAck(_message.Message):
     __slots__ = ("accepted", "reason")
@@ -208,3 +223,85 @@ class Receipt(_message.Message):
     leaf_count: int
     session: str
     def __init__(self, round: _Optional[int] = ..., ready: _Optional[bool] = ..., included: _Optional[bool] = ..., new_model_hash: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., merkle_root: _Optional[bytes] = ..., merkle_proof: _Optional[_Iterable[bytes]] = ..., enclave_receipt: _Optional[bytes] = ..., proof_index: _Optional[int] = ..., leaf_count: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("round", "participant_id", "index", "cipher_pk", "mask_pk", "session", "model_hash")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PK_FIELD_NUMBER: _ClassVar[int]
+    MASK_PK_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    participant_id: str
+    index: int
+    cipher_pk: bytes
+    mask_pk: bytes
+    session: str
+    model_hash: str
+    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., index: _Optional[int] = ..., cipher_pk: _Optional[bytes] = ..., mask_pk: _Optional[bytes] = ..., session: _Optional[str] = ..., model_hash: _Optional[str] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("round", "step", "wait_ms", "keys", "shares", "self_mask_shares", "key_shares")
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class SelfMaskSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class KeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    step: SecAggStep
+    wait_ms: int
+    keys: SignedMessage
+    shares: _containers.ScalarMap[int, bytes]
+    self_mask_shares: _containers.ScalarMap[int, bytes]
+    key_shares: _containers.ScalarMap[int, bytes]
+    def __init__(self, round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., wait_ms: _Optional[int] = ..., keys: _Optional[_Union[SignedMessage, _Mapping]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("round", "step", "ready", "roster", "inbox", "survivors", "session")
+    class InboxEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    INBOX_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    step: SecAggStep
+    ready: bool
+    roster: _containers.RepeatedCompositeFieldContainer[SignedMessage]
+    inbox: _containers.ScalarMap[int, bytes]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    session: str
+    def __init__(self, round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., ready: _Optional[bool] = ..., roster: _Optional[_Iterable[_Union[SignedMessage, _Mapping]]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., survivors: _Optional[_Iterable[int]] = ..., session: _Optional[str] = ...) -> None: ...

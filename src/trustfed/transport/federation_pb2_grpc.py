@@ -54,6 +54,11 @@ class FederationStub:
                 request_serializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.SerializeToString,
                 response_deserializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/trustfed.transport.v1.Federation/SecAgg',
+                request_serializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.SerializeToString,
+                response_deserializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -83,6 +88,12 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +114,11 @@ def add_FederationServicer_to_server(servicer, server):
             ),
             'GetReceipt': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReceipt,
+                    request_deserializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.FromString,
+                    response_serializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
                     request_deserializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.FromString,
                     response_serializer=trustfed_dot_transport_dot_federation__pb2.SignedMessage.SerializeToString,
             ),
@@ -213,6 +229,33 @@ class Federation:
             request,
             target,
             '/trustfed.transport.v1.Federation/GetReceipt',
+            trustfed_dot_transport_dot_federation__pb2.SignedMessage.SerializeToString,
+            trustfed_dot_transport_dot_federation__pb2.SignedMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustfed.transport.v1.Federation/SecAgg',
             trustfed_dot_transport_dot_federation__pb2.SignedMessage.SerializeToString,
             trustfed_dot_transport_dot_federation__pb2.SignedMessage.FromString,
             options,

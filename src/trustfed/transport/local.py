@@ -249,6 +249,7 @@ def run_local_federation(
             max_workers=max(16, 3 * n + 4),
             require_commitment=cfg.ledger.enabled,
             sealed=cfg.enclave.enabled,
+            secagg=cfg.secagg if cfg.secagg.enabled else None,
         )
         grpc_transport = transport
         write_participant_configs(fed, transport.address, ids, ledger_view=cfg.ledger.enabled)

@@ -64,7 +64,13 @@ def server(
     settings = cfg.transport.resolved(config.parent)
     if listen is not None:
         settings = settings.model_copy(update={"listen": listen})
-    transport = GrpcTransport(settings, spec_for(cfg))
+    transport = GrpcTransport(
+        settings,
+        spec_for(cfg),
+        require_commitment=cfg.ledger.enabled,
+        sealed=cfg.enclave.enabled,
+        secagg=cfg.secagg if cfg.secagg.enabled else None,
+    )
     console.print(
         f"coordinator listening on {transport.address}; waiting for {cfg.federation.participants} participants"
     )

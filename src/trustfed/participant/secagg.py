@@ -1,0 +1,178 @@
+"""Secure aggregation over gRPC, a participant's side of one round (see
+:mod:`trustfed.coordinator.secagg` for the coordinator's).
+
+After training, the participant runs :class:`~trustfed.secagg.protocol.SecAggClient` with its
+delta through the coordinator: it advertises keys it signs itself, checks every roster entry
+against the federation CA (a substituted key fails its signature), sends encrypted shares,
+uploads only its masked input and, if it is among the survivors, the unmasking shares. The
+protocol parameters (threshold, clip, bits) come from this participant's copy of the federation
+file and the signed plan, never from the coordinator; every reply is signed by the coordinator,
+so a survivor set it handed out is evidence of what it asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from trustfed.coordinator.secagg import round_params, share_points
+from trustfed.core.strategy import Update
+from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError
+from trustfed.secagg.settings import SecAggSettings
+from trustfed.transport import federation_pb2 as pb
+from trustfed.transport.errors import MessageRejected, TransportError
+
+if TYPE_CHECKING:
+    from trustfed.participant.client import ParticipantClient, ReceivedPlan
+
+log = logging.getLogger("trustfed.participant.secagg")
+
+_STEP_NAMES = {
+    pb.SECAGG_KEYS: "roster",
+    pb.SECAGG_SHARES: "inbox",
+    pb.SECAGG_SURVIVORS: "survivors",
+    pb.SECAGG_UNMASK: "unmask acknowledgement",
+}
+
+
+class SecAggParticipant:
+    """One round of secure aggregation for ``client``; :meth:`run` returns whether it survived
+    (its masked input is in the sum)."""
+
+    def __init__(self, client: ParticipantClient, settings: SecAggSettings, rp: ReceivedPlan) -> None:
+        self.client = client
+        self.settings = settings
+        self.rp = rp
+        self.session = rp.raw.session
+        self.index = share_points(rp.plan)
+        self.me = self.index[client.pid]
+        self.params = round_params(settings, rp.plan)
+        self.protocol = SecAggClient(self.me, self.params)
+        # replies may wait for the round deadline (the keys), then one step timeout per later step
+        self.give_up_at = max(rp.deadline_ms / 1000, time.time()) + 4 * settings.step_timeout_s + 30
+
+    def run(self, global_params: torch.Tensor, update: Update) -> bool:
+        rnd = self.rp.round
+        roster = self.check_roster(self.step(pb.SECAGG_KEYS, keys=self.advertisement()))
+        inbox = self.step(pb.SECAGG_SHARES, shares=self.protocol.share_keys(roster)).inbox
+        delta = (update.params - global_params).numpy()
+        y = self.protocol.masked_input(delta, {int(u): bytes(ct) for u, ct in inbox.items()})
+        self.upload_masked(y, update.num_examples)
+        survivors = [int(u) for u in self.step(pb.SECAGG_SURVIVORS).survivors]
+        if self.me not in survivors:
+            log.warning("participant %s: round %d went on without my masked input", self.client.pid, rnd)
+            return False
+        answer = self.protocol.unmask(survivors)
+        self.step(pb.SECAGG_UNMASK, self_mask_shares=answer.self_mask_shares, key_shares=answer.key_shares)
+        log.info(
+            "participant %s: round %d secure aggregation done (%d of %d survived)",
+            self.client.pid,
+            rnd,
+            len(survivors),
+            len(roster),
+        )
+        return True
+
+    def advertisement(self) -> pb.SignedMessage:
+        k = self.protocol.advertise_keys()
+        body = pb.SecAggKeys(
+            round=self.rp.round,
+            participant_id=self.client.pid,
+            index=self.me,
+            cipher_pk=k.cipher_pk,
+            mask_pk=k.mask_pk,
+            session=self.session,
+            model_hash=self.rp.plan.model_hash,
+        )
+        return self.client.relay_signer.sign("secagg_keys", self.rp.round, body.SerializeToString())
+
+    def check_roster(self, reply: pb.SecAggReply) -> dict[int, PublicKeys]:
+        """Every entry must be signed by the participant it names (certificate from the CA, not revoked),
+        for this round, session and model, at that participant's share point."""
+        out: dict[int, PublicKeys] = {}
+        for entry in reply.roster:
+            try:
+                v = self.client.verifier.verify_relayed(entry, expected_type="secagg_keys", role="participant")
+            except MessageRejected as exc:
+                raise SecAggError(f"round {self.rp.round}: a roster entry does not verify: {exc.detail}") from None
+            body = pb.SecAggKeys.FromString(v.body)
+            who = v.identity.name
+            wrong = [
+                name
+                for name, bad in {
+                    "participant_id": body.participant_id != who,
+                    "index": self.index.get(who) != body.index,
+                    "round": body.round != self.rp.round,
+                    "session": body.session != self.session,
+                    "model_hash": body.model_hash != self.rp.plan.model_hash,
+                }.items()
+                if bad
+            ]
+            if wrong:
+                raise SecAggError(f"round {self.rp.round}: the roster entry of {who} has the wrong {', '.join(wrong)}")
+            if body.index in out:
+                raise SecAggError(f"round {self.rp.round}: the roster names share point {body.index} twice")
+            out[body.index] = PublicKeys(bytes(body.cipher_pk), bytes(body.mask_pk))
+        return out
+
+    def upload_masked(self, y: np.ndarray, num_examples: int) -> None:
+        """The masked input by the usual upload stream, flagged as masked (no metrics: nothing in the clear)."""
+        payload = y.astype("<u4").tobytes()
+        from trustfed.participant.client import _payload_hash
+
+        c = self.client.limits.chunk_bytes
+        header = pb.UpdateHeader(
+            round=self.rp.round,
+            participant_id=self.client.pid,
+            num_examples=num_examples,
+            total_bytes=len(payload),
+            chunk_bytes=c,
+            num_chunks=-(-len(payload) // c),
+            model_hash=_payload_hash(self.client.spec_json, payload),
+            secagg_masked=True,
+        )
+        self.client._send_update(self.rp.round, header, payload)
+
+    def step(
+        self,
+        step: pb.SecAggStep,
+        *,
+        keys: pb.SignedMessage | None = None,
+        shares: dict[int, bytes] | None = None,
+        self_mask_shares: dict[int, bytes] | None = None,
+        key_shares: dict[int, bytes] | None = None,
+    ) -> pb.SecAggReply:
+        """Submit this step's payload, then poll until the coordinator closes the step."""
+        c, rnd = self.client, self.rp.round
+        what = f"the secure-aggregation {_STEP_NAMES[step]} of round {rnd}"
+        req = pb.SecAggRequest(round=rnd, step=step, wait_ms=c.cfg.retry.poll_wait_ms)
+        if keys is not None:
+            req.keys.CopyFrom(keys)
+        for field, values in (("shares", shares), ("self_mask_shares", self_mask_shares), ("key_shares", key_shares)):
+            for k, data in (values or {}).items():
+                getattr(req, field)[k] = data
+        timeout = c.cfg.retry.poll_wait_ms / 1000 + 15
+        while True:
+
+            def call(req: pb.SecAggRequest = req) -> pb.SignedMessage:
+                msg = c.signer.sign("secagg_request", rnd, req.SerializeToString())
+                out: pb.SignedMessage = c.stub.SecAgg(msg, timeout=timeout)
+                return out
+
+            v = c._check(c._call(what, call), "secagg_reply")
+            reply: pb.SecAggReply = pb.SecAggReply.FromString(v.body)
+            if reply.round != rnd or reply.step != step or v.envelope.round != rnd:
+                raise c.verifier.reject("round_mismatch", f"{what}: the reply is for another round or step", "secagg")
+            if self.session and reply.session != self.session:
+                from trustfed.participant.client import RoundGone
+
+                raise RoundGone(f"{what}: the coordinator restarted (session {self.session} -> {reply.session})")
+            if reply.ready:
+                return reply
+            if time.time() > self.give_up_at:
+                raise TransportError(f"{what}: no answer from {c.address} before the round's deadlines passed")
+            req = pb.SecAggRequest(round=rnd, step=step, wait_ms=c.cfg.retry.poll_wait_ms)

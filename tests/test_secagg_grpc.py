@@ -1,0 +1,272 @@
+"""Secure aggregation over gRPC + mutual TLS: participant processes reach the same model as the in-process
+secure simulation; a participant lost after masking is left out of the sum; and both sides refuse
+what the protocol must not accept (a substituted key in the roster, steps out of order, wrong
+recipient sets, clear updates in a secure federation)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from trustfed.config import load_federation_config, validate_federation_config
+from trustfed.coordinator.secagg import SHARE_CIPHERTEXT_BYTES, SecAggRound, share_points
+from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
+from trustfed.core.codec import flatten
+from trustfed.core.strategy import RoundPlan
+from trustfed.errors import AggregationError
+from trustfed.participant.client import ParticipantClient, ReceivedPlan, build_participant
+from trustfed.participant.secagg import SecAggParticipant
+from trustfed.participant.settings import load_participant_config
+from trustfed.secagg.protocol import SecAggError
+from trustfed.secagg.settings import SecAggSettings
+from trustfed.simulation import run_simulation
+from trustfed.simulation.federation import build_data, build_trainer, model_factory
+from trustfed.transport import federation_pb2 as pb
+from trustfed.transport.errors import MessageRejected
+from trustfed.transport.local import prepare, run_local_federation, write_participant_configs
+
+
+def raw(participants: int = 3, rounds: int = 2, **secagg: Any) -> dict[str, Any]:
+    return {
+        "federation": {"name": "secagg-grpc", "rounds": rounds, "participants": participants, "seed": 6},
+        "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "mlp", "hidden": [16]},
+        "training": {"local_epochs": 1, "batch_size": 64, "lr": 0.05},
+        "strategy": {"name": "fedavg", "aggregator": "mean", "min_participants": 2},
+        "secagg": {"enabled": True, "clip": 0.5, "bits": 24, **secagg},
+    }
+
+
+def test_participant_processes_match_the_secure_simulation(tmp_path: Path) -> None:
+    params, metrics = run_local_federation(raw(), tmp_path / "run", round_timeout_s=120)
+    sim = run_simulation(validate_federation_config(raw()))
+    assert torch.max(torch.abs(params - sim.params)).item() <= 1e-6
+    assert metrics["model_hash"] == sim.metrics["model_hash"]
+    assert [r["participants"] for r in metrics["rounds"]] == [["p000", "p001", "p002"]] * 2
+    for pid in ("p000", "p001", "p002"):
+        log = (tmp_path / "run" / "logs" / f"{pid}.log").read_text()
+        assert "2 round(s), included in 2" in log
+        assert "secure aggregation done (3 of 3 survived)" in log
+
+
+class Seen:
+    """A RoundObserver keeping the updates the coordinator's round loop received."""
+
+    def __init__(self) -> None:
+        self.updates: list[list[tuple[str, dict[str, float]]]] = []
+        self.start: list[torch.Tensor] = []
+
+    def on_round_start(self, plan: Any, params: torch.Tensor) -> None:
+        self.start.append(params.clone())
+
+    def on_round_end(self, plan: Any, updates: Any, result: Any, record: Any) -> None:
+        self.updates.append([(u.participant_id, dict(u.metrics)) for u in updates])
+
+
+class Lost(Exception):
+    """The participant vanishes after computing its masked input (it is never delivered)."""
+
+
+def test_a_participant_lost_after_masking_is_left_out_of_the_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = ["p000", "p001", "p002", "p003"]
+    r = raw(participants=4, rounds=1, step_timeout_s=3.0)
+    r["transport"] = {"linger_s": 1.0}
+    fed = prepare(tmp_path, r, ids, round_timeout_s=60)
+    cfg = load_federation_config(fed.federation_file)
+    transport = GrpcTransport(cfg.transport.resolved(tmp_path), spec_for(cfg), max_workers=16, secagg=cfg.secagg)
+    write_participant_configs(fed, transport.address, ids)
+    real_upload = SecAggParticipant.upload_masked
+
+    def upload(self: SecAggParticipant, y: np.ndarray, num_examples: int) -> None:
+        if self.client.pid == "p003":
+            raise Lost("p003 is gone")
+        real_upload(self, y, num_examples)
+
+    monkeypatch.setattr(SecAggParticipant, "upload_masked", upload)
+    errors: dict[str, BaseException] = {}
+    seen = Seen()
+
+    def participant(pid: str) -> None:
+        client = build_participant(load_participant_config(fed.participant_files[pid]))
+        try:
+            client.run()
+        except BaseException as exc:  # recorded and asserted below
+            errors[pid] = exc
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=participant, args=(pid,)) for pid in ids]
+    for th in threads:
+        th.start()
+    try:
+        params, _ = run_coordinator(cfg, transport, write=False, observers=[seen])
+    finally:
+        transport.close()
+        for th in threads:
+            th.join(30)
+    assert set(errors) == {"p003"} and isinstance(errors["p003"], Lost)
+    assert seen.updates == [[("secagg", {"secagg_survivors": 3.0, "secagg_dropped": 1.0})]]
+    # the three survivors' unweighted mean, trained here in the clear from the model the coordinator sent
+    data = build_data(cfg)
+    p0 = seen.start[0]
+    assert torch.equal(
+        p0, flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())[0]
+    )
+    plan = RoundPlan(1, tuple(ids), {})
+    deltas = {pid: build_trainer(cfg, data, pid).fit(p0.clone(), plan).params - p0 for pid in ids}
+    expected = p0 + torch.stack([deltas[p] for p in ids[:3]]).mean(dim=0)
+    assert torch.max(torch.abs(expected - params)).item() <= 3 * 2 * 0.5 / (2**24 - 1) * 4
+    with_all = p0 + torch.stack(list(deltas.values())).mean(dim=0)
+    assert torch.max(torch.abs(with_all - params)).item() > 1e-4
+
+
+def test_too_few_after_a_step_fails_the_round(tmp_path: Path) -> None:
+    ids = ["p000", "p001", "p002"]
+    r = raw(participants=3, rounds=1, step_timeout_s=1.0, threshold=3)
+    fed = prepare(tmp_path, r, ids, round_timeout_s=3)
+    cfg = load_federation_config(fed.federation_file)
+    transport = GrpcTransport(cfg.transport.resolved(tmp_path), spec_for(cfg), max_workers=8, secagg=cfg.secagg)
+    try:
+        # nobody checks in with keys: the keys step closes with 0 of threshold 3
+        params = torch.zeros(transport.spec.size)
+        with pytest.raises(AggregationError, match="secure aggregation failed: 0 participant"):
+            transport.fit(RoundPlan(1, tuple(ids), {}), params)
+    finally:
+        transport.close()
+
+
+# -- refusals, on each side
+
+
+@pytest.fixture()
+def federation(tmp_path: Path) -> Any:
+    ids = ["p000", "p001", "p002"]
+    fed = prepare(tmp_path, raw(participants=3), ids)
+    write_participant_configs(fed, "127.0.0.1:1", ids)
+    return fed
+
+
+def _client(fed: Any, pid: str) -> ParticipantClient:
+    return build_participant(load_participant_config(fed.participant_files[pid]))
+
+
+def _plan(session: str = "s1") -> ReceivedPlan:
+    plan = RoundPlan(1, ("p000", "p001", "p002"), {}, "h" * 64)
+    raw_plan = pb.RoundPlan(status=pb.TRAIN, round=1, participants=list(plan.participants), session=session)
+    return ReceivedPlan(1, plan, "", 0, 0, 0, raw_plan)
+
+
+def _roster(fed: Any, rp: ReceivedPlan) -> tuple[list[SecAggParticipant], pb.SecAggReply]:
+    sides = [SecAggParticipant(_client(fed, pid), SecAggSettings(enabled=True), rp) for pid in rp.plan.participants]
+    reply = pb.SecAggReply(round=1, step=pb.SECAGG_KEYS, ready=True, session="s1")
+    reply.roster.extend(s.advertisement() for s in sides)
+    return sides, reply
+
+
+def test_the_roster_check_accepts_the_signed_keys(federation: Any) -> None:
+    sides, reply = _roster(federation, _plan())
+    roster = sides[0].check_roster(reply)
+    assert sorted(roster) == [1, 2, 3]
+    assert roster[2] == sides[1].protocol.advertise_keys()
+    assert set(sides[0].protocol.share_keys(roster)) == {2, 3}
+
+
+def test_a_substituted_key_in_the_roster_is_refused(federation: Any) -> None:
+    sides, reply = _roster(federation, _plan())
+    body = pb.SecAggKeys.FromString(reply.roster[1].body)
+    body.mask_pk = bytes(32)  # the coordinator swaps p001's mask key for one it knows
+    reply.roster[1].body = body.SerializeToString()
+    with pytest.raises(SecAggError, match="does not verify"):
+        sides[0].check_roster(reply)
+    # ... nor may it sign p001's keys itself, nor pass p001's keys off as another share point
+    _, reply = _roster(federation, _plan())
+    body = pb.SecAggKeys.FromString(reply.roster[1].body)
+    body.index = 3
+    reply.roster[1].CopyFrom(sides[1].client.relay_signer.sign("secagg_keys", 1, body.SerializeToString()))
+    with pytest.raises(SecAggError, match="wrong index"):
+        sides[0].check_roster(reply)
+
+
+def test_keys_from_another_session_are_refused(federation: Any) -> None:
+    _, reply = _roster(federation, _plan(session="s0"))
+    fresh = SecAggParticipant(_client(federation, "p000"), SecAggSettings(enabled=True), _plan("s1"))
+    with pytest.raises(SecAggError, match="wrong session"):
+        fresh.check_roster(reply)
+
+
+def test_the_coordinator_refuses_out_of_order_and_malformed_steps(federation: Any) -> None:
+    rp = _plan()
+    sides, reply = _roster(federation, rp)
+    sa = SecAggRound.open(SecAggSettings(enabled=True), rp.plan, "s1", 10)
+    adverts = {s.client.pid: (m, pb.SecAggKeys.FromString(m.body)) for s, m in zip(sides, reply.roster, strict=True)}
+    with pytest.raises(MessageRejected, match="at the 'keys' step"):
+        sa.submit_shares("p000", {})
+    with pytest.raises(MessageRejected, match="wrong participant_id, index"):
+        sa.submit_keys("p001", *adverts["p000"])  # p000's advertisement sent as p001
+    for pid, (m, body) in adverts.items():
+        assert sa.submit_keys(pid, m, body)
+    assert not sa.submit_keys("p000", *adverts["p000"])  # a retry of the same message is a poll
+    assert sa.joined("p000") and not sa.joined("p999")  # a joined participant is not served the plan again
+    other = SecAggParticipant(_client(federation, "p000"), SecAggSettings(enabled=True), rp).advertisement()
+    with pytest.raises(MessageRejected, match="already advertised other keys"):
+        sa.submit_keys("p000", other, pb.SecAggKeys.FromString(other.body))
+    with pytest.raises(MessageRejected, match="not selected"):
+        sa.submit_keys("p999", *adverts["p000"])
+    sa.close("keys")
+    assert share_points(rp.plan)["p002"] == 3
+    good = {2: b"\0" * SHARE_CIPHERTEXT_BYTES, 3: b"\0" * SHARE_CIPHERTEXT_BYTES}
+    with pytest.raises(MessageRejected, match="wrong set of recipients"):
+        sa.submit_shares("p000", {2: good[2]})
+    with pytest.raises(MessageRejected, match="bytes"):
+        sa.submit_shares("p000", {2: b"short", 3: good[3]})
+    assert sa.submit_shares("p000", good)
+    with pytest.raises(MessageRejected, match="already sent other shares"):
+        sa.submit_shares("p000", {2: good[2], 3: b"\1" * SHARE_CIPHERTEXT_BYTES})
+    with pytest.raises(MessageRejected, match="at the 'shares' step"):
+        sa.check_masked("p000")
+    with pytest.raises(SecAggError, match="1 participant"):  # threshold 2 of 3
+        sa.close("shares")
+    with pytest.raises(MessageRejected, match="failed"):
+        sa.reply("p000", pb.SECAGG_SHARES)
+
+
+def test_clear_updates_are_refused_in_a_secure_federation(tmp_path: Path) -> None:
+    """A participant that uploads its update in the clear is refused by name, the round goes on."""
+    from trustfed.participant.client import RoundGone
+
+    ids = ["p000", "p001"]
+    r = raw(participants=2, rounds=1, step_timeout_s=1.0)
+    fed = prepare(tmp_path, r, ids, round_timeout_s=5)
+    cfg = load_federation_config(fed.federation_file)
+    transport = GrpcTransport(cfg.transport.resolved(tmp_path), spec_for(cfg), max_workers=8, secagg=cfg.secagg)
+    write_participant_configs(fed, transport.address, ids)
+    client = build_participant(load_participant_config(fed.participant_files["p000"]))
+    client.secagg = None  # this participant ignores [secagg] and uploads in the clear
+    got: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            client.run()
+        except BaseException as exc:  # asserted below
+            got.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        transport.wait_for_participants(["p000"], 20)
+        params = flatten(model_factory(cfg, (64,), 10)().state_dict())[0]
+        with pytest.raises(AggregationError, match="secure aggregation failed"):
+            transport.fit(RoundPlan(1, ("p000", "p001"), {}), params)
+    finally:
+        transport.close()
+        th.join(30)
+        client.close()
+    assert got and not isinstance(got[0], RoundGone)
+    assert "upload the masked input only" in str(got[0])
