@@ -139,10 +139,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=120)
     t = Table(title="secure aggregation protocol, in process (1 thread)")
-    for c in ("n", "d", "dropped", "client s", "server s", "plain sum s", "server / plain", "max error"):
-        t.add_column(c, justify="right")
+    for c in ("n", "d", "dropped", "client s", "server s", "plain sum s", "server/plain", "max error"):
+        t.add_column(c, justify="right", no_wrap=True)
     for r in proto:
         t.add_row(
             str(r["n"]),
@@ -157,7 +157,7 @@ def main() -> None:
     console.print(t)
     t = Table(title="one mask of d values: trustfed ChaCha20 (256-bit seed) vs Flower SecAgg+ MT19937 (32-bit seed)")
     for c in ("d", "trustfed s", "Flower s", "Flower / trustfed"):
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="right", no_wrap=True)
     for m in masks:
         t.add_row(
             f"{m['d']:,}",
@@ -169,7 +169,7 @@ def main() -> None:
     if net is not None:
         t = Table(title=f"networked run: 3 participant processes, mutual TLS, {net['rounds']} round(s), digits MLP")
         for c in ("mode", "median round s", "whole run s", "final accuracy"):
-            t.add_column(c, justify="right")
+            t.add_column(c, justify="right", no_wrap=True)
         for name in ("plain", "secagg"):
             t.add_row(
                 name, f"{net[name + '_round_s']:.2f}", f"{net[name + '_s']:.1f}", f"{net[name + '_accuracy']:.4f}"

@@ -270,3 +270,24 @@ def test_clear_updates_are_refused_in_a_secure_federation(tmp_path: Path) -> Non
         client.close()
     assert got and not isinstance(got[0], RoundGone)
     assert "upload the masked input only" in str(got[0])
+
+
+def test_the_benchmark_runs_and_its_sums_hold(tmp_path: Path) -> None:
+    """benchmarks/secagg.py at its smallest size (no network part): the secure sums it times are right."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("flwr", reason="flwr (dev extra, Flower's masks are the peer) not installed")
+    out = tmp_path / "secagg.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "secagg.py"
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--no-network", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    got = json.loads(out.read_text())
+    assert [r["dropped_after_masking"] for r in got["protocol"]] == [0, 1]
+    assert all(r["max_abs_error"] <= r["n"] * r["quantisation_step"] for r in got["protocol"])
+    assert got["masks"][0]["seed_bits"] == {"trustfed": 256, "flower": 32}
