@@ -42,9 +42,14 @@ def raw(participants: int = 3, rounds: int = 2, **secagg: Any) -> dict[str, Any]
     }
 
 
-def test_participant_processes_match_the_secure_simulation(tmp_path: Path) -> None:
-    params, metrics = run_local_federation(raw(), tmp_path / "run", round_timeout_s=120)
-    sim = run_simulation(validate_federation_config(raw()))
+def test_participant_processes_match_the_secure_simulation_and_the_run_verifies(tmp_path: Path) -> None:
+    """Three participant processes, secure aggregation and the ledger: the same model as the secure
+    simulation; each participant checks its commitment to its masked input in the root on chain."""
+    from trustfed.ledger.verify import verify_run
+
+    r = {**raw(), "ledger": {"enabled": True}}
+    params, metrics = run_local_federation(r, tmp_path / "run", round_timeout_s=120)
+    sim = run_simulation(validate_federation_config(r))
     assert torch.max(torch.abs(params - sim.params)).item() <= 1e-6
     assert metrics["model_hash"] == sim.metrics["model_hash"]
     assert [r["participants"] for r in metrics["rounds"]] == [["p000", "p001", "p002"]] * 2
@@ -52,6 +57,10 @@ def test_participant_processes_match_the_secure_simulation(tmp_path: Path) -> No
         log = (tmp_path / "run" / "logs" / f"{pid}.log").read_text()
         assert "2 round(s), included in 2" in log
         assert "secure aggregation done (3 of 3 survived)" in log
+        assert log.count("is included in the root on chain") == 2
+    v = verify_run(tmp_path / "run")
+    assert v.ok, [str(f) for f in v.failures]
+    assert v.checked["commitments"] == 6 and v.checked["chain_rounds"] == 3
 
 
 class Seen:

@@ -4,6 +4,7 @@ the unweighted mean of the participants' deltas up to quantisation, also when so
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,10 +84,34 @@ def test_participants_lost_after_masking_are_left_out_of_the_sum() -> None:
     ("over", "where"),
     [
         ({"strategy": {"name": "fedavg", "aggregator": "median"}}, "strategy.aggregator"),
-        ({"ledger": {"enabled": True}}, "ledger.enabled"),
+        ({"ledger": {"enabled": True}, "incentives": {"enabled": True}}, "incentives.enabled"),
         ({"simulation": {"backend": "multiprocess", "workers": 2}}, "simulation.backend"),
     ],
 )
 def test_secagg_refuses_what_needs_individual_updates(over: dict[str, Any], where: str) -> None:
     with pytest.raises(ConfigError, match=rf"{where.replace('.', '[.]')}: secure aggregation gives the coordinator"):
         validate_federation_config(raw(**over))
+
+
+def test_secagg_rounds_are_recorded_on_the_ledger_and_verify(tmp_path: Path) -> None:
+    """With the ledger on, each survivor's signed commitment to its masked input is in the round's
+    Merkle root on chain; the lost participant's is not; the whole run re-verifies."""
+    from tests.ledger_helpers import read_lines
+
+    from trustfed.ledger.audit import parse_entry
+    from trustfed.ledger.verify import verify_run
+
+    r = raw(secagg={"enabled": True, "dropout": 0.25, "seed": 1}, ledger={"enabled": True})
+    out = tmp_path / "run"
+    run_simulation(validate_federation_config(r), out_dir=out)
+    v = verify_run(out)
+    assert v.ok, [str(f) for f in v.failures]
+    assert v.checked["commitments"] == 6 and v.checked["chain_rounds"] == 3  # 3 survivors x 2 rounds
+    entries = [parse_entry(line) for line in read_lines(out)]
+    aggs = [e for e in entries if e.kind == "aggregation"]
+    assert [len(e.body["participants"]) for e in aggs] == [3, 3]
+    committed = {e.round: set() for e in aggs}
+    for e in entries:
+        if e.kind == "commitment":
+            committed[e.round].add(e.author)
+    assert all(committed[a.round] == set(a.body["participants"]) for a in aggs)

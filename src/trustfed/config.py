@@ -140,7 +140,6 @@ class FederationConfig(_Section):
         if self.secagg.enabled:
             clash = {
                 "strategy.aggregator": self.strategy.aggregator != "mean",
-                "ledger.enabled": self.ledger.enabled,
                 "enclave.enabled": self.enclave.enabled,
                 "incentives.enabled": self.incentives.enabled,
                 "privacy.mode": self.privacy.mode == "central",
@@ -152,7 +151,7 @@ class FederationConfig(_Section):
                         ConfigProblem(
                             where,
                             "secure aggregation gives the coordinator the sum only; this needs individual updates "
-                            "(secagg runs with the mean aggregator, in process or over gRPC, without ledger, enclave, incentives "
+                            "(secagg runs with the mean aggregator, in process or over gRPC, without enclave, incentives "
                             "or central DP)",
                         )
                     )

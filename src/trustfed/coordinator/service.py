@@ -364,11 +364,11 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             expect_end(parts, where)
         except MessageRejected as exc:
             self._reject(context, rpc, pid, exc.reason, exc.detail)
-        if masked:
-            return self._receive_masked(context, pid, h, buf)
         signed: SignedCommitment | None = None
         if h.HasField("commitment_signature"):
             signed = self._check_commitment(context, h, pid, bytes(buf), v)
+        if masked:
+            return self._receive_masked(context, pid, h, buf, signed)
         update: Update
         if sealed:
             from trustfed.enclave.sealing import SealedUpdate
@@ -434,7 +434,12 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         return cur.secagg
 
     def _receive_masked(
-        self, context: grpc.ServicerContext, pid: str, h: pb.UpdateHeader, buf: bytearray
+        self,
+        context: grpc.ServicerContext,
+        pid: str,
+        h: pb.UpdateHeader,
+        buf: bytearray,
+        signed: SignedCommitment | None,
     ) -> pb.SignedMessage:
         import numpy as np
 
@@ -444,6 +449,9 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 self._secagg_state(h.round).submit_masked(pid, y, int(h.num_examples))
             except MessageRejected as exc:
                 self._reject(context, "UploadUpdate", pid, exc.reason, exc.detail)
+            cur = self.board.current
+            if signed is not None and cur is not None:
+                cur.commitments[pid] = signed  # the ledger commits to the masked input as it travelled
             self.board.cond.notify_all()
         log.info("round %d: accepted the masked input of %s", h.round, pid)
         return self._ack(h.round, True, "masked input accepted")
@@ -699,7 +707,7 @@ class GrpcTransport:
         from trustfed.coordinator.secagg import SecAggRound
         from trustfed.errors import AggregationError
         from trustfed.secagg.protocol import SecAggError
-        from trustfed.simulation.secagg import SECAGG_ID
+        from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate
 
         assert self.secagg is not None
         plan, step_s = open_round.plan, self.secagg.step_timeout_s
@@ -749,7 +757,8 @@ class GrpcTransport:
             dropped,
         )
         metrics = {"secagg_survivors": float(len(survivors)), "secagg_dropped": float(dropped)}
-        return [Update(SECAGG_ID, params + mean, max(examples, 1), metrics)]
+        parts = tuple(MaskedInput.of(p, sa.srv.masked[sa.index[p]], sa.examples[sa.index[p]]) for p in survivors)
+        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts)]
 
     def abort(self, reason: str) -> None:
         """Make a waiting ``fit`` / ``wait_for_participants`` raise (e.g. a participant process died)."""

@@ -67,8 +67,9 @@ def sign_commitment(signer: Signer, rnd: int, update_bytes: bytes, num_examples:
 
 
 def update_bytes(update: Update) -> bytes:
-    """The update exactly as it travels: its sealed bytes in enclave mode, else raw float32."""
-    sealed = getattr(update, "sealed", b"")
+    """The update exactly as it travels: its sealed bytes in enclave mode, its masked input under
+    secure aggregation, else raw float32."""
+    sealed = getattr(update, "sealed", b"") or getattr(update, "masked", b"")
     return bytes(sealed) if sealed else to_bytes(update.params)
 
 

@@ -37,6 +37,7 @@ from trustfed.ledger.merkle import merkle_root
 from trustfed.ledger.participant import COMMITMENT_KIND, SignedCommitment, sign_update
 from trustfed.ledger.records import ZERO32, Identity, LedgerError, Role, RoundCommitment
 from trustfed.ledger.settings import LedgerSettings
+from trustfed.secagg.updates import contributions
 
 log = logging.getLogger("trustfed.ledger")
 
@@ -127,8 +128,9 @@ class LedgerRecorder:
         t0 = time.perf_counter()
         rnd = plan.round
         leaves: list[bytes] = []
+        committed = [part for upd in updates for part in contributions(upd)]  # a secure sum: its masked inputs
         with AuditLog(self.audit_path) as audit:
-            for upd in updates:
+            for upd in committed:
                 sc = self.commitments(plan, upd)
                 if sc.participant_id != upd.participant_id or sc.round != rnd:
                     raise LedgerError(
@@ -141,15 +143,15 @@ class LedgerRecorder:
             atts = [att for source in self.attachments for att in source.for_round(plan, updates, result, record)]
             on_chain = self._append_attachments(audit, rnd, atts)
             receipt = next((att.receipt_hash for att in reversed(atts) if att.receipt_hash), "")
-            selected = [updates[i].participant_id for i in result.aggregate.selected]
+            selected = [p.participant_id for i in result.aggregate.selected for p in contributions(updates[i])]
             audit.append(
                 "aggregation",
                 rnd,
                 {
-                    "participants": [u.participant_id for u in updates],
+                    "participants": [u.participant_id for u in committed],
                     "selected": selected,
                     "merkle_root": root,
-                    "num_updates": len(updates),
+                    "num_updates": len(committed),
                     "metrics": {k: float(v) for k, v in record.metrics.items()},
                     "model_hash": record.model_hash,
                     "receipt_hash": receipt,
@@ -160,7 +162,7 @@ class LedgerRecorder:
             audit.sync()
             head = audit.head
         tx = self.ledger.commit_round(
-            RoundCommitment(rnd, record.model_hash, root, receipt or ZERO32, head, len(updates))
+            RoundCommitment(rnd, record.model_hash, root, receipt or ZERO32, head, len(committed))
         )
         for action in on_chain:
             action(self.ledger)

@@ -135,6 +135,13 @@ class SecAggParticipant:
             model_hash=_payload_hash(self.client.spec_json, payload),
             secagg_masked=True,
         )
+        if self.client.commit:  # the ledger is on: commit to the masked input, as for any upload
+            from trustfed.ledger.participant import sign_commitment
+
+            sc = sign_commitment(self.client.commit_signer, self.rp.round, payload, num_examples)
+            header.commitment = sc.commitment
+            header.commitment_signature = sc.sig
+            self.client.commitments[self.rp.round] = sc.commitment
         self.client._send_update(self.rp.round, header, payload)
 
     def step(

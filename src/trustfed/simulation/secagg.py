@@ -8,9 +8,10 @@ is one update, ``"secagg"``: the global model plus the mean of the survivors' cl
 summed. Participants listed by ``dropout`` (seeded per round) compute their masked input but never
 deliver it; the protocol removes their masks from the sum using the others' shares.
 
-The coordinator learns the sum only, so rules that look at individual updates (robust aggregators),
-per-update commitments on the ledger, the enclave and incentive scores do not apply; the config
-refuses those combinations.
+The update carries the masked inputs it summed (what a server sees): with the ledger on, each
+survivor's commitment to its masked input is recorded. The coordinator learns the sum only, so
+rules that look at individual updates (robust aggregators), the enclave and incentive scores do
+not apply; the config refuses those combinations.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AggregationError
 from trustfed.secagg.protocol import SecAggParams, secure_sum
 from trustfed.secagg.settings import SecAggSettings
+from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate
 
 log = logging.getLogger("trustfed.secagg")
 
-SECAGG_ID = "secagg"
+__all__ = ["SECAGG_ID", "SecAggTransport"]
 
 
 class SecAggTransport:
@@ -74,4 +76,6 @@ class SecAggTransport:
             "round %d: secure aggregation of %d update(s), %d dropped after masking", plan.round, len(who), len(lost)
         )
         metrics = {"secagg_survivors": float(len(who)), "secagg_dropped": float(len(lost))}
-        return [Update(SECAGG_ID, params + mean, max(examples, 1), metrics)]
+        by_id = {u.participant_id: u for u in updates}
+        parts = tuple(MaskedInput.of(names[i], result.masked[i], by_id[names[i]].num_examples) for i in who)
+        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts)]

@@ -1,0 +1,37 @@
+"""What a secure-aggregation round hands the coordinator's round loop: one summed update, with the
+masked inputs it summed, so that each contributor's commitment to what it sent can go on the ledger
+(a masked input reveals nothing about the update behind it; it is what the coordinator saw)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trustfed.core.strategy import Update
+
+SECAGG_ID = "secagg"
+
+
+@dataclass(frozen=True)
+class MaskedInput(Update):
+    """One contributor's masked input as it travelled (little-endian uint32 bytes); ``params`` is empty."""
+
+    masked: bytes = b""
+
+    @classmethod
+    def of(cls, participant_id: str, y: np.ndarray, num_examples: int) -> MaskedInput:
+        return cls(participant_id, torch.zeros(0), num_examples, {}, y.astype("<u4").tobytes())
+
+
+@dataclass(frozen=True)
+class SecureSumUpdate(Update):
+    """The global model plus the mean of the survivors' clipped deltas, and the masked inputs summed."""
+
+    parts: tuple[MaskedInput, ...] = ()
+
+
+def contributions(update: Update) -> tuple[Update, ...]:
+    """The updates a round's ledger commits to: the masked inputs of a secure sum, else the update."""
+    return update.parts if isinstance(update, SecureSumUpdate) else (update,)
