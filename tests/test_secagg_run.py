@@ -84,7 +84,7 @@ def test_participants_lost_after_masking_are_left_out_of_the_sum() -> None:
     ("over", "where"),
     [
         ({"strategy": {"name": "fedavg", "aggregator": "median"}}, "strategy.aggregator"),
-        ({"ledger": {"enabled": True}, "incentives": {"enabled": True}}, "incentives.enabled"),
+        ({"enclave": {"enabled": True}}, "enclave.enabled"),
         ({"simulation": {"backend": "multiprocess", "workers": 2}}, "simulation.backend"),
     ],
 )
@@ -93,7 +93,7 @@ def test_secagg_refuses_what_needs_individual_updates(over: dict[str, Any], wher
         validate_federation_config(raw(**over))
 
 
-def test_secagg_rounds_are_recorded_on_the_ledger_and_verify(tmp_path: Path) -> None:
+def test_secagg_rounds_are_recorded_on_the_ledger_with_incentives_and_verify(tmp_path: Path) -> None:
     """With the ledger on, each survivor's signed commitment to its masked input is in the round's
     Merkle root on chain; the lost participant's is not; the whole run re-verifies."""
     from tests.ledger_helpers import read_lines
@@ -101,7 +101,11 @@ def test_secagg_rounds_are_recorded_on_the_ledger_and_verify(tmp_path: Path) -> 
     from trustfed.ledger.audit import parse_entry
     from trustfed.ledger.verify import verify_run
 
-    r = raw(secagg={"enabled": True, "dropout": 0.25, "seed": 1}, ledger={"enabled": True})
+    r = raw(
+        secagg={"enabled": True, "dropout": 0.25, "seed": 1},
+        ledger={"enabled": True},
+        incentives={"enabled": True, "reward_per_round": 900},
+    )
     out = tmp_path / "run"
     run_simulation(validate_federation_config(r), out_dir=out)
     v = verify_run(out)
@@ -115,3 +119,9 @@ def test_secagg_rounds_are_recorded_on_the_ledger_and_verify(tmp_path: Path) -> 
         if e.kind == "commitment":
             committed[e.round].add(e.author)
     assert all(committed[a.round] == set(a.body["participants"]) for a in aggs)
+    # incentives: only the sum is known, so the survivors share each round's reward equally
+    paid = [e for e in entries if e.kind == "incentives"]
+    assert [sorted(e.body["contributions"]) for e in paid] == [sorted(a.body["participants"]) for a in aggs]
+    assert all(set(e.body["contributions"].values()) == {1 / 3} for e in paid)
+    assert all(e.body["source"] == "selection" for e in paid)
+    assert v.checked["incentive_rounds"] == 2

@@ -141,7 +141,6 @@ class FederationConfig(_Section):
             clash = {
                 "strategy.aggregator": self.strategy.aggregator != "mean",
                 "enclave.enabled": self.enclave.enabled,
-                "incentives.enabled": self.incentives.enabled,
                 "privacy.mode": self.privacy.mode == "central",
                 "simulation.backend": self.simulation.backend != "inprocess",
             }
@@ -151,8 +150,8 @@ class FederationConfig(_Section):
                         ConfigProblem(
                             where,
                             "secure aggregation gives the coordinator the sum only; this needs individual updates "
-                            "(secagg runs with the mean aggregator, in process or over gRPC, without enclave, incentives "
-                            "or central DP)",
+                            "(secagg runs with the mean aggregator, in process or over gRPC, without enclave or "
+                            "central DP)",
                         )
                     )
         if self.incentives.enabled and not self.ledger.enabled:

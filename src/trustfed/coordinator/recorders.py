@@ -175,8 +175,8 @@ class IncentivesRecord:
 
     Contributions come from the updates themselves when the coordinator holds them in the clear
     (``source = "coordinator"``), from the enclave's signed receipt in enclave mode
-    (``"enclave receipt"``), or, when the enclave releases none (central DP), as equal shares of
-    the updates the aggregator used (``"selection"``). Updates the aggregator left out (or the
+    (``"enclave receipt"``), or, when the enclave releases none (central DP) or the round was a
+    secure sum (its survivors), as equal shares of the updates the aggregator used (``"selection"``). Updates the aggregator left out (or the
     enclave rejected) are flagged. The book starts from the chain's accounts, so a resumed run goes
     on from where the chain stands."""
 
@@ -200,16 +200,24 @@ class IncentivesRecord:
     def on_round_end(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> None:
-        ids = [u.participant_id for u in updates]
-        selected = [ids[i] for i in result.aggregate.selected]
-        contributions, source = self._contributions(updates, result, selected)
+        from trustfed.secagg.updates import SecureSumUpdate, contributions
+
+        ids = [p.participant_id for u in updates for p in contributions(u)]  # a secure sum: its survivors
+        selected = [p.participant_id for i in result.aggregate.selected for p in contributions(updates[i])]
+        if any(isinstance(u, SecureSumUpdate) for u in updates):
+            from trustfed.incentives.book import selection_shares
+
+            # only the sum is known: every survivor's masked input counted alike
+            shares, source = selection_shares(ids, selected), "selection"
+        else:
+            shares, source = self._contributions(updates, result, selected)
         for pid in ids:
             self._restore(pid)
         flagged = set(ids) - set(selected) if self.settings.flag_unselected else set()
         if self.enclave is not None and (receipt := self.enclave.strategy.last_receipt) is not None:
             flagged |= set(receipt.body.get("rejected", {})) & set(ids)
         s = self.settings
-        change = self.book.apply(plan.round, ids, contributions, flagged, s.reward_per_round, s.slash_fraction)
+        change = self.book.apply(plan.round, ids, shares, flagged, s.reward_per_round, s.slash_fraction)
         self._pending[plan.round] = (change, source)
 
     def _contributions(
