@@ -43,11 +43,12 @@ def raw(participants: int = 3, rounds: int = 2, **secagg: Any) -> dict[str, Any]
 
 
 def test_participant_processes_match_the_secure_simulation_and_the_run_verifies(tmp_path: Path) -> None:
-    """Three participant processes, secure aggregation and the ledger: the same model as the secure
-    simulation; each participant checks its commitment to its masked input in the root on chain."""
+    """Three participant processes, secure aggregation, central DP and the ledger: the same model as the
+    secure simulation; each participant checks its commitment to its masked input in the root on chain."""
     from trustfed.ledger.verify import verify_run
 
-    r = {**raw(), "ledger": {"enabled": True}}
+    dp = {"mode": "central", "noise_multiplier": 0.8, "max_grad_norm": 0.1}  # each participant clips its own delta
+    r = {**raw(), "ledger": {"enabled": True}, "privacy": dp}
     params, metrics = run_local_federation(r, tmp_path / "run", round_timeout_s=120)
     sim = run_simulation(validate_federation_config(r))
     assert torch.max(torch.abs(params - sim.params)).item() <= 1e-6

@@ -125,3 +125,33 @@ def test_secagg_rounds_are_recorded_on_the_ledger_with_incentives_and_verify(tmp
     assert all(set(e.body["contributions"].values()) == {1 / 3} for e in paid)
     assert all(e.body["source"] == "selection" for e in paid)
     assert v.checked["incentive_rounds"] == 2
+
+
+def test_central_dp_over_a_secure_sum_matches_central_dp_over_clear_updates() -> None:
+    """Each participant clips its own delta (the plan's clip norm) before masking; the aggregator noises
+    the recovered sum. Same seeds, same noise draws: the model equals clear-update DP-FedAvg up to the
+    fixed-point rounding, and the privacy spend is the same."""
+    dp = {"mode": "central", "noise_multiplier": 0.8, "max_grad_norm": 0.1, "delta": 1e-5}  # every delta is clipped
+    seen = Seen()
+    spent: dict[str, list[float]] = {"secagg": [], "plain": []}
+    sec = run_simulation(
+        validate_federation_config(raw(privacy=dp)),
+        observers=[seen],
+        on_round=lambda rec: spent["secagg"].append(rec.metrics["dp_epsilon"]),
+    )
+    plain_raw = raw(privacy=dp)
+    plain_raw["secagg"] = {"enabled": False}
+    plain = run_simulation(
+        validate_federation_config(plain_raw), on_round=lambda rec: spent["plain"].append(rec.metrics["dp_epsilon"])
+    )
+    assert seen.ids == [["secagg"], ["secagg"]]
+    diff = torch.max(torch.abs(sec.params - plain.params)).item()
+    assert 0 < diff <= 1e-4  # rounding to 24 bits, and the noise widened by that rounding's sensitivity
+    assert len(spent["secagg"]) == 2 and spent["secagg"] == spent["plain"]
+    assert sec.metrics["final_accuracy"] == pytest.approx(plain.metrics["final_accuracy"], abs=0.02)
+
+
+def test_adaptive_clipping_is_refused_over_a_secure_sum() -> None:
+    dp = {"mode": "central", "noise_multiplier": 1.0, "clipping": "adaptive"}
+    with pytest.raises(ConfigError, match=r"privacy[.]clipping: secure aggregation gives the coordinator"):
+        validate_federation_config(raw(privacy=dp))

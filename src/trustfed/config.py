@@ -141,7 +141,7 @@ class FederationConfig(_Section):
             clash = {
                 "strategy.aggregator": self.strategy.aggregator != "mean",
                 "enclave.enabled": self.enclave.enabled,
-                "privacy.mode": self.privacy.mode == "central",
+                "privacy.clipping": self.privacy.mode == "central" and self.privacy.clipping == "adaptive",
                 "simulation.backend": self.simulation.backend != "inprocess",
             }
             for where, bad in clash.items():
@@ -150,8 +150,8 @@ class FederationConfig(_Section):
                         ConfigProblem(
                             where,
                             "secure aggregation gives the coordinator the sum only; this needs individual updates "
-                            "(secagg runs with the mean aggregator, in process or over gRPC, without enclave or "
-                            "central DP)",
+                            "(secagg runs with the mean aggregator, in process or over gRPC, without the enclave; "
+                            "central DP with fixed clipping only, each participant clipping its own delta)",
                         )
                     )
         if self.incentives.enabled and not self.ledger.enabled:

@@ -758,7 +758,8 @@ class GrpcTransport:
         )
         metrics = {"secagg_survivors": float(len(survivors)), "secagg_dropped": float(dropped)}
         parts = tuple(MaskedInput.of(p, sa.srv.masked[sa.index[p]], sa.examples[sa.index[p]]) for p in survivors)
-        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts)]
+        step = 2 * sa.params.clip / (2**sa.params.bits - 1)
+        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts, step)]
 
     def abort(self, reason: str) -> None:
         """Make a waiting ``fit`` / ``wait_for_participants`` raise (e.g. a participant process died)."""

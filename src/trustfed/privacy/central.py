@@ -8,6 +8,11 @@ of participants the round *selected* (a fixed denominator, so the sensitivity of
 C / n). The noised mean is handed to the wrapped strategy as a single pseudo-update, so server
 optimisers (FedAdam, FedYogi, ...) act on it as post-processing.
 
+Over a secure sum (``[secagg]``; one :class:`~trustfed.secagg.updates.SecureSumUpdate`), each
+participant clips its own delta to C before masking, the aggregator noises the sum it recovers, and
+the sensitivity is C plus the fixed-point rounding (half a quantisation step per coordinate).
+Adaptive clipping needs every update's norm and is refused there.
+
 Adaptive clipping: the fraction of updates with norm <= C is released with Gaussian noise of std
 ``sigma_b / n`` and C moves geometrically towards the ``target_quantile``:
 ``C <- C * exp(-eta_C * (b_noisy - gamma))``. The two releases share the budget:
@@ -112,26 +117,37 @@ class DPFedAvg(Strategy):
         return max(n / 20.0, self.noise_multiplier)
 
     def aggregate(self, plan: RoundPlan, params: torch.Tensor, updates: Sequence[Update]) -> RoundResult:
-        x, _ = stack_updates(updates, params.numel())
+        from trustfed.secagg.updates import SecureSumUpdate
+
         n = max(len(plan.participants), len(updates))
         gen = torch.Generator().manual_seed(secrets.randbits(63) if self.secure_noise else self._round_seed(plan.round))
-        deltas = x.to(torch.float64) - params.to(torch.float64)
         clip = self.clip_norm
-        clipped, norms = clip_rows(deltas, clip)
+        sensitivity = clip
+        norms: torch.Tensor | None = None
+        secure = updates[0] if len(updates) == 1 and isinstance(updates[0], SecureSumUpdate) else None
+        if secure is not None:
+            # a secure sum: each participant clipped its own delta to the plan's clip norm before masking; the
+            # fixed-point rounding moves each coordinate by at most half a step, which widens the sensitivity
+            if self.clipping != "fixed":
+                raise PrivacyError("adaptive clipping needs every update's norm; a secure sum has none (use 'fixed')")
+            count = len(secure.parts)
+            summed = (secure.params.to(torch.float64) - params.to(torch.float64)) * count
+            sensitivity = clip + math.sqrt(params.numel()) * secure.quantisation_step / 2
+        else:
+            x, _ = stack_updates(updates, params.numel())
+            clipped, norms = clip_rows(x.to(torch.float64) - params.to(torch.float64), clip)
+            summed, count = clipped.sum(0), len(updates)
         sigma_b = self.count_stddev(n)
         z_delta = delta_noise_multiplier(self.noise_multiplier, sigma_b)
-        noise_std = z_delta * clip
+        noise_std = z_delta * sensitivity
         noise = torch.randn(params.numel(), generator=gen, dtype=torch.float64) * noise_std
-        mean = (clipped.sum(0) + noise) / n
-        unclipped = float((norms <= clip).sum())
-        metrics: dict[str, float] = {
-            "num_updates": float(len(updates)),
-            "dp_clip_norm": clip,
-            "dp_noise_std": noise_std / n,
-            "dp_unclipped_fraction": unclipped / len(updates),
-            "dp_update_norm_median": float(norms.median()),
-        }
-        if sigma_b is not None:
+        mean = (summed + noise) / n
+        metrics: dict[str, float] = {"num_updates": float(count), "dp_clip_norm": clip, "dp_noise_std": noise_std / n}
+        if norms is not None:
+            unclipped = float((norms <= clip).sum())
+            metrics["dp_unclipped_fraction"] = unclipped / len(updates)
+            metrics["dp_update_norm_median"] = float(norms.median())
+        if sigma_b is not None and norms is not None:
             b_noisy = (unclipped + float(torch.randn((), generator=gen, dtype=torch.float64)) * sigma_b) / n
             self.clip_norm = clip * math.exp(-self.clip_learning_rate * (b_noisy - self.target_quantile))
             metrics["dp_next_clip_norm"] = self.clip_norm
@@ -151,7 +167,7 @@ class DPFedAvg(Strategy):
                 "dp_sample_rate": q,
             }
         )
-        scores = {"update_norm": norms.to(torch.float32)}
+        scores = {} if norms is None else {"update_norm": norms.to(torch.float32)}
         return RoundResult(inner.params, metrics, AggregateResult(inner.params, tuple(range(len(updates))), scores))
 
     def evaluate(self, rnd: int, params: torch.Tensor) -> dict[str, float] | None:

@@ -27,7 +27,7 @@ from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AggregationError
 from trustfed.secagg.protocol import SecAggParams, secure_sum
 from trustfed.secagg.settings import SecAggSettings
-from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate
+from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, central_clip, clip_delta
 
 log = logging.getLogger("trustfed.secagg")
 
@@ -57,7 +57,11 @@ class SecAggTransport:
         p = SecAggParams(threshold=s.threshold_for(n), clip=s.clip, bits=s.bits, round=plan.round)
         p.check(n)
         ids = {u.participant_id: i + 1 for i, u in enumerate(sorted(updates, key=lambda u: u.participant_id))}
-        deltas = {ids[u.participant_id]: (u.params - params).numpy() for u in updates}
+        c = central_clip(dict(plan.config))  # central DP: each participant clips its own delta first
+        deltas = {
+            ids[u.participant_id]: (u.params - params if c is None else clip_delta(u.params - params, c)).numpy()
+            for u in updates
+        }
         rng = random.Random(f"{s.seed}:secagg-dropout:{plan.round}")
         lost = set(rng.sample(sorted(deltas), int(s.dropout * n)))
         # the server side sees keys, encrypted shares, masked vectors and unmasking shares: never an input
@@ -78,4 +82,5 @@ class SecAggTransport:
         metrics = {"secagg_survivors": float(len(who)), "secagg_dropped": float(len(lost))}
         by_id = {u.participant_id: u for u in updates}
         parts = tuple(MaskedInput.of(names[i], result.masked[i], by_id[names[i]].num_examples) for i in who)
-        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts)]
+        step = 2 * p.clip / (2**p.bits - 1)
+        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts, step)]
