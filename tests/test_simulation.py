@@ -184,3 +184,28 @@ def test_multiprocess_dp_run_matches_in_process_and_a_spent_budget_leaves_mid_ru
     p002 = [(r["round"], r["kind"]) for r in map(json.loads, spent.splitlines()) if r["party"] == "p002"]
     assert p002 == [(1, "participant"), (2, "absent")]  # trained once, then withdrew before round 2's data
     assert "p002" not in rounds[-1] and "p003" in rounds[-1]  # the run went on without it
+
+
+def test_demo_with_secure_aggregation_verifies(tmp_path: Path) -> None:
+    """``trustfed demo --confidentiality secagg``: no enclave; the coordinator recovers only sums, the
+    survivors' commitments are on chain, the audit passes; a wrong value is refused by name."""
+    from trustfed.ledger.verify import verify_run
+
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        argv = ["trustfed", "demo", "--out", str(out), "--rounds", "2", "--participants", "3"]
+        mp.setattr(sys, "argv", [*argv, "--confidentiality", "secagg"])
+        try:
+            main()
+        except SystemExit as exc:
+            assert exc.code in (0, None)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["secagg"]["enabled"] and not m["config"]["enclave"]["enabled"]
+    verdict = verify_run(out)
+    assert verdict.ok, [str(f) for f in verdict.failures]
+    assert verdict.checked["commitments"] == 6 and verdict.checked["incentive_rounds"] == 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["trustfed", "demo", "--out", str(tmp_path / "x"), "--confidentiality", "none"])
+        with pytest.raises(SystemExit) as exc:
+            main()
+    assert exc.value.code not in (0, None)

@@ -150,6 +150,13 @@ def demo(
     ddp_workers: Annotated[
         int, typer.Option(min=0, max=8, help="train participant p000 across N DDP worker processes (torchrun)")
     ] = 0,
+    confidentiality: Annotated[
+        str,
+        typer.Option(
+            help="grpc: how updates stay hidden from the coordinator: enclave (a SIMULATED enclave aggregates sealed "
+            "updates) or secagg (secure aggregation: the coordinator recovers only the sum of masked inputs)"
+        ),
+    ] = "enclave",
 ) -> None:
     """A whole federation on scikit-learn's digits: Dirichlet(0.5) split, FedAvg."""
     from trustfed.config import validate_federation_config
@@ -164,7 +171,15 @@ def demo(
         # contributions, reputation and rewards each round, on chain; a stake that flagged updates lose a share of
         "incentives": {"enabled": True, "stake": 1000, "slash_fraction": 0.1},
     }
-    if transport == "grpc":  # aggregation in a SIMULATED enclave process (software only; see trustfed.enclave)
+    if confidentiality not in ("enclave", "secagg"):
+        raise ConfigError(
+            "--confidentiality",
+            [ConfigProblem("--confidentiality", "expected enclave or secagg", repr(confidentiality))],
+        )
+    secagg = confidentiality == "secagg"
+    if secagg:  # pairwise masks + Shamir shares; see trustfed.secagg
+        raw["secagg"] = {"enabled": True, "clip": 0.5, "bits": 20}
+    elif transport == "grpc":  # aggregation in a SIMULATED enclave process (software only; see trustfed.enclave)
         raw["enclave"] = {
             "enabled": True,
             "backend": "simulated",
@@ -189,10 +204,17 @@ def demo(
         console.print(
             f"fresh PKI in {out}/pki; coordinator here, {participants} participant processes, mutual TLS on 127.0.0.1"
         )
-        console.print(
-            "[bold yellow]enclave: SIMULATED[/bold yellow] (software only, no hardware root of trust; allowed by "
-            "this demo's config): participants attest it, seal their updates to it; the coordinator relays ciphertext"
-        )
+        if secagg:
+            console.print(
+                "secure aggregation: participants sign their keys, mask their deltas and commit to the masked inputs "
+                "on chain; the coordinator recovers only their sum"
+            )
+        else:
+            console.print(
+                "[bold yellow]enclave: SIMULATED[/bold yellow] (software only, no hardware root of trust; allowed by "
+                "this demo's config): participants attest it, seal their updates to it; the coordinator relays "
+                "ciphertext"
+            )
         metrics = run_local_federation(
             raw,
             out,
