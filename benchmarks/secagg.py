@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/secagg.py [--quick] [--out benchmarks/results/secagg.json]
 
 Part 1, the protocol (``trustfed.secagg.protocol``, all messages handed over in process): n
-participants with d float32 values each. Client seconds = one participant's four steps (key
+participants with d float32 values each, every other participant a neighbour (SecAgg) or 8
+neighbours each (SecAgg+). Client seconds = one participant's four steps (key
 agreement, Shamir shares, quantising and masking with n ChaCha20 key streams, unmasking shares);
 server seconds = recovering the sum (removing self-masks, and the pairwise masks of the ones that
 dropped after masking). Peer: the plain float32 sum of the same vectors (numpy), ratio server/plain.
@@ -29,10 +30,12 @@ import numpy as np
 from trustfed.secagg.protocol import SecAggClient, SecAggParams, SecAggServer, prg
 
 
-def protocol_run(n: int, d: int, dropped: int, seed: int) -> dict[str, Any]:
+def protocol_run(n: int, d: int, dropped: int, seed: int, neighbours: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     inputs = {i: rng.uniform(-0.4, 0.4, d).astype(np.float32) for i in range(1, n + 1)}
-    p = SecAggParams(threshold=max(2, -(-2 * n // 3)), clip=0.5, bits=24 if n < 256 else 20, round=1)
+    size = n if neighbours == 0 else neighbours + 1  # a neighbourhood: itself and its neighbours
+    bits = 24 if n < 256 else 20
+    p = SecAggParams(threshold=max(2, -(-2 * size // 3)), clip=0.5, bits=bits, round=1, neighbours=neighbours)
     client_s: dict[int, float] = {}
 
     def timed(cid: int, fn: Any, *args: Any) -> Any:
@@ -48,7 +51,7 @@ def protocol_run(n: int, d: int, dropped: int, seed: int) -> dict[str, Any]:
     roster = server.roster_for_clients()
     for cid, c in clients.items():
         server.receive_shares(cid, timed(cid, c.share_keys, roster))
-    lost = set(range(n - dropped + 1, n + 1))
+    lost = set(rng.choice(np.arange(1, n + 1), size=dropped, replace=False).tolist())
     for cid, c in clients.items():
         y = timed(cid, c.masked_input, inputs[cid], server.inbox_for(cid))
         if cid not in lost:
@@ -67,6 +70,7 @@ def protocol_run(n: int, d: int, dropped: int, seed: int) -> dict[str, Any]:
     return {
         "n": n,
         "d": d,
+        "neighbours": neighbours or n - 1,
         "dropped_after_masking": dropped,
         "client_s_median": statistics.median(client_s.values()),
         "server_s": server_s,
@@ -128,11 +132,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "secagg.json")
     ap.add_argument("--no-network", action="store_true", help="skip part 3 (the multi-process federation)")
     args = ap.parse_args()
-    sizes = [(5, 10_000)] if args.quick else [(10, 100_000), (10, 1_000_000), (50, 100_000)]
+    sizes = [(5, 10_000, 0)] if args.quick else [(10, 100_000, 0), (10, 1_000_000, 0), (50, 100_000, 0)]
+    sizes += [] if args.quick else [(100, 100_000, 0), (100, 100_000, 8)]  # SecAgg vs SecAgg+ at n = 100
     proto = []
-    for n, d in sizes:
-        for dropped in (0, max(1, n // 10)):
-            proto.append(protocol_run(n, d, dropped, seed=n + d))
+    for n, d, k in sizes:
+        for dropped in (0, max(1, n // 20) if k else max(1, n // 10)):
+            proto.append(protocol_run(n, d, dropped, seed=n + d, neighbours=k))
     masks = [mask_generation(d, 3 if args.quick else 7) for d in ([10_000] if args.quick else [100_000, 1_000_000])]
     net = None if args.no_network else networked(1 if args.quick else 3)
 
@@ -141,12 +146,13 @@ def main() -> None:
 
     console = Console(width=120)
     t = Table(title="secure aggregation protocol, in process (1 thread)")
-    for c in ("n", "d", "dropped", "client s", "server s", "plain sum s", "server/plain", "max error"):
+    for c in ("n", "d", "neighbours", "dropped", "client s", "server s", "plain sum s", "server/plain", "max error"):
         t.add_column(c, justify="right", no_wrap=True)
     for r in proto:
         t.add_row(
             str(r["n"]),
             f"{r['d']:,}",
+            str(r["neighbours"]),
             str(r["dropped_after_masking"]),
             f"{r['client_s_median']:.3f}",
             f"{r['server_s']:.3f}",

@@ -65,7 +65,7 @@ def _setup(n: int = 4, t: int = 3) -> tuple[dict[int, SecAggClient], SecAggServe
 def test_clients_refuse_unsafe_server_requests() -> None:
     clients, _ = _setup()
     c = clients[1]
-    with pytest.raises(SecAggError, match="never shared"):
+    with pytest.raises(SecAggError, match="not in the roster"):
         c.unmask([1, 2, 3, 99])
     with pytest.raises(SecAggError, match="fewer than threshold"):
         c.unmask([1, 2])
@@ -74,6 +74,21 @@ def test_clients_refuse_unsafe_server_requests() -> None:
     c.unmask([1, 2, 3, 4])
     with pytest.raises(SecAggError, match="twice"):
         c.unmask([1, 2, 3])  # would reveal the key of 4 after revealing its self-mask seed
+
+
+def test_a_survivor_set_naming_one_that_never_shared_is_refused() -> None:
+    params = SecAggParams(threshold=3, bits=16)
+    clients = {i: SecAggClient(i, params) for i in range(1, 5)}
+    server = SecAggServer(params, 8)
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    roster = server.roster_for_clients()
+    for i in (1, 2, 3):  # 4 stops before sharing
+        server.receive_shares(i, clients[i].share_keys(roster))
+    for i in (1, 2, 3):
+        clients[i].masked_input(np.zeros(8, dtype=np.float32), server.inbox_for(i))
+    with pytest.raises(SecAggError, match="never shared"):
+        clients[1].unmask([1, 2, 3, 4])
 
 
 def test_roster_checks() -> None:
@@ -119,3 +134,57 @@ def test_quantisation_round_trip() -> None:
     x = np.linspace(-2, 2, 101).astype(np.float32)
     back = dequantize_sum(quantize(x, 1.0, 16), 1, 1.0, 16)
     np.testing.assert_allclose(back, np.clip(x, -1, 1), atol=2 / (2**16 - 1))
+
+
+# -- SecAgg+: neighbourhoods instead of everyone
+
+
+def test_neighbour_graphs_are_regular_symmetric_and_shared() -> None:
+    from trustfed.secagg.protocol import neighbourhoods
+
+    ids = list(range(1, 21))
+    g = neighbourhoods(ids, 6, b"seed")
+    assert all(len(nb) == 6 and i not in nb for i, nb in g.items())
+    assert all(i in g[j] for i, nb in g.items() for j in nb)  # symmetric
+    assert g == neighbourhoods(list(reversed(ids)), 6, b"seed")  # the order ids come in does not matter
+    assert g != neighbourhoods(ids, 6, b"other seed")
+    assert neighbourhoods(ids, 19, b"seed") == {i: frozenset(set(ids) - {i}) for i in ids}
+
+
+def test_secagg_plus_sums_exactly_with_dropouts_and_shares_only_with_neighbours() -> None:
+    rng = np.random.default_rng(1)
+    n, k, dim = 16, 4, 64
+    params = SecAggParams(threshold=3, clip=1.0, bits=16, round=2, neighbours=k)
+    xs = {i: rng.uniform(-1, 1, size=dim).astype(np.float32) for i in range(1, n + 1)}
+    r = secure_sum(params, xs, drop_after_masking={3, 11})
+    assert r.survivors == sorted(set(xs) - {3, 11})
+    np.testing.assert_allclose(r.total, np.sum([xs[i] for i in r.survivors], axis=0), atol=n * 2 / (2**16 - 1))
+    # each client encrypts shares for its k neighbours only, so its cost grows with k, not n
+    clients = {i: SecAggClient(i, params) for i in xs}
+    roster = {i: c.advertise_keys() for i, c in clients.items()}
+    assert all(len(c.share_keys(roster)) == k for c in clients.values())
+
+
+def test_secagg_plus_refuses_a_thin_neighbourhood_and_bad_parameters() -> None:
+    from trustfed.secagg.protocol import TooFewParticipants
+
+    params = SecAggParams(threshold=4, bits=16, neighbours=4)
+    clients = {i: SecAggClient(i, params) for i in range(1, 11)}
+    server = SecAggServer(params, 8)
+    for i, c in clients.items():
+        server.receive_keys(i, c.advertise_keys())
+    roster = server.roster_for_clients()
+    for i, c in clients.items():
+        server.receive_shares(i, c.share_keys(roster))
+    lost = set(sorted(server.graph[1])[:2])  # two of participant 1's four neighbours vanish after masking
+    for i, c in clients.items():
+        y = c.masked_input(np.zeros(8, dtype=np.float32), server.inbox_for(i))
+        if i not in lost:
+            server.receive_masked(i, y)
+    assert len(server.survivors()) == 8  # plenty overall, but 1's neighbourhood keeps 3 of 5, threshold 4
+    with pytest.raises(TooFewParticipants, match="survivors in my neighbourhood, fewer than threshold 4"):
+        clients[1].unmask(server.survivors())
+    with pytest.raises(SecAggError, match="even"):
+        SecAggParams(threshold=2, neighbours=3).check(10)
+    with pytest.raises(SecAggError, match="neighbourhoods of 5"):
+        SecAggParams(threshold=6, neighbours=4).check(10)

@@ -82,11 +82,12 @@ class Lost(Exception):
     """The participant vanishes after computing its masked input (it is never delivered)."""
 
 
+@pytest.mark.parametrize("neighbours", [0, 2], ids=["secagg", "secagg+ (2 neighbours each)"])
 def test_a_participant_lost_after_masking_is_left_out_of_the_sum(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, neighbours: int
 ) -> None:
     ids = ["p000", "p001", "p002", "p003"]
-    r = raw(participants=4, rounds=1, step_timeout_s=3.0)
+    r = raw(participants=4, rounds=1, step_timeout_s=3.0, neighbours=neighbours)
     r["transport"] = {"linger_s": 1.0}
     fed = prepare(tmp_path, r, ids, round_timeout_s=60)
     cfg = load_federation_config(fed.federation_file)

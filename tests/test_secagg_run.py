@@ -155,3 +155,31 @@ def test_adaptive_clipping_is_refused_over_a_secure_sum() -> None:
     dp = {"mode": "central", "noise_multiplier": 1.0, "clipping": "adaptive"}
     with pytest.raises(ConfigError, match=r"privacy[.]clipping: secure aggregation gives the coordinator"):
         validate_federation_config(raw(privacy=dp))
+
+
+def test_secagg_plus_in_the_simulation_sums_the_survivors() -> None:
+    """Eight participants with four neighbours each, two lost after masking: exactly the mean of the six
+    survivors' deltas (which two were lost is the seeded draw; only one pair fits)."""
+    from itertools import combinations
+
+    from trustfed.core.codec import flatten
+    from trustfed.core.strategy import RoundPlan
+    from trustfed.simulation.federation import build_data, build_trainer, model_factory
+
+    seen = Seen()
+    r = raw(secagg={"enabled": True, "clip": 0.5, "bits": 24, "neighbours": 4, "threshold": 3, "dropout": 0.25})
+    r["federation"] = {**r["federation"], "participants": 8, "rounds": 1}
+    cfg = validate_federation_config(r)
+    res = run_simulation(cfg, observers=[seen])
+    assert [m["secagg_survivors"] for m in seen.metrics] == [6.0]
+    data = build_data(cfg)
+    p0 = flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())[0]
+    ids = [f"p{i:03d}" for i in range(8)]
+    plan = RoundPlan(1, tuple(ids), {})
+    deltas = {pid: build_trainer(cfg, data, pid).fit(p0.clone(), plan).params - p0 for pid in ids}
+    errs = {
+        lost: torch.max(torch.abs(p0 + torch.stack([deltas[p] for p in ids if p not in lost]).mean(0) - res.params))
+        for lost in combinations(ids, 2)
+    }
+    ranked = sorted(errs.values())
+    assert ranked[0].item() <= 6 * 2 * 0.5 / (2**24 - 1) * 4 and ranked[1].item() > 1e-4

@@ -47,7 +47,13 @@ def share_points(plan: RoundPlan) -> dict[str, int]:
 def round_params(settings: SecAggSettings, plan: RoundPlan) -> SecAggParams:
     """The protocol parameters both sides derive from the federation file and the signed plan."""
     n = len(plan.participants)
-    p = SecAggParams(threshold=settings.threshold_for(n), clip=settings.clip, bits=settings.bits, round=plan.round)
+    p = SecAggParams(
+        threshold=settings.threshold_for(n),
+        clip=settings.clip,
+        bits=settings.bits,
+        round=plan.round,
+        neighbours=settings.neighbours,
+    )
     p.check(n)
     return p
 
@@ -195,11 +201,12 @@ class SecAggRound:
             raise _refuse("not_a_survivor", f"{pid} is not a survivor of round {self.plan.round}")
         if done is not None:
             raise _refuse("duplicate", f"{pid} already sent other unmasking shares for round {self.plan.round}")
-        u3, u2 = set(self.srv.masked), set(self.srv.shared)
-        if set(self_mask) != u3 or set(key) != u2 - u3:
+        survivors, dropped = self.srv.expected_unmask(cid)
+        if set(self_mask) != survivors or set(key) != dropped:
             raise _refuse(
                 "bad_unmask",
-                f"unmasking shares of {pid} must cover exactly the survivors (self-mask) and the dropped (mask key)",
+                f"unmasking shares of {pid} must cover exactly the survivors (self-mask) and the dropped (mask key) "
+                "of its neighbourhood",
             )
         if any(len(s) != shamir.SHARE_BYTES for s in [*self_mask.values(), *key.values()]):
             raise _refuse("bad_unmask", f"unmasking shares of {pid}: every share must be {shamir.SHARE_BYTES} bytes")
@@ -257,6 +264,8 @@ class SecAggRound:
         if have < self.params.threshold:
             self.failed = f"{have} participant(s) completed the {step!r} step, threshold {self.params.threshold}"
             raise SecAggError(self.failed)
+        if step == "keys":
+            self.srv.roster_for_clients()  # fixes the neighbour graph (every participant derives the same one)
         self.step = STEPS[STEPS.index(step) + 1]
 
     def result(self) -> tuple[np.ndarray, list[str], int]:

@@ -746,7 +746,10 @@ class GrpcTransport:
         for what, who in late.items():
             if who:
                 log.warning("round %d: no secure-aggregation %s from %s", plan.round, what, ", ".join(sorted(who)))
-        total, survivors, examples = sa.result()  # the steps are closed: nothing changes sa any more
+        try:
+            total, survivors, examples = sa.result()  # the steps are closed: nothing changes sa any more
+        except SecAggError as exc:  # e.g. a neighbourhood with too few unmasking shares
+            raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None
         self.secagg_survivors[plan.round] = tuple(survivors)
         mean = torch.from_numpy(total / len(survivors))
         dropped = len(selected) - len(survivors)

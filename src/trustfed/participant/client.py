@@ -38,7 +38,7 @@ from trustfed.ledger.participant import (
 from trustfed.participant.settings import ParticipantConfig
 from trustfed.participant.trainer import Trainer
 from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
-from trustfed.secagg.protocol import SecAggError
+from trustfed.secagg.protocol import SecAggError, TooFewParticipants
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport import federation_pb2_grpc as pb_grpc
@@ -414,6 +414,8 @@ class ParticipantClient:
         assert self.secagg is not None
         try:
             SecAggParticipant(self, self.secagg, rp).run(params, update)
+        except TooFewParticipants as exc:  # others dropped out: nobody misbehaved, sit this round out
+            raise RoundGone(f"round {rp.round}: {exc}") from None
         except SecAggError as exc:
             log.error("participant %s refuses round %d and leaves: %s", self.pid, rp.round, exc)
             self.refusal = str(exc)

@@ -1,4 +1,5 @@
-"""Secure aggregation: sans-I/O client and server state machines (pairwise masks, Shamir shares)."""
+"""Secure aggregation (SecAgg, SecAgg+): sans-I/O client and server state machines (pairwise masks,
+Shamir shares)."""
 
 from trustfed.secagg.protocol import (
     PublicKeys,
@@ -7,6 +8,7 @@ from trustfed.secagg.protocol import (
     SecAggParams,
     SecAggServer,
     SecureSum,
+    TooFewParticipants,
     UnmaskShares,
     dequantize_sum,
     quantize,
@@ -20,6 +22,7 @@ __all__ = [
     "SecAggParams",
     "SecAggServer",
     "SecureSum",
+    "TooFewParticipants",
     "UnmaskShares",
     "dequantize_sum",
     "quantize",

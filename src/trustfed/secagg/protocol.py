@@ -1,4 +1,5 @@
-"""Secure aggregation (Bonawitz et al., CCS 2017) as sans-I/O state machines.
+"""Secure aggregation (Bonawitz et al., CCS 2017) and SecAgg+ (Bell et al., CCS 2020) as sans-I/O
+state machines.
 
 The server learns only the sum of the participants' vectors, even when some of them drop out
 after sending their masked input. Each step of :class:`SecAggClient` takes the message the
@@ -12,12 +13,19 @@ could make it reveal both secrets protecting one participant's input.
 
 Vectors are clipped to [-clip, clip] and quantised to ``bits`` bits; sums are computed modulo
 2**32, so ``n_participants * (2**bits - 1)`` must stay below 2**32.
+
+With ``neighbours = k`` (SecAgg+), each participant agrees masks with, and secret-shares its seeds
+among, only its k neighbours in a k-regular graph (a Harary graph over a permutation that every
+party derives from the roster's public keys and the round), so its cost grows with k, not with the
+number of participants; ``threshold`` then counts within a participant's neighbourhood (itself and
+its k neighbours). ``neighbours = 0`` is the complete graph: the original protocol.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,16 +45,30 @@ class SecAggError(TrustFedError):
     """A secure-aggregation step was refused: the message or the server's request is unsafe."""
 
 
+class TooFewParticipants(SecAggError):
+    """Fewer than ``threshold`` are left (in the roster or a neighbourhood): the round cannot go on
+    safely, but nobody misbehaved (participants dropped out)."""
+
+
 @dataclass(frozen=True)
 class SecAggParams:
     threshold: int
     clip: float = 1.0
     bits: int = 20
     round: int = 0
+    neighbours: int = 0  # SecAgg+: each participant's neighbours (even; 0: everyone, the original protocol)
+
+    def degree(self, n: int) -> int:
+        """The neighbours each of ``n`` participants has: ``neighbours``, or everyone else."""
+        return n - 1 if self.neighbours == 0 or self.neighbours >= n - 1 else self.neighbours
 
     def check(self, n: int) -> None:
-        if not 2 <= self.threshold <= n:
-            raise SecAggError(f"threshold {self.threshold} must be in 2..{n} for {n} participants")
+        if self.neighbours < 0 or self.neighbours % 2:
+            raise SecAggError(f"neighbours must be 0 or a positive even number, got {self.neighbours}")
+        size = self.degree(n) + 1
+        if not 2 <= self.threshold <= size:
+            what = f"{n} participants" if size == n else f"neighbourhoods of {size} (itself and {size - 1} neighbours)"
+            raise SecAggError(f"threshold {self.threshold} must be in 2..{size} for {what}")
         if self.clip <= 0 or not 1 <= self.bits <= 31:
             raise SecAggError("need clip > 0 and 1 <= bits <= 31")
         if n * (2**self.bits - 1) >= 2**MOD_BITS:
@@ -97,6 +119,26 @@ def dequantize_sum(s: np.ndarray, n: int, clip: float, bits: int) -> np.ndarray:
     return out
 
 
+def graph_seed(roster: Mapping[int, PublicKeys], rnd: int) -> bytes:
+    """The public seed of a round's neighbour graph: the round and every roster key."""
+    h = hashlib.sha256(f"trustfed-secagg-graph:{rnd}".encode())
+    for cid in sorted(roster):
+        h.update(cid.to_bytes(8, "big") + roster[cid].cipher_pk + roster[cid].mask_pk)
+    return h.digest()
+
+
+def neighbourhoods(ids: Sequence[int], degree: int, seed: bytes) -> dict[int, frozenset[int]]:
+    """Each id's neighbours: the complete graph when ``degree >= len(ids) - 1``, else a Harary graph
+    (each node joined to the ``degree / 2`` nearest on either side of a ring) over a permutation of
+    ``ids`` drawn from ``seed``: k-regular and k-connected."""
+    ids = sorted(ids)
+    if degree >= len(ids) - 1:
+        return {i: frozenset(j for j in ids if j != i) for i in ids}
+    ring = sorted(ids, key=lambda i: hashlib.sha256(seed + i.to_bytes(8, "big")).digest())
+    n, half = len(ring), degree // 2
+    return {ring[a]: frozenset(ring[(a + d) % n] for d in range(-half, half + 1) if d != 0) for a in range(n)}
+
+
 def _pair_info(rnd: int, a: int, b: int) -> bytes:
     lo, hi = sorted((a, b))
     return f"trustfed-secagg-mask:{rnd}:{lo}:{hi}".encode()
@@ -119,6 +161,7 @@ class SecAggClient:
         self._self_seed = os.urandom(32)
         self.keys = PublicKeys(_raw_pk(self._cipher_sk), _raw_pk(self._mask_sk))
         self._roster: dict[int, PublicKeys] = {}
+        self._nbrs: frozenset[int] = frozenset()
         self._u2: frozenset[int] = frozenset()
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (self-mask share, key share) for me
         self._unmasked = False
@@ -132,13 +175,15 @@ class SecAggClient:
         if roster.get(self.cid) != self.keys:
             raise SecAggError(f"participant {self.cid}: the roster does not carry my own keys")
         if len(roster) < self.p.threshold:
-            raise SecAggError(f"roster has {len(roster)} participants, fewer than threshold {self.p.threshold}")
+            raise TooFewParticipants(f"roster has {len(roster)} participants, fewer than threshold {self.p.threshold}")
         pks = [k.cipher_pk for k in roster.values()] + [k.mask_pk for k in roster.values()]
         if len(set(pks)) != len(pks):
             raise SecAggError("roster repeats a public key")
         self.p.check(len(roster))
         self._roster = dict(roster)
-        xs = sorted(roster)
+        graph = neighbourhoods(list(roster), self.p.degree(len(roster)), graph_seed(roster, self.p.round))
+        self._nbrs = graph[self.cid]
+        xs = sorted(self._nbrs | {self.cid})  # my secrets are shared within my neighbourhood only
         b_shares = shamir.split(self._self_seed, self.p.threshold, xs)
         k_shares = shamir.split(_raw_sk(self._mask_sk), self.p.threshold, xs)
         out = {}
@@ -156,10 +201,12 @@ class SecAggClient:
     def masked_input(self, x: np.ndarray, inbox: Mapping[int, bytes]) -> np.ndarray:
         """``inbox``: the encrypted shares other participants sent me (sender -> ciphertext)."""
         u2 = frozenset(inbox) | {self.cid}
-        if not u2 <= set(self._roster):
-            raise SecAggError("shares arrived from participants not in the roster")
+        if not u2 <= self._nbrs | {self.cid}:
+            raise SecAggError("shares arrived from participants that are not my neighbours in the roster")
         if len(u2) < self.p.threshold:
-            raise SecAggError(f"only {len(u2)} participants shared keys, fewer than threshold {self.p.threshold}")
+            raise TooFewParticipants(
+                f"only {len(u2)} of my neighbourhood shared keys, fewer than threshold {self.p.threshold}"
+            )
         for u, ct in inbox.items():
             key = _agree(self._cipher_sk, self._roster[u].cipher_pk, b"trustfed-secagg-enc")
             try:
@@ -181,15 +228,20 @@ class SecAggClient:
 
     # step 3
     def unmask(self, survivors: Iterable[int]) -> UnmaskShares:
-        u3 = frozenset(survivors)
+        everyone = frozenset(survivors)
+        u3 = everyone & self._u2  # the survivors in my neighbourhood (those I hold shares of)
         if self._unmasked:
             raise SecAggError("asked to unmask twice; refusing (it could reveal both secrets of a participant)")
-        if not u3 <= self._u2:
-            raise SecAggError("the survivor set names participants that never shared keys")
+        if not everyone <= set(self._roster):
+            raise SecAggError("the survivor set names participants that are not in the roster")
+        if not everyone & (self._nbrs | {self.cid}) <= self._u2:
+            raise SecAggError("the survivor set names neighbours that never shared keys with me")
         if self.cid not in u3:
             raise SecAggError("the survivor set does not include me")
         if len(u3) < self.p.threshold:
-            raise SecAggError(f"only {len(u3)} survivors, fewer than threshold {self.p.threshold}")
+            raise TooFewParticipants(
+                f"only {len(u3)} survivors in my neighbourhood, fewer than threshold {self.p.threshold}"
+            )
         self._unmasked = True
         b = {u: shamir.share_to_bytes(self._held[u][0]) for u in sorted(u3)}
         k = {u: shamir.share_to_bytes(self._held[u][1]) for u in sorted(self._u2 - u3)}
@@ -206,21 +258,33 @@ class SecAggServer:
         self.shared: dict[int, dict[int, bytes]] = {}
         self.masked: dict[int, np.ndarray] = {}
         self.unmask_answers: dict[int, UnmaskShares] = {}
+        self.graph: dict[int, frozenset[int]] = {}
 
     def receive_keys(self, cid: int, keys: PublicKeys) -> None:
         self.roster[cid] = keys
 
     def roster_for_clients(self) -> dict[int, PublicKeys]:
+        """Close the roster: the neighbour graph follows from it (every client derives the same one)."""
         self.p.check(len(self.roster))
+        self.graph = neighbourhoods(
+            list(self.roster), self.p.degree(len(self.roster)), graph_seed(self.roster, self.p.round)
+        )
         return dict(self.roster)
 
     def receive_shares(self, cid: int, ciphertexts: Mapping[int, bytes]) -> None:
-        if cid not in self.roster or set(ciphertexts) != set(self.roster) - {cid}:
+        if cid not in self.graph or set(ciphertexts) != self.graph[cid]:
             raise SecAggError(f"participant {cid} sent shares for the wrong set of recipients")
         self.shared[cid] = dict(ciphertexts)
 
+    def expected_unmask(self, cid: int) -> tuple[set[int], set[int]]:
+        """Whose self-mask shares and whose mask-key shares survivor ``cid`` must send: the survivors and
+        the participants that dropped after sharing, among its neighbourhood (itself included)."""
+        u2 = {u for u in self.graph.get(cid, frozenset()) if u in self.shared} | {cid}
+        u3 = {u for u in u2 if u in self.masked}
+        return u3, u2 - u3
+
     def inbox_for(self, cid: int) -> dict[int, bytes]:
-        return {u: cts[cid] for u, cts in self.shared.items() if u != cid}
+        return {u: cts[cid] for u, cts in self.shared.items() if cid in cts}
 
     def receive_masked(self, cid: int, y: np.ndarray) -> None:
         if cid not in self.shared:
@@ -244,18 +308,31 @@ class SecAggServer:
         for cid in u3:
             total += self.masked[cid]
         for u in u3:
-            shares = {v: shamir.share_from_bytes(a.self_mask_shares[u]) for v, a in self.unmask_answers.items()}
+            shares = self._shares_of(u, "self_mask_shares")
             total -= prg(shamir.combine(shares, self.p.threshold), self.dim)
         for u in sorted(set(self.shared) - set(u3)):
-            shares = {v: shamir.share_from_bytes(a.key_shares[u]) for v, a in self.unmask_answers.items()}
+            shares = self._shares_of(u, "key_shares")
             sk = X25519PrivateKey.from_private_bytes(shamir.combine(shares, self.p.threshold))
-            for v in u3:
+            for v in sorted(self.graph[u] & set(u3)):  # the survivors that masked with u
                 seed = _agree(sk, self.roster[v].mask_pk, _pair_info(self.p.round, u, v))
                 if v < u:
                     total -= prg(seed, self.dim)
                 else:
                     total += prg(seed, self.dim)
         return dequantize_sum(total, len(u3), self.p.clip, self.p.bits), u3
+
+    def _shares_of(self, u: int, kind: str) -> dict[int, int]:
+        shares = {
+            v: shamir.share_from_bytes(getattr(a, kind)[u])
+            for v, a in self.unmask_answers.items()
+            if u in getattr(a, kind)
+        }
+        if len(shares) < self.p.threshold:
+            what = "self-mask seed" if kind == "self_mask_shares" else "mask key"
+            raise SecAggError(
+                f"only {len(shares)} shares of participant {u}'s {what} arrived, threshold {self.p.threshold}"
+            )
+        return shares
 
 
 @dataclass(frozen=True)

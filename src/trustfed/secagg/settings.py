@@ -19,10 +19,15 @@ class SecAggSettings(BaseModel):
     bits: int = Field(20, ge=1, le=31, description="quantisation bits per coordinate")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="simulated share of participants lost after masking")
     seed: int = Field(0, ge=0, description="chooses who drops out")
+    neighbours: int = Field(
+        0, ge=0, multiple_of=2, description="SecAgg+: neighbours per participant (even; 0: everyone, plain SecAgg)"
+    )
     step_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="over gRPC: how long the coordinator waits for each step after the keys"
     )
 
     def threshold_for(self, n: int) -> int:
-        """Shares needed to unmask in a round of ``n`` selected participants (each side computes it)."""
-        return self.threshold or max(2, math.ceil(2 * n / 3))
+        """Shares needed to unmask in a round of ``n`` selected participants (each side computes it): two
+        thirds of a participant's neighbourhood (everyone, or itself and its neighbours) unless set."""
+        size = n if self.neighbours == 0 or self.neighbours >= n - 1 else self.neighbours + 1
+        return self.threshold or max(2, math.ceil(2 * size / 3))

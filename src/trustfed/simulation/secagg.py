@@ -54,7 +54,9 @@ class SecAggTransport:
         updates: list[Update] = self.inner.fit(plan, params)  # type: ignore[attr-defined]
         s = self.settings
         n = len(updates)
-        p = SecAggParams(threshold=s.threshold_for(n), clip=s.clip, bits=s.bits, round=plan.round)
+        p = SecAggParams(
+            threshold=s.threshold_for(n), clip=s.clip, bits=s.bits, round=plan.round, neighbours=s.neighbours
+        )
         p.check(n)
         ids = {u.participant_id: i + 1 for i, u in enumerate(sorted(updates, key=lambda u: u.participant_id))}
         c = central_clip(dict(plan.config))  # central DP: each participant clips its own delta first
