@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustfed.secagg import (
+    PublicKeys,
     SecAggClient,
     SecAggError,
     SecAggParams,
@@ -48,13 +49,17 @@ def test_too_many_dropouts_refused() -> None:
         run(4, 3, 10, drop_after_masking={1, 2}, drop_before_sharing=set())
 
 
-def _setup(n: int = 4, t: int = 3) -> tuple[dict[int, SecAggClient], SecAggServer]:
-    params = SecAggParams(threshold=t, bits=16)
+def _keyed(params: SecAggParams, n: int) -> tuple[dict[int, SecAggClient], SecAggServer, dict[int, PublicKeys]]:
+    """Clients 1..n with their keys at the server, and the closed roster."""
     clients = {i: SecAggClient(i, params) for i in range(1, n + 1)}
     server = SecAggServer(params, 8)
     for i, c in clients.items():
         server.receive_keys(i, c.advertise_keys())
-    roster = server.roster_for_clients()
+    return clients, server, server.roster_for_clients()
+
+
+def _setup(n: int = 4, t: int = 3) -> tuple[dict[int, SecAggClient], SecAggServer]:
+    clients, server, roster = _keyed(SecAggParams(threshold=t, bits=16), n)
     for i, c in clients.items():
         server.receive_shares(i, c.share_keys(roster))
     for i, c in clients.items():
@@ -77,12 +82,7 @@ def test_clients_refuse_unsafe_server_requests() -> None:
 
 
 def test_a_survivor_set_naming_one_that_never_shared_is_refused() -> None:
-    params = SecAggParams(threshold=3, bits=16)
-    clients = {i: SecAggClient(i, params) for i in range(1, 5)}
-    server = SecAggServer(params, 8)
-    for i, c in clients.items():
-        server.receive_keys(i, c.advertise_keys())
-    roster = server.roster_for_clients()
+    clients, server, roster = _keyed(SecAggParams(threshold=3, bits=16), 4)
     for i in (1, 2, 3):  # 4 stops before sharing
         server.receive_shares(i, clients[i].share_keys(roster))
     for i in (1, 2, 3):
@@ -168,12 +168,7 @@ def test_secagg_plus_sums_exactly_with_dropouts_and_shares_only_with_neighbours(
 def test_secagg_plus_refuses_a_thin_neighbourhood_and_bad_parameters() -> None:
     from trustfed.secagg.protocol import TooFewParticipants
 
-    params = SecAggParams(threshold=4, bits=16, neighbours=4)
-    clients = {i: SecAggClient(i, params) for i in range(1, 11)}
-    server = SecAggServer(params, 8)
-    for i, c in clients.items():
-        server.receive_keys(i, c.advertise_keys())
-    roster = server.roster_for_clients()
+    clients, server, roster = _keyed(SecAggParams(threshold=4, bits=16, neighbours=4), 10)
     for i, c in clients.items():
         server.receive_shares(i, c.share_keys(roster))
     lost = set(sorted(server.graph[1])[:2])  # two of participant 1's four neighbours vanish after masking
