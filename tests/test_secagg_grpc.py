@@ -212,6 +212,36 @@ def test_keys_from_another_session_are_refused(federation: Any) -> None:
         fresh.check_roster(reply)
 
 
+def test_different_survivor_sets_for_different_participants_are_caught(federation: Any) -> None:
+    """The consistency check: every survivor signs the set it was shown; a participant unmasks only when
+    threshold survivors signed exactly its own set."""
+    from trustfed.secagg.protocol import TooFewParticipants
+
+    rp = _plan()
+    sides, _ = _roster(federation, rp)  # p000, p001, p002 at share points 1, 2, 3; threshold 2
+
+    def copies(*sets: list[int]) -> pb.SecAggReply:
+        reply = pb.SecAggReply(round=1, step=pb.SECAGG_CONSISTENCY, ready=True, session="s1")
+        reply.consistency.extend(side.sign_survivors(s) for side, s in zip(sides, sets, strict=False))
+        return reply
+
+    sides[0].check_consistency([1, 2, 3], copies([1, 2, 3], [1, 2, 3], [1, 2, 3]))  # all saw the same set
+    with pytest.raises(SecAggError, match="another survivor set"):  # p001 was told 3 had dropped
+        sides[0].check_consistency([1, 2, 3], copies([1, 2, 3], [1, 2]))
+    with pytest.raises(TooFewParticipants, match="1 survivor"):
+        sides[0].check_consistency([1, 2, 3], copies([1, 2, 3]))
+    with pytest.raises(SecAggError, match="my own copy"):
+        reply = copies([1, 2, 3], [1, 2, 3], [1, 2, 3])
+        del reply.consistency[0]
+        sides[0].check_consistency([1, 2, 3], reply)
+    reply = copies([1, 2, 3], [1, 2, 3])
+    body = pb.SecAggSurvivors.FromString(reply.consistency[1].body)
+    body.survivors[:] = [1, 2]  # the coordinator edits a copy: its signature no longer holds
+    reply.consistency[1].body = body.SerializeToString()
+    with pytest.raises(SecAggError, match="does not verify"):
+        sides[0].check_consistency([1, 2, 3], reply)
+
+
 def test_the_coordinator_refuses_out_of_order_and_malformed_steps(federation: Any) -> None:
     rp = _plan()
     sides, reply = _roster(federation, rp)

@@ -1,7 +1,7 @@
 """Secure aggregation over gRPC, the coordinator's side of one round.
 
-The coordinator relays the four steps of :mod:`trustfed.secagg.protocol` and recovers the sum of
-the survivors' clipped deltas, never one participant's update:
+The coordinator relays the steps of :mod:`trustfed.secagg.protocol`, plus a consistency check,
+and recovers the sum of the survivors' clipped deltas, never one participant's update:
 
 1. keys: each selected participant, after training, sends a key advertisement *it* signed (its
    certificate attached, bound to the round, the coordinator session and the model hash); the
@@ -11,7 +11,11 @@ the survivors' clipped deltas, never one participant's update:
    back its inbox, the ciphertexts addressed to it;
 3. masked input: each uploads its masked vector (uint32 per parameter) by ``UploadUpdate``; the
    coordinator signs the set of participants whose masked inputs arrived (the survivors);
-4. unmask: survivors send the shares that remove the survivors' self-masks and the dropped
+4. consistency: each survivor signs the survivor set it was given and the coordinator relays
+   every copy; a survivor goes on only when ``threshold`` survivors signed the same set, so a
+   coordinator cannot show different sets to different participants (the check of the
+   malicious-server protocol, with the federation's PKI as the signature scheme);
+5. unmask: survivors send the shares that remove the survivors' self-masks and the dropped
    participants' pairwise masks; any ``threshold`` of them recover the sum.
 
 A step closes when everyone expected has sent it or its deadline passes (the keys wait for the
@@ -36,7 +40,7 @@ from trustfed.transport.errors import MessageRejected
 X25519_BYTES = 32
 SHARE_CIPHERTEXT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16  # nonce, two shares, GCM tag
 
-STEPS = ("keys", "shares", "masked", "unmask", "done")
+STEPS = ("keys", "shares", "masked", "consistency", "unmask", "done")
 
 
 def share_points(plan: RoundPlan) -> dict[str, int]:
@@ -75,6 +79,7 @@ class SecAggRound:
     server: SecAggServer | None = None
     keys: dict[int, pb.SignedMessage] = field(default_factory=dict)  # as each participant signed them
     examples: dict[int, int] = field(default_factory=dict)
+    consistency: dict[int, pb.SignedMessage] = field(default_factory=dict)  # survivors' signed survivor sets
     failed: str | None = None
 
     @classmethod
@@ -104,6 +109,9 @@ class SecAggRound:
 
     def masked_ids(self) -> set[str]:
         return {self.pid_of(c) for c in self.srv.masked}
+
+    def consistent_ids(self) -> set[str]:
+        return {self.pid_of(c) for c in self.consistency}
 
     def unmasked_ids(self) -> set[str]:
         return {self.pid_of(c) for c in self.srv.unmask_answers}
@@ -191,14 +199,35 @@ class SecAggRound:
             raise _refuse("bad_masked_input", str(exc)) from None
         self.examples[cid] = num_examples
 
+    def submit_consistency(self, pid: str, signed: pb.SignedMessage, body: pb.SecAggSurvivors) -> bool:
+        cid = self.index.get(pid, 0)
+        if self.failed is None and self.consistency.get(cid, None) == signed:
+            return False
+        cid = self._expect("consistency", pid, f"the survivor set signed by {pid}")
+        if cid not in self.srv.masked:
+            raise _refuse("not_a_survivor", f"{pid} is not a survivor of round {self.plan.round}")
+        if cid in self.consistency:
+            raise _refuse("duplicate", f"{pid} already signed another survivor set for round {self.plan.round}")
+        wrong = {
+            "round": body.round != self.plan.round,
+            "participant_id": body.participant_id != pid,
+            "session": body.session != self.session,
+            "survivors": list(body.survivors) != sorted(self.srv.masked),
+        }
+        bad = [k for k, v in wrong.items() if v]
+        if bad:
+            raise _refuse("bad_consistency", f"survivor set signed by {pid}: wrong {', '.join(bad)}")
+        self.consistency[cid] = signed
+        return True
+
     def submit_unmask(self, pid: str, self_mask: dict[int, bytes], key: dict[int, bytes]) -> bool:
         cid = self.index.get(pid, 0)
         done = self.srv.unmask_answers.get(cid)
         if done is not None and done == UnmaskShares(self_mask, key) and self.failed is None:
             return False
         cid = self._expect("unmask", pid, f"unmasking shares of {pid}")
-        if cid not in self.srv.masked:
-            raise _refuse("not_a_survivor", f"{pid} is not a survivor of round {self.plan.round}")
+        if cid not in self.consistency:
+            raise _refuse("not_a_survivor", f"{pid} did not sign the survivor set of round {self.plan.round}")
         if done is not None:
             raise _refuse("duplicate", f"{pid} already sent other unmasking shares for round {self.plan.round}")
         survivors, dropped = self.srv.expected_unmask(cid)
@@ -240,9 +269,15 @@ class SecAggRound:
         elif step == pb.SECAGG_SURVIVORS:
             if cid not in self.srv.shared:
                 raise _refuse("not_in_roster", f"{pid} did not share keys in round {self.plan.round}")
-            if at < STEPS.index("unmask"):
+            if at < STEPS.index("consistency"):
                 return None
             out.survivors.extend(sorted(self.srv.masked))
+        elif step == pb.SECAGG_CONSISTENCY:
+            if cid not in self.consistency:
+                raise _refuse("not_submitted", f"{pid} asks for the others' survivor sets without signing its own")
+            if at < STEPS.index("unmask"):
+                return None
+            out.consistency.extend(self.consistency[c] for c in sorted(self.consistency))
         elif step == pb.SECAGG_UNMASK:
             if cid not in self.srv.unmask_answers:
                 raise _refuse("not_submitted", f"{pid} asks about unmasking without sending its shares")
@@ -259,6 +294,7 @@ class SecAggRound:
             "keys": len(self.srv.roster),
             "shares": len(self.srv.shared),
             "masked": len(self.srv.masked),
+            "consistency": len(self.consistency),
             "unmask": len(self.srv.unmask_answers),
         }[step]
         if have < self.params.threshold:

@@ -456,6 +456,18 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         log.info("round %d: accepted the masked input of %s", h.round, pid)
         return self._ack(h.round, True, "masked input accepted")
 
+    def _relayed(self, context: grpc.ServicerContext, msg: pb.SignedMessage, msg_type: str, pid: str) -> bytes:
+        """A message the participant signed for its peers (the coordinator relays it unchanged): its own."""
+        try:
+            v = self.verifier.verify_relayed(msg, expected_type=msg_type, role="participant")
+        except MessageRejected as exc:
+            self._refuse(context, exc, "SecAgg")
+        if v.identity.name != pid:
+            self._reject(
+                context, "SecAgg", pid, "sender_mismatch", f"{msg_type} signed by {v.identity.name!r}, sent by {pid!r}"
+            )
+        return v.body
+
     def SecAgg(self, request: pb.SignedMessage, context: grpc.ServicerContext) -> pb.SignedMessage:
         """One secure-aggregation step: store what the participant submits, then long-poll for the
         step's outcome (the roster, its inbox, the survivors, or the acknowledgement of its shares)."""
@@ -475,16 +487,11 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         if max(len(req.shares), len(req.self_mask_shares), len(req.key_shares)) > cap:
             self._reject(context, rpc, pid, "too_large", f"more than {cap} entries in one secure-aggregation map")
         keys: pb.SecAggKeys | None = None
+        seen: pb.SecAggSurvivors | None = None
         if req.step == pb.SECAGG_KEYS and req.HasField("keys"):
-            try:  # signed by the participant itself, for its peers: the coordinator relays it unchanged
-                kv = self.verifier.verify_relayed(req.keys, expected_type="secagg_keys", role="participant")
-            except MessageRejected as exc:
-                self._refuse(context, exc, rpc)
-            if kv.identity.name != pid:
-                self._reject(
-                    context, rpc, pid, "sender_mismatch", f"keys signed by {kv.identity.name!r}, sent by {pid!r}"
-                )
-            keys = pb.SecAggKeys.FromString(kv.body)
+            keys = pb.SecAggKeys.FromString(self._relayed(context, req.keys, "secagg_keys", pid))
+        if req.step == pb.SECAGG_CONSISTENCY and req.HasField("survivors_signed"):
+            seen = pb.SecAggSurvivors.FromString(self._relayed(context, req.survivors_signed, "secagg_survivors", pid))
         deadline = time.monotonic() + min(req.wait_ms / 1000, MAX_POLL_S)
         b = self.board
         with b.cond:
@@ -492,6 +499,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 sa = self._secagg_state(req.round)
                 if keys is not None:
                     sa.submit_keys(pid, req.keys, keys)
+                elif seen is not None:
+                    sa.submit_consistency(pid, req.survivors_signed, seen)
                 elif req.step == pb.SECAGG_SHARES and req.shares:
                     sa.submit_shares(pid, dict(req.shares))
                 elif req.step == pb.SECAGG_UNMASK and (req.self_mask_shares or req.key_shares):
@@ -731,7 +740,10 @@ class GrpcTransport:
                 self._wait(open_round, lambda: sa.shared_ids() <= sa.masked_ids(), time.time() + step_s)
                 sa.close("masked")
                 b.cond.notify_all()
-                self._wait(open_round, lambda: sa.masked_ids() <= sa.unmasked_ids(), time.time() + step_s)
+                self._wait(open_round, lambda: sa.masked_ids() <= sa.consistent_ids(), time.time() + step_s)
+                sa.close("consistency")
+                b.cond.notify_all()
+                self._wait(open_round, lambda: sa.consistent_ids() <= sa.unmasked_ids(), time.time() + step_s)
                 sa.close("unmask")
             except SecAggError as exc:
                 raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None

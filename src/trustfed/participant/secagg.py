@@ -21,7 +21,7 @@ import torch
 
 from trustfed.coordinator.secagg import round_params, share_points
 from trustfed.core.strategy import Update
-from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError
+from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError, TooFewParticipants
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.secagg.updates import central_clip, clip_delta
 from trustfed.transport import federation_pb2 as pb
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trustfed.participant.secagg")
 
 _STEP_NAMES = {
+    pb.SECAGG_CONSISTENCY: "survivor-set copies",
     pb.SECAGG_KEYS: "roster",
     pb.SECAGG_SHARES: "inbox",
     pb.SECAGG_SURVIVORS: "survivors",
@@ -70,6 +71,9 @@ class SecAggParticipant:
         if self.me not in survivors:
             log.warning("participant %s: round %d went on without my masked input", self.client.pid, rnd)
             return False
+        self.check_consistency(
+            survivors, self.step(pb.SECAGG_CONSISTENCY, survivors_signed=self.sign_survivors(survivors))
+        )
         answer = self.protocol.unmask(survivors)
         self.step(pb.SECAGG_UNMASK, self_mask_shares=answer.self_mask_shares, key_shares=answer.key_shares)
         log.info(
@@ -123,6 +127,42 @@ class SecAggParticipant:
             out[body.index] = PublicKeys(bytes(body.cipher_pk), bytes(body.mask_pk))
         return out
 
+    def sign_survivors(self, survivors: list[int]) -> pb.SignedMessage:
+        body = pb.SecAggSurvivors(
+            round=self.rp.round, participant_id=self.client.pid, session=self.session, survivors=sorted(survivors)
+        )
+        return self.client.relay_signer.sign("secagg_survivors", self.rp.round, body.SerializeToString())
+
+    def check_consistency(self, survivors: list[int], reply: pb.SecAggReply) -> None:
+        """Before unmasking: at least ``threshold`` survivors signed exactly the set I was given (each copy
+        verified against the CA), so the coordinator did not show different sets to different participants."""
+        mine = sorted(survivors)
+        signers: set[int] = set()
+        for entry in reply.consistency:
+            try:
+                v = self.client.verifier.verify_relayed(entry, expected_type="secagg_survivors", role="participant")
+            except MessageRejected as exc:
+                raise SecAggError(f"round {self.rp.round}: a survivor set copy does not verify: {exc.detail}") from None
+            body = pb.SecAggSurvivors.FromString(v.body)
+            who = v.identity.name
+            if body.participant_id != who or body.round != self.rp.round or body.session != self.session:
+                raise SecAggError(f"round {self.rp.round}: the survivor set signed by {who} is for another round")
+            if list(body.survivors) != mine:
+                raise SecAggError(
+                    f"round {self.rp.round}: {who} was shown another survivor set than I was "
+                    f"({list(body.survivors)} vs {mine}); refusing to unmask"
+                )
+            if self.index.get(who) not in mine:
+                raise SecAggError(f"round {self.rp.round}: {who} signed the survivor set but is not a survivor")
+            signers.add(self.index[who])
+        if self.me not in signers:
+            raise SecAggError(f"round {self.rp.round}: the coordinator left my own copy of the survivor set out")
+        if len(signers) < self.params.threshold:  # survivors went away between the steps: nobody misbehaved
+            raise TooFewParticipants(
+                f"round {self.rp.round}: {len(signers)} survivor(s) confirmed the survivor set, threshold "
+                f"{self.params.threshold}"
+            )
+
     def upload_masked(self, y: np.ndarray, num_examples: int) -> None:
         """The masked input by the usual upload stream, flagged as masked (no metrics: nothing in the clear)."""
         payload = y.astype("<u4").tobytes()
@@ -153,6 +193,7 @@ class SecAggParticipant:
         step: pb.SecAggStep,
         *,
         keys: pb.SignedMessage | None = None,
+        survivors_signed: pb.SignedMessage | None = None,
         shares: dict[int, bytes] | None = None,
         self_mask_shares: dict[int, bytes] | None = None,
         key_shares: dict[int, bytes] | None = None,
@@ -163,6 +204,8 @@ class SecAggParticipant:
         req = pb.SecAggRequest(round=rnd, step=step, wait_ms=c.cfg.retry.poll_wait_ms)
         if keys is not None:
             req.keys.CopyFrom(keys)
+        if survivors_signed is not None:
+            req.survivors_signed.CopyFrom(survivors_signed)
         for field, values in (("shares", shares), ("self_mask_shares", self_mask_shares), ("key_shares", key_shares)):
             for k, data in (values or {}).items():
                 getattr(req, field)[k] = data

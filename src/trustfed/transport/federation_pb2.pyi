@@ -21,6 +21,7 @@ class SecAggStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SECAGG_SHARES: _ClassVar[SecAggStep]
     SECAGG_SURVIVORS: _ClassVar[SecAggStep]
     SECAGG_UNMASK: _ClassVar[SecAggStep]
+    SECAGG_CONSISTENCY: _ClassVar[SecAggStep]
 PLAN_STATUS_UNSPECIFIED: PlanStatus
 WAIT: PlanStatus
 TRAIN: PlanStatus
@@ -30,6 +31,7 @@ SECAGG_KEYS: SecAggStep
 SECAGG_SHARES: SecAggStep
 SECAGG_SURVIVORS: SecAggStep
 SECAGG_UNMASK: SecAggStep
+SECAGG_CONSISTENCY: SecAggStep
 
 class Envelope(_message.Message):
     __slots__ = ("msg_type", "round", "sender_id", "nonce", "timestamp_ms", "body_sha256", "signature", "signer_cert")
@@ -242,8 +244,20 @@ class SecAggKeys(_message.Message):
     model_hash: str
     def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., index: _Optional[int] = ..., cipher_pk: _Optional[bytes] = ..., mask_pk: _Optional[bytes] = ..., session: _Optional[str] = ..., model_hash: _Optional[str] = ...) -> None: ...
 
+class SecAggSurvivors(_message.Message):
+    __slots__ = ("round", "participant_id", "session", "survivors")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    participant_id: str
+    session: str
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., session: _Optional[str] = ..., survivors: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class SecAggRequest(_message.Message):
-    __slots__ = ("round", "step", "wait_ms", "keys", "shares", "self_mask_shares", "key_shares")
+    __slots__ = ("round", "step", "wait_ms", "keys", "shares", "self_mask_shares", "key_shares", "survivors_signed")
     class SharesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +286,7 @@ class SecAggRequest(_message.Message):
     SHARES_FIELD_NUMBER: _ClassVar[int]
     SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
     KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_SIGNED_FIELD_NUMBER: _ClassVar[int]
     round: int
     step: SecAggStep
     wait_ms: int
@@ -279,10 +294,11 @@ class SecAggRequest(_message.Message):
     shares: _containers.ScalarMap[int, bytes]
     self_mask_shares: _containers.ScalarMap[int, bytes]
     key_shares: _containers.ScalarMap[int, bytes]
-    def __init__(self, round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., wait_ms: _Optional[int] = ..., keys: _Optional[_Union[SignedMessage, _Mapping]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ...) -> None: ...
+    survivors_signed: SignedMessage
+    def __init__(self, round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., wait_ms: _Optional[int] = ..., keys: _Optional[_Union[SignedMessage, _Mapping]] = ..., shares: _Optional[_Mapping[int, bytes]] = ..., self_mask_shares: _Optional[_Mapping[int, bytes]] = ..., key_shares: _Optional[_Mapping[int, bytes]] = ..., survivors_signed: _Optional[_Union[SignedMessage, _Mapping]] = ...) -> None: ...
 
 class SecAggReply(_message.Message):
-    __slots__ = ("round", "step", "ready", "roster", "inbox", "survivors", "session")
+    __slots__ = ("round", "step", "ready", "roster", "inbox", "survivors", "session", "consistency")
     class InboxEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +313,7 @@ class SecAggReply(_message.Message):
     INBOX_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
     round: int
     step: SecAggStep
     ready: bool
@@ -304,4 +321,5 @@ class SecAggReply(_message.Message):
     inbox: _containers.ScalarMap[int, bytes]
     survivors: _containers.RepeatedScalarFieldContainer[int]
     session: str
-    def __init__(self, round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., ready: _Optional[bool] = ..., roster: _Optional[_Iterable[_Union[SignedMessage, _Mapping]]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., survivors: _Optional[_Iterable[int]] = ..., session: _Optional[str] = ...) -> None: ...
+    consistency: _containers.RepeatedCompositeFieldContainer[SignedMessage]
+    def __init__(self, round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., ready: _Optional[bool] = ..., roster: _Optional[_Iterable[_Union[SignedMessage, _Mapping]]] = ..., inbox: _Optional[_Mapping[int, bytes]] = ..., survivors: _Optional[_Iterable[int]] = ..., session: _Optional[str] = ..., consistency: _Optional[_Iterable[_Union[SignedMessage, _Mapping]]] = ...) -> None: ...
