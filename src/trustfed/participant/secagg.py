@@ -55,7 +55,7 @@ class SecAggParticipant:
         self.params = round_params(settings, rp.plan)
         self.protocol = SecAggClient(self.me, self.params)
         # replies may wait for the round deadline (the keys), then one step timeout per later step
-        self.give_up_at = max(rp.deadline_ms / 1000, time.time()) + 4 * settings.step_timeout_s + 30
+        self.give_up_at = max(rp.deadline_ms / 1000, time.time()) + 5 * settings.step_timeout_s + 30
 
     def run(self, global_params: torch.Tensor, update: Update) -> bool:
         rnd = self.rp.round
