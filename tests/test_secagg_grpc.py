@@ -82,12 +82,18 @@ class Lost(Exception):
     """The participant vanishes after computing its masked input (it is never delivered)."""
 
 
-@pytest.mark.parametrize("neighbours", [0, 2], ids=["secagg", "secagg+ (2 neighbours each)"])
+@pytest.mark.parametrize(
+    ("neighbours", "weighted"),
+    [(0, False), (2, False), (0, True)],
+    ids=["secagg", "secagg+ (2 neighbours each)", "weighted by examples"],
+)
 def test_a_participant_lost_after_masking_is_left_out_of_the_sum(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, neighbours: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, neighbours: int, weighted: bool
 ) -> None:
     ids = ["p000", "p001", "p002", "p003"]
-    r = raw(participants=4, rounds=1, step_timeout_s=3.0, neighbours=neighbours)
+    r = raw(participants=4, rounds=1, step_timeout_s=3.0, neighbours=neighbours, weighted=weighted)
+    if weighted:  # unequal shards, so that the weights matter
+        r["data"] = {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}}
     r["transport"] = {"linger_s": 1.0}
     fed = prepare(tmp_path, r, ids, round_timeout_s=60)
     cfg = load_federation_config(fed.federation_file)
@@ -131,11 +137,18 @@ def test_a_participant_lost_after_masking_is_left_out_of_the_sum(
         p0, flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())[0]
     )
     plan = RoundPlan(1, tuple(ids), {})
-    deltas = {pid: build_trainer(cfg, data, pid).fit(p0.clone(), plan).params - p0 for pid in ids}
-    expected = p0 + torch.stack([deltas[p] for p in ids[:3]]).mean(dim=0)
-    assert torch.max(torch.abs(expected - params)).item() <= 3 * 2 * 0.5 / (2**24 - 1) * 4
-    with_all = p0 + torch.stack(list(deltas.values())).mean(dim=0)
-    assert torch.max(torch.abs(with_all - params)).item() > 1e-4
+    fits = {pid: build_trainer(cfg, data, pid).fit(p0.clone(), plan) for pid in ids}
+    deltas = {pid: u.params - p0 for pid, u in fits.items()}
+    w = torch.tensor([float(fits[p].num_examples) if weighted else 1.0 for p in ids])
+
+    def mean_of(who: list[str]) -> torch.Tensor:
+        k = [ids.index(p) for p in who]
+        return p0 + (torch.stack([deltas[p] for p in who]) * w[k, None]).sum(0) / w[k].sum()
+
+    # a few quantisation steps of the sum, divided by the sum of the weights (examples / max_weight)
+    scale = 3 / (w[:3].sum().item() / cfg.secagg.max_weight) if weighted else 1.0
+    assert torch.max(torch.abs(mean_of(ids[:3]) - params)).item() <= 3 * 2 * 0.5 / (2**24 - 1) * 4 * scale
+    assert torch.max(torch.abs(mean_of(ids) - params)).item() > 1e-4
 
 
 def test_too_few_after_a_step_fails_the_round(tmp_path: Path) -> None:

@@ -183,3 +183,18 @@ def test_secagg_plus_in_the_simulation_sums_the_survivors() -> None:
     }
     ranked = sorted(errs.values())
     assert ranked[0].item() <= 6 * 2 * 0.5 / (2**24 - 1) * 4 and ranked[1].item() > 1e-4
+
+
+def test_weighted_secagg_equals_fedavg_on_unequal_shards() -> None:
+    """``weighted = true``: each participant scales its delta by its (capped) example count before masking,
+    so the secure sum gives FedAvg's example-weighted mean, here on a Dirichlet split of unequal shards."""
+    r = raw(secagg={"enabled": True, "clip": 0.5, "bits": 24, "weighted": True, "max_weight": 2000})
+    r["data"] = {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}}
+    sec = run_simulation(validate_federation_config(r))
+    plain_raw = {**r, "secagg": {"enabled": False}}
+    plain = run_simulation(validate_federation_config(plain_raw))  # the mean aggregator: weighted by examples
+    unweighted = run_simulation(validate_federation_config({**r, "secagg": {**r["secagg"], "weighted": False}}))
+    assert torch.max(torch.abs(sec.params - plain.params)).item() <= 1e-4
+    assert torch.max(torch.abs(unweighted.params - plain.params)).item() > 1e-3  # the weighting matters here
+    with pytest.raises(ConfigError, match=r"secagg[.]weighted: secure aggregation gives the coordinator"):
+        validate_federation_config({**r, "privacy": {"mode": "central", "noise_multiplier": 1.0}})

@@ -178,7 +178,7 @@ def demo(
         )
     secagg = confidentiality == "secagg"
     if secagg:  # pairwise masks + Shamir shares; see trustfed.secagg
-        raw["secagg"] = {"enabled": True, "clip": 0.5, "bits": 20}
+        raw["secagg"] = {"enabled": True, "clip": 0.5, "bits": 20, "weighted": True}  # FedAvg weights
     elif transport == "grpc":  # aggregation in a SIMULATED enclave process (software only; see trustfed.enclave)
         raw["enclave"] = {
             "enabled": True,

@@ -142,6 +142,7 @@ class FederationConfig(_Section):
                 "strategy.aggregator": self.strategy.aggregator != "mean",
                 "enclave.enabled": self.enclave.enabled,
                 "privacy.clipping": self.privacy.mode == "central" and self.privacy.clipping == "adaptive",
+                "secagg.weighted": self.privacy.mode == "central" and self.secagg.weighted,
                 "simulation.backend": self.simulation.backend != "inprocess",
             }
             for where, bad in clash.items():
@@ -151,7 +152,7 @@ class FederationConfig(_Section):
                             where,
                             "secure aggregation gives the coordinator the sum only; this needs individual updates "
                             "(secagg runs with the mean aggregator, in process or over gRPC, without the enclave; "
-                            "central DP with fixed clipping only, each participant clipping its own delta)",
+                            "central DP with fixed clipping and unweighted sums only, each participant clipping its own delta)",
                         )
                     )
         if self.incentives.enabled and not self.ledger.enabled:

@@ -716,7 +716,7 @@ class GrpcTransport:
         from trustfed.coordinator.secagg import SecAggRound
         from trustfed.errors import AggregationError
         from trustfed.secagg.protocol import SecAggError
-        from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate
+        from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, mean_of_sum
 
         assert self.secagg is not None
         plan, step_s = open_round.plan, self.secagg.step_timeout_s
@@ -763,7 +763,10 @@ class GrpcTransport:
         except SecAggError as exc:  # e.g. a neighbourhood with too few unmasking shares
             raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None
         self.secagg_survivors[plan.round] = tuple(survivors)
-        mean = torch.from_numpy(total / len(survivors))
+        try:
+            mean = mean_of_sum(total, self.secagg, [sa.examples[sa.index[p]] for p in survivors])
+        except SecAggError as exc:
+            raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None
         dropped = len(selected) - len(survivors)
         log.info(
             "round %d: secure aggregation of %d masked input(s), %d selected participant(s) missing",

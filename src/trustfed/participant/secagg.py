@@ -23,7 +23,7 @@ from trustfed.coordinator.secagg import round_params, share_points
 from trustfed.core.strategy import Update
 from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError, TooFewParticipants
 from trustfed.secagg.settings import SecAggSettings
-from trustfed.secagg.updates import central_clip, clip_delta
+from trustfed.secagg.updates import prepare_delta
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected, TransportError
 
@@ -61,10 +61,10 @@ class SecAggParticipant:
         rnd = self.rp.round
         roster = self.check_roster(self.step(pb.SECAGG_KEYS, keys=self.advertisement()))
         inbox = self.step(pb.SECAGG_SHARES, shares=self.protocol.share_keys(roster)).inbox
-        delta = update.params - global_params
-        c = central_clip(dict(self.rp.plan.config))
-        if c is not None:  # central DP: the aggregator sees only the sum, so the clip happens here
-            delta = clip_delta(delta, c)
+        # central DP: the aggregator sees only the sum, so the clip happens here; weighted: scaled by my weight
+        delta = prepare_delta(
+            update.params - global_params, update.num_examples, self.settings, dict(self.rp.plan.config)
+        )
         y = self.protocol.masked_input(delta.numpy(), {int(u): bytes(ct) for u, ct in inbox.items()})
         self.upload_masked(y, update.num_examples)
         survivors = [int(u) for u in self.step(pb.SECAGG_SURVIVORS).survivors]

@@ -22,6 +22,10 @@ class SecAggSettings(BaseModel):
     neighbours: int = Field(
         0, ge=0, multiple_of=2, description="SecAgg+: neighbours per participant (even; 0: everyone, plain SecAgg)"
     )
+    weighted: bool = Field(
+        False, description="weight each delta by its example count (FedAvg); counts travel in the clear"
+    )
+    max_weight: int = Field(10_000, ge=1, description="weighted: example counts are capped here (weight <= 1)")
     step_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="over gRPC: how long the coordinator waits for each step after the keys"
     )

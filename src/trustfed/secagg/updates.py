@@ -4,12 +4,15 @@ masked inputs it summed, so that each contributor's commitment to what it sent c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from trustfed.core.strategy import Update
+from trustfed.secagg.protocol import SecAggError
+from trustfed.secagg.settings import SecAggSettings
 
 SECAGG_ID = "secagg"
 
@@ -51,3 +54,27 @@ def central_clip(config: object) -> float | None:
 def contributions(update: Update) -> tuple[Update, ...]:
     """The updates a round's ledger commits to: the masked inputs of a secure sum, else the update."""
     return update.parts if isinstance(update, SecureSumUpdate) else (update,)
+
+
+def weight(num_examples: int, max_weight: int) -> float:
+    """A participant's weight in a weighted secure sum: its example count, capped, over the cap (<= 1)."""
+    return min(max(num_examples, 0), max_weight) / max_weight
+
+
+def prepare_delta(delta: torch.Tensor, num_examples: int, settings: SecAggSettings, config: object) -> torch.Tensor:
+    """What a participant masks: its delta, clipped to the plan's central-DP norm when there is one, and
+    scaled by its weight when ``[secagg] weighted`` (so the sum is the example-weighted FedAvg numerator)."""
+    c = central_clip(config)
+    if c is not None:
+        delta = clip_delta(delta, c)
+    if settings.weighted:
+        delta = delta * weight(num_examples, settings.max_weight)
+    return delta
+
+
+def mean_of_sum(total: np.ndarray, settings: SecAggSettings, examples: Sequence[int]) -> torch.Tensor:
+    """The survivors' mean from their secure sum: unweighted, or weighted by the (clear) example counts."""
+    denom = sum(weight(n, settings.max_weight) for n in examples) if settings.weighted else len(examples)
+    if denom <= 0:
+        raise SecAggError("the survivors of a weighted secure sum declared no examples")
+    return torch.from_numpy((np.asarray(total, dtype=np.float64) / denom).astype(np.float32))

@@ -4,8 +4,8 @@ Each round the participants train as usual, then run the SecAgg protocol
 (:mod:`trustfed.secagg.protocol`) among themselves through a :class:`SecAggServer` that sees only
 public keys, encrypted key shares, masked vectors and unmasking shares. What reaches the coordinator
 is one update, ``"secagg"``: the global model plus the mean of the survivors' clipped deltas
-(unweighted: a participant's example count is not part of the sum), with the number of examples
-summed. Participants listed by ``dropout`` (seeded per round) compute their masked input but never
+(unweighted, or with ``weighted`` each delta scaled by its capped example count first and the
+sum divided by the weights: FedAvg's mean), with the number of examples summed. Participants listed by ``dropout`` (seeded per round) compute their masked input but never
 deliver it; the protocol removes their masks from the sum using the others' shares.
 
 The update carries the masked inputs it summed (what a server sees): with the ledger on, each
@@ -20,14 +20,13 @@ import logging
 import random
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AggregationError
 from trustfed.secagg.protocol import SecAggParams, secure_sum
 from trustfed.secagg.settings import SecAggSettings
-from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, central_clip, clip_delta
+from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, mean_of_sum, prepare_delta
 
 log = logging.getLogger("trustfed.secagg")
 
@@ -59,10 +58,9 @@ class SecAggTransport:
         )
         p.check(n)
         ids = {u.participant_id: i + 1 for i, u in enumerate(sorted(updates, key=lambda u: u.participant_id))}
-        c = central_clip(dict(plan.config))  # central DP: each participant clips its own delta first
+        config = dict(plan.config)  # central DP: each participant clips its own delta first; weighted: scales it
         deltas = {
-            ids[u.participant_id]: (u.params - params if c is None else clip_delta(u.params - params, c)).numpy()
-            for u in updates
+            ids[u.participant_id]: prepare_delta(u.params - params, u.num_examples, s, config).numpy() for u in updates
         }
         rng = random.Random(f"{s.seed}:secagg-dropout:{plan.round}")
         lost = set(rng.sample(sorted(deltas), int(s.dropout * n)))
@@ -76,13 +74,13 @@ class SecAggTransport:
         names = {i: pid for pid, i in ids.items()}
         kept = [names[i] for i in who]
         examples = sum(u.num_examples for u in updates if u.participant_id in kept)
-        mean = torch.from_numpy(np.asarray(total, dtype=np.float32) / len(who))
+        by_id = {u.participant_id: u for u in updates}
+        mean = mean_of_sum(total, s, [by_id[p].num_examples for p in kept])
         self.last = {"round": plan.round, "survivors": kept, "dropped": sorted(names[i] for i in lost)}
         log.info(
             "round %d: secure aggregation of %d update(s), %d dropped after masking", plan.round, len(who), len(lost)
         )
         metrics = {"secagg_survivors": float(len(who)), "secagg_dropped": float(len(lost))}
-        by_id = {u.participant_id: u for u in updates}
         parts = tuple(MaskedInput.of(names[i], result.masked[i], by_id[names[i]].num_examples) for i in who)
         step = 2 * p.clip / (2**p.bits - 1)
         return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts, step)]
