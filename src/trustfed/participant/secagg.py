@@ -103,12 +103,8 @@ class SecAggParticipant:
         for this round, session and model, at that participant's share point."""
         out: dict[int, PublicKeys] = {}
         for entry in reply.roster:
-            try:
-                v = self.client.verifier.verify_relayed(entry, expected_type="secagg_keys", role="participant")
-            except MessageRejected as exc:
-                raise SecAggError(f"round {self.rp.round}: a roster entry does not verify: {exc.detail}") from None
-            body = pb.SecAggKeys.FromString(v.body)
-            who = v.identity.name
+            who, raw = self._from_peer(entry, "secagg_keys", "a roster entry")
+            body = pb.SecAggKeys.FromString(raw)
             wrong = [
                 name
                 for name, bad in {
@@ -127,6 +123,14 @@ class SecAggParticipant:
             out[body.index] = PublicKeys(bytes(body.cipher_pk), bytes(body.mask_pk))
         return out
 
+    def _from_peer(self, msg: pb.SignedMessage, msg_type: str, what: str) -> tuple[str, bytes]:
+        """A message a peer signed and the coordinator relayed: (its signer, its body), or refused."""
+        try:
+            v = self.client.verifier.verify_relayed(msg, expected_type=msg_type, role="participant")
+        except MessageRejected as exc:
+            raise SecAggError(f"round {self.rp.round}: {what} does not verify: {exc.detail}") from None
+        return v.identity.name, v.body
+
     def sign_survivors(self, survivors: list[int]) -> pb.SignedMessage:
         body = pb.SecAggSurvivors(
             round=self.rp.round, participant_id=self.client.pid, session=self.session, survivors=sorted(survivors)
@@ -139,12 +143,8 @@ class SecAggParticipant:
         mine = sorted(survivors)
         signers: set[int] = set()
         for entry in reply.consistency:
-            try:
-                v = self.client.verifier.verify_relayed(entry, expected_type="secagg_survivors", role="participant")
-            except MessageRejected as exc:
-                raise SecAggError(f"round {self.rp.round}: a survivor set copy does not verify: {exc.detail}") from None
-            body = pb.SecAggSurvivors.FromString(v.body)
-            who = v.identity.name
+            who, raw = self._from_peer(entry, "secagg_survivors", "a survivor set copy")
+            body = pb.SecAggSurvivors.FromString(raw)
             if body.participant_id != who or body.round != self.rp.round or body.session != self.session:
                 raise SecAggError(f"round {self.rp.round}: the survivor set signed by {who} is for another round")
             if list(body.survivors) != mine:
