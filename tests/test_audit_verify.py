@@ -298,3 +298,21 @@ def test_a_participant_counting_more_spend_than_the_log_is_noted_not_failed(dp_r
     v = verify_run(out)
     assert not [f for f in v.failures if f.field == "body.epsilon"]  # (the rewritten log no longer matches its anchor)
     assert any(party[0] in n and "more than" in n for n in v.notes)
+
+
+def test_aggregation_naming_other_participants_than_the_commitments_is_caught(run: Path) -> None:
+    """A coordinator re-signing the aggregation to drop a committed participant (or to select one that
+    never committed) is caught, though every signature and hash in the log checks out."""
+
+    def drop_last(body: dict[str, Any]) -> None:
+        body["participants"] = body["participants"][:-1]
+
+    def select_stranger(body: dict[str, Any]) -> None:
+        body["selected"] = [*body["selected"], "p999"]
+
+    i = resign(run, run / "keys" / "coordinator.pem", "aggregation", 1, drop_last)
+    j = resign(run, run / "keys" / "coordinator.pem", "aggregation", 2, select_stranger)
+    v = verify_run(run)
+    assert has(v.failures, file=AUDIT, line=i + 1, rnd=1, field="body.participants")
+    assert has(v.failures, file=AUDIT, line=j + 1, rnd=2, field="body.selected")
+    assert not any(f.field == "signature" for f in v.failures), [str(f) for f in v.failures]

@@ -229,6 +229,7 @@ class _Verifier:
                             f"recorded {str(e.body.get('merkle_root'))[:16]}…, the commitments give {root[:16]}…",
                         )
                     f["merkle_root"], f["aggregation"] = root, loc
+                    self._aggregation_names(loc, f)
                 elif e.kind == ATTESTATION_KIND:
                     self._attestation(loc)
                 elif e.kind == PRIVACY_KIND:
@@ -358,8 +359,25 @@ class _Verifier:
         f["receipt_hash"] = h
         self.checked["receipts"] += 1
 
+    def _aggregation_names(self, loc: _Located, f: dict[str, Any]) -> None:
+        """The aggregation names exactly the round's committers, in log order, and selects among them
+        (a coordinator cannot claim an update that was never committed, nor drop one that was)."""
+        e, ln = loc.entry, loc.line
+        authors = list(f.get("authors", []))
+        named = [str(p) for p in e.body.get("participants", [])]
+        if named != authors:
+            self.fail(
+                AUDIT_FILE, ln, e.round, "body.participants", f"names {named}, the round's commitments are by {authors}"
+            )
+        stray = sorted(set(map(str, e.body.get("selected", []))) - set(authors))
+        if stray:
+            self.fail(AUDIT_FILE, ln, e.round, "body.selected", f"selects {stray}, who committed no update this round")
+
     def _commitment(self, loc: _Located, plan: _Located | None, f: dict[str, Any]) -> None:
         e, ln, b = loc.entry, loc.line, loc.entry.body
+        if e.author in f.setdefault("authors", []):
+            self.fail(AUDIT_FILE, ln, e.round, "author", f"a second commitment by {e.author!r} this round")
+        f["authors"].append(e.author)
         if b.get("participant") != e.author:
             self.fail(AUDIT_FILE, ln, e.round, "body.participant", "commitment names someone other than its author")
         if plan is None or e.author not in plan.entry.body.get("participants", []):
