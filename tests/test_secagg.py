@@ -183,3 +183,20 @@ def test_secagg_plus_refuses_a_thin_neighbourhood_and_bad_parameters() -> None:
         SecAggParams(threshold=2, neighbours=3).check(10)
     with pytest.raises(SecAggError, match="neighbourhoods of 5"):
         SecAggParams(threshold=6, neighbours=4).check(10)
+
+
+def test_a_sum_no_honest_inputs_could_give_is_refused() -> None:
+    """A participant adding an offset to its masked input (to push the mean far off) makes the unmasked
+    sum leave the range of n quantised inputs: the server refuses it instead of dequantising garbage."""
+    clients, server, roster = _keyed(SecAggParams(threshold=3, bits=16), 4)
+    for i, c in clients.items():
+        server.receive_shares(i, c.share_keys(roster))
+    for i, c in clients.items():
+        y = c.masked_input(np.full(8, 0.9, dtype=np.float32), server.inbox_for(i))
+        if i == 2:
+            y = y + np.uint32(2**20)  # far beyond 4 x (2**16 - 1)
+        server.receive_masked(i, y)
+    for i in server.survivors():
+        server.receive_unmask(i, clients[i].unmask(server.survivors()))
+    with pytest.raises(SecAggError, match="outside what 4 honest inputs can give at 8 coordinate"):
+        server.aggregate()

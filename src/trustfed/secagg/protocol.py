@@ -319,6 +319,13 @@ class SecAggServer:
                     total -= prg(seed, self.dim)
                 else:
                     total += prg(seed, self.dim)
+        honest_max = len(u3) * (2**self.p.bits - 1)  # every input quantised to [0, 2**bits - 1]
+        if int(total.max(initial=0)) > honest_max:
+            bad = int(np.count_nonzero(total > honest_max))
+            raise SecAggError(
+                f"the unmasked sum is outside what {len(u3)} honest inputs can give at {bad} coordinate(s): a "
+                "participant sent a malformed masked input; the round's sum is refused"
+            )
         return dequantize_sum(total, len(u3), self.p.clip, self.p.bits), u3
 
     def _shares_of(self, u: int, kind: str) -> dict[int, int]:
