@@ -71,13 +71,22 @@ def _aggregated(out: Path) -> int:
 CENTRAL_DP = {"mode": "central", "noise_multiplier": 0.5, "max_grad_norm": 1.0, "budget_epsilon": 1e6}
 
 
-@pytest.mark.parametrize("privacy", [None, CENTRAL_DP], ids=["plain", "central-dp"])
+SECAGG = {"enabled": True, "clip": 0.5, "bits": 24}
+
+
+@pytest.mark.parametrize(
+    ("privacy", "secagg"),
+    [(None, None), (CENTRAL_DP, None), (None, SECAGG)],
+    ids=["plain", "central-dp", "secagg"],
+)
 def test_standby_takes_over_a_recorded_run_and_participants_follow(
-    tmp_path: Path, privacy: dict[str, Any] | None
+    tmp_path: Path, privacy: dict[str, Any] | None, secagg: dict[str, Any] | None
 ) -> None:
     """With central DP the resumed coordinator also carries on the accountant (from its state) and the
-    seeded noise, so the run still ends where an uninterrupted one does."""
-    raw = {**RAW, **({"privacy": privacy} if privacy else {})}
+    seeded noise, so the run still ends where an uninterrupted one does. With secure aggregation the
+    participants caught mid-protocol drop that round (its keys died with the leader) and join the
+    standby's, and the sums, which do not depend on the masks, end where an uninterrupted run does."""
+    raw = {**RAW, **({"privacy": privacy} if privacy else {}), **({"secagg": secagg} if secagg else {})}
     out = tmp_path / "run"
     ids = participant_ids(3)
     fed = prepare(out, raw, ids, round_timeout_s=60)
