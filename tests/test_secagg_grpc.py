@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trustfed.config import load_federation_config, validate_federation_config
-from trustfed.coordinator.secagg import SHARE_CIPHERTEXT_BYTES, SecAggRound, share_points
+from trustfed.coordinator.secagg import SHARE_CIPHERTEXT_BYTES, SecAggRound
 from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
 from trustfed.core.codec import flatten
 from trustfed.core.strategy import RoundPlan
@@ -22,7 +22,7 @@ from trustfed.errors import AggregationError
 from trustfed.participant.client import ParticipantClient, ReceivedPlan, build_participant
 from trustfed.participant.secagg import SecAggParticipant
 from trustfed.participant.settings import load_participant_config
-from trustfed.secagg.protocol import SecAggError
+from trustfed.secagg.protocol import SecAggError, share_points
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.simulation import run_simulation
 from trustfed.simulation.federation import build_data, build_trainer, model_factory
@@ -274,7 +274,7 @@ def test_the_coordinator_refuses_out_of_order_and_malformed_steps(federation: An
     with pytest.raises(MessageRejected, match="not selected"):
         sa.submit_keys("p999", *adverts["p000"])
     sa.close("keys")
-    assert share_points(rp.plan)["p002"] == 3
+    assert share_points(rp.plan.participants)["p002"] == 3
     good = {2: b"\0" * SHARE_CIPHERTEXT_BYTES, 3: b"\0" * SHARE_CIPHERTEXT_BYTES}
     with pytest.raises(MessageRejected, match="wrong set of recipients"):
         sa.submit_shares("p000", {2: good[2]})

@@ -176,8 +176,8 @@ class IncentivesRecord:
     Contributions come from the updates themselves when the coordinator holds them in the clear
     (``source = "coordinator"``), from the enclave's signed receipt in enclave mode
     (``"enclave receipt"``), or, when the enclave releases none (central DP) or the round was a
-    secure sum (its survivors), as equal shares of the updates the aggregator used (``"selection"``). Updates the aggregator left out (or the
-    enclave rejected) are flagged. The book starts from the chain's accounts, so a resumed run goes
+    secure sum (its survivors), as equal shares of the updates the aggregator used
+    (``"selection"``). Updates the aggregator left out (or the enclave rejected) are flagged. The book starts from the chain's accounts, so a resumed run goes
     on from where the chain stands."""
 
     def __init__(

@@ -26,13 +26,21 @@ sets, sizes) and refused with a reason naming it; resending the same payload is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from trustfed.core.strategy import RoundPlan
 from trustfed.secagg import shamir
-from trustfed.secagg.protocol import PublicKeys, SecAggError, SecAggParams, SecAggServer, UnmaskShares
+from trustfed.secagg.protocol import (
+    PublicKeys,
+    SecAggError,
+    SecAggParams,
+    SecAggServer,
+    UnmaskShares,
+    share_points,
+)
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected
@@ -41,25 +49,6 @@ X25519_BYTES = 32
 SHARE_CIPHERTEXT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16  # nonce, two shares, GCM tag
 
 STEPS = ("keys", "shares", "masked", "consistency", "unmask", "done")
-
-
-def share_points(plan: RoundPlan) -> dict[str, int]:
-    """Each selected participant's share point: 1 + its position in the sorted participant list."""
-    return {pid: i + 1 for i, pid in enumerate(sorted(plan.participants))}
-
-
-def round_params(settings: SecAggSettings, plan: RoundPlan) -> SecAggParams:
-    """The protocol parameters both sides derive from the federation file and the signed plan."""
-    n = len(plan.participants)
-    p = SecAggParams(
-        threshold=settings.threshold_for(n),
-        clip=settings.clip,
-        bits=settings.bits,
-        round=plan.round,
-        neighbours=settings.neighbours,
-    )
-    p.check(n)
-    return p
 
 
 def _refuse(reason: str, detail: str) -> MessageRejected:
@@ -73,48 +62,46 @@ class SecAggRound:
     plan: RoundPlan
     session: str
     params: SecAggParams
-    dim: int
-    index: dict[str, int] = field(default_factory=dict)
+    server: SecAggServer
+    index: dict[str, int]  # participant id -> share point
     step: str = "keys"
-    server: SecAggServer | None = None
     keys: dict[int, pb.SignedMessage] = field(default_factory=dict)  # as each participant signed them
     examples: dict[int, int] = field(default_factory=dict)
     consistency: dict[int, pb.SignedMessage] = field(default_factory=dict)  # survivors' signed survivor sets
     failed: str | None = None
+    _names: dict[int, str] = field(init=False, repr=False)  # share point -> participant id
 
     @classmethod
     def open(cls, settings: SecAggSettings, plan: RoundPlan, session: str, dim: int) -> SecAggRound:
-        r = cls(plan, session, round_params(settings, plan), dim, share_points(plan))
-        r.server = SecAggServer(r.params, dim)
-        return r
+        params = settings.params(len(plan.participants), plan.round)
+        return cls(plan, session, params, SecAggServer(params, dim), share_points(plan.participants))
 
-    @property
-    def srv(self) -> SecAggServer:
-        assert self.server is not None
-        return self.server
+    def __post_init__(self) -> None:
+        self._names = {i: p for p, i in self.index.items()}
 
     def pid_of(self, cid: int) -> str:
-        return next(p for p, i in self.index.items() if i == cid)
+        return self._names[cid]
 
     # -- who is where
     def joined(self, pid: str) -> bool:
         """``pid`` advertised keys this round (a second try would need new keys: it is refused)."""
         return self.index.get(pid, 0) in self.keys
 
-    def roster_ids(self) -> set[str]:
-        return {self.pid_of(c) for c in self.srv.roster}
+    def _done(self, step: str) -> Mapping[int, object]:
+        """What each participant sent for ``step``, by share point."""
+        srv = self.server
+        by_step: dict[str, Mapping[int, object]] = {
+            "keys": srv.roster,
+            "shares": srv.shared,
+            "masked": srv.masked,
+            "consistency": self.consistency,
+            "unmask": srv.unmask_answers,
+        }
+        return by_step[step]
 
-    def shared_ids(self) -> set[str]:
-        return {self.pid_of(c) for c in self.srv.shared}
-
-    def masked_ids(self) -> set[str]:
-        return {self.pid_of(c) for c in self.srv.masked}
-
-    def consistent_ids(self) -> set[str]:
-        return {self.pid_of(c) for c in self.consistency}
-
-    def unmasked_ids(self) -> set[str]:
-        return {self.pid_of(c) for c in self.srv.unmask_answers}
+    def completed(self, step: str) -> set[str]:
+        """Who has sent its part of ``step``."""
+        return {self.pid_of(c) for c in self._done(step)}
 
     def _expect(self, step: str, pid: str, what: str) -> int:
         if self.failed is not None:
@@ -156,28 +143,28 @@ class SecAggRound:
         if (
             any(
                 keys.cipher_pk in (k.cipher_pk, k.mask_pk) or keys.mask_pk in (k.cipher_pk, k.mask_pk)
-                for k in self.srv.roster.values()
+                for k in self.server.roster.values()
             )
             or keys.cipher_pk == keys.mask_pk
         ):
             raise _refuse("bad_keys", f"key advertisement of {pid} repeats a public key")
         self.keys[cid] = signed
-        self.srv.receive_keys(cid, keys)
+        self.server.receive_keys(cid, keys)
         return True
 
     def submit_shares(self, pid: str, shares: dict[int, bytes]) -> bool:
         cid = self.index.get(pid, 0)
-        if cid in self.srv.shared and self.srv.shared[cid] == shares and self.failed is None:
+        if cid in self.server.shared and self.server.shared[cid] == shares and self.failed is None:
             return False
         cid = self._expect("shares", pid, f"shares of {pid}")
-        if cid not in self.srv.roster:
+        if cid not in self.server.roster:
             raise _refuse("not_in_roster", f"{pid} is not in the roster of round {self.plan.round}")
-        if cid in self.srv.shared:
+        if cid in self.server.shared:
             raise _refuse("duplicate", f"{pid} already sent other shares for round {self.plan.round}")
         if any(len(ct) != SHARE_CIPHERTEXT_BYTES for ct in shares.values()):
             raise _refuse("bad_shares", f"shares of {pid}: every ciphertext must be {SHARE_CIPHERTEXT_BYTES} bytes")
         try:
-            self.srv.receive_shares(cid, shares)
+            self.server.receive_shares(cid, shares)
         except SecAggError as exc:
             raise _refuse("bad_shares", str(exc)) from None
         return True
@@ -185,16 +172,16 @@ class SecAggRound:
     def check_masked(self, pid: str) -> None:
         """Before a masked upload streams: this participant may send one now."""
         cid = self._expect("masked", pid, f"the masked input of {pid}")
-        if cid not in self.srv.shared:
+        if cid not in self.server.shared:
             raise _refuse("not_in_roster", f"{pid} did not share keys in round {self.plan.round}")
-        if cid in self.srv.masked:
+        if cid in self.server.masked:
             raise _refuse("duplicate", f"{pid} already uploaded its masked input for round {self.plan.round}")
 
     def submit_masked(self, pid: str, y: np.ndarray, num_examples: int) -> None:
         self.check_masked(pid)
         cid = self.index[pid]
         try:
-            self.srv.receive_masked(cid, y)
+            self.server.receive_masked(cid, y)
         except SecAggError as exc:
             raise _refuse("bad_masked_input", str(exc)) from None
         self.examples[cid] = num_examples
@@ -204,7 +191,7 @@ class SecAggRound:
         if self.failed is None and self.consistency.get(cid, None) == signed:
             return False
         cid = self._expect("consistency", pid, f"the survivor set signed by {pid}")
-        if cid not in self.srv.masked:
+        if cid not in self.server.masked:
             raise _refuse("not_a_survivor", f"{pid} is not a survivor of round {self.plan.round}")
         if cid in self.consistency:
             raise _refuse("duplicate", f"{pid} already signed another survivor set for round {self.plan.round}")
@@ -212,7 +199,7 @@ class SecAggRound:
             "round": body.round != self.plan.round,
             "participant_id": body.participant_id != pid,
             "session": body.session != self.session,
-            "survivors": list(body.survivors) != sorted(self.srv.masked),
+            "survivors": list(body.survivors) != sorted(self.server.masked),
         }
         bad = [k for k, v in wrong.items() if v]
         if bad:
@@ -222,7 +209,7 @@ class SecAggRound:
 
     def submit_unmask(self, pid: str, self_mask: dict[int, bytes], key: dict[int, bytes]) -> bool:
         cid = self.index.get(pid, 0)
-        done = self.srv.unmask_answers.get(cid)
+        done = self.server.unmask_answers.get(cid)
         if done is not None and done == UnmaskShares(self_mask, key) and self.failed is None:
             return False
         cid = self._expect("unmask", pid, f"unmasking shares of {pid}")
@@ -230,7 +217,7 @@ class SecAggRound:
             raise _refuse("not_a_survivor", f"{pid} did not sign the survivor set of round {self.plan.round}")
         if done is not None:
             raise _refuse("duplicate", f"{pid} already sent other unmasking shares for round {self.plan.round}")
-        survivors, dropped = self.srv.expected_unmask(cid)
+        survivors, dropped = self.server.expected_unmask(cid)
         if set(self_mask) != survivors or set(key) != dropped:
             raise _refuse(
                 "bad_unmask",
@@ -239,7 +226,7 @@ class SecAggRound:
             )
         if any(len(s) != shamir.SHARE_BYTES for s in [*self_mask.values(), *key.values()]):
             raise _refuse("bad_unmask", f"unmasking shares of {pid}: every share must be {shamir.SHARE_BYTES} bytes")
-        self.srv.receive_unmask(cid, UnmaskShares(self_mask, key))
+        self.server.receive_unmask(cid, UnmaskShares(self_mask, key))
         return True
 
     # -- replies: None while the step a participant waits for is still open
@@ -256,22 +243,22 @@ class SecAggRound:
                 raise _refuse("not_submitted", f"{pid} asks for the roster without advertising keys")
             if at < STEPS.index("shares"):
                 return None
-            if cid not in self.srv.roster:
+            if cid not in self.server.roster:
                 raise _refuse("not_in_roster", f"{pid}'s keys came after the roster of round {self.plan.round}")
-            out.roster.extend(self.keys[c] for c in sorted(self.srv.roster))
+            out.roster.extend(self.keys[c] for c in sorted(self.server.roster))
         elif step == pb.SECAGG_SHARES:
-            if cid not in self.srv.shared:
+            if cid not in self.server.shared:
                 raise _refuse("not_submitted", f"{pid} asks for its inbox without sharing keys")
             if at < STEPS.index("masked"):
                 return None
-            for u, ct in self.srv.inbox_for(cid).items():
+            for u, ct in self.server.inbox_for(cid).items():
                 out.inbox[u] = ct
         elif step == pb.SECAGG_SURVIVORS:
-            if cid not in self.srv.shared:
+            if cid not in self.server.shared:
                 raise _refuse("not_in_roster", f"{pid} did not share keys in round {self.plan.round}")
             if at < STEPS.index("consistency"):
                 return None
-            out.survivors.extend(sorted(self.srv.masked))
+            out.survivors.extend(sorted(self.server.masked))
         elif step == pb.SECAGG_CONSISTENCY:
             if cid not in self.consistency:
                 raise _refuse("not_submitted", f"{pid} asks for the others' survivor sets without signing its own")
@@ -279,7 +266,7 @@ class SecAggRound:
                 return None
             out.consistency.extend(self.consistency[c] for c in sorted(self.consistency))
         elif step == pb.SECAGG_UNMASK:
-            if cid not in self.srv.unmask_answers:
+            if cid not in self.server.unmask_answers:
                 raise _refuse("not_submitted", f"{pid} asks about unmasking without sending its shares")
         else:
             raise _refuse("bad_step", f"unknown secure-aggregation step {step}")
@@ -290,21 +277,15 @@ class SecAggRound:
         """Close ``step`` (the current one) and open the next; fewer than threshold fails the round."""
         if self.step != step:
             raise SecAggError(f"cannot close {step!r}: round {self.plan.round} is at {self.step!r}")
-        have = {
-            "keys": len(self.srv.roster),
-            "shares": len(self.srv.shared),
-            "masked": len(self.srv.masked),
-            "consistency": len(self.consistency),
-            "unmask": len(self.srv.unmask_answers),
-        }[step]
+        have = len(self._done(step))
         if have < self.params.threshold:
             self.failed = f"{have} participant(s) completed the {step!r} step, threshold {self.params.threshold}"
             raise SecAggError(self.failed)
         if step == "keys":
-            self.srv.roster_for_clients()  # fixes the neighbour graph (every participant derives the same one)
+            self.server.roster_for_clients()  # fixes the neighbour graph (every participant derives the same one)
         self.step = STEPS[STEPS.index(step) + 1]
 
     def result(self) -> tuple[np.ndarray, list[str], int]:
         """After the unmask step: the float32 sum, the survivors and their example count."""
-        total, who = self.srv.aggregate()
+        total, who = self.server.aggregate()
         return total, [self.pid_of(c) for c in who], sum(self.examples[c] for c in who)

@@ -682,14 +682,7 @@ class GrpcTransport:
         with self.board.cond:
             self.board.current = open_round
             self.board.cond.notify_all()
-            while not selected <= set(open_round.updates) | self.board.withdrawn:
-                if self.board.aborted is not None:
-                    open_round.closed = True
-                    self.board.check_aborted()
-                left = deadline - time.time()
-                if left <= 0:
-                    break
-                self.board.cond.wait(min(left, 1.0))
+            self._wait(open_round, lambda: selected <= set(open_round.updates) | self.board.withdrawn, deadline)
             open_round.closed = True
             self.board.cond.notify_all()
             got = dict(open_round.updates)
@@ -710,9 +703,9 @@ class GrpcTransport:
             self.board.cond.wait(min(left, 1.0))
 
     def _fit_secure(self, open_round: _OpenRound, params: torch.Tensor) -> list[Update]:
-        """One round by secure aggregation: relay the protocol's four steps (see
+        """One round by secure aggregation: relay the protocol's steps (see
         :mod:`trustfed.coordinator.secagg`) and return one ``secagg`` update, the global model plus the
-        unweighted mean of the survivors' clipped deltas."""
+        mean of the survivors' clipped deltas (weighted by example counts with ``[secagg] weighted``)."""
         from trustfed.coordinator.secagg import SecAggRound
         from trustfed.errors import AggregationError
         from trustfed.secagg.protocol import SecAggError
@@ -730,43 +723,32 @@ class GrpcTransport:
         with b.cond:
             b.current = open_round
             b.cond.notify_all()
+            # the keys wait for the round deadline (a withdrawal counts as an answer), each later step step_s
+            expected = selected
+            late: dict[str, set[str]] = {}
             try:
-                self._wait(open_round, lambda: selected <= sa.roster_ids() | b.withdrawn, open_round.deadline)
-                sa.close("keys")
-                b.cond.notify_all()
-                self._wait(open_round, lambda: sa.roster_ids() <= sa.shared_ids(), time.time() + step_s)
-                sa.close("shares")
-                b.cond.notify_all()
-                self._wait(open_round, lambda: sa.shared_ids() <= sa.masked_ids(), time.time() + step_s)
-                sa.close("masked")
-                b.cond.notify_all()
-                self._wait(open_round, lambda: sa.masked_ids() <= sa.consistent_ids(), time.time() + step_s)
-                sa.close("consistency")
-                b.cond.notify_all()
-                self._wait(open_round, lambda: sa.consistent_ids() <= sa.unmasked_ids(), time.time() + step_s)
-                sa.close("unmask")
+                for step in ("keys", "shares", "masked", "consistency", "unmask"):
+                    first = step == "keys"
+                    end, gone = (open_round.deadline, b.withdrawn) if first else (time.time() + step_s, set())
+                    self._wait(open_round, lambda: expected <= sa.completed(step) | gone, end)  # noqa: B023
+                    late[step] = expected - sa.completed(step) - gone
+                    sa.close(step)
+                    b.cond.notify_all()
+                    expected = sa.completed(step)  # the next step waits for those who did this one
             except SecAggError as exc:
                 raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None
             finally:
                 open_round.closed = True
                 b.cond.notify_all()
-            late = {
-                "keys": selected - sa.roster_ids() - b.withdrawn,
-                "shares": sa.roster_ids() - sa.shared_ids(),
-                "masked input": sa.shared_ids() - sa.masked_ids(),
-            }
-        for what, who in late.items():
+        for step, who in late.items():
             if who:
-                log.warning("round %d: no secure-aggregation %s from %s", plan.round, what, ", ".join(sorted(who)))
-        try:
-            total, survivors, examples = sa.result()  # the steps are closed: nothing changes sa any more
-        except SecAggError as exc:  # e.g. a neighbourhood with too few unmasking shares
-            raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None
-        self.secagg_survivors[plan.round] = tuple(survivors)
-        try:
+                log.warning("round %d: no secure-aggregation %s from %s", plan.round, step, ", ".join(sorted(who)))
+        try:  # the steps are closed: nothing changes sa any more
+            total, survivors, examples = sa.result()  # e.g. a neighbourhood with too few unmasking shares fails
             mean = mean_of_sum(total, self.secagg, [sa.examples[sa.index[p]] for p in survivors])
         except SecAggError as exc:
             raise AggregationError(f"round {plan.round}: secure aggregation failed: {exc}") from None
+        self.secagg_survivors[plan.round] = tuple(survivors)
         dropped = len(selected) - len(survivors)
         log.info(
             "round %d: secure aggregation of %d masked input(s), %d selected participant(s) missing",
@@ -775,9 +757,8 @@ class GrpcTransport:
             dropped,
         )
         metrics = {"secagg_survivors": float(len(survivors)), "secagg_dropped": float(dropped)}
-        parts = tuple(MaskedInput.of(p, sa.srv.masked[sa.index[p]], sa.examples[sa.index[p]]) for p in survivors)
-        step = 2 * sa.params.clip / (2**sa.params.bits - 1)
-        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts, step)]
+        parts = tuple(MaskedInput.of(p, sa.server.masked[sa.index[p]], sa.examples[sa.index[p]]) for p in survivors)
+        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts, sa.params.step)]
 
     def abort(self, reason: str) -> None:
         """Make a waiting ``fit`` / ``wait_for_participants`` raise (e.g. a participant process died)."""

@@ -296,6 +296,8 @@ class ParticipantClient:
             num_chunks=-(-len(payload) // c),
             model_hash=_payload_hash(self.spec_json, payload),
         )
+        if getattr(update, "masked", b""):  # secure aggregation: a masked input, never the update itself
+            header.secagg_masked = True
         sealed = getattr(update, "sealed", b"")
         if sealed:
             header.sealed = True

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from trustfed.coordinator.secagg import round_params, share_points
 from trustfed.core.strategy import Update
-from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError, TooFewParticipants
+from trustfed.ledger.participant import update_bytes
+from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError, TooFewParticipants, share_points
 from trustfed.secagg.settings import SecAggSettings
-from trustfed.secagg.updates import prepare_delta
+from trustfed.secagg.updates import MaskedInput, prepare_delta
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected, TransportError
 
@@ -50,9 +50,9 @@ class SecAggParticipant:
         self.settings = settings
         self.rp = rp
         self.session = rp.raw.session
-        self.index = share_points(rp.plan)
+        self.index = share_points(rp.plan.participants)
         self.me = self.index[client.pid]
-        self.params = round_params(settings, rp.plan)
+        self.params = settings.params(len(rp.plan.participants), rp.round)
         self.protocol = SecAggClient(self.me, self.params)
         # replies may wait for the round deadline (the keys), then one step timeout per later step
         self.give_up_at = max(rp.deadline_ms / 1000, time.time()) + 5 * settings.step_timeout_s + 30
@@ -164,29 +164,10 @@ class SecAggParticipant:
             )
 
     def upload_masked(self, y: np.ndarray, num_examples: int) -> None:
-        """The masked input by the usual upload stream, flagged as masked (no metrics: nothing in the clear)."""
-        payload = y.astype("<u4").tobytes()
-        from trustfed.participant.client import _payload_hash
-
-        c = self.client.limits.chunk_bytes
-        header = pb.UpdateHeader(
-            round=self.rp.round,
-            participant_id=self.client.pid,
-            num_examples=num_examples,
-            total_bytes=len(payload),
-            chunk_bytes=c,
-            num_chunks=-(-len(payload) // c),
-            model_hash=_payload_hash(self.client.spec_json, payload),
-            secagg_masked=True,
-        )
-        if self.client.commit:  # the ledger is on: commit to the masked input, as for any upload
-            from trustfed.ledger.participant import sign_commitment
-
-            sc = sign_commitment(self.client.commit_signer, self.rp.round, payload, num_examples)
-            header.commitment = sc.commitment
-            header.commitment_signature = sc.sig
-            self.client.commitments[self.rp.round] = sc.commitment
-        self.client._send_update(self.rp.round, header, payload)
+        """The masked input by the usual upload stream (committed to on the ledger like any upload),
+        flagged as masked, with no metrics: nothing travels in the clear."""
+        part = MaskedInput.of(self.client.pid, y, num_examples)
+        self.client.upload(self.rp, part, update_bytes(part))
 
     def step(
         self,

@@ -58,6 +58,11 @@ class SecAggParams:
     round: int = 0
     neighbours: int = 0  # SecAgg+: each participant's neighbours (even; 0: everyone, the original protocol)
 
+    @property
+    def step(self) -> float:
+        """One level of the fixed-point encoding of a coordinate."""
+        return float(2 * self.clip / (2**self.bits - 1))
+
     def degree(self, n: int) -> int:
         """The neighbours each of ``n`` participants has: ``neighbours``, or everyone else."""
         return n - 1 if self.neighbours == 0 or self.neighbours >= n - 1 else self.neighbours
@@ -117,6 +122,11 @@ def dequantize_sum(s: np.ndarray, n: int, clip: float, bits: int) -> np.ndarray:
     levels = 2**bits - 1
     out: np.ndarray = (s.astype(np.float64) / levels * (2 * clip) - n * clip).astype(np.float32)
     return out
+
+
+def share_points(names: Iterable[str]) -> dict[str, int]:
+    """Each participant's share point (protocol id): 1 + its position among the sorted names."""
+    return {name: i + 1 for i, name in enumerate(sorted(names))}
 
 
 def graph_seed(roster: Mapping[int, PublicKeys], rnd: int) -> bytes:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from trustfed.secagg.protocol import SecAggParams
 
 
 class SecAggSettings(BaseModel):
@@ -29,6 +33,17 @@ class SecAggSettings(BaseModel):
     step_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="over gRPC: how long the coordinator waits for each step after the keys"
     )
+
+    def params(self, n: int, rnd: int) -> SecAggParams:
+        """The protocol parameters of a round of ``n`` participants, checked: what every side derives from
+        the federation file and the signed plan, never from another party."""
+        from trustfed.secagg.protocol import SecAggParams
+
+        p = SecAggParams(
+            threshold=self.threshold_for(n), clip=self.clip, bits=self.bits, round=rnd, neighbours=self.neighbours
+        )
+        p.check(n)
+        return p
 
     def threshold_for(self, n: int) -> int:
         """Shares needed to unmask in a round of ``n`` selected participants (each side computes it): two

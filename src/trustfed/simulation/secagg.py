@@ -5,8 +5,9 @@ Each round the participants train as usual, then run the SecAgg protocol
 public keys, encrypted key shares, masked vectors and unmasking shares. What reaches the coordinator
 is one update, ``"secagg"``: the global model plus the mean of the survivors' clipped deltas
 (unweighted, or with ``weighted`` each delta scaled by its capped example count first and the
-sum divided by the weights: FedAvg's mean), with the number of examples summed. Participants listed by ``dropout`` (seeded per round) compute their masked input but never
-deliver it; the protocol removes their masks from the sum using the others' shares.
+sum divided by the weights: FedAvg's mean), with the number of examples summed. Participants
+listed by ``dropout`` (seeded per round) compute their masked input but never deliver it; the
+protocol removes their masks from the sum using the others' shares.
 
 The update carries the masked inputs it summed (what a server sees): with the ledger on, each
 survivor's commitment to its masked input is recorded. The coordinator learns the sum only, so
@@ -24,7 +25,7 @@ import torch
 
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AggregationError
-from trustfed.secagg.protocol import SecAggParams, secure_sum
+from trustfed.secagg.protocol import secure_sum, share_points
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, mean_of_sum, prepare_delta
 
@@ -53,11 +54,8 @@ class SecAggTransport:
         updates: list[Update] = self.inner.fit(plan, params)  # type: ignore[attr-defined]
         s = self.settings
         n = len(updates)
-        p = SecAggParams(
-            threshold=s.threshold_for(n), clip=s.clip, bits=s.bits, round=plan.round, neighbours=s.neighbours
-        )
-        p.check(n)
-        ids = {u.participant_id: i + 1 for i, u in enumerate(sorted(updates, key=lambda u: u.participant_id))}
+        p = s.params(n, plan.round)
+        ids = share_points(u.participant_id for u in updates)
         config = dict(plan.config)  # central DP: each participant clips its own delta first; weighted: scales it
         deltas = {
             ids[u.participant_id]: prepare_delta(u.params - params, u.num_examples, s, config).numpy() for u in updates
@@ -82,5 +80,4 @@ class SecAggTransport:
         )
         metrics = {"secagg_survivors": float(len(who)), "secagg_dropped": float(len(lost))}
         parts = tuple(MaskedInput.of(names[i], result.masked[i], by_id[names[i]].num_examples) for i in who)
-        step = 2 * p.clip / (2**p.bits - 1)
-        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts, step)]
+        return [SecureSumUpdate(SECAGG_ID, params + mean, max(examples, 1), metrics, parts, p.step)]
