@@ -159,7 +159,8 @@ def test_altered_journal_transaction(run: Path) -> None:
     j = run / "ledger" / "transactions.jsonl"
     lines = j.read_text().splitlines()
     rec = json.loads(lines[-1])
-    rec["raw"] = rec["raw"][:-4] + ("00" if rec["raw"][-2:] != "00" else "11") + rec["raw"][-2:]
+    flipped = int(rec["raw"][-4:-2], 16) ^ 0x01  # always a different byte (the old edit kept a 00 as it was)
+    rec["raw"] = rec["raw"][:-4] + f"{flipped:02x}" + rec["raw"][-2:]
     lines[-1] = json.dumps(rec)
     j.write_text("\n".join(lines) + "\n")
     v = verify_run(run)
