@@ -121,7 +121,7 @@ def _final_table(metrics: dict[str, Any], out: Path) -> None:
 def simulate(
     config: Annotated[Path, typer.Option("--config", "-c", help="federation TOML file")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json and the plot")],
-    backend: Annotated[str | None, typer.Option(help="override simulation.backend: inprocess|multiprocess")] = None,
+    backend: Annotated[str | None, typer.Option(help="override simulation.backend: inprocess|multiprocess|ray")] = None,
 ) -> None:
     """Run N virtual participants on this machine and write DIR/metrics.json and a plot."""
     from trustfed.config import load_federation_config, validate_federation_config

@@ -85,8 +85,13 @@ class StrategySection(_Section):
 
 
 class SimulationSection(_Section):
-    backend: Literal["inprocess", "multiprocess"] = "inprocess"
-    workers: int = Field(2, ge=1, le=256, description="processes for the multiprocess backend")
+    backend: Literal["inprocess", "multiprocess", "ray"] = "inprocess"
+    workers: int = Field(2, ge=1, le=256, description="processes (multiprocess) or Ray actors (ray)")
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="ray only: the Ray cluster to join ('auto', 'ray://head:10001'); none starts a local one",
+    )
 
 
 class FederationConfig(_Section):
@@ -135,8 +140,10 @@ class FederationConfig(_Section):
                     repr(self.strategy.aggregator),
                 )
             )
-        if self.simulation.backend == "multiprocess" and self.simulation.workers > n:
+        if self.simulation.backend != "inprocess" and self.simulation.workers > n:
             out.append(ConfigProblem("simulation.workers", f"must be <= federation.participants ({n})"))
+        if self.simulation.ray_address is not None and self.simulation.backend != "ray":
+            out.append(ConfigProblem("simulation.ray_address", "is used by backend = 'ray' only"))
         if self.secagg.enabled:
             clash = {
                 "strategy.aggregator": self.strategy.aggregator != "mean",

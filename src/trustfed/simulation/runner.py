@@ -67,6 +67,10 @@ def run_simulation(
     transport: Transport
     if cfg.simulation.backend == "multiprocess":
         transport = MultiprocessTransport(cfg, cfg.simulation.workers)
+    elif cfg.simulation.backend == "ray":
+        from trustfed.simulation.ray_backend import RayTransport
+
+        transport = RayTransport(cfg, cfg.simulation.workers, cfg.simulation.ray_address)
     else:
         ids = participant_ids(cfg.federation.participants)
         transport = InProcessTransport({pid: build_trainer(cfg, data, pid) for pid in ids})
