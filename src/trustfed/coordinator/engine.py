@@ -18,6 +18,7 @@ import torch
 from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
 from trustfed.errors import AggregationError, TrustFedError
+from trustfed.secagg.updates import contributions
 
 log = logging.getLogger("trustfed.coordinator")
 
@@ -58,6 +59,9 @@ class RoundRecord:
     model_hash: str
     metrics: dict[str, float]
     seconds: float
+    # whose updates the round aggregated (for a secure sum, the survivors); the rest of ``participants``
+    # dropped out, withdrew or were too late
+    updated_by: tuple[str, ...] = ()
 
 
 @dataclass
@@ -118,7 +122,10 @@ class Coordinator:
         evaluated = self.strategy.evaluate(rnd, self.params)
         if evaluated:
             metrics.update(evaluated)
-        rec = RoundRecord(rnd, plan.participants, model_hash(self.params, self.spec), metrics, time.perf_counter() - t0)
+        came = tuple(sorted(p.participant_id for u in updates for p in contributions(u)))
+        rec = RoundRecord(
+            rnd, plan.participants, model_hash(self.params, self.spec), metrics, time.perf_counter() - t0, came
+        )
         for obs in self.observers:
             obs.on_round_end(plan, updates, result, rec)
         log.info("round %d: %s", rnd, {k: round(v, 4) for k, v in metrics.items()})

@@ -116,6 +116,7 @@ def run_rounds(
                 "loss": rec.metrics.get("loss", float("nan")),
                 "seconds": rec.seconds,
                 "participants": list(rec.participants),
+                "updated_by": list(rec.updated_by),
                 "model_hash": rec.model_hash,
             }
         )
