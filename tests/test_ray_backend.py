@@ -102,13 +102,20 @@ def test_a_dead_actor_takes_its_participants_out_and_the_run_goes_on(local_ray: 
     assert ray.is_initialized()  # it joined the module's instance, so it leaves it running
 
 
+def test_secure_aggregation_on_ray_matches_in_process(local_ray: None) -> None:
+    sec = {"enabled": True, "clip": 0.5, "bits": 24, "dropout": 0.25, "seed": 1}
+    a = run_simulation(validate_federation_config(small(secagg=sec)))
+    b = run_simulation(validate_federation_config(small(secagg=sec, **RAY)))
+    assert torch.equal(a.params, b.params)
+    who = [r["updated_by"] for r in b.metrics["rounds"]]
+    assert who == [r["updated_by"] for r in a.metrics["rounds"]] and all(len(w) == 3 for w in who)
+
+
 def test_ray_config_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"simulation\.ray_address"):
         validate_federation_config(small(simulation={"ray_address": "auto"}))
     with pytest.raises(ConfigError, match=r"simulation\.workers"):
         validate_federation_config(small(simulation={"backend": "ray", "workers": 5}))
-    with pytest.raises(ConfigError, match=r"simulation\.backend"):
-        validate_federation_config(small(secagg={"enabled": True}, **RAY))
 
 
 def test_without_ray_installed_the_error_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,6 +56,18 @@ def test_secagg_equals_the_unweighted_mean_and_the_coordinator_sees_only_the_sum
     assert sec.metrics["final_accuracy"] == pytest.approx(plain.metrics["final_accuracy"], abs=0.01)
 
 
+def test_secagg_on_the_multiprocess_backend_matches_in_process() -> None:
+    """The participants train in worker processes; the protocol runs on what they return: the same
+    secure sums (with a dropout), the same model, and the coordinator still sees one update a round."""
+    r = raw(secagg={"enabled": True, "clip": 0.5, "bits": 24, "dropout": 0.25, "seed": 1})
+    a = run_simulation(validate_federation_config(r))
+    seen = Seen()
+    b = run_simulation(validate_federation_config({**r, "simulation": {"backend": "multiprocess"}}), observers=[seen])
+    assert seen.ids == [["secagg"], ["secagg"]] and [m["secagg_dropped"] for m in seen.metrics] == [1.0, 1.0]
+    assert torch.equal(a.params, b.params)
+    assert [x["updated_by"] for x in a.metrics["rounds"]] == [x["updated_by"] for x in b.metrics["rounds"]]
+
+
 def test_participants_lost_after_masking_are_left_out_of_the_sum() -> None:
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import RoundPlan
@@ -85,7 +97,6 @@ def test_participants_lost_after_masking_are_left_out_of_the_sum() -> None:
     [
         ({"strategy": {"name": "fedavg", "aggregator": "median"}}, "strategy.aggregator"),
         ({"enclave": {"enabled": True}}, "enclave.enabled"),
-        ({"simulation": {"backend": "multiprocess", "workers": 2}}, "simulation.backend"),
     ],
 )
 def test_secagg_refuses_what_needs_individual_updates(over: dict[str, Any], where: str) -> None:

@@ -150,7 +150,6 @@ class FederationConfig(_Section):
                 "enclave.enabled": self.enclave.enabled,
                 "privacy.clipping": self.privacy.mode == "central" and self.privacy.clipping == "adaptive",
                 "secagg.weighted": self.privacy.mode == "central" and self.secagg.weighted,
-                "simulation.backend": self.simulation.backend != "inprocess",
             }
             for where, bad in clash.items():
                 if bad:
@@ -158,7 +157,7 @@ class FederationConfig(_Section):
                         ConfigProblem(
                             where,
                             "secure aggregation gives the coordinator the sum only; this needs individual updates "
-                            "(secagg runs with the mean aggregator, in process or over gRPC, without the enclave; "
+                            "(secagg runs with the mean aggregator, without the enclave; "
                             "central DP with fixed clipping and unweighted sums only, each participant clipping its own delta)",
                         )
                     )
