@@ -23,7 +23,13 @@ from trustfed.core.codec import from_bytes
 from trustfed.ledger.verify import verify_run
 from trustfed.simulation import run_simulation
 from trustfed.simulation.federation import participant_ids
-from trustfed.transport.local import prepare, start_participant, write_participant_configs
+from trustfed.transport.local import (
+    prepare,
+    start_enclave,
+    start_participant,
+    write_federation_file,
+    write_participant_configs,
+)
 
 RAW: dict[str, Any] = {
     "federation": {"name": "failover", "rounds": 4, "participants": 3, "seed": 5},
@@ -51,14 +57,14 @@ def _server(fed_file: Path, out: Path, port: int, log: Path) -> subprocess.Popen
         return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
-def _wait_for(what: str, cond: Any, timeout: float, procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_for(what: str, cond: Any, timeout: float, procs: list[subprocess.Popen[bytes]], poll: float = 0.1) -> None:
     end = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         if any(p.poll() not in (None, 0) for p in procs):
             raise AssertionError(f"a process failed while waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 def _aggregated(out: Path) -> int:
@@ -72,24 +78,40 @@ CENTRAL_DP = {"mode": "central", "noise_multiplier": 0.5, "max_grad_norm": 1.0, 
 
 
 SECAGG = {"enabled": True, "clip": 0.5, "bits": 24}
+ENCLAVE = {
+    "enabled": True,
+    "backend": "simulated",
+    "allow_simulated_tee": True,
+    "policy": {"allow_simulated_tee": True},
+}
 
 
 @pytest.mark.parametrize(
-    ("privacy", "secagg"),
-    [(None, None), (CENTRAL_DP, None), (None, SECAGG)],
-    ids=["plain", "central-dp", "secagg"],
+    ("privacy", "secagg", "enclave"),
+    [(None, None, None), (CENTRAL_DP, None, None), (None, SECAGG, None), (CENTRAL_DP, None, ENCLAVE)],
+    ids=["plain", "central-dp", "secagg", "enclave-central-dp"],
 )
 def test_standby_takes_over_a_recorded_run_and_participants_follow(
-    tmp_path: Path, privacy: dict[str, Any] | None, secagg: dict[str, Any] | None
+    tmp_path: Path, privacy: dict[str, Any] | None, secagg: dict[str, Any] | None, enclave: dict[str, Any] | None
 ) -> None:
     """With central DP the resumed coordinator also carries on the accountant (from its state) and the
     seeded noise, so the run still ends where an uninterrupted one does. With secure aggregation the
     participants caught mid-protocol drop that round (its keys died with the leader) and join the
-    standby's, and the sums, which do not depend on the masks, end where an uninterrupted run does."""
+    standby's, and the sums, which do not depend on the masks, end where an uninterrupted run does.
+    With central DP in an enclave process (SIMULATED), the standby checks the enclave's signed state
+    against the log: the same attested key, at the last round on chain or one past it; in that case the
+    round is aggregated again and its first release is counted in the privacy record too."""
     raw = {**RAW, **({"privacy": privacy} if privacy else {}), **({"secagg": secagg} if secagg else {})}
+    if enclave:
+        raw["enclave"] = enclave
     out = tmp_path / "run"
     ids = participant_ids(3)
     fed = prepare(out, raw, ids, round_timeout_s=60)
+    procs: list[subprocess.Popen[bytes]] = []
+    if enclave:  # its own process, outliving the leader
+        enclave_proc, address = start_enclave(out, raw, ids)
+        procs.append(enclave_proc)
+        fed = write_federation_file(out, raw, round_timeout_s=60, enclave_address=address)
     port = _free_port()
     write_participant_configs(fed, f"127.0.0.1:{port}", ids, ledger_view=True)
     for f in fed.participant_files.values():  # outlast the lease ttl and the standby's start
@@ -98,7 +120,7 @@ def test_standby_takes_over_a_recorded_run_and_participants_follow(
         )
     logs = out / "logs"
     leader = _server(fed.federation_file, out, port, logs / "leader.log")
-    procs = [leader]
+    procs.append(leader)
     try:
         _wait_for("the leader", lambda: "leads" in (logs / "leader.log").read_text(), 60, procs)
         standby = _server(fed.federation_file, out, port, logs / "standby.log")
@@ -106,7 +128,11 @@ def test_standby_takes_over_a_recorded_run_and_participants_follow(
         _wait_for("the standby", lambda: "waiting for the lease" in (logs / "standby.log").read_text(), 60, procs)
         parts = [start_participant(fed.participant_files[pid], logs / f"{pid}.log") for pid in ids]
         procs += parts
-        _wait_for("round 2 on record", lambda: _aggregated(out) >= 2, 180, procs)
+        if enclave:  # the moment the leader has the enclave's round-2 output, before it can record it
+            leader_log = logs / "leader.log"
+            _wait_for("round 2 released", lambda: "round 2: receipt" in leader_log.read_text(), 180, procs, 0.002)
+        else:
+            _wait_for("round 2 on record", lambda: _aggregated(out) >= 2, 180, procs)
         leader.send_signal(signal.SIGKILL)
         leader.wait(timeout=10)
         assert standby.wait(timeout=240) == 0, (logs / "standby.log").read_text()[-3000:]
@@ -132,4 +158,15 @@ def test_standby_takes_over_a_recorded_run_and_participants_follow(
                if r["kind"] == "aggregator"]  # fmt: skip
         want = [r["epsilon"] for r in map(json.loads, (tmp_path / "plain" / "privacy.jsonl").read_text().splitlines())
                 if r["kind"] == "aggregator"]  # fmt: skip
-        assert eps == pytest.approx(want, rel=1e-12) and len(eps) == 4
+        if not enclave:
+            assert eps == pytest.approx(want, rel=1e-12) and len(eps) == 4
+    if enclave:
+        assert "resuming through the same enclave" in standby_log
+        lines = [
+            r for r in map(json.loads, (out / "privacy.jsonl").read_text().splitlines()) if r["kind"] == "aggregator"
+        ]
+        lost = [r for r in lines if r.get("lost")]
+        redone = "aggregated again (redo)" in standby_log or "which the run does not record" in standby_log
+        assert len(lost) == int(redone) and len(lines) == 4 + len(lost), lines
+        # every release the enclave made is counted: with a lost one, the final epsilon is that of 5 releases
+        assert (lines[-1]["epsilon"] > want[-1]) == redone and lines[-1]["epsilon"] >= want[-1]

@@ -335,6 +335,48 @@ def test_enclave_checks_the_selection_it_is_told() -> None:
     assert resp.receipt.body["privacy"]["sample_rate"] == 1.0
 
 
+def test_the_signed_state_statement_and_a_redone_round_count_every_release() -> None:
+    """What a resumed coordinator asks the enclave: a statement signed by its key over a fresh nonce
+    (last round, releases accounted, epsilon, the last release). A round is aggregated again only as
+    a redo of the last one, and both releases are counted."""
+    from trustfed.enclave.errors import ReceiptError
+    from trustfed.enclave.receipts import verify_state
+
+    enclave, signers, settings = _dp_enclave()
+    pk, key = enclave.public_key(), EnclavePublicKey.from_bytes(enclave.public_key())
+    nonce = os.urandom(32)
+    st = verify_state(enclave.state(nonce), enclave_public_key=pk, nonce=nonce)
+    assert st["last_round"] == 0 and st["privacy"]["rounds_accounted"] == 0 and st["label"] == "SIMULATED"
+
+    def sealed(rnd: int) -> list[SealedUpdate]:
+        return [seal_update(u, rnd, key, signers[u.participant_id]) for u in _clear_updates(sorted(signers))]
+
+    params, who = torch.zeros(D), tuple(sorted(signers))
+    first = enclave.aggregate(AggregationRequest(1, params, SPEC, sealed(1), who, 3))
+    with pytest.raises(EnclaveError, match="not after the last aggregated round 1"):
+        enclave.aggregate(AggregationRequest(1, params, SPEC, sealed(1), who, 3))
+    with pytest.raises(EnclaveError, match="redo is for the last aggregated round"):
+        enclave.aggregate(AggregationRequest(2, params, SPEC, sealed(2), who, 3, redo=True))
+    st = verify_state(enclave.state(nonce := os.urandom(32)), enclave_public_key=pk, nonce=nonce)
+    assert st["last_round"] == 1 and st["privacy"]["last_release"]["round"] == 1
+    assert st["privacy"]["last_release"]["epsilon"] == first.receipt.body["privacy"]["epsilon"]
+    again = enclave.aggregate(AggregationRequest(1, params, SPEC, sealed(1), who, 3, redo=True))
+    assert again.receipt.body["redo"] is True and again.receipt.body["privacy"]["rounds_accounted"] == 2
+    two = epsilon([GaussianSteps(settings.noise_multiplier, 1.0, 1)] * 2, settings.delta, settings.accountant)
+    assert again.receipt.body["privacy"]["epsilon"] == pytest.approx(two)
+    assert torch.equal(again.params, first.params)  # same updates, seeded noise: the same release again
+    # the statement is bound to its key and to the caller's nonce
+    statement = enclave.state(nonce := os.urandom(32))
+    with pytest.raises(ReceiptError, match="nonce"):
+        verify_state(statement, enclave_public_key=pk, nonce=os.urandom(32))
+    other, _, _ = _dp_enclave()
+    with pytest.raises(ReceiptError, match="different enclave key"):
+        verify_state(statement, enclave_public_key=other.public_key(), nonce=nonce)
+    forged = Receipt({**statement.body, "last_round": 7}, statement.signature, statement.enclave_public_key)
+    with pytest.raises(ReceiptError, match="signature does not verify"):
+        verify_state(forged, enclave_public_key=pk, nonce=nonce)
+
+
 def test_coordinator_refuses_a_release_other_than_configured() -> None:
     enclave, signers, dp = _dp_enclave()
     key = EnclavePublicKey.from_bytes(enclave.public_key())

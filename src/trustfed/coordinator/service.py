@@ -52,6 +52,7 @@ from trustfed.transport.streaming import (
 from trustfed.transport.tls import grpc_options, server_credentials
 
 if TYPE_CHECKING:
+    from trustfed.coordinator.recorders import EnclaveRecord
     from trustfed.coordinator.secagg import SecAggRound
     from trustfed.ledger.participant import SignedCommitment
     from trustfed.secagg.settings import SecAggSettings
@@ -837,7 +838,6 @@ def run_coordinator(
     ``[enclave].address``; this process relays sealed updates only. Returns the final parameters
     and the metrics (written to ``out_dir`` unless ``write`` is false)."""
     from trustfed.coordinator.recorders import (
-        EnclaveRecord,
         NetworkIdentities,
         recorders_for,
         use_reputation_selection,
@@ -890,7 +890,7 @@ def run_coordinator(
         raise TransportError("[secagg] is enabled but the transport was built without it (GrpcTransport(secagg=...))")
     min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update
     coord = Coordinator(strategy, transport, params, spec, min_updates=min_updates, observers=watchers)
-    resumed = _resume(cfg, coord, out_dir, recorders) if resume else 0
+    resumed = _resume(cfg, coord, out_dir, recorders, enclave) if resume else 0
 
     def each_round(rec: RoundRecord) -> None:
         if heartbeat is not None and (heartbeat.lost.is_set() or not heartbeat.lease.renew()):
@@ -921,9 +921,16 @@ def run_coordinator(
 STATE_DIR = "state"
 
 
-def _resume(cfg: Any, coord: Coordinator, out_dir: Path | None, recorders: Sequence[RoundObserver]) -> int:
+def _resume(
+    cfg: Any,
+    coord: Coordinator,
+    out_dir: Path | None,
+    recorders: Sequence[RoundObserver],
+    enclave: EnclaveRecord | None = None,
+) -> int:
     """Continue a run that stopped: from the coordinator state of the last round on chain (recorded
-    runs; the audit log cut back to that round's anchor) or the newest state (unrecorded runs).
+    runs; the audit log cut back to that round's anchor) or the newest state (unrecorded runs). In
+    enclave mode the enclave must be the same one, at the same round (:meth:`EnclaveRecord.check_resume`).
     Returns the round resumed after (0: nothing to resume, a fresh start)."""
     from trustfed.coordinator.recorders import IncentivesRecord
     from trustfed.coordinator.state import latest_state, load_state, resume
@@ -933,11 +940,6 @@ def _resume(cfg: Any, coord: Coordinator, out_dir: Path | None, recorders: Seque
 
     if out_dir is None:
         raise CheckpointError("resuming needs the run folder (--out) of the run to continue")
-    if cfg.privacy.mode == "central" and cfg.enclave.enabled:
-        raise CheckpointError(
-            "resuming an enclave run with central DP is not supported yet: the enclave's privacy accountant lives in "
-            "the enclave process and is not checkpointed; start a new run"
-        )
     state_dir = out_dir / STATE_DIR
     recorder = next((o for o in recorders if isinstance(o, LedgerRecorder)), None)
     if recorder is not None:
@@ -956,11 +958,17 @@ def _resume(cfg: Any, coord: Coordinator, out_dir: Path | None, recorders: Seque
                 rec.keep_rounds_upto(last)
             if isinstance(rec, IncentivesRecord):
                 rec.check_resume(recorder.audit_path, last)
+        lost = enclave.check_resume(last, recorder.audit_path) if enclave is not None else None
+        for rec in recorders:
+            if lost is not None and isinstance(rec, PrivacyRecorder):
+                rec.count_lost(lost)
     else:
         found = latest_state(state_dir)
         if found is None:
             return 0
         state = found
+        if enclave is not None:
+            enclave.check_resume(state.round, None)
     resume(coord, state)
     log.warning("resumed after round %d from %s", state.round, state_dir)
     return state.round

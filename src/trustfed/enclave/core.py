@@ -30,12 +30,12 @@ import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, RoundPlan, Strategy, Update
-from trustfed.enclave.attestation import AttestationBackend, SimulatedBackend
+from trustfed.enclave.attestation import MIN_NONCE_BYTES, SIMULATED_LABEL, AttestationBackend, SimulatedBackend
 from trustfed.enclave.canonical import canonical_json
 from trustfed.enclave.errors import EnclaveError, SealingError
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.measurement import measure
-from trustfed.enclave.receipts import Receipt, make_receipt_body
+from trustfed.enclave.receipts import HARDWARE_LABEL, STATE_FORMAT, Receipt, make_receipt_body
 from trustfed.enclave.sealing import ParticipantKeyring, SealedUpdate, commitment, decode_update, open_sealed
 from trustfed.enclave.settings import AggregationSettings
 from trustfed.errors import AggregationError
@@ -57,7 +57,10 @@ class AggregationRequest:
     ``selected``: the participants the round plan selected (updates from anyone else are rejected;
     with central DP, the fixed denominator of the noised mean). ``available``: how many participants
     they were selected from (central DP's sampling rate ``len(selected) / available``; 0: not
-    reported, and the enclave accounts without sampling amplification)."""
+    reported, and the enclave accounts without sampling amplification). ``redo``: aggregate the
+    enclave's last round again, for a resumed coordinator that lost its output before recording it;
+    the earlier release stays counted (and its server state, such as an adaptive clip norm, stays
+    advanced), and the receipt says ``"redo": true``."""
 
     round: int
     params: torch.Tensor
@@ -65,6 +68,7 @@ class AggregationRequest:
     updates: Sequence[SealedUpdate]
     selected: tuple[str, ...] = ()
     available: int = 0
+    redo: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class EnclaveClient(Protocol):
     def evidence(self, nonce: bytes) -> bytes: ...
 
     def aggregate(self, request: AggregationRequest) -> AggregationResponse: ...
+
+    def state(self, nonce: bytes) -> Receipt: ...
 
 
 def build_core_strategy(settings: AggregationSettings) -> FedAvg:
@@ -170,6 +176,7 @@ class Enclave:
         self.log = _Labelled(_log, {"label": "[SIMULATED TEE] " if self.simulated else ""})
         self.strategy: Strategy = build_strategy(aggregation)
         self.last_round = 0
+        self._last_release: dict[str, Any] | None = None  # the privacy block of the last central-DP release
         if self.simulated:
             self.log.warning("software-only enclave: no hardware root of trust; receipts are labelled SIMULATED")
         dp = aggregation.central_dp
@@ -206,6 +213,36 @@ class Enclave:
     def evidence(self, nonce: bytes) -> bytes:
         return self.backend.evidence(nonce, self.public_key())
 
+    def state(self, nonce: bytes) -> Receipt:
+        """A signed statement of where this enclave stands, answering the caller's fresh ``nonce``: the
+        last round it aggregated and, with central DP, how many releases its accountant holds, the
+        epsilon they add up to, the clip norm of the next round and the last release's privacy block. A resumed coordinator checks it
+        against the run's last receipt on record: the same key (keys never leave an enclave, so the same
+        process and accountant) and nothing released since."""
+        if not MIN_NONCE_BYTES <= len(nonce) <= 1024:
+            raise EnclaveError(f"the state request's nonce must be {MIN_NONCE_BYTES}..1024 bytes")
+        simulated = self.backend.name == "simulated"
+        body: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "nonce": nonce.hex(),
+            "last_round": self.last_round,
+            "enclave_key_id": self.key_id,
+            "measurement": self.measurement,
+            "backend": self.backend.name,
+            "simulated": simulated,
+            "label": SIMULATED_LABEL if simulated else HARDWARE_LABEL,
+            "issued_at": float(self._clock()),
+        }
+        if isinstance(self.strategy, DPFedAvg):
+            history = self.strategy.accountant.history
+            body["privacy"] = {
+                "rounds_accounted": len(history),
+                "epsilon": _finite(self.strategy.accountant.epsilon()) if history else 0.0,
+                "clip_norm": self.strategy.clip_norm,
+                "last_release": self._last_release,
+            }
+        return Receipt(body, self._keys.sign(canonical_json(body)), self.public_key())
+
     def _check(self, req: AggregationRequest, u: SealedUpdate, seen: set[str]) -> Update:
         pid = u.participant_id
         if pid in seen:
@@ -236,8 +273,14 @@ class Enclave:
 
     def aggregate(self, request: AggregationRequest) -> AggregationResponse:
         req = request
-        if req.round <= self.last_round:
+        if req.redo and req.round != self.last_round:
+            raise EnclaveError(f"round {req.round}: a redo is for the last aggregated round ({self.last_round}) only")
+        if req.round < self.last_round or (req.round == self.last_round and not req.redo):
             raise EnclaveError(f"round {req.round} is not after the last aggregated round {self.last_round}")
+        if req.redo:
+            self.log.warning(
+                "round %d aggregated again for a resumed coordinator: its earlier release stays counted", req.round
+            )
         if req.params.dtype != torch.float32 or req.params.dim() != 1 or req.params.numel() != req.spec.size:
             raise EnclaveError("global parameters must be a flat float32 vector matching the spec")
         if req.params.numel() > self.aggregation.max_params:
@@ -275,6 +318,7 @@ class Enclave:
             plan = RoundPlan(req.round, selected, {"dp_central_sample_rate": q})
             result = self.strategy.aggregate(plan, req.params, accepted)
             privacy = self._privacy_release(result.metrics, max(len(selected), len(accepted)), q)
+            self._last_release = {"round": req.round, **privacy}
         self.last_round = req.round
         desc = self.strategy.describe()
         body = make_receipt_body(
@@ -292,6 +336,8 @@ class Enclave:
             privacy=privacy,
             contributions=self._contributions(req.params, accepted, result.params),
         )
+        if req.redo:
+            body["redo"] = True
         receipt = Receipt(body, self._keys.sign(canonical_json(body)), self.public_key())
         self.log.info(
             "round %d aggregated %d update(s) (%d rejected), output %s…",

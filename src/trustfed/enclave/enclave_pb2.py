@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etrustfed/enclave/enclave.proto\x12\x13trustfed.enclave.v1\" \n\x0f\x45videnceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"F\n\rEvidenceReply\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"\x12\n\x10PublicKeyRequest\"J\n\x0ePublicKeyReply\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bmeasurement\x18\x03 \x01(\t\"\x84\x01\n\x0cSealedUpdate\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x16\n\x0e\x65nclave_key_id\x18\x03 \x01(\t\x12\x0e\n\x06sealed\x18\x04 \x01(\x0c\x12\x12\n\ncommitment\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x9d\x01\n\x10\x41ggregateRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06params\x18\x02 \x01(\x0c\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x32\n\x07updates\x18\x04 \x03(\x0b\x32!.trustfed.enclave.v1.SealedUpdate\x12\x10\n\x08selected\x18\x05 \x03(\t\x12\x11\n\tavailable\x18\x06 \x01(\x04\"\xb6\x01\n\x0e\x41ggregateReply\x12\x0e\n\x06params\x18\x01 \x01(\x0c\x12\x0f\n\x07receipt\x18\x02 \x01(\x0c\x12\x41\n\x07metrics\x18\x03 \x03(\x0b\x32\x30.trustfed.enclave.v1.AggregateReply.MetricsEntry\x12\x10\n\x08selected\x18\x04 \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x97\x02\n\x07\x45nclave\x12W\n\x0bGetEvidence\x12$.trustfed.enclave.v1.EvidenceRequest\x1a\".trustfed.enclave.v1.EvidenceReply\x12Z\n\x0cGetPublicKey\x12%.trustfed.enclave.v1.PublicKeyRequest\x1a#.trustfed.enclave.v1.PublicKeyReply\x12W\n\tAggregate\x12%.trustfed.enclave.v1.AggregateRequest\x1a#.trustfed.enclave.v1.AggregateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etrustfed/enclave/enclave.proto\x12\x13trustfed.enclave.v1\" \n\x0f\x45videnceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"F\n\rEvidenceReply\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"\x12\n\x10PublicKeyRequest\"J\n\x0ePublicKeyReply\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x13\n\x0bmeasurement\x18\x03 \x01(\t\"\x84\x01\n\x0cSealedUpdate\x12\x16\n\x0eparticipant_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x16\n\x0e\x65nclave_key_id\x18\x03 \x01(\t\x12\x0e\n\x06sealed\x18\x04 \x01(\x0c\x12\x12\n\ncommitment\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xab\x01\n\x10\x41ggregateRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06params\x18\x02 \x01(\x0c\x12\x11\n\tspec_json\x18\x03 \x01(\t\x12\x32\n\x07updates\x18\x04 \x03(\x0b\x32!.trustfed.enclave.v1.SealedUpdate\x12\x10\n\x08selected\x18\x05 \x03(\t\x12\x11\n\tavailable\x18\x06 \x01(\x04\x12\x0c\n\x04redo\x18\x07 \x01(\x08\"\xb6\x01\n\x0e\x41ggregateReply\x12\x0e\n\x06params\x18\x01 \x01(\x0c\x12\x0f\n\x07receipt\x18\x02 \x01(\x0c\x12\x41\n\x07metrics\x18\x03 \x03(\x0b\x32\x30.trustfed.enclave.v1.AggregateReply.MetricsEntry\x12\x10\n\x08selected\x18\x04 \x03(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1d\n\x0cStateRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x1f\n\nStateReply\x12\x11\n\tstatement\x18\x01 \x01(\x0c\x32\xe7\x02\n\x07\x45nclave\x12W\n\x0bGetEvidence\x12$.trustfed.enclave.v1.EvidenceRequest\x1a\".trustfed.enclave.v1.EvidenceReply\x12Z\n\x0cGetPublicKey\x12%.trustfed.enclave.v1.PublicKeyRequest\x1a#.trustfed.enclave.v1.PublicKeyReply\x12W\n\tAggregate\x12%.trustfed.enclave.v1.AggregateRequest\x1a#.trustfed.enclave.v1.AggregateReply\x12N\n\x08GetState\x12!.trustfed.enclave.v1.StateRequest\x1a\x1f.trustfed.enclave.v1.StateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEALEDUPDATE']._serialized_start=258
   _globals['_SEALEDUPDATE']._serialized_end=390
   _globals['_AGGREGATEREQUEST']._serialized_start=393
-  _globals['_AGGREGATEREQUEST']._serialized_end=550
-  _globals['_AGGREGATEREPLY']._serialized_start=553
-  _globals['_AGGREGATEREPLY']._serialized_end=735
-  _globals['_AGGREGATEREPLY_METRICSENTRY']._serialized_start=689
-  _globals['_AGGREGATEREPLY_METRICSENTRY']._serialized_end=735
-  _globals['_ENCLAVE']._serialized_start=738
-  _globals['_ENCLAVE']._serialized_end=1017
+  _globals['_AGGREGATEREQUEST']._serialized_end=564
+  _globals['_AGGREGATEREPLY']._serialized_start=567
+  _globals['_AGGREGATEREPLY']._serialized_end=749
+  _globals['_AGGREGATEREPLY_METRICSENTRY']._serialized_start=703
+  _globals['_AGGREGATEREPLY_METRICSENTRY']._serialized_end=749
+  _globals['_STATEREQUEST']._serialized_start=751
+  _globals['_STATEREQUEST']._serialized_end=780
+  _globals['_STATEREPLY']._serialized_start=782
+  _globals['_STATEREPLY']._serialized_end=813
+  _globals['_ENCLAVE']._serialized_start=816
+  _globals['_ENCLAVE']._serialized_end=1175
 # @@protoc_insertion_point(module_scope)

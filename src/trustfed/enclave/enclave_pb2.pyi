@@ -53,20 +53,22 @@ class SealedUpdate(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., round: _Optional[int] = ..., enclave_key_id: _Optional[str] = ..., sealed: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("round", "params", "spec_json", "updates", "selected", "available")
+    __slots__ = ("round", "params", "spec_json", "updates", "selected", "available", "redo")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    REDO_FIELD_NUMBER: _ClassVar[int]
     round: int
     params: bytes
     spec_json: str
     updates: _containers.RepeatedCompositeFieldContainer[SealedUpdate]
     selected: _containers.RepeatedScalarFieldContainer[str]
     available: int
-    def __init__(self, round: _Optional[int] = ..., params: _Optional[bytes] = ..., spec_json: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[SealedUpdate, _Mapping]]] = ..., selected: _Optional[_Iterable[str]] = ..., available: _Optional[int] = ...) -> None: ...
+    redo: bool
+    def __init__(self, round: _Optional[int] = ..., params: _Optional[bytes] = ..., spec_json: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[SealedUpdate, _Mapping]]] = ..., selected: _Optional[_Iterable[str]] = ..., available: _Optional[int] = ..., redo: _Optional[bool] = ...) -> None: ...
 
 class AggregateReply(_message.Message):
     __slots__ = ("params", "receipt", "metrics", "selected")
@@ -86,3 +88,15 @@ class AggregateReply(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     selected: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, params: _Optional[bytes] = ..., receipt: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., selected: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
+class StateReply(_message.Message):
+    __slots__ = ("statement",)
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    statement: bytes
+    def __init__(self, statement: _Optional[bytes] = ...) -> None: ...

@@ -49,6 +49,11 @@ class EnclaveStub:
                 request_serializer=trustfed_dot_enclave_dot_enclave__pb2.AggregateRequest.SerializeToString,
                 response_deserializer=trustfed_dot_enclave_dot_enclave__pb2.AggregateReply.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_unary(
+                '/trustfed.enclave.v1.Enclave/GetState',
+                request_serializer=trustfed_dot_enclave_dot_enclave__pb2.StateRequest.SerializeToString,
+                response_deserializer=trustfed_dot_enclave_dot_enclave__pb2.StateReply.FromString,
+                _registered_method=True)
 
 
 class EnclaveServicer:
@@ -72,6 +77,13 @@ class EnclaveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetState(self, request, context):
+        """where the enclave stands (a resumed coordinator asks)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnclaveServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +101,11 @@ def add_EnclaveServicer_to_server(servicer, server):
                     servicer.Aggregate,
                     request_deserializer=trustfed_dot_enclave_dot_enclave__pb2.AggregateRequest.FromString,
                     response_serializer=trustfed_dot_enclave_dot_enclave__pb2.AggregateReply.SerializeToString,
+            ),
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=trustfed_dot_enclave_dot_enclave__pb2.StateRequest.FromString,
+                    response_serializer=trustfed_dot_enclave_dot_enclave__pb2.StateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +189,33 @@ class Enclave:
             '/trustfed.enclave.v1.Enclave/Aggregate',
             trustfed_dot_enclave_dot_enclave__pb2.AggregateRequest.SerializeToString,
             trustfed_dot_enclave_dot_enclave__pb2.AggregateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trustfed.enclave.v1.Enclave/GetState',
+            trustfed_dot_enclave_dot_enclave__pb2.StateRequest.SerializeToString,
+            trustfed_dot_enclave_dot_enclave__pb2.StateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,7 @@ from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.merkle import merkle_root
 
 RECEIPT_FORMAT = "trustfed-receipt-v1"
+STATE_FORMAT = "trustfed-enclave-state-v1"
 MAX_RECEIPT_BYTES = 1024 * 1024
 HARDWARE_LABEL = "ATTESTED"
 
@@ -191,3 +192,30 @@ def _privacy_mismatches(block: object, expected: Mapping[str, Any]) -> list[str]
         if not same:
             out.append(f"receipt's privacy.{key} is {got!r}, expected {want!r}")
     return out
+
+
+def verify_state(statement: Receipt, *, enclave_public_key: bytes, nonce: bytes) -> dict[str, Any]:
+    """The body of an enclave's signed state statement (:meth:`trustfed.enclave.core.Enclave.state`),
+    once its format, its signature by ``enclave_public_key`` (the key the caller attested) and its
+    echo of the caller's fresh ``nonce`` hold. Raises ReceiptError naming what does not."""
+    b = statement.body
+    reasons: list[str] = []
+    if b.get("format") != STATE_FORMAT:
+        reasons.append(f"format is {b.get('format')!r}, expected {STATE_FORMAT!r}")
+    if statement.enclave_public_key != enclave_public_key:
+        reasons.append("it is signed by a different enclave key than the one attested")
+    else:
+        try:
+            ok = EnclavePublicKey.from_bytes(enclave_public_key).verify(statement.signature, canonical_json(b))
+        except (EnclaveError, ValueError) as exc:
+            ok = False
+            reasons.append(f"it cannot be checked: {exc}")
+        if not ok:
+            reasons.append("its signature does not verify with the attested enclave key")
+    if b.get("nonce") != nonce.hex():
+        reasons.append("it does not answer this request's nonce (a replayed statement)")
+    if not isinstance(b.get("last_round"), int) or b["last_round"] < 0:
+        reasons.append(f"last_round is {b.get('last_round')!r}")
+    if reasons:
+        raise ReceiptError(f"the enclave's state statement is refused: {'; '.join(reasons)}")
+    return b

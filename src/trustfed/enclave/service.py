@@ -106,6 +106,13 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
             measurement=self.enclave.measurement,
         )
 
+    def GetState(self, request: pb.StateRequest, context: grpc.ServicerContext) -> pb.StateReply:
+        if len(request.nonce) < MIN_NONCE_BYTES or len(request.nonce) > 1024:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nonce must be {MIN_NONCE_BYTES}..1024 bytes")
+        with self._lock:  # not in the middle of an aggregation
+            statement = self.enclave.state(bytes(request.nonce))
+        return pb.StateReply(statement=statement.to_json())
+
     def Aggregate(self, request: pb.AggregateRequest, context: grpc.ServicerContext) -> pb.AggregateReply:
         if self.check_roles:
             role = _peer_role(context)
@@ -143,6 +150,7 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
                         updates,
                         tuple(str(p) for p in request.selected),
                         int(request.available),
+                        bool(request.redo),
                     )
                 )
         except (EnclaveError, CodecError) as exc:
@@ -254,6 +262,10 @@ class GrpcEnclaveClient:
         reply = self._call("GetEvidence", self._stub.GetEvidence, pb.EvidenceRequest(nonce=nonce))
         return bytes(reply.evidence)
 
+    def state(self, nonce: bytes) -> Receipt:
+        reply = self._call("GetState", self._stub.GetState, pb.StateRequest(nonce=nonce))
+        return Receipt.from_json(bytes(reply.statement))
+
     def aggregate(self, request: AggregationRequest) -> AggregationResponse:
         msg = pb.AggregateRequest(
             round=request.round,
@@ -272,6 +284,7 @@ class GrpcEnclaveClient:
             ],
             selected=list(request.selected),
             available=request.available,
+            redo=request.redo,
         )
         reply = self._call("Aggregate", self._stub.Aggregate, msg)
         params = from_bytes(reply.params, request.spec)

@@ -66,7 +66,13 @@ class EnclaveStrategy(Strategy):
         self.allow_simulated = allow_simulated
         self.name = f"enclave({inner.name})"
         self.receipts: list[Receipt] = []
+        self.redo_round: int | None = None  # a resumed run: the enclave's last round, to aggregate again
         self._public_key = enclave.public_key()
+
+    def resume_clip_norm(self, clip_norm: float) -> None:
+        """A resumed run: the clip norm the enclave will apply next (adaptive clipping moved it), from its
+        signed state statement, so that plans announce what the enclave applies."""
+        self._clip_norm = float(clip_norm)
 
     @property
     def last_receipt(self) -> Receipt | None:
@@ -116,9 +122,11 @@ class EnclaveStrategy(Strategy):
                 )
             sealed.append(u)
         available = self._available.pop(plan.round, 0)
+        redo = plan.round == self.redo_round
         resp = self.enclave.aggregate(
-            AggregationRequest(plan.round, params, self.spec, sealed, tuple(plan.participants), available)
+            AggregationRequest(plan.round, params, self.spec, sealed, tuple(plan.participants), available, redo)
         )
+        self.redo_round = None
         out_hash = model_hash(resp.params, self.spec)
         rejected = resp.receipt.body.get("rejected", {})
         verdict = verify_receipt(

@@ -675,8 +675,8 @@ class _Verifier:
 
         for loc in self.privacy:
             b, rnd = loc.entry.body, loc.entry.round
-            if b.get("kind") != "aggregator" or b.get("released_in") != "enclave":
-                continue
+            if b.get("kind") != "aggregator" or b.get("released_in") != "enclave" or b.get("lost") is True:
+                continue  # a lost release (made, then redone after a resume) has no receipt on record; it adds spend
             receipt: _Located | None = facts.get(rnd, {}).get("receipt")
             block = (receipt.entry.body.get("receipt") or {}).get("body", {}).get("privacy") if receipt else None
             if not isinstance(block, dict):

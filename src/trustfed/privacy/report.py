@@ -69,6 +69,32 @@ class PrivacyRecorder:
         if not (resume and path.exists()):
             path.write_text("", encoding="utf-8")
         self.lines: dict[int, list[dict[str, Any]]] = {}  # round -> the lines written for it (the ledger signs them)
+        self._lost: dict[int, list[dict[str, Any]]] = {}  # round -> releases made but not recorded (see count_lost)
+
+    def count_lost(self, release: dict[str, Any]) -> None:
+        """A resumed enclave run: the enclave released round ``release["round"]`` (its receipt privacy
+        block) to a coordinator that stopped before recording it. The round runs again, and this line,
+        ``"lost": true``, is written before that round's own, so the record counts both releases, as the
+        enclave's accountant does."""
+        rnd = int(release["round"])
+        self._lost.setdefault(rnd, []).append(
+            {
+                "round": rnd,
+                "party": "aggregator",
+                "kind": "aggregator",
+                "mode": "central",
+                "epsilon": release["epsilon"],
+                "delta": release["delta"],
+                "noise_multiplier": release["noise_multiplier"],
+                "sample_rate": release["sample_rate"],
+                "steps": int(release["steps"]),
+                "accountant": release["accountant"],
+                "clip_norm": release.get("clip_norm"),
+                "noise_std": release.get("noise_std_mean"),
+                "released_in": "enclave",
+                "lost": True,
+            }
+        )
 
     def keep_rounds_upto(self, last: int) -> int:
         """On resume: drop the lines of rounds after ``last`` (a round that was not recorded and will run
@@ -90,7 +116,7 @@ class PrivacyRecorder:
         pass
 
     def on_round_end(self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: Any) -> None:
-        lines: list[dict[str, Any]] = []
+        lines: list[dict[str, Any]] = self._lost.pop(plan.round, [])
         got = {u.participant_id for u in updates}
         for u in updates:
             line = _participant_line(plan.round, u, self.mode, self.accountant)
