@@ -8,7 +8,9 @@ One JSON object per line:
   (local DP-SGD, or its own budget view of central DP);
 - ``{"round", "party": "aggregator", "kind": "aggregator", ..., "released_in"}``: the central DP-FedAvg
   release; ``released_in`` is ``"enclave"`` when the attested enclave applied the noise (the values
-  are then those of its signed receipt), ``"coordinator"`` otherwise;
+  are then those of its signed receipt), ``"coordinator"`` otherwise; ``"lost": true`` marks a release
+  the enclave made to a coordinator that stopped before recording it (the round ran again after a
+  resume, and both count);
 - ``{"round", "party", "kind": "absent"}``: a selected participant sent no update (it withdrew,
   for example because its budget was spent).
 
