@@ -6,10 +6,10 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from tests.test_simulation import small
 
 from trustfed.cli import main
 from trustfed.config import validate_federation_config
@@ -20,17 +20,6 @@ from trustfed.simulation import run_simulation
 from trustfed.simulation.federation import build_data, model_factory
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'trustfed[ray]')")
-
-
-def small(**over: object) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "federation": {"rounds": 3, "participants": 4, "seed": 1},
-        "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}},
-        "training": {"local_epochs": 1},
-        "strategy": {"min_participants": 2},
-    }
-    raw.update(over)
-    return raw
 
 
 RAY = {"simulation": {"backend": "ray", "workers": 2}}
