@@ -272,3 +272,45 @@ def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
     assert model_hash(got, spec) == upd["update_hash"]
     assert float((got - want).abs().max()) <= TOL
     assert float((got - start).abs().max()) > 1e-3
+
+
+def test_persistent_ddp_workers_serve_every_round_then_leave(tmp_path: Path) -> None:
+    """One torchrun group serves all of a DDP participant's rounds (each equal to single-process
+    training from the same start); a group that died is started again; close() stops it."""
+    from trustfed.config import validate_federation_config
+    from trustfed.core.codec import flatten
+    from trustfed.core.strategy import RoundPlan
+    from trustfed.distributed.participant import DDPTrainer
+    from trustfed.participant.trainer import LocalTrainer
+    from trustfed.simulation.federation import build_data, build_trainer, model_factory, train_config
+
+    raw = {
+        "federation": {"rounds": 3, "participants": 2, "seed": 4},
+        "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "mlp", "hidden": [32]},
+        "participant_training": {"trainer": "ddp", "workers": 2, "participants": ["p000"], "workdir": str(tmp_path)},
+    }
+    cfg = validate_federation_config(raw)
+    data = build_data(cfg)
+    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
+    params, spec = flatten(factory().state_dict())
+    ddp = build_trainer(cfg, data, "p000")
+    assert isinstance(ddp, DDPTrainer) and ddp.persistent
+    local = LocalTrainer("p000", factory, spec, data.shards["p000"], train_config(cfg), cfg.federation.seed)
+    groups = []
+    try:
+        for rnd in (1, 2, 3):
+            plan = RoundPlan(rnd, ("p000",), {})
+            got, want = ddp.fit(params, plan), local.fit(params.clone(), plan)
+            assert float((got.params - want.params).abs().max()) <= TOL, rnd
+            groups.append(ddp._group)
+            params = got.params
+        assert groups[0] is not None and groups[0] is groups[1] is groups[2]  # started once
+        groups[0].kill()
+        groups[0].wait()
+        again = ddp.fit(params, RoundPlan(4, ("p000",), {}))  # a dead group is started again
+        assert ddp._group is not None and ddp._group is not groups[0] and again.num_examples > 0
+        last = ddp._group
+    finally:
+        ddp.close()
+    assert last.poll() == 0 and ddp._group is None  # left on the stop control

@@ -2,7 +2,8 @@
 
 :class:`DDPTrainer` implements the participant's ``Trainer`` seam. ``fit`` writes the round's
 job (global parameters as raw float32 + spec, their hash, the training settings) to a private
-folder, launches ``workers`` torchrun processes (``trustfed.distributed.participant_worker``),
+folder, hands it to ``workers`` torchrun processes (``trustfed.distributed.participant_worker``;
+started once and kept across rounds, or with ``persistent = false`` launched for every round),
 and reads back what rank 0 wrote: the trained parameters and their hash, which it checks
 before returning the :class:`~trustfed.core.strategy.Update`. Rank 0 is thus the only one that
 speaks to the coordinator.
@@ -19,9 +20,11 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ from trustfed.core.strategy import RoundPlan, Update
 from trustfed.data.datasets import Dataset
 from trustfed.distributed.launch import run_torchrun, torchrun_argv, worker_env
 from trustfed.distributed.parallel import DistributedError
+from trustfed.distributed.participant_worker import CONTROL, SERVE
 from trustfed.models.reference import build_model
 from trustfed.models.training import TrainConfig, evaluate
 from trustfed.participant.trainer import round_seed, train_config_from_plan
@@ -45,6 +49,12 @@ def _atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 class DDPTrainer:
@@ -62,6 +72,7 @@ class DDPTrainer:
         backend: str = "auto",
         workdir: Path | None = None,
         timeout: float = 900.0,
+        persistent: bool = True,
     ) -> None:
         if workers < 1:
             raise DistributedError(f"participant {participant_id}: workers must be >= 1, got {workers}")
@@ -78,6 +89,10 @@ class DDPTrainer:
         self.root = (workdir if workdir is not None else Path(self._tmp or ".")) / participant_id
         self._model = build_model(**self.model_desc)
         self._data_written = False
+        self.persistent = persistent
+        self._group: subprocess.Popen[bytes] | None = None  # the persistent torchrun, once started
+        self._group_log: IO[bytes] | None = None
+        self._seq = 0
 
     def _write_data(self) -> None:
         d = self.root / "data"
@@ -114,10 +129,13 @@ class DDPTrainer:
             "data_dir": str(self.root / "data"),
         }
         _atomic(job_dir / "job.json", json.dumps(job, sort_keys=True).encode())
-        argv = torchrun_argv(
-            "trustfed.distributed.participant_worker", ["--job", str(job_dir)], nproc_per_node=self.workers
-        )
-        run_torchrun(argv, job_dir / "torchrun.log", worker_env(), self.timeout)
+        if self.persistent:
+            self._run_in_group(job_dir)
+        else:
+            argv = torchrun_argv(
+                "trustfed.distributed.participant_worker", ["--job", str(job_dir)], nproc_per_node=self.workers
+            )
+            run_torchrun(argv, job_dir / "torchrun.log", worker_env(), self.timeout)
         result = json.loads((job_dir / "update.json").read_text(encoding="utf-8"))
         vec = from_bytes((job_dir / "update.f32").read_bytes(), self.spec)
         got = model_hash(vec, self.spec)
@@ -129,16 +147,75 @@ class DDPTrainer:
         metrics = {**{k: float(v) for k, v in result["metrics"].items()}, "workers": float(self.workers)}
         return Update(self.participant_id, vec, len(self.data), metrics)
 
+    def _start_group(self) -> subprocess.Popen[bytes]:
+        """torchrun with ``workers`` processes serving this trainer's jobs (``participant_worker --serve``)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / CONTROL).unlink(missing_ok=True)
+        self._seq = 0
+        serve = {"owner_pid": os.getpid(), "backend": self.backend}
+        _atomic(self.root / SERVE, json.dumps(serve, sort_keys=True).encode())
+        argv = torchrun_argv(
+            "trustfed.distributed.participant_worker", ["--serve", str(self.root)], nproc_per_node=self.workers
+        )
+        log.info("participant %s: starting %d persistent DDP workers", self.participant_id, self.workers)
+        if self._group_log is not None:  # a group that died before
+            self._group_log.close()
+        self._group_log = (self.root / "torchrun.log").open("ab")
+        return subprocess.Popen(argv, env=worker_env(), stdout=self._group_log, stderr=subprocess.STDOUT)
+
+    def _run_in_group(self, job_dir: Path) -> None:
+        """Hand ``job_dir`` to the persistent workers and wait for rank 0's update (or their exit)."""
+        if self._group is None or self._group.poll() is not None:
+            self._group = self._start_group()
+        self._seq += 1
+        _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "job": job_dir.name}).encode())
+        end = time.monotonic() + self.timeout
+        while not (job_dir / "update.json").exists():
+            code = self._group.poll()
+            if code is not None:
+                self._group = None
+                raise DistributedError(
+                    f"participant {self.participant_id}: the DDP workers exited with {code} during round job "
+                    f"{job_dir.name}; last lines of {self.root / 'torchrun.log'}:\n{_tail(self.root / 'torchrun.log')}"
+                )
+            if time.monotonic() > end:
+                self.close_group()
+                raise DistributedError(
+                    f"participant {self.participant_id}: no update from the DDP workers within {self.timeout} s; "
+                    f"see {self.root / 'torchrun.log'}"
+                )
+            time.sleep(0.005)
+
+    def close_group(self, timeout: float = 30.0) -> None:
+        """Stop the persistent workers (a ``stop`` control, then a kill if they do not leave in time)."""
+        group, self._group = self._group, None
+        if group is not None and group.poll() is None:
+            self._seq += 1
+            _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "stop": True}).encode())
+            try:
+                group.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                group.kill()
+                group.wait()
+        if self._group_log is not None:
+            self._group_log.close()
+            self._group_log = None
+
     def evaluate(self, params: torch.Tensor) -> dict[str, float]:
         load_vector(self._model, params, self.spec)
         r = evaluate(self._model, self.data)
         return {"loss": r.loss, "accuracy": r.accuracy, "num_examples": float(r.num_examples)}
 
     def close(self) -> None:
+        self.close_group()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __del__(self) -> None:
+        group = getattr(self, "_group", None)
+        if group is not None and group.poll() is None:  # ask the workers to leave (they also do once we are gone)
+            self._seq += 1
+            _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "stop": True}).encode())
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -169,7 +246,18 @@ def build_ddp_trainer(
         "channels": list(cfg.model.channels),
     }
     spec = ParamSpec.from_json(_spec_json(desc))
-    return DDPTrainer(pid, desc, spec, data, train_config(cfg), cfg.federation.seed, pt.workers, pt.backend, pt.workdir)
+    return DDPTrainer(
+        pid,
+        desc,
+        spec,
+        data,
+        train_config(cfg),
+        cfg.federation.seed,
+        pt.workers,
+        pt.backend,
+        pt.workdir,
+        persistent=pt.persistent,
+    )
 
 
 def _spec_json(desc: dict[str, Any]) -> str:

@@ -1,8 +1,14 @@
-"""torchrun worker of :class:`~trustfed.distributed.participant.DDPTrainer`: one round of local DDP.
+"""torchrun worker of :class:`~trustfed.distributed.participant.DDPTrainer`: local DDP rounds.
 
-Reads ``JOB/job.json`` and the parameters (checking their hash first), trains exactly like
-``LocalTrainer`` with each mini-batch split across ranks, and on rank 0 writes
-``JOB/update.f32`` and ``JOB/update.json`` (hashes and metrics) atomically.
+A round: read ``JOB/job.json`` and the parameters (checking their hash first), train exactly like
+``LocalTrainer`` with each mini-batch split across ranks, and on rank 0 write ``JOB/update.f32``
+and ``JOB/update.json`` (hashes and metrics) atomically.
+
+``--job JOB`` runs one round and exits. ``--serve DIR`` keeps the process group across rounds: every
+rank polls ``DIR/control.json`` (``{"seq": n, "job": "round-00001"}`` or ``{"seq": n, "stop": true}``,
+written atomically by the trainer) and runs each new job in turn, so a round costs no process start
+or rendezvous. The workers leave on ``stop``, or when the process named in ``DIR/serve.json``
+(``owner_pid``, the trainer's) is gone, so they never outlive the participant.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,18 +89,69 @@ def train_round(job_dir: Path) -> None:
         _atomic(job_dir / "update.json", json.dumps(result, sort_keys=True).encode())
 
 
+CONTROL = "control.json"
+SERVE = "serve.json"
+POLL_S = 0.01
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _control(folder: Path) -> dict[str, object] | None:
+    try:
+        ctl = json.loads((folder / CONTROL).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    if not isinstance(ctl, dict) or not isinstance(ctl.get("seq"), int):
+        raise DistributedError(f"{folder / CONTROL}: expected an object with an integer seq")
+    return ctl
+
+
+def serve(folder: Path) -> None:
+    """Run the jobs ``DIR/control.json`` names, one after another, until ``stop`` or the owner is gone."""
+    owner = int(json.loads((folder / SERVE).read_text(encoding="utf-8"))["owner_pid"])
+    done = 0
+    while True:
+        ctl = _control(folder)
+        if ctl is None or int(ctl["seq"]) <= done:  # type: ignore[call-overload]
+            if not _owner_alive(owner):
+                return
+            time.sleep(POLL_S)
+            continue
+        done = int(ctl["seq"])  # type: ignore[call-overload]
+        if ctl.get("stop"):
+            return
+        job = folder / str(ctl["job"])
+        if job.parent != folder:
+            raise DistributedError(f"{folder / CONTROL}: job {ctl['job']!r} is not a folder of {folder}")
+        train_round(job)
+        dist.barrier()  # the next job starts together
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="trustfed.distributed.participant_worker")
-    ap.add_argument("--job", type=Path, required=True)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--job", type=Path, help="run this one job and exit")
+    mode.add_argument("--serve", type=Path, help="run the jobs this folder's control file names")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    job = json.loads((args.job / "job.json").read_text(encoding="utf-8"))
-    backend = job.get("backend", "auto")
+    settings = json.loads(((args.job / "job.json") if args.job else (args.serve / SERVE)).read_text(encoding="utf-8"))
+    backend = settings.get("backend", "auto")
     if backend == "auto":
         backend = "gloo"  # the reference models are small; keep them on CPU
     dist.init_process_group(backend)
     try:
-        train_round(args.job)
+        if args.job:
+            train_round(args.job)
+        else:
+            serve(args.serve)
         # Tear down together: a rank that destroys its gloo group while rank 0 still writes the update
         # can abort in gloo's threads ("terminate called without an active exception").
         dist.barrier()

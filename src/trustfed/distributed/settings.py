@@ -35,6 +35,7 @@ class ParticipantTrainingSettings(_Section):
     backend: Backend = Field("auto", description="torch.distributed backend: gloo on CPU, nccl on GPU")
     participants: list[str] = Field(default_factory=list, description="ids using this trainer; empty: all")
     workdir: Path | None = Field(None, description="keep each round's job and update files here (default: temp)")
+    persistent: bool = Field(True, description="keep the DDP workers across rounds (false: a torchrun per round)")
 
     def applies_to(self, participant_id: str) -> bool:
         return self.trainer != "local" and (not self.participants or participant_id in self.participants)

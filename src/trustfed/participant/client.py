@@ -36,7 +36,7 @@ from trustfed.ledger.participant import (
     update_bytes,
 )
 from trustfed.participant.settings import ParticipantConfig
-from trustfed.participant.trainer import Trainer
+from trustfed.participant.trainer import Trainer, close_trainer
 from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
 from trustfed.secagg.protocol import SecAggError, TooFewParticipants
 from trustfed.secagg.settings import SecAggSettings
@@ -155,6 +155,7 @@ class ParticipantClient:
         self.channel.close()
         if self.chain is not None:
             self.chain.close()
+        close_trainer(self.trainer)
 
     # -- calls with retry, backoff and a clear final error
     def _call(self, what: str, fn: Callable[[], T]) -> T:

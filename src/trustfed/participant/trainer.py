@@ -48,6 +48,18 @@ def train_config_from_plan(base: TrainConfig, plan: RoundPlan) -> TrainConfig:
     )
 
 
+def close_trainer(trainer: object) -> None:
+    """Close a trainer and the trainers it wraps (``.inner``) that hold resources, such as a DDP
+    trainer's persistent worker processes."""
+    seen: set[int] = set()
+    while trainer is not None and id(trainer) not in seen:
+        seen.add(id(trainer))
+        close = getattr(trainer, "close", None)
+        if callable(close):
+            close()
+        trainer = getattr(trainer, "inner", None)
+
+
 class LocalTrainer:
     """Plain SGD on the participant's own data, deterministic per (seed, round, participant)."""
 

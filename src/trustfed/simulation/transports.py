@@ -16,7 +16,7 @@ from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import from_bytes, to_bytes
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.participant.trainer import Trainer
+from trustfed.participant.trainer import Trainer, close_trainer
 
 log = logging.getLogger("trustfed.simulation")
 
@@ -41,7 +41,8 @@ class InProcessTransport:
         return out
 
     def close(self) -> None:
-        pass
+        for trainer in self.trainers.values():  # e.g. a DDP trainer's persistent worker processes
+            close_trainer(trainer)
 
 
 # --- multiprocess: each worker rebuilds the federation from the config, then trains on request.
