@@ -44,7 +44,8 @@ def test_restarted_dpsgd_participant_resumes_its_spend(tmp_path: Path) -> None:
     assert doc["format"] == STATE_FORMAT and doc["participant_id"] == "p007" and doc["last_round"] == 2
     assert [e["round"] for e in doc["events"]] == [1, 2] and doc["events"][0]["steps"] == event.steps
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f".{path.name}.lock", path.name]  # the lock file stays; no temporary file left behind
     restarted, _ = _dpsgd(tmp_path, None)  # a new process: same folder, fresh objects
     assert restarted.guard.accountant.history == [event, event]
     assert restarted.guard.spent() == pytest.approx(epsilon([event] * 2, 1e-5))
@@ -154,6 +155,23 @@ def test_central_budget_trainer_resumes_its_last_accounted_round(tmp_path: Path)
     assert again.plan_event(RoundPlan(5, ("p000",), plan)) == GaussianSteps(1.0, 0.5, 2)  # rounds 4 and 5
     # a new run (round numbers start again) counts every round of it so far, never fewer
     assert again.plan_event(RoundPlan(2, ("p000",), plan)) == GaussianSteps(1.0, 0.5, 2)
+
+
+def test_two_processes_spending_one_participants_budget_are_caught(tmp_path: Path) -> None:
+    """Each guard saves only over the file it read (compare and swap under a lock): the second of two
+    guards that loaded the same state refuses to overwrite the first one's spend."""
+    from trustfed.privacy.budget import BudgetGuard
+
+    first = BudgetGuard("p000", 10.0, 1e-5, state=BudgetStateFile.in_dir(tmp_path, "p000"))
+    second = BudgetGuard("p000", 10.0, 1e-5, state=BudgetStateFile.in_dir(tmp_path, "p000"))
+    first.record(GaussianSteps(1.0, 0.1, 10), 1)
+    before = (tmp_path / "p000.privacy-budget.json").read_bytes()
+    with pytest.raises(BudgetStateError, match="another process is spending"):
+        second.record(GaussianSteps(1.0, 0.1, 10), 1)
+    assert (tmp_path / "p000.privacy-budget.json").read_bytes() == before  # nothing already stored is lost
+    first.record(GaussianSteps(1.0, 0.1, 10), 2)  # the one that wrote last goes on
+    again = BudgetGuard("p000", 10.0, 1e-5, state=BudgetStateFile.in_dir(tmp_path, "p000"))
+    assert again.last_round == 2 and len(again.steps) == 2
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,15 @@ mode 0600), holding every Gaussian mechanism its budget guard has recorded::
 Epsilon is never stored: it is recomputed from ``events`` at the guard's delta. The file is
 written atomically (temporary file, fsync, rename, fsync of the folder) *before* the update that
 spent the budget leaves the participant, and checked field by field on load; a file that does
-not parse is an error naming it, never a fresh budget. Plain JSON only (no pickle).
+not parse is an error naming it, never a fresh budget. A save holds an exclusive lock on
+``.<name>.lock`` beside the file and replaces only the state this process read, so two processes
+spending one participant's budget at once are refused instead of losing an update. Plain JSON
+only (no pickle).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Sequence
@@ -124,6 +128,7 @@ class BudgetStateFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._seen: bytes | None = None  # the file as this object last read or wrote it (None: absent)
 
     @classmethod
     def in_dir(cls, folder: Path, participant_id: str) -> BudgetStateFile:
@@ -131,23 +136,53 @@ class BudgetStateFile:
 
     def load(self, participant_id: str) -> BudgetState | None:
         """The recorded state, or None when the participant has never spent any budget here."""
+        data = self._read()
+        self._seen = data
+        if data is None:
+            return None
+        return decode_budget_state(data, str(self.path), participant_id)
+
+    def _read(self) -> bytes | None:
         try:
-            data = self.path.read_bytes()
+            return self.path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise BudgetStateError(f"{self.path}: cannot read the privacy budget state: {exc.strerror}") from None
-        return decode_budget_state(data, str(self.path), participant_id)
 
     def save(
         self, participant_id: str, accountant: str, delta: float, last_round: int, steps: Sequence[RecordedStep]
     ) -> None:
-        """Replace the file atomically: a crash leaves the old or the new state, never a torn one."""
+        """Replace the file atomically: a crash leaves the old or the new state, never a torn one. Under an
+        exclusive lock (``.<name>.lock`` beside it), and only if the file is still what this object last
+        read or wrote: a second process spending the same participant's budget meanwhile (two processes
+        run as one participant) is refused, not overwritten."""
         data = encode_budget_state(BudgetState(participant_id, accountant, delta, last_round, tuple(steps)))
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock_fd = os.open(folder / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise BudgetStateError(
+                f"{self.path}: cannot lock the privacy budget state ({exc.strerror}); the update is not sent"
+            ) from None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if self._read() != self._seen:
+                raise BudgetStateError(
+                    f"{self.path}: participant {participant_id}'s privacy budget state changed on disk since this "
+                    "process read it: another process is spending the same participant's budget. Run one process "
+                    "per participant and state folder; the update is not sent"
+                )
+            self._write(data)
+            self._seen = data
+        finally:
+            os.close(lock_fd)  # releases the lock
+
+    def _write(self, data: bytes) -> None:
         folder = self.path.parent
         tmp = folder / f".{self.path.name}.{os.getpid()}.tmp"
         try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
