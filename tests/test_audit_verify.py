@@ -317,3 +317,30 @@ def test_aggregation_naming_other_participants_than_the_commitments_is_caught(ru
     assert has(v.failures, file=AUDIT, line=i + 1, rnd=1, field="body.participants")
     assert has(v.failures, file=AUDIT, line=j + 1, rnd=2, field="body.selected")
     assert not any(f.field == "signature" for f in v.failures), [str(f) for f in v.failures]
+
+
+def test_a_participant_that_leaves_is_exited_on_chain_and_the_audit_holds_the_registry_to_it(tmp_path: Path) -> None:
+    """p002's budget is too small for every round: it withdraws, the round's signed
+    participant_status entry says so, the registry marks it exited, and audit verify checks the
+    registry's statuses against the log (and that nobody who left is selected again)."""
+    out = tmp_path / "run"
+    budgets = {"p002": {"epsilon": 3.5}}
+    record_run(
+        out, rounds=3, privacy={"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budgets": budgets}
+    )
+    v = verify_run(out)
+    assert v.ok, [str(f) for f in v.failures]
+    assert v.checked["departures"] == 1
+    (entry,) = [e for e in map(parse_entry, read_lines(out)) if e.kind == "participant_status"]
+    assert entry.body["participant"] == "p002" and entry.body["status"] == "exited"
+    assert str(entry.body["reason"]).startswith("withdrew: ") and "budget" in str(entry.body["reason"])
+    status = {i.id: i.status for i in EmbeddedLedger(out / "ledger", read_only=True).participants()}
+    assert status["p002"] == Status.EXITED and status["p000"] == status["p001"] == Status.ACTIVE
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    left = entry.round
+    assert "p002" in rounds[left - 1]["participants"] and "p002" not in rounds[left - 1]["updated_by"]
+    assert all("p002" not in r["participants"] for r in rounds[left:]) and left < 3
+    # a registry that disagrees with the log is caught
+    EmbeddedLedger(out / "ledger").set_status("p001", Status.SUSPENDED)
+    v = verify_run(out)
+    assert any(f.field == "registry.p001.status" and "suspended" in f.message for f in v.failures)

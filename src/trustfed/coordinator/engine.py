@@ -52,6 +52,17 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def departure(transport: object, participant_id: str) -> str:
+    """Why ``participant_id`` left: the transport's own ``departure(pid)`` when it (or a transport it
+    wraps, ``.inner``) has one, else ``"withdrew"``."""
+    while transport is not None:
+        why = getattr(transport, "departure", None)
+        if callable(why):
+            return str(why(participant_id))
+        transport = getattr(transport, "inner", None)
+    return "withdrew"
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     round: int
@@ -62,6 +73,8 @@ class RoundRecord:
     # whose updates the round aggregated (for a secure sum, the survivors); the rest of ``participants``
     # dropped out, withdrew or were too late
     updated_by: tuple[str, ...] = ()
+    # who left the federation since the last round (withdrew, revoked, host lost): participant -> why
+    left: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,11 +117,13 @@ class Coordinator:
         self.min_updates = min_updates
         self.observers = list(observers)
         self.round = 0
+        self._present: set[str] | None = None  # who was available after the last round
 
     def run_round(self) -> RoundRecord:
         rnd = self.round + 1
         t0 = time.perf_counter()
-        plan = self.strategy.configure_round(rnd, self.params, self.transport.available())
+        available = list(self.transport.available())
+        plan = self.strategy.configure_round(rnd, self.params, available)
         plan = RoundPlan(plan.round, plan.participants, plan.config, model_hash(self.params, self.spec))
         for obs in self.observers:
             obs.on_round_start(plan, self.params)
@@ -123,8 +138,12 @@ class Coordinator:
         if evaluated:
             metrics.update(evaluated)
         came = tuple(sorted(p.participant_id for u in updates for p in contributions(u)))
+        after = set(self.transport.available())
+        gone = sorted(((self._present or set()) | set(available)) - after)
+        left = {p: departure(self.transport, p) for p in gone}
+        self._present = after
         rec = RoundRecord(
-            rnd, plan.participants, model_hash(self.params, self.spec), metrics, time.perf_counter() - t0, came
+            rnd, plan.participants, model_hash(self.params, self.spec), metrics, time.perf_counter() - t0, came, left
         )
         for obs in self.observers:
             obs.on_round_end(plan, updates, result, rec)

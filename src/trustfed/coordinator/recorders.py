@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -430,6 +430,59 @@ def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observer
     inner.selector = ReputationSelector(record.reputation, cfg.federation.seed)
 
 
+STATUS_KIND = "participant_status"
+
+
+class StatusRecord:
+    """A participant that left the federation (withdrew, was revoked, its host was lost) gets a signed
+    ``participant_status`` entry in the round it left ({participant, status, reason}) and its status
+    in the on-chain registry set (``exited``, or ``revoked``) after the round's commitment: the
+    registry says who is still in the federation, and ``audit verify`` checks it against the log."""
+
+    def genesis(self) -> Sequence[Attachment]:
+        return []
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        from trustfed.ledger.recorder import Attachment
+
+        out = []
+        for pid, reason in sorted(record.left.items()):
+            status = "revoked" if reason == "revoked" else "exited"
+            body = {"participant": pid, "status": status, "reason": reason}
+            out.append(Attachment(STATUS_KIND, body, chain=_set_status(pid, status)))
+        return out
+
+    @staticmethod
+    def check_resume(audit_path: Path, last: int, ledger: LedgerBackend) -> None:
+        """On resume: a status the log records up to round ``last`` but the chain lacks (the coordinator
+        stopped between the round's commitment and the status transaction) is sent now."""
+        from trustfed.ledger.audit import parse_entry, read_entries
+        from trustfed.ledger.records import Status
+
+        for _, line in read_entries(audit_path):
+            if not line.strip():
+                continue
+            e = parse_entry(line)
+            if e.kind != STATUS_KIND or e.round > last:
+                continue
+            pid, status = str(e.body["participant"]), Status[str(e.body["status"]).upper()]
+            ident = next((i for i in ledger.participants() if i.id == pid), None)
+            if ident is not None and ident.status != status:
+                ledger.set_status(pid, status)
+                log.warning("resume: set %s's status to %s on chain, as round %d recorded", pid, status.name, e.round)
+
+
+def _set_status(pid: str, status: str) -> Callable[[LedgerBackend], object]:
+    def send(ledger: LedgerBackend) -> object:
+        from trustfed.ledger.records import Status
+
+        return ledger.set_status(pid, Status[status.upper()])
+
+    return send
+
+
 def recorders_for(
     cfg: FederationConfig,
     out_dir: Path | None,
@@ -463,6 +516,7 @@ def recorders_for(
     if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger
         from trustfed.ledger.recorder import network_recorder, simulated_recorder
 
+        attachments.append(StatusRecord())
         if network is None:
             recorder = simulated_recorder(cfg.ledger, out_dir, spec, list(participant_ids), attachments)
         else:

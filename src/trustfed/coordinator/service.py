@@ -119,6 +119,7 @@ class RoundBoard:
         self.checked_in: dict[str, int] = {}  # participant id -> certificate serial
         self.certificates: dict[str, bytes] = {}  # participant id -> its TLS certificate (PEM), for the ledger
         self.withdrawn: set[str] = set()
+        self.withdrawn_reasons: dict[str, str] = {}  # the reason each signed withdrawal gave
         self.current: _OpenRound | None = None
         self.receipts: dict[int, _ReceiptInfo] = {}
         self.done = False
@@ -325,6 +326,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             log.info("round %d: %s withdrew: %s", h.round, pid, h.withdrawn_reason)
             with self.board.cond:
                 self.board.withdrawn.add(pid)
+                self.board.withdrawn_reasons[pid] = f"withdrew: {h.withdrawn_reason}"[:300]
                 self.board.cond.notify_all()
             return self._ack(h.round, True, "withdrawal recorded")
         masked = h.HasField("secagg_masked") and h.secagg_masked
@@ -657,6 +659,16 @@ class GrpcTransport:
             log.warning("starting without %s (not checked in after %.0f s)", ", ".join(missing), timeout_s)
         return present
 
+    def departure(self, participant_id: str) -> str:
+        """Why a participant left the federation: ``"revoked"`` (its certificate is on the CRL) or its
+        signed withdrawal's reason."""
+        with self.board.cond:
+            serial = self.board.checked_in.get(participant_id)
+            reason = self.board.withdrawn_reasons.get(participant_id, "withdrew")
+        if serial is not None and self.crl.current().is_revoked(serial):
+            return "revoked"
+        return reason
+
     # -- Transport
     def available(self) -> Sequence[str]:
         crl = self.crl.current()
@@ -932,7 +944,7 @@ def _resume(
     runs; the audit log cut back to that round's anchor) or the newest state (unrecorded runs). In
     enclave mode the enclave must be the same one, at the same round (:meth:`EnclaveRecord.check_resume`).
     Returns the round resumed after (0: nothing to resume, a fresh start)."""
-    from trustfed.coordinator.recorders import IncentivesRecord
+    from trustfed.coordinator.recorders import IncentivesRecord, StatusRecord
     from trustfed.coordinator.state import latest_state, load_state, resume
     from trustfed.errors import CheckpointError
     from trustfed.ledger.recorder import LedgerRecorder
@@ -958,6 +970,7 @@ def _resume(
                 rec.keep_rounds_upto(last)
             if isinstance(rec, IncentivesRecord):
                 rec.check_resume(recorder.audit_path, last)
+        StatusRecord.check_resume(recorder.audit_path, last, recorder.ledger)
         lost = enclave.check_resume(last, recorder.audit_path) if enclave is not None else None
         for rec in recorders:
             if lost is not None and isinstance(rec, PrivacyRecorder):

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trustfed.coordinator.recorders import ATTESTATION_KIND, INCENTIVES_KIND, PRIVACY_KIND, RECEIPT_KIND, STAKE_KIND
+from trustfed.coordinator.recorders import (
+    ATTESTATION_KIND,
+    INCENTIVES_KIND,
+    PRIVACY_KIND,
+    RECEIPT_KIND,
+    STAKE_KIND,
+    STATUS_KIND,
+)
 from trustfed.errors import CheckpointError, TrustFedError
 from trustfed.incentives.book import IncentiveBook, selection_shares
 from trustfed.incentives.scoring import IncentiveError, ReputationPolicy, reputation_weighted_selection
@@ -88,6 +95,7 @@ class _Verifier:
         self.enclave: _AttestedEnclave | None = None  # from the log's enclave_attestation entry
         self.privacy: list[_Located] = []  # the signed privacy_spend entries, in log order
         self.book: IncentiveBook | None = None  # reputation and balances recomputed from the log
+        self.left: dict[str, tuple[str, int]] = {}  # participant -> (status, round) from participant_status entries
 
     def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
         self.failures.append(Failure(file, line, rnd, fld, msg))
@@ -207,6 +215,15 @@ class _Verifier:
                 e, ln = loc.entry, loc.line
                 if e.kind == "round_plan":
                     plan = f["plan"] = loc
+                    for pid in e.body.get("participants", []):
+                        if pid in self.left and self.left[pid][1] < rnd:
+                            self.fail(
+                                AUDIT_FILE,
+                                ln,
+                                rnd,
+                                "body.participants",
+                                f"selects {pid!r}, who left in round {self.left[pid][1]}",
+                            )
                     if prev_model is not None and e.body.get("model_hash") != prev_model:
                         self.fail(
                             AUDIT_FILE,
@@ -234,6 +251,8 @@ class _Verifier:
                     self._attestation(loc)
                 elif e.kind == PRIVACY_KIND:
                     self.privacy.append(loc)
+                elif e.kind == STATUS_KIND:
+                    self._status(loc)
                 elif e.kind == STAKE_KIND:
                     if rnd != 0 or "stake" in f:
                         self.fail(AUDIT_FILE, ln, rnd, "kind", "stakes are set once, before round 1")
@@ -382,6 +401,9 @@ class _Verifier:
             self.fail(AUDIT_FILE, ln, e.round, "body.participant", "commitment names someone other than its author")
         if plan is None or e.author not in plan.entry.body.get("participants", []):
             self.fail(AUDIT_FILE, ln, e.round, "author", f"{e.author!r} was not selected in this round's plan")
+        gone = self.left.get(e.author)
+        if gone is not None and gone[1] < e.round:
+            self.fail(AUDIT_FILE, ln, e.round, "author", f"{e.author!r} left the federation in round {gone[1]}")
         try:
             real = update_commitment(e.round, e.author, bytes.fromhex(str(b.get("update_sha256")))).hex()
         except (ValueError, TrustFedError) as exc:
@@ -392,6 +414,22 @@ class _Verifier:
         self.checked["commitments"] += 1
         f["leaves"].append(bytes.fromhex(real))
         f.setdefault("commitments", {})[e.author] = f["leaves"][-1]  # author -> commitment, for the receipt
+
+    def _status(self, loc: _Located) -> None:
+        """A participant left the federation: known to the log, once, as exited or revoked."""
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        pid, status = str(b.get("participant", "")), b.get("status")
+        if e.author != COORDINATOR_ID:
+            self.fail(AUDIT_FILE, ln, e.round, "author", "a status is recorded by the coordinator only")
+        elif pid not in self.identities:
+            self.fail(AUDIT_FILE, ln, e.round, "body.participant", f"{pid!r} is not a registered identity")
+        elif status not in ("exited", "revoked"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.status", f"expected exited or revoked, got {status!r}")
+        elif pid in self.left:
+            self.fail(AUDIT_FILE, ln, e.round, "body.participant", f"{pid!r} already left in round {self.left[pid][1]}")
+        else:
+            self.left[pid] = (str(status), e.round)
+            self.checked["departures"] += 1
 
     def _checkpoint(self, loc: _Located) -> str:
         e, ln, b = loc.entry, loc.line, loc.entry.body
@@ -588,6 +626,14 @@ class _Verifier:
             elif ident.role.name.lower() != role:
                 self.fail(
                     CHAIN, None, None, f"registry.{pid}.role", f"chain says {ident.role.name.lower()}, log says {role}"
+                )
+            elif ident.status.name.lower() != self.left.get(pid, ("active", 0))[0]:
+                self.fail(
+                    CHAIN,
+                    None,
+                    None,
+                    f"registry.{pid}.status",
+                    f"chain says {ident.status.name.lower()}, the log says {self.left.get(pid, ('active', 0))[0]}",
                 )
         for pid in on_chain.keys() - self.identities.keys():
             self.fail(CHAIN, None, None, f"registry.{pid}", "registered on chain but absent from the log")

@@ -73,6 +73,7 @@ class RayTransport:
         ray = self._ray = _ray()
         self.ids = sorted(f"p{i:03d}" for i in range(cfg.federation.participants))
         self.withdrawn: set[str] = set()
+        self.departures: dict[str, str] = {}
         self._started = False
         if not ray.is_initialized():
             # Ray's usage statistics would be sent to its makers: off unless the user has set otherwise.
@@ -110,6 +111,7 @@ class RayTransport:
                 if isinstance(cause, ParticipantWithdrew):
                     log.info("round %d: %s; it leaves the federation", plan.round, cause)
                     self.withdrawn.add(cause.participant_id)
+                    self.departures[cause.participant_id] = f"withdrew: {cause.reason}"
                     continue
                 raise (cause if isinstance(cause, Exception) else exc) from exc
             except ray.exceptions.RayActorError as exc:
@@ -128,6 +130,10 @@ class RayTransport:
             type(exc).__name__,
         )
         self.withdrawn.update(gone)
+        self.departures.update({p: f"lost: the Ray actor hosting it died ({type(exc).__name__})" for p in gone})
+
+    def departure(self, participant_id: str) -> str:
+        return self.departures.get(participant_id, "withdrew")
 
     def close(self) -> None:
         ray = self._ray

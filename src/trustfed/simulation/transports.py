@@ -26,6 +26,10 @@ class InProcessTransport:
 
     def __init__(self, trainers: Mapping[str, Trainer]) -> None:
         self.trainers = dict(trainers)
+        self.departures: dict[str, str] = {}
+
+    def departure(self, participant_id: str) -> str:
+        return self.departures.get(participant_id, "withdrew")
 
     def available(self) -> Sequence[str]:
         return sorted(self.trainers)
@@ -37,7 +41,8 @@ class InProcessTransport:
                 out.append(self.trainers[pid].fit(params.clone(), plan))
             except ParticipantWithdrew as exc:
                 log.info("round %d: %s; it leaves the federation", plan.round, exc)
-                del self.trainers[pid]
+                self.departures[pid] = f"withdrew: {exc.reason}"
+                close_trainer(self.trainers.pop(pid))
         return out
 
     def close(self) -> None:
@@ -89,6 +94,7 @@ class MultiprocessTransport:
     def __init__(self, cfg: FederationConfig, workers: int) -> None:
         self.ids = sorted(f"p{i:03d}" for i in range(cfg.federation.participants))
         self.withdrawn: set[str] = set()
+        self.departures: dict[str, str] = {}
         # Privacy budgets: one state file per participant in a folder of this run's own (a participant
         # trains at most once per round, so its file is never written by two workers at once).
         self._budgets = tempfile.TemporaryDirectory(prefix="trustfed-budgets-") if cfg.privacy.mode != "none" else None
@@ -111,6 +117,9 @@ class MultiprocessTransport:
     def available(self) -> Sequence[str]:
         return [pid for pid in self.ids if pid not in self.withdrawn]
 
+    def departure(self, participant_id: str) -> str:
+        return self.departures.get(participant_id, "withdrew")
+
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
         payload = to_bytes(params)
         futs = [
@@ -123,6 +132,7 @@ class MultiprocessTransport:
             except ParticipantWithdrew as exc:
                 log.info("round %d: %s; it leaves the federation", plan.round, exc)
                 self.withdrawn.add(exc.participant_id)
+                self.departures[exc.participant_id] = f"withdrew: {exc.reason}"
                 continue
             out.append(Update(pid, from_bytes(data), n, metrics))
         return out
