@@ -170,3 +170,47 @@ def test_standby_takes_over_a_recorded_run_and_participants_follow(
         assert len(lost) == int(redone) and len(lines) == 4 + len(lost), lines
         # every release the enclave made is counted: with a lost one, the final epsilon is that of 5 releases
         assert (lines[-1]["epsilon"] > want[-1]) == redone and lines[-1]["epsilon"] >= want[-1]
+
+
+def test_a_participant_revoked_mid_run_is_marked_revoked_on_chain(tmp_path: Path) -> None:
+    """The CA revokes p002 once round 1 is on record: the coordinator refuses its calls (the CRL file is
+    re-read when it changes), drops it from the federation, records a signed participant_status entry
+    and sets its registry status to revoked; the others finish and the run verifies."""
+    from trustfed.ledger.backends import EmbeddedLedger
+    from trustfed.ledger.records import Status
+    from trustfed.pki import revoke
+
+    raw = {**RAW, "strategy": {**RAW["strategy"], "min_participants": 2}}
+    out = tmp_path / "run"
+    ids = participant_ids(3)
+    fed = prepare(out, raw, ids, round_timeout_s=20)
+    port = _free_port()
+    write_participant_configs(fed, f"127.0.0.1:{port}", ids)
+    logs = out / "logs"
+    server = _server(fed.federation_file, out, port, logs / "server.log")
+    procs = [server]
+    try:
+        _wait_for("the coordinator", lambda: "leads" in (logs / "server.log").read_text(), 60, procs)
+        parts = {pid: start_participant(fed.participant_files[pid], logs / f"{pid}.log") for pid in ids}
+        procs += parts.values()
+        _wait_for("round 1 on record", lambda: _aggregated(out) >= 1, 180, [server])
+        assert revoke(out / "pki", name="p002")
+        assert server.wait(timeout=240) == 0, (logs / "server.log").read_text()[-3000:]
+        for pid in ("p000", "p001"):
+            assert parts[pid].wait(timeout=60) == 0, (logs / f"{pid}.log").read_text()[-3000:]
+        assert parts["p002"].wait(timeout=120) != 0  # refused from then on, it gives up
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    statuses = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    (entry,) = [e for e in statuses if e["kind"] == "participant_status"]
+    assert entry["body"] == {"participant": "p002", "status": "revoked", "reason": "revoked"}
+    status = {i.id: i.status for i in EmbeddedLedger(out / "ledger", read_only=True).participants()}
+    assert status["p002"] == Status.REVOKED and status["p000"] == Status.ACTIVE
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert all("p002" not in r["participants"] for r in rounds if r["round"] > entry["round"])
+    verdict = verify_run(out)
+    assert verdict.ok, [str(f) for f in verdict.failures]
+    assert verdict.checked["departures"] == 1
