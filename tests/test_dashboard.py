@@ -82,6 +82,8 @@ def test_run_page_shows_progress_accounts_incentives_and_privacy(base: str) -> N
         assert text in page
     view = json.loads(get(base + "/api/runs/good")[1])
     assert view["status"] == "finished" and len(view["rounds"]) == 2 and view["final_accuracy"] is not None
+    assert all(r["updated_by"] == ["p000", "p001", "p002"] for r in view["rounds"])
+    assert "<th>selected</th><th>updates</th>" in page
     accounts = {p["id"]: p for p in view["participants"]}
     assert sum(accounts[p]["balance"] for p in ("p000", "p001", "p002")) == 2000
     assert [i["round"] for i in view["incentives"]] == [1, 2]

@@ -125,9 +125,16 @@ def render_run(view: RunView, refresh: int = 0) -> str:
     parts.append(
         "<h2>Rounds</h2>"
         + _table(
-            ["round", "accuracy", "loss", "seconds", "participants"],
+            ["round", "accuracy", "loss", "seconds", "selected", "updates"],
             [
-                [r["round"], _fmt(r["accuracy"]), _fmt(r["loss"]), _fmt(r["seconds"], 2), len(r["participants"])]
+                [
+                    r["round"],
+                    _fmt(r["accuracy"]),
+                    _fmt(r["loss"]),
+                    _fmt(r["seconds"], 2),
+                    len(r["participants"]),
+                    len(r["updated_by"]),
+                ]
                 for r in view.rounds
             ],
         )

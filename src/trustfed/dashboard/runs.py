@@ -115,6 +115,7 @@ def _from_metrics(view: RunView, m: dict[str, Any]) -> None:
             "loss": _num(r.get("loss")),
             "seconds": _num(r.get("seconds")),
             "participants": list(r.get("participants") or []),
+            "updated_by": list(r.get("updated_by") or r.get("participants") or []),  # older runs: the selection
         }
         for r in m.get("rounds") or []
     ]
@@ -163,6 +164,7 @@ def _rounds_from_log(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "loss": _num(met.get("loss")),
                 "seconds": None,
                 "participants": list(e["body"].get("participants") or []),
+                "updated_by": list(e["body"].get("participants") or []),  # the committers
             }
         )
     return out
