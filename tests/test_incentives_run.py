@@ -293,3 +293,39 @@ def test_a_skipped_slash_is_caught(staked: Path, tmp_path: Path) -> None:
 def test_slashing_needs_a_stake() -> None:
     with pytest.raises(ConfigError, match="slash_fraction > 0 needs a stake"):
         validate_federation_config(raw_config(incentives={"enabled": True, "slash_fraction": 0.5}))
+
+
+def test_a_participant_whose_reputation_falls_below_suspend_below_is_suspended(tmp_path: Path) -> None:
+    """A Gaussian-noise attacker is left out by Multi-Krum and flagged every round; once its reputation
+    is below suspend_below it gets a signed participant_status entry, the registry marks it suspended,
+    and it is never selected again. The audit recomputes the suspension from the reputations: a log
+    that hides it fails."""
+    from tests.ledger_helpers import rechain
+
+    from trustfed.ledger.backends import EmbeddedLedger
+    from trustfed.ledger.records import Status
+
+    raw = raw_config(attack={"kind": "gaussian_noise", "fraction": 0.2, "seed": 0})
+    raw["federation"] = {**raw["federation"], "rounds": 4}
+    raw["incentives"] = {**raw["incentives"], "suspend_below": 0.2}
+    out = tmp_path / "run"
+    run_simulation(validate_federation_config(raw, "test"), out)
+    v = verify_run(out)
+    assert v.ok, [str(f) for f in v.failures]
+    lines = read_lines(out)
+    (status,) = [json.loads(x) for x in lines if json.loads(x)["kind"] == "participant_status"]
+    pid, rnd = status["body"]["participant"], status["round"]
+    assert status["body"]["status"] == "suspended" and "below 0.2" in status["body"]["reason"]
+    flagged = {e["round"]: e["body"]["flagged"] for e in map(json.loads, lines) if e["kind"] == "incentives"}
+    assert all(pid in flagged[r] for r in range(1, rnd + 1))  # flagged every round until suspended
+    assert {i.id: i.status for i in EmbeddedLedger(out / "ledger", read_only=True).participants()}[
+        pid
+    ] == Status.SUSPENDED
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert pid in rounds[rnd - 1]["participants"] and all(pid not in r["participants"] for r in rounds[rnd:])
+    # a coordinator that hides the suspension (entry removed, log re-chained) is caught
+    i = find(lines, "participant_status", rnd)
+    write_lines(out, rechain(lines[:i] + lines[i + 1 :], i))
+    v = verify_run(out)
+    assert has(v.failures, file=AUDIT, rnd=rnd, field="participant_status")
+    assert any(f.field == f"registry.{pid}.status" for f in v.failures)

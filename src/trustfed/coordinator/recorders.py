@@ -271,6 +271,7 @@ class IncentivesRecord:
         self._global: Any = None
         self._pending: dict[int, tuple[RoundIncentives, str]] = {}
         self._restored: set[str] = set()
+        self.suspended: dict[str, int] = {}  # participant -> the round it was suspended in (never selected again)
 
     def on_round_start(self, plan: RoundPlan, params: Any) -> None:
         self._global = params.detach().clone()
@@ -297,6 +298,9 @@ class IncentivesRecord:
         s = self.settings
         change = self.book.apply(plan.round, ids, shares, flagged, s.reward_per_round, s.slash_fraction)
         self._pending[plan.round] = (change, source)
+        for pid in sorted(ids):
+            if pid not in self.suspended and self.book.current(pid) < s.suspend_below:
+                self.suspended[pid] = plan.round
 
     def _contributions(
         self, updates: Sequence[Update], result: RoundResult, selected: Sequence[str]
@@ -348,6 +352,8 @@ class IncentivesRecord:
             e = json.loads(text)
             if e.get("kind") == INCENTIVES_KIND and int(e.get("round", -1)) == last:
                 body = e["body"]
+            if e.get("kind") == STATUS_KIND and e["body"].get("status") == "suspended" and int(e["round"]) <= last:
+                self.suspended[str(e["body"]["participant"])] = int(e["round"])
         if body is None:
             return
         after = {str(k): int(v) for k, v in body["reputation_ppm"].items()}
@@ -396,6 +402,8 @@ class IncentivesRecord:
         change, source = self._pending.pop(plan.round)
         s = self.settings
         body = change.to_body(s.reward_per_round, source, self.book.policy, s.flag_unselected, s.slash_fraction)
+        if s.suspend_below > 0:
+            body["suspend_below"] = s.suspend_below
         ids = sorted(change.rewards)
         deltas = [change.reputation_deltas[p] for p in ids]
         rewards = [change.rewards[p] for p in ids]
@@ -405,13 +413,21 @@ class IncentivesRecord:
                 ledger.slash(pid, plan.round, amount, "flagged by the aggregator")
             return ledger.apply_incentives(plan.round, ids, deltas, rewards)
 
-        return [Attachment(INCENTIVES_KIND, body, chain=apply)]
+        out = [Attachment(INCENTIVES_KIND, body, chain=apply)]
+        for pid in sorted(p for p, r in self.suspended.items() if r == plan.round):
+            reason = f"reputation {self.book.current(pid):.6f} below {s.suspend_below}"
+            log.warning("round %d: %s is suspended (%s): it is not selected again", plan.round, pid, reason)
+            status = {"participant": pid, "status": "suspended", "reason": reason}
+            out.append(Attachment(STATUS_KIND, status, chain=_set_status(pid, "suspended")))
+        return out
 
 
 def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observers: Sequence[object]) -> None:
     """With ``[incentives] selection = "reputation"``, let the federation's FedAvg-family strategy (inside
-    any enclave / DP wrapper) draw participants by the reputation the run's incentives record holds."""
-    if cfg.incentives.selection != "reputation":
+    any enclave / DP wrapper) draw participants by the reputation the run's incentives record holds;
+    with ``suspend_below``, never draw a participant the record has suspended."""
+    inc = cfg.incentives
+    if inc.selection != "reputation" and not (inc.enabled and inc.suspend_below > 0):
         return
     from trustfed.core.strategy import FedAvg
     from trustfed.incentives.book import ReputationSelector
@@ -420,14 +436,19 @@ def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observer
     record = next((o for o in observers if isinstance(o, IncentivesRecord)), None)
     if record is None:
         raise LedgerError(
-            "incentives.selection = 'reputation' needs the run to be recorded (an output folder and [ledger] enabled)"
+            "incentives.selection = 'reputation' (or suspend_below) needs the run to be recorded (an output folder "
+            "and [ledger] enabled)"
         )
     inner: Any = strategy
     while not isinstance(inner, FedAvg) and hasattr(inner, "inner"):
         inner = inner.inner
     if not isinstance(inner, FedAvg):
         raise LedgerError(f"strategy {strategy.name!r} does not draw participants the FedAvg way")
-    inner.selector = ReputationSelector(record.reputation, cfg.federation.seed)
+    if inc.selection == "reputation":
+        inner.selector = ReputationSelector(record.reputation, cfg.federation.seed)
+    if inc.suspend_below > 0:
+        suspended = record.suspended
+        inner.excluded = lambda: suspended
 
 
 STATUS_KIND = "participant_status"

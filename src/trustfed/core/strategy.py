@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -137,6 +137,7 @@ class FedAvg(Strategy):
         self.evaluate_fn = evaluate_fn
         self.seed = seed
         self.selector: Selector | None = None  # e.g. reputation-weighted; default: uniform without replacement
+        self.excluded: Callable[[], Collection[str]] | None = None  # never selected (e.g. suspended participants)
 
     def select(self, rnd: int, available: Sequence[str]) -> tuple[str, ...]:
         pool = sorted(available)
@@ -151,6 +152,9 @@ class FedAvg(Strategy):
         return tuple(sorted(rng.sample(pool, k)))
 
     def configure_round(self, rnd: int, params: torch.Tensor, available: Sequence[str]) -> RoundPlan:
+        if self.excluded is not None:
+            out = self.excluded()
+            available = [p for p in available if p not in out]
         chosen = self.select(rnd, available)
         config = dict(self.local_config)
         if self.selector is not None and len(chosen) < len(available):

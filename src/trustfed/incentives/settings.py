@@ -35,6 +35,12 @@ class IncentiveSettings(BaseModel):
     flag_unselected: bool = Field(
         True, description="flag updates the aggregator left out (turn off for rules that keep one update, like krum)"
     )
+    suspend_below: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="suspend a participant whose reputation falls below this: never selected again (0: never)",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> IncentiveSettings:
@@ -42,6 +48,12 @@ class IncentiveSettings(BaseModel):
             raise ValueError(f"floor ({self.floor}) must be <= initial ({self.initial})")
         if self.slash_fraction > 0 and self.stake == 0:
             raise ValueError("slash_fraction > 0 needs a stake to slash (set stake)")
+        if self.suspend_below > 0 and not self.enabled:
+            raise ValueError("suspend_below needs enabled = true: suspensions follow the reputations it keeps")
+        if self.suspend_below > self.initial:
+            raise ValueError(
+                f"suspend_below ({self.suspend_below}) must be <= initial ({self.initial}): newcomers would be suspended"
+            )
         return self
 
     def policy(self) -> ReputationPolicy:

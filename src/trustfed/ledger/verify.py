@@ -96,6 +96,8 @@ class _Verifier:
         self.privacy: list[_Located] = []  # the signed privacy_spend entries, in log order
         self.book: IncentiveBook | None = None  # reputation and balances recomputed from the log
         self.left: dict[str, tuple[str, int]] = {}  # participant -> (status, round) from participant_status entries
+        self.suspensions: dict[str, int] = {}  # participant -> the round a logged entry suspended it in
+        self._due: set[str] = set()  # the suspensions the recomputed reputations call for, so far
 
     def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
         self.failures.append(Failure(file, line, rnd, fld, msg))
@@ -423,12 +425,14 @@ class _Verifier:
             self.fail(AUDIT_FILE, ln, e.round, "author", "a status is recorded by the coordinator only")
         elif pid not in self.identities:
             self.fail(AUDIT_FILE, ln, e.round, "body.participant", f"{pid!r} is not a registered identity")
-        elif status not in ("exited", "revoked"):
-            self.fail(AUDIT_FILE, ln, e.round, "body.status", f"expected exited or revoked, got {status!r}")
-        elif pid in self.left:
+        elif status not in ("exited", "revoked", "suspended"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.status", f"expected exited, revoked or suspended, got {status!r}")
+        elif pid in self.left and not (self.left[pid][0] == "suspended" and status != "suspended"):
             self.fail(AUDIT_FILE, ln, e.round, "body.participant", f"{pid!r} already left in round {self.left[pid][1]}")
-        else:
+        else:  # a suspended participant may still exit or be revoked (final)
             self.left[pid] = (str(status), e.round)
+            if status == "suspended":
+                self.suspensions[pid] = e.round
             self.checked["departures"] += 1
 
     def _checkpoint(self, loc: _Located) -> str:
@@ -581,7 +585,26 @@ class _Verifier:
                 self.fail(
                     AUDIT_FILE, ln, rnd, f"body.{key}", f"recorded {got!r}, the contributions and policy give {want!r}"
                 )
+        self._suspensions(rnd, ln, participants, b.get("suspend_below", 0.0))
         self.checked["incentive_rounds"] += 1
+
+    def _suspensions(self, rnd: int, ln: int, participants: list[str], threshold: object) -> None:
+        """The round's recomputed reputations call for exactly the suspensions its status entries record."""
+        if not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+            self.fail(AUDIT_FILE, ln, rnd, "body.suspend_below", f"expected a number in [0, 1], got {threshold!r}")
+            return
+        assert self.book is not None
+        due = {p for p in participants if p not in self._due and self.book.current(p) < threshold}
+        self._due |= due
+        logged = {p for p, r in self.suspensions.items() if r == rnd}
+        if due != logged:
+            self.fail(
+                AUDIT_FILE,
+                ln,
+                rnd,
+                "participant_status",
+                f"the reputations suspend {sorted(due)} in this round; the log suspends {sorted(logged)}",
+            )
 
     # ------------------------------------------------------------ 3. the chain
     def check_chain(self, facts: dict[int, dict[str, Any]]) -> None:
