@@ -476,12 +476,14 @@ class StatusRecord:
         return out
 
     @staticmethod
-    def check_resume(audit_path: Path, last: int, ledger: LedgerBackend) -> None:
+    def check_resume(audit_path: Path, last: int, ledger: LedgerBackend) -> dict[str, str]:
         """On resume: a status the log records up to round ``last`` but the chain lacks (the coordinator
-        stopped between the round's commitment and the status transaction) is sent now."""
+        stopped between the round's commitment and the status transaction) is sent now. Returns every
+        participant the log has leave or be suspended (-> its status): the resumed run leaves them out."""
         from trustfed.ledger.audit import parse_entry, read_entries
         from trustfed.ledger.records import Status
 
+        out: dict[str, str] = {}
         for _, line in read_entries(audit_path):
             if not line.strip():
                 continue
@@ -493,6 +495,8 @@ class StatusRecord:
             if ident is not None and ident.status != status:
                 ledger.set_status(pid, status)
                 log.warning("resume: set %s's status to %s on chain, as round %d recorded", pid, status.name, e.round)
+            out[pid] = status.name.lower()
+        return out
 
 
 def _set_status(pid: str, status: str) -> Callable[[LedgerBackend], object]:

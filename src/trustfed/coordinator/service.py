@@ -19,7 +19,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -659,6 +659,13 @@ class GrpcTransport:
             log.warning("starting without %s (not checked in after %.0f s)", ", ".join(missing), timeout_s)
         return present
 
+    def exclude(self, reasons: Mapping[str, str]) -> None:
+        """Leave these participants out from now on (a resumed run: the log has them leave earlier)."""
+        with self.board.cond:
+            self.board.withdrawn.update(reasons)
+            self.board.withdrawn_reasons.update(reasons)
+            self.board.cond.notify_all()
+
     def departure(self, participant_id: str) -> str:
         """Why a participant left the federation: ``"revoked"`` (its certificate is on the CRL) or its
         signed withdrawal's reason."""
@@ -970,7 +977,10 @@ def _resume(
                 rec.keep_rounds_upto(last)
             if isinstance(rec, IncentivesRecord):
                 rec.check_resume(recorder.audit_path, last)
-        StatusRecord.check_resume(recorder.audit_path, last, recorder.ledger)
+        gone = StatusRecord.check_resume(recorder.audit_path, last, recorder.ledger)
+        exclude = getattr(coord.transport, "exclude", None)
+        if gone and callable(exclude):
+            exclude({pid: f"{status} before the resume" for pid, status in gone.items()})
         lost = enclave.check_resume(last, recorder.audit_path) if enclave is not None else None
         for rec in recorders:
             if lost is not None and isinstance(rec, PrivacyRecorder):

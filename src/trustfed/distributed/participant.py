@@ -16,6 +16,7 @@ whole mini-batch (also when the last batch is uneven).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -215,7 +216,11 @@ class DDPTrainer:
         group = getattr(self, "_group", None)
         if group is not None and group.poll() is None:  # ask the workers to leave (they also do once we are gone)
             self._seq += 1
-            _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "stop": True}).encode())
+            with contextlib.suppress(OSError):
+                _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "stop": True}).encode())
+        group_log = getattr(self, "_group_log", None)
+        if group_log is not None:
+            group_log.close()
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
