@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,12 +53,16 @@ class Transport(Protocol):
 
 
 def departure(transport: object, participant_id: str) -> str:
-    """Why ``participant_id`` left: the transport's own ``departure(pid)`` when it (or a transport it
-    wraps, ``.inner``) has one, else ``"withdrew"``."""
+    """Why ``participant_id`` left: from the transport's own ``departure(pid)``, or its ``departures``
+    map (participant -> reason), when it (or a transport it wraps, ``.inner``) has one; else
+    ``"withdrew"``."""
     while transport is not None:
         why = getattr(transport, "departure", None)
         if callable(why):
             return str(why(participant_id))
+        known = getattr(transport, "departures", None)
+        if isinstance(known, Mapping):
+            return str(known.get(participant_id, "withdrew"))
         transport = getattr(transport, "inner", None)
     return "withdrew"
 

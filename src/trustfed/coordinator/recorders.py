@@ -160,16 +160,13 @@ class EnclaveRecord:
         the round only. Then the coordinator takes the clip norm the enclave applies next."""
         from trustfed.enclave.receipts import verify_state
         from trustfed.errors import CheckpointError
-        from trustfed.ledger.audit import parse_entry, read_entries
+        from trustfed.ledger.audit import parsed_entries
 
         attested = str(self.attestation.claims.get("public_key", ""))
         logged: str | None = None
         recorded: Any = None
         if audit_path is not None:
-            for _, line in read_entries(audit_path):
-                if not line.strip():
-                    continue
-                e = parse_entry(line)
+            for e in parsed_entries(audit_path):
                 if e.kind == ATTESTATION_KIND:
                     logged = str(e.body.get("public_key", ""))
                 elif e.kind == RECEIPT_KIND and e.round == last:
@@ -480,14 +477,11 @@ class StatusRecord:
         """On resume: a status the log records up to round ``last`` but the chain lacks (the coordinator
         stopped between the round's commitment and the status transaction) is sent now. Returns every
         participant the log has leave or be suspended (-> its status): the resumed run leaves them out."""
-        from trustfed.ledger.audit import parse_entry, read_entries
+        from trustfed.ledger.audit import parsed_entries
         from trustfed.ledger.records import Status
 
         out: dict[str, str] = {}
-        for _, line in read_entries(audit_path):
-            if not line.strip():
-                continue
-            e = parse_entry(line)
+        for e in parsed_entries(audit_path):
             if e.kind != STATUS_KIND or e.round > last:
                 continue
             pid, status = str(e.body["participant"]), Status[str(e.body["status"]).upper()]

@@ -118,8 +118,7 @@ class RoundBoard:
         self.cond = threading.Condition()
         self.checked_in: dict[str, int] = {}  # participant id -> certificate serial
         self.certificates: dict[str, bytes] = {}  # participant id -> its TLS certificate (PEM), for the ledger
-        self.withdrawn: set[str] = set()
-        self.withdrawn_reasons: dict[str, str] = {}  # the reason each signed withdrawal gave
+        self.withdrawn: dict[str, str] = {}  # participant -> why it left (its signed withdrawal's reason)
         self.current: _OpenRound | None = None
         self.receipts: dict[int, _ReceiptInfo] = {}
         self.done = False
@@ -325,8 +324,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             expect_end(parts, f"withdrawal of {pid}")
             log.info("round %d: %s withdrew: %s", h.round, pid, h.withdrawn_reason)
             with self.board.cond:
-                self.board.withdrawn.add(pid)
-                self.board.withdrawn_reasons[pid] = f"withdrew: {h.withdrawn_reason}"[:300]
+                self.board.withdrawn[pid] = f"withdrew: {h.withdrawn_reason}"[:300]
                 self.board.cond.notify_all()
             return self._ack(h.round, True, "withdrawal recorded")
         masked = h.HasField("secagg_masked") and h.secagg_masked
@@ -663,7 +661,6 @@ class GrpcTransport:
         """Leave these participants out from now on (a resumed run: the log has them leave earlier)."""
         with self.board.cond:
             self.board.withdrawn.update(reasons)
-            self.board.withdrawn_reasons.update(reasons)
             self.board.cond.notify_all()
 
     def departure(self, participant_id: str) -> str:
@@ -671,7 +668,7 @@ class GrpcTransport:
         signed withdrawal's reason."""
         with self.board.cond:
             serial = self.board.checked_in.get(participant_id)
-            reason = self.board.withdrawn_reasons.get(participant_id, "withdrew")
+            reason = self.board.withdrawn.get(participant_id, "withdrew")
         if serial is not None and self.crl.current().is_revoked(serial):
             return "revoked"
         return reason
@@ -702,11 +699,11 @@ class GrpcTransport:
         with self.board.cond:
             self.board.current = open_round
             self.board.cond.notify_all()
-            self._wait(open_round, lambda: selected <= set(open_round.updates) | self.board.withdrawn, deadline)
+            self._wait(open_round, lambda: selected <= set(open_round.updates) | self.board.withdrawn.keys(), deadline)
             open_round.closed = True
             self.board.cond.notify_all()
             got = dict(open_round.updates)
-            missing = sorted(selected - set(got) - self.board.withdrawn)
+            missing = sorted(selected - set(got) - self.board.withdrawn.keys())
         if missing:
             log.warning("round %d: no update from %s before the deadline", plan.round, ", ".join(missing))
         return [got[pid] for pid in plan.participants if pid in got]
@@ -749,7 +746,7 @@ class GrpcTransport:
             try:
                 for step in ("keys", "shares", "masked", "consistency", "unmask"):
                     first = step == "keys"
-                    end, gone = (open_round.deadline, b.withdrawn) if first else (time.time() + step_s, set())
+                    end, gone = (open_round.deadline, b.withdrawn.keys()) if first else (time.time() + step_s, set())
                     self._wait(open_round, lambda: expected <= sa.completed(step) | gone, end)  # noqa: B023
                     late[step] = expected - sa.completed(step) - gone
                     sa.close(step)
@@ -795,7 +792,7 @@ class GrpcTransport:
             self.board.done = True
             self.board.cond.notify_all()
             end = time.monotonic() + self.settings.linger_s
-            while not set(self.board.checked_in) <= self.board.told_done | self.board.withdrawn:
+            while not set(self.board.checked_in) <= self.board.told_done | self.board.withdrawn.keys():
                 left = end - time.monotonic()
                 if left <= 0:
                     break

@@ -164,12 +164,16 @@ class DDPTrainer:
         self._group_log = (self.root / "torchrun.log").open("ab")
         return subprocess.Popen(argv, env=worker_env(), stdout=self._group_log, stderr=subprocess.STDOUT)
 
+    def _control(self, **command: object) -> None:
+        """The next command for the persistent workers (``control.json``, replaced atomically)."""
+        self._seq += 1
+        _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, **command}).encode())
+
     def _run_in_group(self, job_dir: Path) -> None:
         """Hand ``job_dir`` to the persistent workers and wait for rank 0's update (or their exit)."""
         if self._group is None or self._group.poll() is not None:
             self._group = self._start_group()
-        self._seq += 1
-        _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "job": job_dir.name}).encode())
+        self._control(job=job_dir.name)
         end = time.monotonic() + self.timeout
         while not (job_dir / "update.json").exists():
             code = self._group.poll()
@@ -191,8 +195,7 @@ class DDPTrainer:
         """Stop the persistent workers (a ``stop`` control, then a kill if they do not leave in time)."""
         group, self._group = self._group, None
         if group is not None and group.poll() is None:
-            self._seq += 1
-            _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "stop": True}).encode())
+            self._control(stop=True)
             try:
                 group.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -215,9 +218,8 @@ class DDPTrainer:
     def __del__(self) -> None:
         group = getattr(self, "_group", None)
         if group is not None and group.poll() is None:  # ask the workers to leave (they also do once we are gone)
-            self._seq += 1
             with contextlib.suppress(OSError):
-                _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, "stop": True}).encode())
+                self._control(stop=True)
         group_log = getattr(self, "_group_log", None)
         if group_log is not None:
             group_log.close()

@@ -90,9 +90,13 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
         self.check_roles = check_roles
         self._lock = threading.Lock()  # one aggregation at a time: strategy state is per round
 
-    def GetEvidence(self, request: pb.EvidenceRequest, context: grpc.ServicerContext) -> pb.EvidenceReply:
-        if len(request.nonce) < MIN_NONCE_BYTES or len(request.nonce) > 1024:
+    @staticmethod
+    def _check_nonce(nonce: bytes, context: grpc.ServicerContext) -> None:
+        if len(nonce) < MIN_NONCE_BYTES or len(nonce) > 1024:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nonce must be {MIN_NONCE_BYTES}..1024 bytes")
+
+    def GetEvidence(self, request: pb.EvidenceRequest, context: grpc.ServicerContext) -> pb.EvidenceReply:
+        self._check_nonce(request.nonce, context)
         try:
             ev = self.enclave.evidence(bytes(request.nonce))
         except TrustFedError as exc:
@@ -107,8 +111,7 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
         )
 
     def GetState(self, request: pb.StateRequest, context: grpc.ServicerContext) -> pb.StateReply:
-        if len(request.nonce) < MIN_NONCE_BYTES or len(request.nonce) > 1024:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nonce must be {MIN_NONCE_BYTES}..1024 bytes")
+        self._check_nonce(request.nonce, context)
         with self._lock:  # not in the middle of an aggregation
             statement = self.enclave.state(bytes(request.nonce))
         return pb.StateReply(statement=statement.to_json())

@@ -17,7 +17,7 @@ import torch
 
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.ledger.audit import Signer, entry_digest, parse_entry, read_entries
+from trustfed.ledger.audit import Signer, entry_digest, parsed_entries
 from trustfed.ledger.backends import LedgerBackend
 from trustfed.ledger.merkle import InclusionProof, MerkleTree, verify_inclusion
 from trustfed.ledger.records import LedgerError, update_commitment, update_hash
@@ -99,10 +99,7 @@ def inclusion_proof(audit_path: Path, rnd: int, participant_id: str) -> tuple[by
     """Cut the proof for ``participant_id``'s commitment in round ``rnd`` from the audit log."""
     leaves: list[bytes] = []
     index: int | None = None
-    for _lineno, line in read_entries(audit_path):
-        if not line.strip():
-            continue
-        e = parse_entry(line)
+    for e in parsed_entries(audit_path):
         if e.round == rnd and e.kind == COMMITMENT_KIND:
             if e.author == participant_id:
                 index = len(leaves)

@@ -25,9 +25,10 @@ import torch
 
 from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import ParticipantWithdrew
-from trustfed.core.codec import from_bytes, to_bytes
+from trustfed.core.codec import to_bytes
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.simulation.transports import EncodedUpdate, decode_update, fit_encoded, note_withdrawal
 
 log = logging.getLogger("trustfed.simulation")
 
@@ -43,15 +44,12 @@ class ParticipantHost:
         self.data = build_data(self.cfg)
         self.trainers: dict[str, Any] = {}
 
-    def fit(
-        self, pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes
-    ) -> tuple[str, bytes, int, dict[str, float]]:
+    def fit(self, pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes) -> EncodedUpdate:
         from trustfed.simulation.federation import build_trainer
 
         if pid not in self.trainers:
             self.trainers[pid] = build_trainer(self.cfg, self.data, pid)
-        upd = self.trainers[pid].fit(from_bytes(payload), RoundPlan(rnd, (pid,), config))
-        return upd.participant_id, to_bytes(upd.params), upd.num_examples, dict(upd.metrics)
+        return fit_encoded(self.trainers[pid], pid, rnd, config, payload)
 
 
 def _problem(message: str) -> ConfigError:
@@ -72,8 +70,7 @@ class RayTransport:
     def __init__(self, cfg: FederationConfig, workers: int, address: str | None = None) -> None:
         ray = self._ray = _ray()
         self.ids = sorted(f"p{i:03d}" for i in range(cfg.federation.participants))
-        self.withdrawn: set[str] = set()
-        self.departures: dict[str, str] = {}
+        self.departures: dict[str, str] = {}  # participant -> why it left
         self._started = False
         if not ray.is_initialized():
             # Ray's usage statistics would be sent to its makers: off unless the user has set otherwise.
@@ -93,7 +90,7 @@ class RayTransport:
         self.host_of = {pid: self.hosts[i % workers] for i, pid in enumerate(self.ids)}
 
     def available(self) -> Sequence[str]:
-        return [pid for pid in self.ids if pid not in self.withdrawn]
+        return [pid for pid in self.ids if pid not in self.departures]
 
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
         ray = self._ray
@@ -105,35 +102,26 @@ class RayTransport:
         out = []
         for pid, ref in calls:
             try:
-                got, data, n, metrics = ray.get(ref)
+                out.append(decode_update(ray.get(ref)))
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause
-                if isinstance(cause, ParticipantWithdrew):
-                    log.info("round %d: %s; it leaves the federation", plan.round, cause)
-                    self.withdrawn.add(cause.participant_id)
-                    self.departures[cause.participant_id] = f"withdrew: {cause.reason}"
-                    continue
-                raise (cause if isinstance(cause, Exception) else exc) from exc
+                if not isinstance(cause, ParticipantWithdrew):
+                    raise (cause if isinstance(cause, Exception) else exc) from exc
+                note_withdrawal(self.departures, plan.round, cause)
             except ray.exceptions.RayActorError as exc:
                 self._lost_host(plan.round, pid, exc)
-                continue
-            out.append(Update(got, from_bytes(data), n, metrics))
         return out
 
     def _lost_host(self, rnd: int, pid: str, exc: BaseException) -> None:
         host = self.host_of[pid]
-        gone = sorted(p for p, h in self.host_of.items() if h is host and p not in self.withdrawn)
+        gone = sorted(p for p, h in self.host_of.items() if h is host and p not in self.departures)
         log.warning(
             "round %d: the Ray actor hosting %s died (%s); they leave the federation",
             rnd,
             ", ".join(gone),
             type(exc).__name__,
         )
-        self.withdrawn.update(gone)
         self.departures.update({p: f"lost: the Ray actor hosting it died ({type(exc).__name__})" for p in gone})
-
-    def departure(self, participant_id: str) -> str:
-        return self.departures.get(participant_id, "withdrew")
 
     def close(self) -> None:
         ray = self._ray

@@ -26,10 +26,7 @@ class InProcessTransport:
 
     def __init__(self, trainers: Mapping[str, Trainer]) -> None:
         self.trainers = dict(trainers)
-        self.departures: dict[str, str] = {}
-
-    def departure(self, participant_id: str) -> str:
-        return self.departures.get(participant_id, "withdrew")
+        self.departures: dict[str, str] = {}  # participant -> why it left
 
     def available(self) -> Sequence[str]:
         return sorted(self.trainers)
@@ -40,8 +37,7 @@ class InProcessTransport:
             try:
                 out.append(self.trainers[pid].fit(params.clone(), plan))
             except ParticipantWithdrew as exc:
-                log.info("round %d: %s; it leaves the federation", plan.round, exc)
-                self.departures[pid] = f"withdrew: {exc.reason}"
+                note_withdrawal(self.departures, plan.round, exc)
                 close_trainer(self.trainers.pop(pid))
         return out
 
@@ -65,9 +61,29 @@ def _init_worker(cfg_json: str, budget_dir: str | None = None) -> None:
     _WORKER["budget_dir"] = budget_dir
 
 
-def _fit_in_worker(
-    pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes
-) -> tuple[str, bytes, int, dict[str, float]]:
+EncodedUpdate = tuple[str, bytes, int, dict[str, float]]  # what crosses a process boundary: no pickled tensors
+
+
+def fit_encoded(
+    trainer: Trainer, pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes
+) -> EncodedUpdate:
+    """A worker's side of one fit: decode the global model, train, encode the update."""
+    upd = trainer.fit(from_bytes(payload), RoundPlan(rnd, (pid,), config))
+    return upd.participant_id, to_bytes(upd.params), upd.num_examples, dict(upd.metrics)
+
+
+def note_withdrawal(departures: dict[str, str], rnd: int, exc: ParticipantWithdrew) -> None:
+    """A participant withdrew (its budget is spent, say): it leaves the federation, with its reason."""
+    log.info("round %d: %s; it leaves the federation", rnd, exc)
+    departures[exc.participant_id] = f"withdrew: {exc.reason}"
+
+
+def decode_update(encoded: EncodedUpdate) -> Update:
+    pid, data, n, metrics = encoded
+    return Update(pid, from_bytes(data), n, metrics)
+
+
+def _fit_in_worker(pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes) -> EncodedUpdate:
     from trustfed.simulation.federation import FederationData, build_trainer
 
     cfg = _WORKER["cfg"]
@@ -84,8 +100,7 @@ def _fit_in_worker(
         if pid not in trainers:
             trainers[pid] = build_trainer(cfg, data, pid)
         trainer = trainers[pid]
-    upd = trainer.fit(from_bytes(payload), RoundPlan(rnd, (pid,), config))
-    return upd.participant_id, to_bytes(upd.params), upd.num_examples, dict(upd.metrics)
+    return fit_encoded(trainer, pid, rnd, config, payload)
 
 
 class MultiprocessTransport:
@@ -93,8 +108,7 @@ class MultiprocessTransport:
 
     def __init__(self, cfg: FederationConfig, workers: int) -> None:
         self.ids = sorted(f"p{i:03d}" for i in range(cfg.federation.participants))
-        self.withdrawn: set[str] = set()
-        self.departures: dict[str, str] = {}
+        self.departures: dict[str, str] = {}  # participant -> why it left
         # Privacy budgets: one state file per participant in a folder of this run's own (a participant
         # trains at most once per round, so its file is never written by two workers at once).
         self._budgets = tempfile.TemporaryDirectory(prefix="trustfed-budgets-") if cfg.privacy.mode != "none" else None
@@ -115,10 +129,7 @@ class MultiprocessTransport:
                 os.environ["OMP_NUM_THREADS"] = env_threads
 
     def available(self) -> Sequence[str]:
-        return [pid for pid in self.ids if pid not in self.withdrawn]
-
-    def departure(self, participant_id: str) -> str:
-        return self.departures.get(participant_id, "withdrew")
+        return [pid for pid in self.ids if pid not in self.departures]
 
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
         payload = to_bytes(params)
@@ -128,13 +139,9 @@ class MultiprocessTransport:
         out = []
         for f in futs:
             try:
-                pid, data, n, metrics = f.result()
+                out.append(decode_update(f.result()))
             except ParticipantWithdrew as exc:
-                log.info("round %d: %s; it leaves the federation", plan.round, exc)
-                self.withdrawn.add(exc.participant_id)
-                self.departures[exc.participant_id] = f"withdrew: {exc.reason}"
-                continue
-            out.append(Update(pid, from_bytes(data), n, metrics))
+                note_withdrawal(self.departures, plan.round, exc)
         return out
 
     def close(self) -> None:
