@@ -46,7 +46,9 @@ class CodecError(TrustFedError):
 
 
 class DataError(TrustFedError):
-    """A dataset cannot be loaded or partitioned as asked."""
+    """A dataset cannot be loaded or partitioned as asked: a user-input error, like a bad config."""
+
+    exit_code = 2
 
 
 class AggregationError(TrustFedError):
