@@ -19,7 +19,12 @@ from trustfed.errors import DataError
 
 @dataclass(frozen=True)
 class Dataset:
-    """Features as float32 ``[n, *input_shape]``, integer labels ``[n]``."""
+    """Features as float32 ``[n, *input_shape]`` and one target per sample.
+
+    Classification: integer label indices ``[n]`` in ``0..num_classes-1``. Regression:
+    ``num_classes`` is 0 and the targets are floats of shape ``[n]`` (one value per sample, not
+    ``[n, 1]``), so ``len``, ``subset`` and the partitioners treat both kinds alike.
+    """
 
     name: str
     x: np.ndarray
@@ -29,9 +34,20 @@ class Dataset:
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
             raise DataError(f"dataset {self.name}: {len(self.x)} samples but {len(self.y)} labels")
+        if self.num_classes < 0:
+            raise DataError(f"dataset {self.name}: num_classes must be 0 (regression) or more, got {self.num_classes}")
+        if self.num_classes == 0 and (self.y.ndim != 1 or not np.issubdtype(self.y.dtype, np.floating)):
+            raise DataError(
+                f"dataset {self.name}: regression targets (num_classes 0) must be floats of shape [n],"
+                f" got {self.y.dtype} {tuple(self.y.shape)}"
+            )
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_classes == 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -172,10 +188,14 @@ def load_dataset(name: str, path: str | Path | None = None, seed: int = 0) -> Da
 
 
 def train_test_split(ds: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Stratified, seeded split."""
+    """Seeded split, stratified by label for classification; a plain random split for regression."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError("test_fraction must be in (0, 1)")
     rng = np.random.default_rng(seed)
+    if ds.is_regression:
+        order = rng.permutation(len(ds))
+        n_test = min(len(ds) - 1, max(1, round(len(ds) * test_fraction)))
+        return ds.subset(np.sort(order[n_test:])), ds.subset(np.sort(order[:n_test]))
     test_idx: list[np.ndarray] = []
     for c in np.unique(ds.y):
         idx = np.flatnonzero(ds.y == c)
