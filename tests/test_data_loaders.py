@@ -1,13 +1,23 @@
 from __future__ import annotations
 
+import gzip
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 from trustfed import cli
 from trustfed.data import (
     Dataset,
+    load_hf_dataset,
+    load_image_folder,
+    load_jsonl,
+    load_table,
     train_test_split,
 )
 from trustfed.errors import DataError
@@ -36,6 +46,116 @@ def test_data_errors_reach_the_cli_as_exit_code_2(
     assert "/d/[x].csv" in err and "'trustfed[data]'" in err and "Traceback" not in err
 
 
+# ---------------------------------------------------------------- tables
+def test_csv_classification_defaults(tmp_path: Path) -> None:
+    ds = load_table(write(tmp_path / "a.csv", CSV), target="label")
+    assert ds.x.dtype == np.float32 and ds.x.shape == (3, 2)
+    assert ds.x.tolist() == [[1.0, 2.5], [3.0, 4.0], [5.0, 6.0]]
+    assert ds.y.dtype == np.int64 and ds.y.tolist() == [0, 1, 0]  # sorted: cat=0, dog=1
+    assert ds.num_classes == 2 and not ds.is_regression
+
+
+def test_csv_features_and_classes(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.csv", CSV)
+    ds = load_table(f, features=["f2", "f1"], target="label", classes=["bird", "dog", "cat"])
+    assert ds.x[:, 0].tolist() == [2.5, 4.0, 6.0]  # features in the order asked
+    assert ds.y.tolist() == [2, 1, 2] and ds.num_classes == 3  # a class absent here still counts
+
+
+def test_classes_given_as_text_match_integer_labels(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.csv", "x,y\n1,0\n2,1\n3,1\n")
+    assert load_table(f, target="y", classes=["1", "0"]).y.tolist() == [1, 0, 0]
+    assert load_table(f, target="y", classes=[1, 0]).y.tolist() == [1, 0, 0]
+
+
+def test_regression_targets_are_float32_vectors(tmp_path: Path) -> None:
+    ds = load_table(write(tmp_path / "a.csv", CSV), features=["f1"], target="f2", task="regression")
+    assert ds.y.dtype == np.float32 and ds.y.shape == (3,) and ds.num_classes == 0 and ds.is_regression
+    assert ds.y.tolist() == [2.5, 4.0, 6.0]
+
+
+def test_normalize_standardises_each_feature(tmp_path: Path) -> None:
+    ds = load_table(write(tmp_path / "a.csv", "a,b,y\n1,7,0\n2,7,1\n3,7,0\n"), target="y", normalize=True)
+    assert np.allclose(ds.x.mean(axis=0), 0.0, atol=1e-6)
+    assert np.allclose(ds.x[:, 0].std(), 1.0) and np.all(ds.x[:, 1] == 0.0)  # constant column: centred only
+
+
+def test_gzipped_csv_and_parquet(tmp_path: Path) -> None:
+    gz = tmp_path / "a.csv.gz"
+    gz.write_bytes(gzip.compress(CSV.encode()))
+    assert load_table(gz, target="label").y.tolist() == [0, 1, 0]
+    pq = tmp_path / "a.parquet"
+    pd.DataFrame({"f1": [1, 2], "flag": [True, False], "label": ["b", "a"]}).to_parquet(pq)
+    ds = load_table(pq, target="label")
+    assert ds.x.tolist() == [[1.0, 1.0], [2.0, 0.0]] and ds.y.tolist() == [1, 0]
+    pd.DataFrame({"f1": pd.Series([], dtype="float64"), "label": pd.Series([], dtype="int64")}).to_parquet(pq)
+    with pytest.raises(DataError, match=r"a\.parquet: no rows"):
+        load_table(pq, target="label")
+
+
+@pytest.mark.parametrize(
+    "name,text,kwargs,needles",
+    [
+        ("empty.csv", "", {}, ["the file is empty"]),
+        ("header.csv", "f1,label\n", {}, ["no rows"]),
+        ("a.csv", CSV, {"target": "class"}, ["no column 'class'", "'f1', 'f2', 'label'"]),
+        ("a.csv", CSV, {"features": ["f1", "f9"]}, ["no column 'f9'", "'f1', 'f2', 'label'"]),
+        ("a.csv", "f1,f2,label\n1,2,a\n3,x y,b\n", {}, ["column 'f2' is not numeric", "row 2", "'x y'"]),
+        ("a.csv", "f1,f2,label\n1,2,a\n3,,b\n", {}, ["column 'f2'", "empty, NaN or infinite", "row 2"]),
+        ("a.csv", "f1,f2,label\n1,nan,a\n3,4,b\n", {}, ["column 'f2'", "row 1"]),
+        ("a.csv", "f1,f2,label\n1,inf,a\n3,4,b\n", {}, ["column 'f2'", "row 1"]),
+        ("a.csv", "f1,f2,label\n1,2,a\n3,4,\n", {}, ["column 'label'", "empty or NaN", "row 2"]),
+        ("a.csv", CSV, {"classes": ["cat"]}, ["row 2", "label 'dog'", "column 'label'"]),
+        ("a.csv", CSV, {"features": ["f1", "label"]}, ["'label' is the target"]),
+        ("a.csv", "label\n1\n", {}, ["no feature columns"]),
+        ("a.csv", CSV, {"target": "f1", "task": "regression", "features": ["label"]}, ["column 'label'", "'cat'"]),
+        ("a.tsv", CSV, {}, ["unsupported table file"]),
+        ("bad.csv.gz", "not gzip", {}, ["cannot be read as CSV"]),
+    ],
+)
+def test_table_errors_name_the_file_and_where(
+    tmp_path: Path, name: str, text: str, kwargs: dict[str, Any], needles: list[str]
+) -> None:
+    f = write(tmp_path / name, text)
+    with pytest.raises(DataError) as info:
+        load_table(f, **{"target": "label", **kwargs})
+    message = str(info.value)
+    assert str(f) in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_parquet_wrong_dtype_names_column_row_and_value(tmp_path: Path) -> None:
+    f = tmp_path / "t.parquet"
+    pd.DataFrame({"when": pd.to_datetime(["2024-01-02", "2024-01-03"]), "label": [0, 1]}).to_parquet(f)
+    with pytest.raises(DataError, match=r"t\.parquet: column 'when' holds datetime64.*row 1.*2024-01-02"):
+        load_table(f, target="label")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"junk\.parquet: cannot be read as PARQUET"):
+        load_table(tmp_path / "junk.parquet", target="label")
+
+
+def test_table_argument_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.csv: no such file"):
+        load_table(tmp_path / "nope.csv", target="y")
+    f = write(tmp_path / "a.csv", CSV)
+    with pytest.raises(DataError, match="task must be"):
+        load_table(f, target="label", task="ranking")  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="classes only apply"):
+        load_table(f, target="f1", task="regression", classes=[0])
+    with pytest.raises(DataError, match="twice"):
+        load_table(f, target="label", classes=["cat", "cat"])
+
+
+def test_missing_extra_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(DataError, match=r"pip install 'trustfed\[data\]'"):
+        load_table(write(tmp_path / "a.csv", CSV), target="label")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"pip install 'trustfed\[data\]'"):
+        load_hf_dataset(tmp_path)
+
+
 # ---------------------------------------------------------------- regression datasets
 def test_regression_dataset_rules_and_split() -> None:
     x = np.zeros((10, 2), np.float32)
@@ -51,3 +171,127 @@ def test_regression_dataset_rules_and_split() -> None:
     assert sorted(np.concatenate([train.y, test.y]).tolist()) == list(range(10))
     again, _ = train_test_split(ds, 0.3, seed=1)
     assert np.array_equal(again.y, train.y)
+
+
+# ---------------------------------------------------------------- JSON lines
+def test_jsonl_reads_objects_and_skips_blank_lines(tmp_path: Path) -> None:
+    f = write(tmp_path / "r.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0, "extra": [1]}\n')
+    assert load_jsonl(f, required=["text", "label"]) == [
+        {"text": "a", "label": 1},
+        {"text": "b", "label": 0, "extra": [1]},
+    ]
+    gz = tmp_path / "r.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'\xef\xbb\xbf{"a": 1}\n'))  # a byte-order mark is tolerated
+    assert load_jsonl(gz) == [{"a": 1}]
+
+
+@pytest.mark.parametrize(
+    "content,required,needles",
+    [
+        (b"", (), ["no records"]),
+        (b"\n  \n", (), ["no records"]),
+        (b'{"a": 1}\n\n{"a": \n', (), ["line 3 is not valid JSON"]),
+        (b'{"a": 1}\n[1, 2]\n', (), ["line 2", "expected a JSON object, got list"]),
+        (b'{"a": 1}\n{"b": 2}\n', ("a",), ["line 2", "no key 'a'"]),
+        (b'{"a": 1}\n{"a": "\xff"}\n', (), ["line 2 is not UTF-8"]),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(
+    tmp_path: Path, content: bytes, required: tuple[str, ...], needles: list[str]
+) -> None:
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_jsonl(f, required=required)
+    assert str(f) in str(info.value)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+def test_jsonl_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"r\.jsonl: no such file"):
+        load_jsonl(tmp_path / "r.jsonl")
+
+
+# ---------------------------------------------------------------- image folders
+def image(path: Path, value: int, size: tuple[int, int] = (12, 10), mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color=value if mode != "RGB" else (value, value, value)).save(path)
+    return path
+
+
+def test_image_folder_layout(tmp_path: Path) -> None:
+    image(tmp_path / "zebra" / "1.png", 255)
+    image(tmp_path / "ant" / "b.png", 0)
+    image(tmp_path / "ant" / "nested" / "a.jpg", 0)
+    (tmp_path / "ant" / "notes.txt").write_text("ignored")
+    (tmp_path / "ant" / ".hidden.png").write_bytes(b"ignored")
+    (tmp_path / "ant" / "p.png").write_bytes(_palette_png_with_transparency())
+    ds = load_image_folder(tmp_path, size=(6, 4))
+    assert ds.x.shape == (4, 3, 6, 4) and ds.x.dtype == np.float32  # [n, c, height, width]
+    assert ds.y.tolist() == [0, 0, 0, 1] and ds.num_classes == 2  # ant=0, zebra=1
+    assert ds.x.min() >= 0.0 and ds.x.max() <= 1.0 and np.allclose(ds.x[3], 1.0)
+    gray = load_image_folder(tmp_path, grayscale=True)
+    assert gray.x.shape == (4, 1, 28, 28)
+
+
+def _palette_png_with_transparency() -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "p.png"
+        Image.new("P", (5, 5)).save(p, transparency=0)
+        return p.read_bytes()
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such folder"):
+        load_image_folder(tmp_path / "none")
+    with pytest.raises(DataError, match=f"{tmp_path}: no class folders"):
+        load_image_folder(tmp_path)
+    image(tmp_path / "cat" / "0.png", 10)
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "readme.md").write_text("x")
+    with pytest.raises(DataError, match=r"dog: class folder 'dog' has no images"):
+        load_image_folder(tmp_path)
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"dog/broken\.jpg: cannot read the image"):
+        load_image_folder(tmp_path)
+    (tmp_path / "dog" / "broken.jpg").unlink()
+    image(tmp_path / "dog" / "wide.png", 1000, mode="I;16")
+    with pytest.raises(DataError, match=r"dog/wide\.png: pixels of mode I;16"):
+        load_image_folder(tmp_path)
+    with pytest.raises(DataError, match="size must be"):
+        load_image_folder(tmp_path, size=(0, 3))
+
+
+# ---------------------------------------------------------------- saved Hugging Face datasets
+@pytest.fixture
+def saved_hf(tmp_path: Path) -> Path:
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    one = datasets.Dataset.from_dict({"x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "y": [0, 1, 0]})
+    one.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": one, "test": one.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    return tmp_path
+
+
+def test_hf_dataset_is_torch_formatted(saved_hf: Path) -> None:
+    import torch
+
+    ds = load_hf_dataset(saved_hf / "one")
+    assert len(ds) == 3 and isinstance(ds[1]["x"], torch.Tensor) and ds[1]["x"].tolist() == [3.0, 4.0]
+    assert int(ds[1]["y"]) == 1
+    assert len(load_hf_dataset(saved_hf / "dict", split="test")) == 1
+
+
+def test_hf_dataset_errors(saved_hf: Path) -> None:
+    with pytest.raises(DataError, match=r"dict: holds the splits 'train', 'test'; pass split="):
+        load_hf_dataset(saved_hf / "dict")
+    with pytest.raises(DataError, match=r"dict: no split 'val'"):
+        load_hf_dataset(saved_hf / "dict", split="val")
+    with pytest.raises(DataError, match=r"one: holds one dataset .*leave split out"):
+        load_hf_dataset(saved_hf / "one", split="train")
+    (saved_hf / "plain").mkdir()
+    with pytest.raises(DataError, match=r"plain: not a dataset saved with save_to_disk"):
+        load_hf_dataset(saved_hf / "plain")
+    with pytest.raises(DataError, match="no such folder"):
+        load_hf_dataset(saved_hf / "absent")
