@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -9,15 +12,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from trustfed import cli
 from trustfed.data import (
     Dataset,
+    data_manifest,
     load_hf_dataset,
     load_image_folder,
     load_jsonl,
     load_table,
+    manifest_hash,
     train_test_split,
 )
 from trustfed.errors import DataError
@@ -295,3 +302,82 @@ def test_hf_dataset_errors(saved_hf: Path) -> None:
         load_hf_dataset(saved_hf / "plain")
     with pytest.raises(DataError, match="no such folder"):
         load_hf_dataset(saved_hf / "absent")
+
+
+# ---------------------------------------------------------------- data manifests
+def test_manifest_lists_files_without_contents(tmp_path: Path) -> None:
+    write(tmp_path / "data" / "b.csv", "secret,1\n")
+    write(tmp_path / "data" / "sub" / "a.txt", "hello")
+    (tmp_path / "data" / "empty").mkdir()
+    big = tmp_path / "data" / "big.bin"
+    big.write_bytes(os.urandom(1) * (2_500_000))  # spans several read chunks
+    m = data_manifest(tmp_path / "data")
+    assert [f["path"] for f in m["files"]] == ["b.csv", "big.bin", "sub/a.txt"]
+    assert m["files"][0] == {"path": "b.csv", "size": 9, "sha256": hashlib.sha256(b"secret,1\n").hexdigest()}
+    assert m["files"][1]["sha256"] == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert "secret" not in json.dumps(m)
+    encoded = json.dumps(m, sort_keys=True, separators=(",", ":")).encode()
+    assert manifest_hash(m) == hashlib.sha256(encoded).hexdigest()
+    assert manifest_hash(dict(reversed(list(m.items())))) == manifest_hash(m)
+
+
+def test_manifest_of_an_empty_folder(tmp_path: Path) -> None:
+    m = data_manifest(tmp_path)
+    assert m["files"] == [] and len(manifest_hash(m)) == 64
+
+
+def test_manifest_roots_and_errors(tmp_path: Path) -> None:
+    a = write(tmp_path / "d" / "a.csv", "1")
+    b = write(tmp_path / "d" / "x" / "b.csv", "2")
+    assert [f["path"] for f in data_manifest(a)["files"]] == ["a.csv"]
+    assert [f["path"] for f in data_manifest([b, a])["files"]] == ["a.csv", "x/b.csv"]
+    assert [f["path"] for f in data_manifest(b, root=tmp_path)["files"]] == ["d/x/b.csv"]
+    with pytest.raises(DataError, match="outside the manifest root"):
+        data_manifest(a, root=tmp_path / "d" / "x")
+    with pytest.raises(DataError, match=r"nope: no such file or folder"):
+        data_manifest(tmp_path / "nope")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symbolic links here")
+def test_manifest_records_links_without_following_them(tmp_path: Path) -> None:
+    outside = write(tmp_path / "outside" / "secret.txt", "do not read")
+    root = tmp_path / "root"
+    write(root / "a.txt", "a")
+    (root / "leak").symlink_to(outside)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    m = data_manifest(root)
+    assert m["files"] == [
+        {"path": "a.txt", "size": 1, "sha256": hashlib.sha256(b"a").hexdigest()},
+        {"path": "leak", "link": str(outside)},
+        {"path": "loop", "link": str(root)},
+    ]
+
+
+NAMES = st.text(alphabet="abcdefghij", min_size=1, max_size=6)
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(st.dictionaries(NAMES, st.binary(max_size=40), min_size=1, max_size=5), st.randoms(use_true_random=False))
+def test_manifest_hash_tracks_exactly_names_and_bytes(files: dict[str, bytes], rnd: Any) -> None:
+    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+        paths = []
+        for root in (Path(d1), Path(d2)):
+            paths = [root / f"{name}.bin" for name in files]
+            for p, content in zip(paths, files.values(), strict=True):
+                p.write_bytes(content)
+        base = manifest_hash(data_manifest(Path(d1)))
+        assert manifest_hash(data_manifest(Path(d2))) == base  # where the root lies does not matter
+        shuffled = list(paths)
+        rnd.shuffle(shuffled)
+        assert manifest_hash(data_manifest(shuffled, root=Path(d2))) == base  # nor the order of paths
+        victim = paths[0]
+        content = victim.read_bytes()
+        victim.write_bytes(content[:-1] + bytes([content[-1] ^ 1]) if content else b"\0")
+        assert manifest_hash(data_manifest(Path(d2))) != base  # one byte changed
+        victim.write_bytes(content)
+        assert manifest_hash(data_manifest(Path(d2))) == base
+        victim.rename(victim.with_name("renamed_" + victim.name))
+        assert manifest_hash(data_manifest(Path(d2))) != base  # renamed
+        victim.with_name("renamed_" + victim.name).rename(victim)
+        (Path(d2) / "new.bin").write_bytes(b"")
+        assert manifest_hash(data_manifest(Path(d2))) != base  # a file added
