@@ -6,20 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from trustfed.app.runtime import Runtime, participant_ids
 from trustfed.config import validate_federation_config
 from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.ha import FileLease, LeadershipLost, run_as_leader
 from trustfed.coordinator.state import CheckpointObserver, latest_state, list_checkpoints, load_state
-from trustfed.core.codec import flatten
 from trustfed.errors import CheckpointError
-from trustfed.simulation.federation import (
-    build_data,
-    build_strategy,
-    build_trainer,
-    make_evaluator,
-    model_factory,
-    participant_ids,
-)
 from trustfed.simulation.transports import InProcessTransport
 
 RAW = {
@@ -32,11 +24,10 @@ RAW = {
 
 def make_coordinator(ckpt: Path | None, raw: dict[str, object] = RAW) -> Coordinator:
     cfg = validate_federation_config(raw)
-    data = build_data(cfg)
-    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    params, spec = flatten(factory().state_dict())
-    strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
-    trainers = {pid: build_trainer(cfg, data, pid) for pid in participant_ids(3)}
+    rt = Runtime(cfg)
+    params, spec = rt.initial
+    strategy = rt.strategy(rt.evaluate_fn())
+    trainers = {pid: rt.simulated_trainer(pid) for pid in participant_ids(3)}
     observers = [CheckpointObserver(ckpt, strategy, spec)] if ckpt else []
     return Coordinator(strategy, InProcessTransport(trainers), params, spec, observers=observers)
 

@@ -381,3 +381,19 @@ def test_manifest_hash_tracks_exactly_names_and_bytes(files: dict[str, bytes], r
         victim.with_name("renamed_" + victim.name).rename(victim)
         (Path(d2) / "new.bin").write_bytes(b"")
         assert manifest_hash(data_manifest(Path(d2))) != base  # a file added
+
+
+def test_image_folder_with_fixed_classes_keeps_labels_across_sites(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from trustfed.data.loaders import load_image_folder
+
+    for name in ("3", "7"):
+        (tmp_path / "site" / name).mkdir(parents=True)
+        Image.new("L", (4, 4), color=int(name) * 20).save(tmp_path / "site" / name / "a.png")
+    classes = [str(d) for d in range(10)]
+    ds = load_image_folder(tmp_path / "site", size=(4, 4), grayscale=True, classes=classes)
+    assert ds.num_classes == 10 and sorted(ds.y.tolist()) == [3, 7]
+    (tmp_path / "site" / "cat").mkdir()
+    with pytest.raises(DataError, match="'cat' is not one of the classes"):
+        load_image_folder(tmp_path / "site", size=(4, 4), grayscale=True, classes=classes)

@@ -88,22 +88,14 @@ def _cfg(privacy: dict[str, Any], rounds: int = 2) -> FederationConfig:
 
 def _run(cfg: FederationConfig, state: Path, out: Path) -> list[dict[str, Any]]:
     """One run of the participants a networked deployment builds (their spend kept in ``state``)."""
-    from trustfed.simulation.federation import (
-        build_data,
-        build_strategy,
-        build_trainer,
-        make_evaluator,
-        model_factory,
-        participant_ids,
-    )
+    from trustfed.app.runtime import Runtime, participant_ids
     from trustfed.simulation.transports import InProcessTransport
 
-    data = build_data(cfg)
-    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    params, spec = flatten(factory().state_dict())
-    trainers = {pid: build_trainer(cfg, data, pid, budget_state_dir=state) for pid in participant_ids(3)}
+    rt = Runtime(cfg)
+    params, spec = rt.initial
+    trainers = {pid: rt.simulated_trainer(pid, budget_state_dir=state) for pid in participant_ids(3)}
     recorder = PrivacyRecorder(out / "privacy.jsonl", cfg.privacy.mode)
-    strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
+    strategy = rt.strategy(rt.evaluate_fn())
     transport = InProcessTransport(trainers)
     Coordinator(strategy, transport, params, spec, observers=[recorder]).run(cfg.federation.rounds)
     transport.close()

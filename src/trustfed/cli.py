@@ -7,6 +7,7 @@ traceback; see :class:`trustfed.errors.TrustFedError`.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,16 +92,25 @@ def _run_with_progress(cfg: Any, out: Path) -> dict[str, Any]:
         task = progress.add_task("rounds", total=cfg.federation.rounds, status="")
 
         def on_round(rec: Any) -> None:
-            acc = rec.metrics.get("accuracy", float("nan"))
-            loss = rec.metrics.get("loss", float("nan"))
+            figures = round_figures(rec.metrics)
             progress.console.print(
-                f"round {rec.round:>3}: accuracy {acc:.4f}  loss {loss:.4f}  "
-                f"({len(rec.participants)} participants, {rec.seconds:.2f} s)"
+                f"round {rec.round:>3}: {figures}  ({len(rec.participants)} participants, {rec.seconds:.2f} s)"
             )
-            progress.update(task, advance=1, status=f"acc {acc:.3f}")
+            progress.update(task, advance=1, status=figures.split("  ")[0])
 
         result = run_simulation(cfg, out, on_round)
     return result.metrics
+
+
+def round_figures(metrics: dict[str, float]) -> str:
+    """A round's headline: the coordinator's own evaluation when it has one, then the participants'
+    federated evaluation (of the model they received)."""
+    parts = [f"{k} {metrics[k]:.4f}" for k in ("accuracy", "loss") if k in metrics]
+    fed = {k.removeprefix("fed_eval_"): v for k, v in metrics.items() if k.startswith("fed_eval_")}
+    if fed:
+        shown = [f"{k} {v:.4f}" for k, v in fed.items() if k not in ("num_examples", "participants", "model_round")]
+        parts.append(f"federated eval of round {int(fed.get('model_round', 0))}: " + ", ".join(shown))
+    return "  ".join(parts) or "no evaluation"
 
 
 def _final_table(metrics: dict[str, Any], out: Path) -> None:
@@ -108,14 +118,42 @@ def _final_table(metrics: dict[str, Any], out: Path) -> None:
     table.add_column("round", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("loss", justify="right")
+    table.add_column("federated evaluation", justify="left")
     table.add_column("seconds", justify="right")
     for r in metrics["rounds"]:
-        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", f"{r['seconds']:.2f}")
+        fed = r.get("federated_evaluation", {})
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in fed.items() if k not in ("num_examples", "participants", "model_round")
+        )
+        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", shown, f"{r['seconds']:.2f}")
     console.print(table)
+    fed = metrics["rounds"][-1].get("federated_evaluation") if metrics["rounds"] else None
+    if math.isnan(metrics["final_accuracy"]) and fed:  # no coordinator-side data: the participants' figures
+        shown = ", ".join(f"{k} {fed[k]:.4f}" for k in fed if k not in ("num_examples", "participants", "model_round"))
+        headline = f"federated evaluation of round {fed['model_round']}'s model: [bold]{shown}[/bold]"
+    else:
+        headline = f"final accuracy [bold]{metrics['final_accuracy']:.4f}[/bold]"
     console.print(
-        f"final accuracy [bold]{metrics['final_accuracy']:.4f}[/bold] in {metrics['total_seconds']:.1f} s; "
+        f"{headline} in {metrics['total_seconds']:.1f} s; "
         f"model hash {metrics['model_hash'][:16]}…; results in {out}/metrics.json and {out}/metrics.png"
     )
+
+
+@app.command("new")
+def new(
+    folder: Annotated[Path, typer.Argument(help="the new project's folder (must not exist, or be empty)")],
+    template: Annotated[str, typer.Option(help="tabular | vision | text")] = "tabular",
+    sites: Annotated[int, typer.Option(help="how many sites (participants), each with its own data folder")] = 3,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the generated sample data")] = 0,
+) -> None:
+    """Write a ready federation project: the app module, the federation file, one participant file and
+    data folder per site (generated samples), a README and a test."""
+    from trustfed.templates import new_project
+
+    fed = new_project(folder, template, sites=sites, seed=seed)
+    console.print(f"[green]created[/green] {folder} ({template}, {sites} sites). Next:")
+    console.print(f"  cd {folder} && trustfed simulate --config {fed.name} --out runs/sim", highlight=False)
+    console.print("  (README.md shows how to run each site as its own process)", highlight=False)
 
 
 @app.command()

@@ -63,16 +63,46 @@ class ModelSection(_Section):
         return self
 
 
+LOSSES = ("cross_entropy", "mse", "l1", "bce")
+METRICS = ("accuracy", "mse", "mae", "rmse")
+
+
 class TrainingSection(_Section):
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["cross_entropy", "mse", "l1", "bce"] = Field(
+        "cross_entropy", description="the built-in loop's loss (an app's own train function ignores it)"
+    )
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    metrics: list[Literal["accuracy", "mse", "mae", "rmse"]] | None = Field(
+        None, description="evaluation metrics; default: accuracy for classification losses, mae and rmse otherwise"
+    )
+    evaluate_every: int = Field(
+        1, ge=0, le=100_000, description="federated evaluation on participants' held-out data every k rounds; 0: off"
+    )
+
+    def metric_names(self) -> list[str]:
+        if self.metrics is not None:
+            return list(self.metrics)
+        return ["accuracy"] if self.loss in ("cross_entropy", "bce") else ["mae", "rmse"]
+
+
+class AppSection(_Section):
+    """The federation app: the user's own model, data loader and (optionally) training code."""
+
+    target: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="'package.module:attribute' of a trustfed.app.App",
+    )
+    path: Path | None = Field(None, description="folder to import the app from (default: the federation file's folder)")
+    config: dict[str, Any] = Field(default_factory=dict, description="free-form values handed to the app")
 
 
 class StrategySection(_Section):
-    name: Literal["fedavg", "fedprox", "fedadagrad", "fedadam", "fedyogi"] = "fedavg"
+    name: str = Field("fedavg", description="fedavg | fedprox | fedadagrad | fedadam | fedyogi, or the app's own")
     aggregator: str = "mean"
     aggregator_params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     fraction_fit: float = Field(1.0, gt=0, le=1)
@@ -92,12 +122,18 @@ class SimulationSection(_Section):
         min_length=1,
         description="ray only: the Ray cluster to join ('auto', 'ray://head:10001'); none starts a local one",
     )
+    data: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="with [app]: each virtual participant's [data] section by id (path and free keys); a participant "
+        "not listed gets {partition = i, partitions = n}",
+    )
 
 
 class FederationConfig(_Section):
     """The whole federation file."""
 
     federation: FederationSection = FederationSection()
+    app: AppSection | None = None
     data: DataSection = DataSection()
     model: ModelSection = ModelSection()
     training: TrainingSection = TrainingSection()
@@ -116,14 +152,17 @@ class FederationConfig(_Section):
         """Checks that span fields or touch the file system."""
         out: list[ConfigProblem] = []
         from trustfed.core.aggregator import available_aggregators
+        from trustfed.core.strategy import STRATEGIES
         from trustfed.data.datasets import NEEDS_PATH
 
         d = self.data
-        if d.dataset in NEEDS_PATH and d.path is None:
-            out.append(ConfigProblem("data.path", f"dataset {d.dataset!r} needs a folder with its files"))
-        if d.path is not None and not d.path.is_dir():
-            out.append(ConfigProblem("data.path", "folder does not exist", str(d.path)))
+        if self.app is None:
+            if d.dataset in NEEDS_PATH and d.path is None:
+                out.append(ConfigProblem("data.path", f"dataset {d.dataset!r} needs a folder with its files"))
+            if d.path is not None and not d.path.is_dir():
+                out.append(ConfigProblem("data.path", "folder does not exist", str(d.path)))
         n = self.federation.participants
+        out += self._app_problems()
         if self.strategy.min_participants > n:
             out.append(
                 ConfigProblem(
@@ -132,12 +171,23 @@ class FederationConfig(_Section):
                     str(self.strategy.min_participants),
                 )
             )
-        if self.strategy.aggregator not in available_aggregators():
+        app_aggregators, app_strategies = self._app_names()
+        aggregators = [*available_aggregators(), *app_aggregators]
+        if self.strategy.aggregator not in aggregators:
             out.append(
                 ConfigProblem(
                     "strategy.aggregator",
-                    f"unknown aggregator; expected one of {', '.join(available_aggregators())}",
+                    f"unknown aggregator; expected one of {', '.join(aggregators)}",
                     repr(self.strategy.aggregator),
+                )
+            )
+        strategies = [*STRATEGIES, *app_strategies]
+        if self.strategy.name not in strategies:
+            out.append(
+                ConfigProblem(
+                    "strategy.name",
+                    f"unknown strategy; expected one of {', '.join(strategies)}",
+                    repr(self.strategy.name),
                 )
             )
         if self.simulation.backend != "inprocess" and self.simulation.workers > n:
@@ -189,6 +239,43 @@ class FederationConfig(_Section):
         out += self.privacy.problems(ids, self.strategy.aggregator)
         return out
 
+    def _app_names(self) -> tuple[list[str], list[str]]:
+        """The aggregators and strategies the app registers (none without an app, or one that fails to load)."""
+        if self.app is None:
+            return [], []
+        from trustfed.app.loading import load_app
+        from trustfed.errors import AppError
+
+        try:
+            app = load_app(self.app.target, self.app.path)
+        except AppError:
+            return [], []
+        return sorted(app.aggregators), sorted(app.strategies)
+
+    def _app_problems(self) -> list[ConfigProblem]:
+        if self.app is None:
+            if self.simulation.data:
+                return [ConfigProblem("simulation.data", "per-participant data sections need an [app]")]
+            return []
+        from trustfed.app.loading import load_app
+        from trustfed.errors import AppError
+
+        out: list[ConfigProblem] = []
+        try:
+            load_app(self.app.target, self.app.path)
+        except AppError as exc:
+            out.append(ConfigProblem("app.target", str(exc), repr(self.app.target)))
+        ids = {f"p{i:03d}" for i in range(self.federation.participants)}
+        for pid in sorted(set(self.simulation.data) - ids):
+            out.append(ConfigProblem(f"simulation.data.{pid}", "not a participant of this federation"))
+        if self.attack.kind != "none":
+            out.append(ConfigProblem("attack.kind", "simulated attacks run on the built-in apps (no [app]) only"))
+        if self.participant_training.trainer != "local":
+            out.append(
+                ConfigProblem("participant_training.trainer", "DDP participants run the built-in apps (no [app]) only")
+            )
+        return out
+
 
 def problems_from_validation(exc: ValidationError) -> list[ConfigProblem]:
     out = []
@@ -219,18 +306,40 @@ def parse_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), [ConfigProblem("(syntax)", f"invalid TOML: {exc}")]) from None
 
 
+def resolve_path(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str):
-        p = Path(data["path"]).expanduser()
-        data["path"] = str(p if p.is_absolute() else base / p)
+        data["path"] = resolve_path(data["path"], base)
+    app = raw.get("app")
+    if isinstance(app, dict):
+        app["path"] = resolve_path(app["path"], base) if isinstance(app.get("path"), str) else str(base.resolve())
+    sim = raw.get("simulation")
+    if isinstance(sim, dict) and isinstance(sim.get("data"), dict):
+        for section in sim["data"].values():
+            if isinstance(section, dict) and isinstance(section.get("path"), str):
+                section["path"] = resolve_path(section["path"], base)
 
 
-def _raw_path_problems(raw: dict[str, Any]) -> list[ConfigProblem]:
+def _raw_problems(raw: dict[str, Any]) -> list[ConfigProblem]:
+    """Problems found in the raw file when its types are wrong too, so that one run lists everything."""
+    from trustfed.core.strategy import STRATEGIES
+
+    out = []
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_dir():
-        return [ConfigProblem("data.path", "folder does not exist", data["path"])]
-    return []
+        out.append(ConfigProblem("data.path", "folder does not exist", data["path"]))
+    strategy = raw.get("strategy")
+    name = strategy.get("name") if isinstance(strategy, dict) else None
+    if "app" not in raw and name is not None and name not in STRATEGIES:
+        out.append(
+            ConfigProblem("strategy.name", f"unknown strategy; expected one of {', '.join(STRATEGIES)}", repr(name))
+        )
+    return out
 
 
 def load_federation_config(path: str | Path) -> FederationConfig:
@@ -246,7 +355,7 @@ def validate_federation_config(raw: dict[str, Any], source: str = "<config>") ->
         cfg = FederationConfig.model_validate(raw)
     except ValidationError as exc:
         # Report file-system problems too, so one run lists everything wrong.
-        problems = problems_from_validation(exc) + _raw_path_problems(raw)
+        problems = problems_from_validation(exc) + _raw_problems(raw)
         raise ConfigError(source, problems) from None
     problems = cfg.semantic_problems()
     if problems:

@@ -51,6 +51,12 @@ class DataError(TrustFedError):
     exit_code = 2
 
 
+class AppError(TrustFedError):
+    """A federation app cannot be imported, is not an App, or one of its hooks failed."""
+
+    exit_code = 2
+
+
 class AggregationError(TrustFedError):
     """Updates cannot be aggregated (wrong shapes, too few, non-finite values)."""
 

@@ -16,11 +16,14 @@ from typing import Protocol
 import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
+from trustfed.core.evaluation import FED_EVAL_PREFIX, combine
 from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
 from trustfed.errors import AggregationError, TrustFedError
 from trustfed.secagg.updates import contributions
 
 log = logging.getLogger("trustfed.coordinator")
+
+__all__ = ["FED_EVAL_PREFIX", "Coordinator", "RoundObserver", "RoundRecord", "Transport"]
 
 
 class ParticipantWithdrew(TrustFedError):
@@ -138,6 +141,8 @@ class Coordinator:
         self.params = result.params
         self.round = rnd
         metrics = dict(result.metrics)
+        # the participants' scores of the model they received (the previous round's), example-weighted
+        metrics.update(combine((p.metrics for u in updates for p in contributions(u)), rnd - 1))
         evaluated = self.strategy.evaluate(rnd, self.params)
         if evaluated:
             metrics.update(evaluated)

@@ -36,6 +36,7 @@ from trustfed.core.codec import ParamSpec
 from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
 
 if TYPE_CHECKING:
+    from trustfed.app.loading import AppIdentity
     from trustfed.config import FederationConfig
     from trustfed.enclave.core import EnclaveClient
     from trustfed.enclave.policy import AttestationPolicy
@@ -451,6 +452,28 @@ def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observer
 STATUS_KIND = "participant_status"
 
 
+APP_KIND = "app"
+
+
+class AppRecord:
+    """The app that trained the model (target, code hash, config), a coordinator-signed entry before
+    round 1. Each participant's signed commitments carry the code hash it ran and its data manifest's
+    hash; ``audit verify`` reports a participant whose code hash differs."""
+
+    def __init__(self, identity: AppIdentity) -> None:
+        self.identity = identity
+
+    def genesis(self) -> Sequence[Attachment]:
+        from trustfed.ledger.recorder import Attachment
+
+        return [Attachment(APP_KIND, self.identity.describe())]
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        return []
+
+
 class StatusRecord:
     """A participant that left the federation (withdrew, was revoked, its host was lost) gets a signed
     ``participant_status`` entry in the round it left ({participant, status, reason}) and its status
@@ -511,6 +534,8 @@ def recorders_for(
     network: NetworkIdentities | None = None,
     enclave: EnclaveRecord | None = None,
     resume: bool = False,
+    provenance: Mapping[str, Mapping[str, str]] | None = None,
+    app: AppIdentity | None = None,
 ) -> list[RoundObserver]:
     """The observers that record a run of ``cfg`` in ``out_dir`` (none without a folder).
 
@@ -536,8 +561,12 @@ def recorders_for(
         from trustfed.ledger.recorder import network_recorder, simulated_recorder
 
         attachments.append(StatusRecord())
+        if app is not None:
+            attachments.insert(0, AppRecord(app))
         if network is None:
-            recorder = simulated_recorder(cfg.ledger, out_dir, spec, list(participant_ids), attachments)
+            recorder = simulated_recorder(
+                cfg.ledger, out_dir, spec, list(participant_ids), attachments, provenance=provenance
+            )
         else:
             recorder = network_recorder(
                 cfg.ledger,

@@ -124,6 +124,8 @@ class RoundBoard:
         self.done = False
         self.told_done: set[str] = set()
         self.aborted: str | None = None
+        # participant -> the app code and data manifest hashes in its latest signed commitment
+        self.provenance: dict[str, dict[str, str]] = {}
 
     def check_aborted(self) -> None:
         if self.aborted is not None:
@@ -404,10 +406,20 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
     ) -> SignedCommitment:
         """The commitment must be H(round, id, H(payload)) and carry the sender's signature (its certificate key)."""
         from trustfed.ledger.audit import entry_digest, verify_signature
-        from trustfed.ledger.participant import COMMITMENT_KIND, SignedCommitment, commitment_body
+        from trustfed.ledger.participant import (
+            COMMITMENT_KIND,
+            PROVENANCE_KEYS,
+            SignedCommitment,
+            commitment_body,
+            evaluation_of,
+        )
 
         rnd = int(h.round)
-        body = commitment_body(rnd, pid, payload, int(h.num_examples))
+        provenance = {k: str(getattr(h, k)) for k in PROVENANCE_KEYS if h.HasField(k)}
+        for key, digest in provenance.items():
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                self._reject(context, "UploadUpdate", pid, "bad_provenance", f"{key} must be 64 lowercase hex digits")
+        body = commitment_body(rnd, pid, payload, int(h.num_examples), provenance, evaluation_of(dict(h.metrics)))
         if body["commitment"] != bytes(h.commitment).hex():
             self._reject(
                 context, "UploadUpdate", pid, "bad_commitment", f"commitment is not H(round {rnd}, {pid}, H(update))"
@@ -425,6 +437,9 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 "bad_commitment_signature",
                 f"the commitment's signature does not verify with the certificate of {pid}",
             )
+        if provenance:
+            with self.board.cond:
+                self.board.provenance[pid] = provenance
         return SignedCommitment(pid, rnd, body, sig)
 
     def _secagg_state(self, rnd: int) -> SecAggRound:
@@ -657,6 +672,11 @@ class GrpcTransport:
             log.warning("starting without %s (not checked in after %.0f s)", ", ".join(missing), timeout_s)
         return present
 
+    def provenance(self) -> dict[str, dict[str, str]]:
+        """Each participant's app code and data manifest hashes, as its latest signed commitment gave them."""
+        with self.board.cond:
+            return {pid: dict(p) for pid, p in sorted(self.board.provenance.items())}
+
     def exclude(self, reasons: Mapping[str, str]) -> None:
         """Leave these participants out from now on (a resumed run: the log has them leave earlier)."""
         with self.board.cond:
@@ -853,32 +873,23 @@ def run_coordinator(
     certificates. With ``[enclave] enabled`` aggregation runs in the attested enclave service at
     ``[enclave].address``; this process relays sealed updates only. Returns the final parameters
     and the metrics (written to ``out_dir`` unless ``write`` is false)."""
+    from trustfed.app.runtime import Runtime, participant_ids
     from trustfed.coordinator.recorders import (
         NetworkIdentities,
         recorders_for,
         use_reputation_selection,
     )
-    from trustfed.core.codec import flatten
     from trustfed.ledger.audit import EcdsaSigner
     from trustfed.ledger.recorder import COORDINATOR_ID
-    from trustfed.simulation.federation import (
-        build_base_strategy,
-        build_data,
-        build_strategy,
-        make_evaluator,
-        model_factory,
-        participant_ids,
-    )
     from trustfed.simulation.runner import run_rounds, write_results
 
-    data = build_data(cfg)
-    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    params, spec = flatten(factory().state_dict())
+    rt = Runtime(cfg)
+    params, spec = rt.initial
     if spec != transport.spec:
         raise TransportError("the transport was built for another model spec than the federation config's")
-    evaluate_fn = make_evaluator(factory, spec, data.test)
+    evaluate_fn = rt.evaluate_fn()
     # With an enclave, central DP runs inside it (its measured config), never here on the coordinator.
-    strategy = build_base_strategy(cfg, evaluate_fn) if cfg.enclave.enabled else build_strategy(cfg, evaluate_fn)
+    strategy = rt.base_strategy(evaluate_fn) if cfg.enclave.enabled else rt.strategy(evaluate_fn)
     expected = participant_ids(cfg.federation.participants)
     enclave: EnclaveRecord | None = None
     if cfg.enclave.enabled:
@@ -895,7 +906,9 @@ def run_coordinator(
         {COORDINATOR_ID: cert_path.read_bytes(), **certificates},
         transport.commitment_for,
     )
-    recorders = recorders_for(cfg, out_dir, spec, present, network=network, enclave=enclave, resume=resume)
+    recorders = recorders_for(
+        cfg, out_dir, spec, present, network=network, enclave=enclave, resume=resume, app=rt.identity
+    )
     use_reputation_selection(cfg, strategy, recorders)
     # Coordinator state (model + server-side strategy state) after every round, before the ledger records
     # it: what a restarted or standby coordinator resumes from.
@@ -927,6 +940,10 @@ def run_coordinator(
     if resumed:
         metrics["resumed_after_round"] = resumed
     metrics["transport"] = {"kind": "grpc-mtls", "address": transport.address}
+    metrics["app"] = rt.identity.describe()
+    provenance = transport.provenance()
+    if provenance:
+        metrics["participants_provenance"] = provenance
     if enclave is not None:
         metrics["enclave"] = enclave.describe()
     if out_dir is not None and write:
@@ -1031,11 +1048,7 @@ def _enclave_strategy(cfg: Any, inner: Any, spec: ParamSpec, settings: Transport
 
 
 def spec_for(cfg: Any) -> ParamSpec:
-    """The parameter spec of the federation's model (built from the config, no data needed)."""
-    from trustfed.core.codec import flatten
-    from trustfed.data.datasets import load_dataset
-    from trustfed.simulation.federation import model_factory
+    """The parameter spec of the federation's model (built from the app, no participant data needed)."""
+    from trustfed.app.runtime import Runtime
 
-    ds = load_dataset(cfg.data.dataset, cfg.data.path, cfg.federation.seed)
-    factory = model_factory(cfg, tuple(int(s) for s in ds.x.shape[1:]), ds.num_classes)
-    return flatten(factory().state_dict())[1]
+    return Runtime(cfg).spec

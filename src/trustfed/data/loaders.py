@@ -87,13 +87,22 @@ def _parse_line(p: Path, number: int, raw: bytes) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------- image folders
-def load_image_folder(path: str | Path, *, size: tuple[int, int] = (28, 28), grayscale: bool = False) -> Dataset:
+def load_image_folder(
+    path: str | Path,
+    *,
+    size: tuple[int, int] = (28, 28),
+    grayscale: bool = False,
+    classes: Sequence[str] | None = None,
+) -> Dataset:
     """Read ``path/<class>/<image>`` into x float32 ``[n, c, height, width]`` in [0, 1].
 
-    ``size`` is ``(height, width)``; c is 1 with ``grayscale`` else 3. Class folders sorted by
-    name give the label indices 0, 1, ...; images are found at any depth below their class
-    folder, in sorted order. Names starting with a dot are ignored, as are files whose suffix is
-    not an image one (``IMAGE_SUFFIXES``).
+    ``size`` is ``(height, width)``; c is 1 with ``grayscale`` else 3. Without ``classes``, class
+    folders sorted by name give the label indices 0, 1, ... and each must hold images. With
+    ``classes`` (what a federation passes, so that every site maps labels alike), folder ``name``
+    is class ``classes.index(name)``; a site may lack some classes, and a folder not in
+    ``classes`` is an error. Images are found at any depth below their class folder, in sorted
+    order. Names starting with a dot are ignored, as are files whose suffix is not an image one
+    (``IMAGE_SUFFIXES``).
     """
     root = Path(path)
     if not root.is_dir():
@@ -102,20 +111,28 @@ def load_image_folder(path: str | Path, *, size: tuple[int, int] = (28, 28), gra
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
     if not class_dirs:
         raise DataError(f"{root}: no class folders; expected one sub-folder per class holding its images")
+    index = {name: i for i, name in enumerate(classes)} if classes is not None else None
+    if index is not None:
+        unknown = [d.name for d in class_dirs if d.name not in index]
+        if unknown:
+            raise DataError(f"{root}: class folder {unknown[0]!r} is not one of the classes {list(index)}")
     files: list[Path] = []
     labels: list[int] = []
-    for label, folder in enumerate(class_dirs):
+    for position, folder in enumerate(class_dirs):
         images = _images_in(folder)
-        if not images:
+        if not images and index is None:
             suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
             raise DataError(f"{folder}: class folder {folder.name!r} has no images ({suffixes})")
         files += images
-        labels += [label] * len(images)
+        labels += [index[folder.name] if index is not None else position] * len(images)
+    if not files:
+        raise DataError(f"{root}: no images in any class folder")
     image = _pillow()
     x = np.empty((len(files), 1 if grayscale else 3, height, width), dtype=np.float32)
     for i, f in enumerate(files):
         x[i] = _read_image(image, f, height, width, grayscale)
-    return Dataset(root.name, x, np.asarray(labels, dtype=np.int64), len(class_dirs))
+    num_classes = len(index) if index is not None else len(class_dirs)
+    return Dataset(root.name, x, np.asarray(labels, dtype=np.int64), num_classes)
 
 
 def _check_size(size: tuple[int, int]) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.attestation import Verdict, verify_evidence
 from trustfed.enclave.errors import AttestationRefused
@@ -127,7 +128,8 @@ class SealingTrainer:
         key = self.enclave.sealing_key(str(key_id) if key_id else None)  # raises before any training
         update = self.inner.fit(params, plan)
         sealed: SealedUpdate = seal_update(update, plan.round, key, self.signer)
-        accounting = {k: float(v) for k, v in update.metrics.items() if k in CLEAR_METRICS}
+        # in the clear: privacy accounting, and the federated evaluation of the model received (not of this update)
+        accounting = {k: float(v) for k, v in update.metrics.items() if k in CLEAR_METRICS or k.startswith(EVAL_PREFIX)}
         return dataclasses.replace(sealed, metrics=accounting) if accounting else sealed
 
     def evaluate(self, params: torch.Tensor) -> dict[str, float]:

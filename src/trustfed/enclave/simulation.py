@@ -184,26 +184,16 @@ def run_federation(
 
     Plain mode with ``[privacy] mode = "central"`` runs DP-FedAvg on the coordinator; enclave mode runs
     it in the enclave (the coordinator's strategy is the base one)."""
+    from trustfed.app.runtime import Runtime, participant_ids
     from trustfed.coordinator.engine import Coordinator
-    from trustfed.core.codec import flatten
-    from trustfed.simulation.federation import (
-        build_base_strategy,
-        build_data,
-        build_strategy,
-        build_trainer,
-        make_evaluator,
-        model_factory,
-        participant_ids,
-    )
     from trustfed.simulation.transports import InProcessTransport
 
-    data = build_data(cfg)
-    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    params, spec = flatten(factory().state_dict())
-    evaluate_fn = make_evaluator(factory, spec, data.test)
-    strategy: Strategy = build_base_strategy(cfg, evaluate_fn) if enclave_mode else build_strategy(cfg, evaluate_fn)
+    rt = Runtime(cfg)
+    params, spec = rt.initial
+    evaluate_fn = rt.evaluate_fn()
+    strategy: Strategy = rt.base_strategy(evaluate_fn) if enclave_mode else rt.strategy(evaluate_fn)
     trainers: dict[str, Trainer] = {
-        pid: build_trainer(cfg, data, pid) for pid in participant_ids(cfg.federation.participants)
+        pid: rt.simulated_trainer(pid) for pid in participant_ids(cfg.federation.participants)
     }
     receipts: list[Receipt] = []
     fed: EnclaveFederation | None = None

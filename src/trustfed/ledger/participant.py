@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.ledger.audit import Signer, entry_digest, parsed_entries
 from trustfed.ledger.backends import LedgerBackend
@@ -50,18 +52,49 @@ class SignedCommitment:
         return bytes.fromhex(str(self.body["commitment"]))
 
 
-def commitment_body(rnd: int, participant_id: str, update_bytes: bytes, num_examples: int) -> dict[str, Any]:
+def commitment_body(
+    rnd: int,
+    participant_id: str,
+    update_bytes: bytes,
+    num_examples: int,
+    provenance: Mapping[str, str] | None = None,
+    evaluation: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The entry a participant signs for its update. ``provenance``: the app code it ran and its data
+    manifest (``app_sha256``, ``data_sha256``); ``evaluation``: its scores of the model it received
+    (federated evaluation). Both are left out when absent, so older bodies keep their bytes."""
     digest = update_hash(update_bytes)
-    return {
+    body: dict[str, Any] = {
         "participant": participant_id,
         "update_sha256": digest.hex(),
         "commitment": update_commitment(rnd, participant_id, digest).hex(),
         "num_examples": int(num_examples),
     }
+    for key in PROVENANCE_KEYS:
+        if provenance and key in provenance:
+            body[key] = str(provenance[key])
+    if evaluation:
+        body["evaluation"] = {str(k): float(v) for k, v in sorted(evaluation.items())}
+    return body
 
 
-def sign_commitment(signer: Signer, rnd: int, update_bytes: bytes, num_examples: int) -> SignedCommitment:
-    body = commitment_body(rnd, signer.key_id, update_bytes, num_examples)
+PROVENANCE_KEYS = ("app_sha256", "data_sha256")
+
+
+def evaluation_of(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The federated-evaluation part of an update's metrics (``eval_*``), without the prefix."""
+    return {k[len(EVAL_PREFIX) :]: float(v) for k, v in metrics.items() if k.startswith(EVAL_PREFIX)}
+
+
+def sign_commitment(
+    signer: Signer,
+    rnd: int,
+    update_bytes: bytes,
+    num_examples: int,
+    provenance: Mapping[str, str] | None = None,
+    evaluation: Mapping[str, float] | None = None,
+) -> SignedCommitment:
+    body = commitment_body(rnd, signer.key_id, update_bytes, num_examples, provenance, evaluation)
     sig = signer.sign(entry_digest(COMMITMENT_KIND, rnd, signer.key_id, body))
     return SignedCommitment(signer.key_id, rnd, body, sig)
 
@@ -73,10 +106,14 @@ def update_bytes(update: Update) -> bytes:
     return bytes(sealed) if sealed else to_bytes(update.params)
 
 
-def sign_update(signer: Signer, rnd: int, update: Update) -> SignedCommitment:
+def sign_update(
+    signer: Signer, rnd: int, update: Update, provenance: Mapping[str, str] | None = None
+) -> SignedCommitment:
     if update.participant_id != signer.key_id:
         raise LedgerError(f"key {signer.key_id!r} cannot sign the update of {update.participant_id!r}")
-    return sign_commitment(signer, rnd, update_bytes(update), update.num_examples)
+    return sign_commitment(
+        signer, rnd, update_bytes(update), update.num_examples, provenance, evaluation_of(update.metrics)
+    )
 
 
 def check_model(ledger: LedgerBackend, rnd: int, params: torch.Tensor, spec: ParamSpec) -> str:

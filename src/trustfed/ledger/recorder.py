@@ -316,6 +316,8 @@ def simulated_recorder(
     spec: ParamSpec,
     participant_ids: Sequence[str],
     attachments: Sequence[RoundAttachments] = (),
+    *,
+    provenance: Mapping[str, Mapping[str, str]] | None = None,
 ) -> LedgerRecorder:
     """A recorder for a simulation: every participant gets its own key (kept in RUN_DIR/keys).
 
@@ -333,7 +335,7 @@ def simulated_recorder(
         signer = signers.get(update.participant_id)
         if signer is None:
             raise LedgerError(f"round {plan.round}: no key for participant {update.participant_id!r}")
-        return sign_update(signer, plan.round, update)
+        return sign_update(signer, plan.round, update, (provenance or {}).get(update.participant_id))
 
     return LedgerRecorder(
         run_dir,

@@ -15,23 +15,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import torch
 
+from trustfed.app.api import DataSpec
 from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import ParamSpec
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.errors import AttestationRefused
+from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.ledger.audit import EcdsaSigner
 from trustfed.ledger.merkle import InclusionProof
 from trustfed.ledger.participant import (
     ChainView,
     InclusionError,
     ModelMismatchError,
+    evaluation_of,
     sign_commitment,
     update_bytes,
 )
@@ -102,14 +106,17 @@ class ParticipantClient:
         chain: ChainView | None = None,
         commit: bool = False,
         secagg: SecAggSettings | None = None,
+        provenance: Mapping[str, str] | None = None,
     ) -> None:
         """``commit``: sign every update's ledger commitment with this participant's certificate key;
+        ``provenance``: the app code and data manifest hashes it signs into every commitment;
         ``chain``: this participant's own view of the chain, to check models and inclusion proofs;
         ``secagg``: aggregate securely (the federation's ``[secagg]``): upload masked inputs only."""
         self.cfg = cfg
         self.pid = cfg.participant.id
         self.address = cfg.participant.coordinator
         self.trainer = trainer
+        self.provenance = dict(provenance or {})
         self.spec = spec
         self.spec_json = spec.to_json()
         self.limits = cfg.limits
@@ -304,8 +311,17 @@ class ParticipantClient:
             header.sealed = True
             header.enclave_key_id = str(getattr(update, "enclave_key_id", ""))
             header.enclave_signature = bytes(getattr(update, "signature", b""))
+        for key, value in self.provenance.items():
+            setattr(header, key, value)
         if self.commit:  # H(round, id, H(payload)), signed with this participant's own key
-            sc = sign_commitment(self.commit_signer, rp.round, payload, update.num_examples)
+            sc = sign_commitment(
+                self.commit_signer,
+                rp.round,
+                payload,
+                update.num_examples,
+                self.provenance,
+                evaluation_of(header.metrics),
+            )
             if sealed and sc.commitment != bytes(getattr(update, "commitment", b"")):
                 raise TransportError(f"round {rp.round}: the sealed update's commitment differs from the ledger's")
             header.commitment = sc.commitment
@@ -502,28 +518,31 @@ def _payload_hash(spec_json: str, payload: bytes) -> str:
 
 def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
     """Build the trainer for this participant from the federation file, then the client."""
+    from trustfed.app.runtime import Runtime, participant_ids
     from trustfed.config import load_federation_config
-    from trustfed.core.codec import flatten
-    from trustfed.simulation.federation import build_data, build_trainer, model_factory
 
     fed = load_federation_config(cfg.participant.federation_config)
-    data = build_data(fed)
-    if cfg.participant.id not in data.shards:
+    pid = cfg.participant.id
+    rt = Runtime(fed)
+    if rt.builtin and pid not in participant_ids(fed.federation.participants):
         raise TransportError(
-            f"participant id {cfg.participant.id!r} is not one of the federation's participants "
-            f"({', '.join(sorted(data.shards)[:5])}…); check [participant].id"
+            f"participant id {pid!r} is not one of the federation's participants "
+            f"({', '.join(participant_ids(fed.federation.participants)[:5])}…); check [participant].id"
         )
     state_dir = cfg.state.dir if cfg.state is not None else None
     if fed.privacy.mode != "none" and state_dir is None:
         from trustfed.privacy.accounting import PrivacyError
 
         raise PrivacyError(
-            f"participant {cfg.participant.id}: the federation runs differential privacy, but this participant has "
+            f"participant {pid}: the federation runs differential privacy, but this participant has "
             "no [state].dir to keep its privacy spend in; a restart would forget what it has spent. Set [state].dir "
             "(load_participant_config defaults it to the participant file's folder)"
         )
-    trainer = build_trainer(fed, data, cfg.participant.id, budget_state_dir=state_dir)
-    _, spec = flatten(model_factory(fed, data.train.input_shape, data.train.num_classes)().state_dict())
+    data_spec = participant_data_spec(cfg, rt.builtin)
+    local = rt.local_data(data_spec, pid)
+    trainer = rt.trainer(pid, local, budget_state_dir=state_dir)
+    spec = rt.spec
+    provenance = rt.provenance(data_spec, local)
     if fed.enclave.enabled:
         trainer = _sealing_trainer(fed, cfg, trainer)
     chain: ChainView | None = None
@@ -538,7 +557,25 @@ def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
             rpc = cfg.ledger.rpc_url or (fed.ledger.rpc_url if fed.ledger.backend == "jsonrpc" else None)
             chain = ChainView(cfg.ledger.dir, rpc)
     secagg = fed.secagg if fed.secagg.enabled else None
-    return ParticipantClient(cfg, trainer, spec, chain=chain, commit=fed.ledger.enabled, secagg=secagg)
+    return ParticipantClient(
+        cfg, trainer, spec, chain=chain, commit=fed.ledger.enabled, secagg=secagg, provenance=provenance
+    )
+
+
+def participant_data_spec(cfg: ParticipantConfig, builtin: bool) -> DataSpec:
+    """This participant's own ``[data]``: its path and free keys. Without one, the built-in app hands it
+    its partition of the federation's dataset (a simulated participant); an app needs one."""
+    source = f"{cfg.source} [data]"
+    if cfg.data is None:
+        if builtin:
+            return DataSpec(None, {"participant": cfg.participant.id}, source)
+        raise ConfigError(
+            cfg.source,
+            [ConfigProblem("data", "the federation runs an app: this participant needs its own [data] section")],
+        )
+    options = {k: v for k, v in cfg.data.items() if k != "path"}
+    path = cfg.data.get("path")
+    return DataSpec(Path(path) if isinstance(path, str) else None, options, source)
 
 
 def _sealing_trainer(fed: Any, cfg: ParticipantConfig, trainer: Trainer) -> Trainer:

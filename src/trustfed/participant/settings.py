@@ -23,6 +23,10 @@ max_backoff_s = 5.0
 
 [state]                                  # optional: this participant's own state
 dir = "state"                            # default: this file's folder; holds <id>.privacy-budget.json
+
+[data]                                   # this participant's own data, handed to the federation app's
+path = "data/train.csv"                  # loader as trustfed.app.DataSpec (path + every other key);
+target = "label"                         # without it, the built-in app gives it its partition
 ```
 Relative paths resolve against the file's folder.
 """
@@ -30,6 +34,7 @@ Relative paths resolve against the file's folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -81,6 +86,10 @@ class ParticipantConfig(_Section):
     limits: Limits = Limits()
     ledger: LedgerViewSection | None = None
     state: StateSection | None = Field(None, description="set by the loader when the file has no [state]")
+    data: dict[str, Any] | None = Field(
+        None, description="this participant's own data: path (a file or folder) and free keys for the app's loader"
+    )
+    source: str = Field("<participant file>", description="the file this came from (set by the loader)")
 
 
 def _resolve(raw: dict[str, object], base: Path) -> None:
@@ -89,6 +98,7 @@ def _resolve(raw: dict[str, object], base: Path) -> None:
         ("tls", ("ca", "cert", "key", "crl")),
         ("ledger", ("dir",)),
         ("state", ("dir",)),
+        ("data", ("path",)),
     ):
         sec = raw.get(section)
         if isinstance(sec, dict):
@@ -104,6 +114,7 @@ def load_participant_config(path: str | Path) -> ParticipantConfig:
 
     p = Path(path)
     raw = parse_toml(p)
+    raw["source"] = str(p)
     state = raw.setdefault("state", {})
     if isinstance(state, dict):
         state.setdefault("dir", ".")  # next to this file
@@ -121,6 +132,9 @@ def load_participant_config(path: str | Path) -> ParticipantConfig:
         problems.append(
             ConfigProblem("participant.federation_config", "no such file", str(cfg.participant.federation_config))
         )
+    data_path = (cfg.data or {}).get("path")
+    if data_path is not None and (not isinstance(data_path, str) or not Path(data_path).exists()):
+        problems.append(ConfigProblem("data.path", "no such file or folder", str(data_path)))
     if problems:
         raise ConfigError(str(p), problems)
     return cfg

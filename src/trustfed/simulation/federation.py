@@ -1,4 +1,4 @@
-"""Build a federation (data, partitions, model, trainers, strategy) from a config.
+"""The built-in app's parts: dataset, partitions, reference model and trainers from a config.
 
 Everything is derived from the config and its seed, so any process (a multiprocess worker,
 a gRPC participant) can rebuild exactly its own share without receiving data.
@@ -11,21 +11,16 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from trustfed.app.runtime import participant_ids
 from trustfed.config import FederationConfig
-from trustfed.core.codec import ParamSpec, flatten, load_vector
-from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx, Strategy
+from trustfed.core.codec import flatten
 from trustfed.data.datasets import Dataset, load_dataset, train_test_split
 from trustfed.data.partition import partition
 from trustfed.models.reference import build_model
-from trustfed.models.training import TrainConfig, evaluate
+from trustfed.models.training import TrainConfig
 from trustfed.participant.trainer import LocalTrainer, Trainer
-
-
-def participant_ids(n: int) -> list[str]:
-    return [f"p{i:03d}" for i in range(n)]
 
 
 @dataclass
@@ -102,46 +97,4 @@ def build_trainer(
     return LocalTrainer(pid, factory, spec, data.shards[pid], train_config(cfg), cfg.federation.seed)
 
 
-def make_evaluator(
-    factory: Callable[[], nn.Module], spec: ParamSpec, test: Dataset
-) -> Callable[[int, torch.Tensor], dict[str, float]]:
-    model = factory()
-
-    def evaluate_fn(rnd: int, params: torch.Tensor) -> dict[str, float]:
-        load_vector(model, params, spec)
-        r = evaluate(model, test)
-        return {"accuracy": r.accuracy, "loss": r.loss}
-
-    return evaluate_fn
-
-
-def build_strategy(
-    cfg: FederationConfig, evaluate_fn: Callable[[int, torch.Tensor], dict[str, float]] | None
-) -> Strategy:
-    inner = build_base_strategy(cfg, evaluate_fn)
-    if cfg.privacy.mode == "central":
-        from trustfed.privacy.wiring import build_central_strategy
-
-        return build_central_strategy(cfg.privacy, inner, cfg.federation.seed)
-    return inner
-
-
-def build_base_strategy(
-    cfg: FederationConfig, evaluate_fn: Callable[[int, torch.Tensor], dict[str, float]] | None
-) -> FedAvg:
-    """The ``[strategy]`` without central DP: what the coordinator runs when the enclave applies DP."""
-    s = cfg.strategy
-    common = {
-        "fraction_fit": s.fraction_fit,
-        "min_participants": s.min_participants,
-        "aggregator": s.aggregator,
-        "aggregator_params": dict(s.aggregator_params),
-        "evaluate_fn": evaluate_fn,
-        "seed": cfg.federation.seed,
-    }
-    cls = STRATEGIES[s.name]
-    if issubclass(cls, FedOpt):
-        return cls(server_lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau, **common)  # type: ignore[arg-type]
-    if cls is FedProx:
-        return FedProx(proximal_mu=s.proximal_mu, **common)  # type: ignore[arg-type]
-    return cls(**common)  # type: ignore[arg-type]
+__all__ = ["FederationData", "build_data", "build_trainer", "model_factory", "participant_ids", "train_config"]

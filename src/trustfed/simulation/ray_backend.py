@@ -38,17 +38,14 @@ class ParticipantHost:
 
     def __init__(self, cfg_json: str) -> None:
         torch.set_num_threads(1)
-        from trustfed.simulation.federation import build_data
+        from trustfed.app.runtime import Runtime
 
-        self.cfg = FederationConfig.model_validate_json(cfg_json)
-        self.data = build_data(self.cfg)
+        self.runtime = Runtime(FederationConfig.model_validate_json(cfg_json))
         self.trainers: dict[str, Any] = {}
 
     def fit(self, pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes) -> EncodedUpdate:
-        from trustfed.simulation.federation import build_trainer
-
         if pid not in self.trainers:
-            self.trainers[pid] = build_trainer(self.cfg, self.data, pid)
+            self.trainers[pid] = self.runtime.simulated_trainer(pid)
         return fit_encoded(self.trainers[pid], pid, rnd, config, payload)
 
 

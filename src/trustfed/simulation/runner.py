@@ -17,19 +17,12 @@ from typing import Any
 
 import torch
 
+from trustfed.app.runtime import Runtime, participant_ids
 from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import Coordinator, RoundObserver, RoundRecord, Transport
+from trustfed.coordinator.engine import FED_EVAL_PREFIX, Coordinator, RoundObserver, RoundRecord, Transport
 from trustfed.coordinator.recorders import recorders_for, use_reputation_selection
-from trustfed.core.codec import ParamSpec, flatten, model_hash, to_bytes
+from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.strategy import Strategy
-from trustfed.simulation.federation import (
-    build_data,
-    build_strategy,
-    build_trainer,
-    make_evaluator,
-    model_factory,
-    participant_ids,
-)
 from trustfed.simulation.transports import InProcessTransport, MultiprocessTransport
 
 
@@ -60,10 +53,10 @@ def run_simulation(
     on_round: Callable[[RoundRecord], None] | None = None,
     observers: Sequence[RoundObserver] = (),
 ) -> SimulationResult:
-    data = build_data(cfg)
-    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    params, spec = flatten(factory().state_dict())
-    strategy = build_strategy(cfg, make_evaluator(factory, spec, data.test))
+    rt = Runtime(cfg)
+    params, spec = rt.initial
+    strategy = rt.strategy(rt.evaluate_fn())
+    ids = participant_ids(cfg.federation.participants)
     transport: Transport
     if cfg.simulation.backend == "multiprocess":
         transport = MultiprocessTransport(cfg, cfg.simulation.workers)
@@ -72,8 +65,7 @@ def run_simulation(
 
         transport = RayTransport(cfg, cfg.simulation.workers, cfg.simulation.ray_address)
     else:
-        ids = participant_ids(cfg.federation.participants)
-        transport = InProcessTransport({pid: build_trainer(cfg, data, pid) for pid in ids})
+        transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids})
     if cfg.attack.kind != "none":  # omniscient attacks rewrite the collected updates
         from trustfed.simulation.adversary import adversarial_transport
 
@@ -82,18 +74,29 @@ def run_simulation(
         from trustfed.simulation.secagg import SecAggTransport
 
         transport = SecAggTransport(transport, cfg.secagg, cfg.strategy.min_participants)
+    provenance = {pid: simulated_provenance(rt, pid) for pid in ids} if out_dir is not None else {}
     # privacy spend + ledger (audit log, checkpoints, chain): the same recorders as the networked coordinator
-    watchers = [*observers, *recorders_for(cfg, out_dir, spec, participant_ids(cfg.federation.participants))]
+    watchers = [*observers, *recorders_for(cfg, out_dir, spec, ids, provenance=provenance, app=rt.identity)]
     use_reputation_selection(cfg, strategy, watchers)
     min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update
     coord = Coordinator(strategy, transport, params, spec, min_updates=min_updates, observers=watchers)
-    from trustfed.simulation.adversary import attach_root_update
+    if rt.builtin:
+        from trustfed.apps.builtin import federation_data
+        from trustfed.simulation.adversary import attach_root_update
 
-    attach_root_update(cfg, data, strategy, coord)  # FLTrust's server update from a root sample
+        attach_root_update(cfg, federation_data(cfg), strategy, coord)  # FLTrust's server update from a root sample
     metrics = run_rounds(coord, cfg, transport, strategy, spec, on_round)
+    metrics["app"] = rt.identity.describe()
+    if provenance:
+        metrics["participants_provenance"] = provenance
     if out_dir is not None:
         write_results(out_dir, metrics, coord.params, spec.to_json())
     return SimulationResult(coord.params, metrics)
+
+
+def simulated_provenance(rt: Runtime, pid: str) -> dict[str, str]:
+    """What a virtual participant would sign: the app's code hash and its data manifest's hash."""
+    return rt.provenance(rt.simulated_data_spec(pid), rt.simulated_local_data(pid))
 
 
 def run_rounds(
@@ -118,6 +121,7 @@ def run_rounds(
                 "participants": list(rec.participants),
                 "updated_by": list(rec.updated_by),
                 "model_hash": rec.model_hash,
+                **federated_entry(rec.metrics),
             }
         )
         if on_round:
@@ -145,6 +149,16 @@ def run_rounds(
     }
 
 
+def federated_entry(metrics: dict[str, float]) -> dict[str, Any]:
+    """The round's federated evaluation for metrics.json: the participants' example-weighted scores of
+    the model they received (the previous round's), or nothing when none evaluated."""
+    found = {k[len(FED_EVAL_PREFIX) :]: v for k, v in metrics.items() if k.startswith(FED_EVAL_PREFIX)}
+    if not found:
+        return {}
+    model_round = int(found.pop("model_round", -1))
+    return {"federated_evaluation": {"model_round": model_round, **found}}
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -167,11 +181,17 @@ def plot_metrics(metrics: dict[str, Any], path: Path) -> None:
 
     rounds = [r["round"] for r in metrics["rounds"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(rounds, [r["accuracy"] for r in metrics["rounds"]], marker="o")
-    ax1.set(xlabel="round", ylabel="test accuracy", title="Accuracy")
+    ax1.plot(rounds, [r["accuracy"] for r in metrics["rounds"]], marker="o", label="coordinator")
+    ax2.plot(rounds, [r["loss"] for r in metrics["rounds"]], marker="o", color="tab:red", label="coordinator")
+    fed = [r["federated_evaluation"] for r in metrics["rounds"] if "federated_evaluation" in r]
+    for ax, key, colour in ((ax1, "accuracy", "tab:green"), (ax2, "loss", "tab:orange")):
+        shown = [(f["model_round"], f[key]) for f in fed if key in f]  # participants' scores of round k's model
+        if shown:
+            ax.plot([k for k, _ in shown], [v for _, v in shown], marker="s", color=colour, label="federated")
+            ax.legend()
+    ax1.set(xlabel="round", ylabel="accuracy", title="Accuracy")
     ax1.grid(alpha=0.3)
-    ax2.plot(rounds, [r["loss"] for r in metrics["rounds"]], marker="o", color="tab:red")
-    ax2.set(xlabel="round", ylabel="test loss", title="Loss")
+    ax2.set(xlabel="round", ylabel="loss", title="Loss")
     ax2.grid(alpha=0.3)
     name = metrics.get("config", {}).get("federation", {}).get("name", "federation")
     fig.suptitle(f"trustfed: {name}")

@@ -52,11 +52,9 @@ _WORKER: dict[str, object] = {}
 
 def _init_worker(cfg_json: str, budget_dir: str | None = None) -> None:
     torch.set_num_threads(1)
-    from trustfed.simulation.federation import build_data
+    from trustfed.app.runtime import Runtime
 
-    cfg = FederationConfig.model_validate_json(cfg_json)
-    _WORKER["cfg"] = cfg
-    _WORKER["data"] = build_data(cfg)
+    _WORKER["runtime"] = Runtime(FederationConfig.model_validate_json(cfg_json))
     _WORKER["trainers"] = {}
     _WORKER["budget_dir"] = budget_dir
 
@@ -84,21 +82,20 @@ def decode_update(encoded: EncodedUpdate) -> Update:
 
 
 def _fit_in_worker(pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes) -> EncodedUpdate:
-    from trustfed.simulation.federation import FederationData, build_trainer
+    from trustfed.app.runtime import Runtime
 
-    cfg = _WORKER["cfg"]
-    data = _WORKER["data"]
+    rt = _WORKER["runtime"]
     trainers = _WORKER["trainers"]
-    assert isinstance(cfg, FederationConfig) and isinstance(data, FederationData) and isinstance(trainers, dict)
+    assert isinstance(rt, Runtime) and isinstance(trainers, dict)
     budget_dir = _WORKER.get("budget_dir")
     if isinstance(budget_dir, str):
         # With privacy, a participant's spend lives in its budget state file, shared by all workers:
         # the trainer is rebuilt for every round so that it starts from the spend on disk, whichever
         # worker trained it last.
-        trainer: Trainer = build_trainer(cfg, data, pid, budget_state_dir=Path(budget_dir))
+        trainer: Trainer = rt.simulated_trainer(pid, budget_state_dir=Path(budget_dir))
     else:
         if pid not in trainers:
-            trainers[pid] = build_trainer(cfg, data, pid)
+            trainers[pid] = rt.simulated_trainer(pid)
         trainer = trainers[pid]
     return fit_encoded(trainer, pid, rnd, config, payload)
 

@@ -114,9 +114,15 @@ def write_federation_file(
 
 
 def write_participant_configs(
-    fed: LocalFederation, address: str, participants: Sequence[str], *, ledger_view: bool = False
+    fed: LocalFederation,
+    address: str,
+    participants: Sequence[str],
+    *,
+    ledger_view: bool = False,
+    data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """One participant.toml each; ``ledger_view``: each reads the run's chain itself (``OUT/ledger``)."""
+    """One participant.toml each; ``ledger_view``: each reads the run's chain itself (``OUT/ledger``);
+    ``data``: each participant's own ``[data]`` section (absolute paths), for a federation app."""
     folder = fed.out / "participants"
     folder.mkdir(parents=True, exist_ok=True)
     for pid in participants:
@@ -132,6 +138,8 @@ def write_participant_configs(
         }
         if ledger_view:
             doc["ledger"] = {"dir": "../ledger"}
+        if data is not None and pid in data:
+            doc["data"] = dict(data[pid])
         p = folder / f"{pid}.toml"
         p.write_text(to_toml(doc), encoding="utf-8")
         fed.participant_files[pid] = p
@@ -223,8 +231,10 @@ def run_local_federation(
     *,
     on_round: Callable[[Any], None] | None = None,
     round_timeout_s: float = 120.0,
+    participant_data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Coordinator here, every participant a process: returns (final params, metrics)."""
+    """Coordinator here, every participant a process: returns (final params, metrics).
+    ``participant_data``: each participant's own ``[data]`` (an app's federation)."""
     from trustfed.config import load_federation_config
     from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
     from trustfed.simulation.federation import participant_ids
@@ -252,7 +262,7 @@ def run_local_federation(
             secagg=cfg.secagg if cfg.secagg.enabled else None,
         )
         grpc_transport = transport
-        write_participant_configs(fed, transport.address, ids, ledger_view=cfg.ledger.enabled)
+        write_participant_configs(fed, transport.address, ids, ledger_view=cfg.ledger.enabled, data=participant_data)
         for pid in ids:
             procs[pid] = start_participant(fed.participant_files[pid], logs[pid])
 

@@ -1,0 +1,128 @@
+"""A participant's trainer for an app: the app's own train/evaluate hooks or the built-in loop.
+
+Before training a round it scores the model it received on its held-out data (federated
+evaluation, every ``evaluate_every`` rounds): the ``eval_*`` metrics travel with its update, inside
+the commitment it signs, so the coordinator's example-weighted figure can be re-checked from the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from trustfed.app import loop
+from trustfed.app.api import App, AppContext, LocalData, TrainContext, TrainData
+from trustfed.core.codec import ParamSpec, flatten, load_vector
+from trustfed.core.evaluation import EVAL_PREFIX
+from trustfed.core.strategy import RoundPlan, Update
+from trustfed.errors import AppError, TrustFedError
+from trustfed.participant.trainer import round_seed
+
+
+def _call_hook(pid: str, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except TrustFedError:
+        raise
+    except Exception as exc:
+        raise AppError(f"participant {pid}: the app's {hook} function raised {type(exc).__name__}: {exc}") from exc
+
+
+def _floats(pid: str, hook: str, got: Any) -> dict[str, float]:
+    if not isinstance(got, Mapping):
+        raise AppError(
+            f"participant {pid}: the app's {hook} function must return a dict of metrics, got {type(got).__name__}"
+        )
+    try:
+        return {str(k): float(v) for k, v in got.items()}
+    except (TypeError, ValueError) as exc:
+        raise AppError(f"participant {pid}: the app's {hook} function returned a non-numeric metric: {exc}") from None
+
+
+class AppTrainer:
+    """Implements :class:`trustfed.participant.trainer.Trainer` for an app's model and local data."""
+
+    def __init__(
+        self,
+        participant_id: str,
+        app: App,
+        ctx: AppContext,
+        model_factory: Callable[[], nn.Module],
+        spec: ParamSpec,
+        data: LocalData,
+        settings: loop.LoopSettings,
+        seed: int,
+        evaluate_every: int = 1,
+    ) -> None:
+        self.participant_id = participant_id
+        self.app = app
+        self.ctx = ctx
+        self.model = model_factory()
+        self.spec = spec
+        self.data = data
+        self.settings = settings
+        self.seed = seed
+        self.evaluate_every = evaluate_every
+        self.num_examples = loop.num_examples(data.train)
+        if self.num_examples <= 0:
+            raise AppError(f"participant {participant_id}: the app's data loader returned no training examples")
+
+    def _settings(self, plan: RoundPlan) -> loop.LoopSettings:
+        c = plan.config
+        s = self.settings
+        return replace(
+            s,
+            epochs=int(c.get("local_epochs", s.epochs)),
+            batch_size=int(c.get("batch_size", s.batch_size)),
+            lr=float(c.get("lr", s.lr)),
+            momentum=float(c.get("momentum", s.momentum)),
+            weight_decay=float(c.get("weight_decay", s.weight_decay)),
+            proximal_mu=float(c.get("proximal_mu", s.proximal_mu)),
+        )
+
+    def _score(self, data: TrainData) -> dict[str, float]:
+        if self.app.evaluate is not None:
+            got = _floats(
+                self.participant_id,
+                "evaluate",
+                _call_hook(self.participant_id, "evaluate", self.app.evaluate, self.model, data, self.ctx),
+            )
+            got.setdefault("num_examples", float(loop.num_examples(data)))
+            return got
+        return loop.evaluate(self.model, data, self.settings.loss, self.settings.metrics)
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        load_vector(self.model, params, self.spec)
+        metrics: dict[str, float] = {}
+        k = self.evaluate_every
+        if k > 0 and self.data.eval is not None and (plan.round - 1) % k == 0:
+            metrics.update({EVAL_PREFIX + name: v for name, v in self._score(self.data.eval).items()})
+        s = self._settings(plan)
+        seed = round_seed(self.seed, plan.round, self.participant_id)
+        torch.manual_seed(seed)  # dropout and other randomness inside the app's model
+        if self.app.train is not None:
+            tctx = TrainContext(plan.round, seed, s.epochs, s.batch_size, s.lr, self.participant_id, self.ctx)
+            self.model.train()
+            metrics.update(
+                _floats(
+                    self.participant_id,
+                    "train",
+                    _call_hook(self.participant_id, "train", self.app.train, self.model, self.data.train, tctx),
+                )
+            )
+        else:
+            metrics.update(loop.train(self.model, self.data.train, s, seed))
+        vec, _ = flatten(self.model.state_dict())
+        if not bool(torch.isfinite(vec).all()):
+            raise AppError(
+                f"participant {self.participant_id}: round {plan.round}'s training produced non-finite parameters"
+            )
+        return Update(self.participant_id, vec, self.num_examples, metrics)
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        load_vector(self.model, params, self.spec)
+        return self._score(self.data.eval if self.data.eval is not None else self.data.train)

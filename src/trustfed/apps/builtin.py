@@ -1,0 +1,83 @@
+"""The built-in datasets (``[data] dataset``) and models (``[model]``) as a federation app.
+
+A federation file without ``[app]`` runs this app. Its data loader hands participant ``i`` its
+seeded partition of the dataset (``[data.partition]``), so every process rebuilds exactly its own
+share; the coordinator holds the stratified test split and evaluates on it (``server_evaluate``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from trustfed.app.api import App, AppContext, DataSpec, LocalData
+from trustfed.app.loading import AppIdentity
+from trustfed.errors import DataError
+from trustfed.models.training import evaluate
+
+if TYPE_CHECKING:
+    from trustfed.config import FederationConfig
+    from trustfed.simulation.federation import FederationData
+
+TARGET = "trustfed.apps.builtin:app"
+
+
+@functools.lru_cache(maxsize=4)
+def _federation_data(cfg_json: str) -> FederationData:
+    from trustfed.config import FederationConfig
+    from trustfed.simulation.federation import build_data
+
+    return build_data(FederationConfig.model_validate_json(cfg_json))
+
+
+def federation_data(cfg: FederationConfig) -> FederationData:
+    """The dataset, its test split and every participant's partition (built once per process)."""
+    keyed = cfg.model_copy(update={"app": None})
+    return _federation_data(keyed.model_dump_json(include={"federation", "data"}))
+
+
+def app_config(cfg: FederationConfig) -> dict[str, Any]:
+    return {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
+
+
+def builtin_app(cfg: FederationConfig) -> App:
+    from trustfed.simulation.federation import model_factory
+
+    def model(ctx: AppContext) -> nn.Module:
+        data = federation_data(cfg)
+        return model_factory(cfg, data.train.input_shape, data.train.num_classes)()
+
+    def data(spec: DataSpec, ctx: AppContext) -> LocalData:
+        shards = federation_data(cfg).shards
+        pid = str(spec.options.get("participant", ctx.participant_id))
+        if pid not in shards:
+            raise DataError(
+                f"{spec.source}: participant {pid!r} is not one of the federation's participants "
+                f"({', '.join(sorted(shards)[:5])}…); check [participant].id"
+            )
+        return LocalData(train=shards[pid])
+
+    def server_evaluate(m: nn.Module, ctx: AppContext) -> dict[str, float]:
+        r = evaluate(m, federation_data(cfg).test)
+        return {"accuracy": r.accuracy, "loss": r.loss}
+
+    return App(model=model, data=data, server_evaluate=server_evaluate)
+
+
+def builtin_identity(cfg: FederationConfig) -> AppIdentity:
+    """The built-in app's source is trustfed itself: its code hash covers the modules that load the
+    datasets, build the models and train them."""
+    import trustfed
+
+    root = Path(trustfed.__file__).resolve().parent
+    names = ["apps/builtin.py", "data/datasets.py", "data/partition.py", "models/reference.py", "models/training.py"]
+    h = hashlib.sha256(b"trustfed-app-code-v1\0")
+    for name in names:
+        data = (root / name).read_bytes()
+        h.update(len(name.encode()).to_bytes(4, "big") + name.encode())
+        h.update(len(data).to_bytes(8, "big") + data)
+    return AppIdentity(TARGET, h.hexdigest(), tuple(f"trustfed/{n}" for n in names), app_config(cfg))
