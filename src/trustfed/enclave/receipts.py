@@ -22,7 +22,7 @@ from trustfed.enclave.attestation import SIMULATED_LABEL, Verdict
 from trustfed.enclave.canonical import canonical_json, parse_json_object, sha256_hex
 from trustfed.enclave.errors import EnclaveError, ReceiptError
 from trustfed.enclave.keys import EnclavePublicKey
-from trustfed.enclave.merkle import merkle_root
+from trustfed.primitives.merkle import merkle_root
 
 RECEIPT_FORMAT = "trustfed-receipt-v1"
 STATE_FORMAT = "trustfed-enclave-state-v1"

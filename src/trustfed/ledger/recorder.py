@@ -33,10 +33,10 @@ from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.audit import AuditLog, EcdsaSigner, Signer, certificate_fingerprint, key_fingerprint
 from trustfed.ledger.backends import LedgerBackend, open_backend
 from trustfed.ledger.checkpoint import CHECKPOINT_DIR, save_checkpoint
-from trustfed.ledger.merkle import merkle_root
 from trustfed.ledger.participant import COMMITMENT_KIND, SignedCommitment, sign_update
 from trustfed.ledger.records import ZERO32, Identity, LedgerError, Role, RoundCommitment
 from trustfed.ledger.settings import LedgerSettings
+from trustfed.primitives.merkle import merkle_root
 from trustfed.secagg.updates import contributions
 
 log = logging.getLogger("trustfed.ledger")

@@ -39,10 +39,10 @@ from trustfed.ledger.audit import (
     verify_signature,
 )
 from trustfed.ledger.checkpoint import hash_model_bytes
-from trustfed.ledger.merkle import merkle_root
 from trustfed.ledger.participant import COMMITMENT_KIND
 from trustfed.ledger.recorder import AUDIT_FILE, COORDINATOR_ID, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment, update_commitment
+from trustfed.primitives.merkle import merkle_root
 
 CHAIN = "chain"
 
