@@ -31,6 +31,7 @@ import torch
 
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
 from trustfed.errors import CheckpointError, CodecError
+from trustfed.primitives.canonical import canonical_json
 
 log = logging.getLogger("trustfed.distributed.provenance")
 
@@ -43,17 +44,18 @@ class ProvenanceSink(Protocol):
     def append(self, entry: Mapping[str, Any]) -> str: ...
 
 
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+def _canonical(value: Mapping[str, Any]) -> bytes:
+    """Canonical JSON as this log has always hashed it: non-ASCII escaped, NaN admitted."""
+    return canonical_json(value, ensure_ascii=True, allow_nan=True)
 
 
 def config_hash(config_json: Mapping[str, Any]) -> str:
-    return hashlib.sha256(b"trustfed-config-v1\0" + canonical(config_json)).hexdigest()
+    return hashlib.sha256(b"trustfed-config-v1\0" + _canonical(config_json)).hexdigest()
 
 
 def entry_hash(body: Mapping[str, Any]) -> str:
     """The chain hash of a provenance entry's body (every field but ``hash``)."""
-    return hashlib.sha256(b"trustfed-provenance-v1\0" + canonical(body)).hexdigest()
+    return hashlib.sha256(b"trustfed-provenance-v1\0" + _canonical(body)).hexdigest()
 
 
 @dataclass(frozen=True)

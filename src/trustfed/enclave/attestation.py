@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from trustfed.enclave.canonical import canonical_json, parse_json_object
 from trustfed.enclave.errors import AttestationError, AttestationRefused
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.policy import BACKEND_NAMES, AttestationPolicy
+from trustfed.primitives.canonical import canonical_json, parse_json_object
 
 log = logging.getLogger("trustfed.enclave.attestation")
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trustfed.enclave.canonical import canonical_json
+from trustfed.primitives.canonical import canonical_json
 
 _DOMAIN = b"trustfed-simulated-measurement-v1\0"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # src/trustfed

@@ -42,6 +42,7 @@ from trustfed.ledger.checkpoint import hash_model_bytes
 from trustfed.ledger.participant import COMMITMENT_KIND
 from trustfed.ledger.recorder import AUDIT_FILE, COORDINATOR_ID, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment, update_commitment
+from trustfed.primitives.canonical import canonical_json
 from trustfed.primitives.merkle import merkle_root
 
 CHAIN = "chain"
@@ -336,7 +337,6 @@ class _Verifier:
     def _receipt(self, rnd: int, f: dict[str, Any]) -> None:
         """The round's enclave receipt: signed by the attested key, binding this round's commitments
         and output model; its hash is the one the aggregation entry and the chain record."""
-        from trustfed.enclave.canonical import canonical_json as receipt_json
         from trustfed.enclave.errors import EnclaveError
         from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
 
@@ -355,7 +355,7 @@ class _Verifier:
             self.fail(AUDIT_FILE, ln, rnd, "kind", "enclave receipt without an attested enclave in the log")
             return
         try:
-            receipt = Receipt.from_json(receipt_json(e.body.get("receipt")))
+            receipt = Receipt.from_json(canonical_json(e.body.get("receipt")))
         except (EnclaveError, ValueError, TypeError) as exc:
             self.fail(AUDIT_FILE, ln, rnd, "body.receipt", f"unreadable receipt: {exc}")
             return
