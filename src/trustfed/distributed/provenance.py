@@ -31,6 +31,7 @@ import torch
 
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
 from trustfed.errors import CheckpointError, CodecError
+from trustfed.primitives.atomic import atomic_write_bytes, fsync_folder
 from trustfed.primitives.canonical import canonical_json
 
 log = logging.getLogger("trustfed.distributed.provenance")
@@ -132,15 +133,6 @@ class ProvenanceLog:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
@@ -170,13 +162,14 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    _atomic_bytes(tmp / "model.f32", to_bytes(model))
-    _atomic_bytes(tmp / "model.spec.json", model_spec.to_json().encode())
-    _atomic_bytes(tmp / "optim.f32", to_bytes(optim))
-    _atomic_bytes(tmp / "optim.spec.json", optim_spec.to_json().encode())
+    atomic_write_bytes(tmp / "model.f32", to_bytes(model))
+    atomic_write_bytes(tmp / "model.spec.json", model_spec.to_json().encode())
+    atomic_write_bytes(tmp / "optim.f32", to_bytes(optim))
+    atomic_write_bytes(tmp / "optim.spec.json", optim_spec.to_json().encode())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_folder(final.parent)
     return Checkpoint(step, final, model_hash(model, model_spec), model_hash(optim, optim_spec))
 
 

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from trustfed.errors import TrustFedError
+from trustfed.primitives.atomic import atomic_write_bytes
 from trustfed.primitives.canonical import canonical_text
 
 GENESIS_PREV = "00" * 32
@@ -137,10 +138,7 @@ class EcdsaSigner:
         data = self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        fd = os.open(path.with_name(path.name + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(path.with_name(path.name + ".tmp"), path)
+        atomic_write_bytes(path, data, mode=0o600)
 
     def public_key_pem(self) -> bytes:
         return self._pem
