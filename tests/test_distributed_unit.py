@@ -147,7 +147,7 @@ def test_provenance_chain_detects_tampering(tmp_path: Path) -> None:
     log = ProvenanceLog(tmp_path / "provenance.jsonl")
     log.append("run_start", world_size=2)
     log.append("checkpoint", step=1, model_hash="a" * 64)
-    assert log.verify().ok and log.verify().entries == 2
+    assert log.verify().ok and log.verify().claims["entries"] == 2
     lines = log.path.read_text().splitlines()
     e = json.loads(lines[1])
     e["step"] = 2

@@ -19,11 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trustfed.enclave.attestation import SIMULATED_LABEL, Verdict
+from trustfed.enclave.attestation import SIMULATED_LABEL
 from trustfed.enclave.errors import EnclaveError, ReceiptError
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.primitives.canonical import canonical_json, parse_json_object
 from trustfed.primitives.merkle import merkle_root
+from trustfed.primitives.verdict import Verdict
 
 RECEIPT_FORMAT = "trustfed-receipt-v1"
 STATE_FORMAT = "trustfed-enclave-state-v1"

@@ -4,7 +4,7 @@ It trusts nothing the coordinator says about itself: it recomputes the audit log
 every signature (keys come from the log's identity entries, whose fingerprints must match the
 on-chain registry), every commitment and Merkle root, every checkpoint's hash, and compares all of
 it with the on-chain round records. Every failure is reported with where it is: file and line,
-round and field. The verdict holds only if no failure was found.
+round and field. The run verifies only if no failure was found.
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ class Failure:
 
 
 @dataclass
-class Verdict:
+class AuditReport:
+    """What ``trustfed audit verify`` found: ``ok`` only without failures, each failure located (file,
+    line, round, field), the counts of what was checked, and notes an auditor must see. A report rather
+    than a :class:`~trustfed.primitives.verdict.Verdict`, whose reasons are plain lines."""
+
     ok: bool
     failures: list[Failure]
     checked: dict[str, int] = field(default_factory=dict)
@@ -802,11 +806,11 @@ class _Verifier:
         self.checked["privacy_entries"] += len(self.privacy)
 
 
-def verify_run(run_dir: Path, rpc_url: str | None = None) -> Verdict:
+def verify_run(run_dir: Path, rpc_url: str | None = None) -> AuditReport:
     v = _Verifier(run_dir, rpc_url)
     v.check_log()
     facts = v.check_rounds()
     v.check_incentives(facts)
     v.check_chain(facts)
     v.check_privacy(facts)
-    return Verdict(not v.failures, v.failures, dict(v.checked), list(v.notes))
+    return AuditReport(not v.failures, v.failures, dict(v.checked), list(v.notes))
