@@ -54,7 +54,7 @@ def bench_appends(n: int) -> dict[str, Any]:
 
 
 def bench_merkle(n: int) -> dict[str, Any]:
-    from trustfed.ledger.merkle import MerkleTree, verify_inclusion
+    from trustfed.primitives.merkle import MerkleTree, verify_inclusion
 
     leaves = [hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(n)]
     t0 = time.perf_counter()

@@ -9,10 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trustfed.enclave.attestation import SimulatedBackend, Verdict, report_data, verifier_backend, verify_evidence
+from trustfed.enclave.attestation import (
+    SimulatedBackend,
+    raise_if_refused,
+    report_data,
+    verifier_backend,
+    verify_evidence,
+)
 from trustfed.enclave.errors import AttestationError, AttestationRefused
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.policy import AttestationPolicy
+from trustfed.primitives.verdict import Verdict
 
 MEAS = "11" * 32
 NOW = 1_750_000_000.0
@@ -53,7 +60,7 @@ def test_simulated_refused_when_not_allowed() -> None:
     v2 = SimulatedBackend().verify(ev, allowing(allow_simulated_tee=False), nonce, NOW)
     assert not v2.ok and any("allow_simulated_tee = false" in r for r in v2.reasons)
     with pytest.raises(AttestationRefused, match="SIMULATED"):
-        v2.raise_if_refused("participant p000")
+        raise_if_refused(v2, "participant p000")
 
 
 def test_stale_nonce_refused() -> None:

@@ -13,13 +13,13 @@ from trustfed.ledger.audit import (
     AuditLog,
     EcdsaSigner,
     Signer,
-    canonical_json,
     chain_hash,
     entry_digest,
     key_fingerprint,
     parse_entry,
     verify_signature,
 )
+from trustfed.primitives.canonical import canonical_json
 
 
 def test_append_chain_and_reopen(tmp_path: Path) -> None:
@@ -38,10 +38,26 @@ def test_append_chain_and_reopen(tmp_path: Path) -> None:
     entries = [parse_entry(line) for line in lines]
     assert [e.seq for e in entries] == [0, 1, 2] and entries[2].prev == e1.hash == entries[1].hash
     for e, line in zip(entries, lines, strict=True):
-        assert canonical_json(e.to_json()).decode() == line  # the line is canonical JSON
+        assert canonical_json(e.to_json(), allow_nan=True).decode() == line  # the line is canonical JSON
         assert chain_hash(e.prev, e.seq, e.digest, e.sig) == e.hash
         assert verify_signature(s.public_key_pem(), e.digest, e.sig)
     assert e2.hash == entries[2].hash
+
+
+def test_non_finite_metrics_and_non_ascii_keep_their_signed_bytes(tmp_path: Path) -> None:
+    # Entries with a NaN or infinite metric have always been written (tokens NaN / Infinity) and signed so.
+    s = EcdsaSigner.generate("coordinator")
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        e = log.append("aggregation", 1, {"metrics": {"loss": float("nan"), "max": float("inf")}, "id": "zö"}, s)
+    line = path.read_text(encoding="utf-8")
+    assert '"loss":NaN' in line and '"max":Infinity' in line and '"id":"zö"' in line
+    back = parse_entry(line)
+    assert back.digest == e.digest and verify_signature(s.public_key_pem(), back.digest, back.sig)
+    assert chain_hash(back.prev, back.seq, back.digest, back.sig) == e.hash
+    assert entry_digest("k", 1, "a", {"x": "é", "m": float("nan")}).hex() == (
+        "a31d2d648c6374ca9f2ed2f67f10fb70c914705935c374982734a1580e831e5b"
+    )
 
 
 def test_signature_binds_body_and_author(tmp_path: Path) -> None:

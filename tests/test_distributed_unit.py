@@ -23,6 +23,7 @@ from trustfed.distributed.parallel import (
 from trustfed.distributed.provenance import (
     ProvenanceLog,
     config_hash,
+    entry_hash,
     latest_checkpoint,
     log_checkpoint,
     read_verified,
@@ -146,13 +147,20 @@ def test_provenance_chain_detects_tampering(tmp_path: Path) -> None:
     log = ProvenanceLog(tmp_path / "provenance.jsonl")
     log.append("run_start", world_size=2)
     log.append("checkpoint", step=1, model_hash="a" * 64)
-    assert log.verify().ok and log.verify().entries == 2
+    assert log.verify().ok and log.verify().claims["entries"] == 2
     lines = log.path.read_text().splitlines()
     e = json.loads(lines[1])
     e["step"] = 2
     log.path.write_text(lines[0] + "\n" + json.dumps(e) + "\n")
     v = log.verify()
     assert not v.ok and "hash does not match" in v.reasons[0]
+
+
+def test_provenance_hashes_keep_their_encoding() -> None:
+    # Logs on disk were hashed with non-ASCII escaped and NaN admitted: these bytes must not change.
+    body = {"kind": "note", "path": "Zürich", "loss": float("nan"), "prev": "0" * 64}
+    assert entry_hash(body) == "0a0f6d03301c8a89a481c1b960835e8c52a70d93f2046f5239ab795235318023"
+    assert config_hash({"run": {"name": "café"}}) == "cf871b2cd9a59399de5264c2d286e701dadc70b2c83e4a356212e4fb931a82ef"
 
 
 def test_checkpoint_resume_verifies_hashes(tmp_path: Path) -> None:

@@ -1,8 +1,7 @@
-"""The enclave core: sealing, Merkle root, measurement, receipts, and enclave-mode rounds end to end."""
+"""The enclave core: sealing, measurement, receipts, and enclave-mode rounds end to end."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -11,8 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from trustfed.config import FederationConfig, validate_federation_config
 from trustfed.core.codec import ParamSpec, TensorSpec, to_bytes
@@ -21,7 +18,6 @@ from trustfed.enclave.core import AggregationRequest, Enclave
 from trustfed.enclave.errors import AttestationRefused, EnclaveError, SealingError
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.measurement import code_files, measure
-from trustfed.enclave.merkle import inclusion_proof, merkle_root, verify_inclusion
 from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
 from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
 from trustfed.enclave.sealing import (
@@ -74,39 +70,14 @@ def test_update_encoding_roundtrip_and_limits() -> None:
         decode_update(b"TFU1\xff\xff\xff\xff", expected_dim=5)
 
 
-# ---------------------------------------------------------------- merkle
-def _oracle_root(leaves: Sequence[bytes]) -> bytes:
-    """RFC 6962 MTH written directly from the RFC's recursive definition."""
-    if not leaves:
-        return hashlib.sha256(b"").digest()
-    if len(leaves) == 1:
-        return hashlib.sha256(b"\x00" + leaves[0]).digest()
-    k = 1
-    while k * 2 < len(leaves):
-        k *= 2
-    return hashlib.sha256(b"\x01" + _oracle_root(leaves[:k]) + _oracle_root(leaves[k:])).digest()
-
-
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.binary(min_size=1, max_size=8), min_size=1, max_size=13))
-def test_merkle_root_and_proofs(leaves: list[bytes]) -> None:
-    root = merkle_root(leaves)
-    assert root == _oracle_root(leaves)
-    for i, leaf in enumerate(leaves):
-        proof = inclusion_proof(leaves, i)
-        assert verify_inclusion(leaf, i, len(leaves), proof, root)
-        assert not verify_inclusion(leaf + b"x", i, len(leaves), proof, root)
-        if len(leaves) > 1:
-            assert not verify_inclusion(leaf, i, len(leaves), proof[:-1], root)
-
-
 # ---------------------------------------------------------------- measurement
 def test_measurement_changes_with_config_and_code(tmp_path: Path) -> None:
     root = Path(__import__("trustfed").__file__).parent
     files = code_files(root)
     assert any(p.name == "sealing.py" for p in files) and any(p.name == "aggregator.py" for p in files)
+    assert any(p.name == "merkle.py" and p.parent.name == "primitives" for p in files)
     copy = tmp_path / "trustfed"
-    for d in ("enclave", "core"):
+    for d in ("enclave", "core", "primitives"):
         shutil.copytree(root / d, copy / d, ignore=shutil.ignore_patterns("__pycache__"))
     (copy / "privacy").mkdir()
     for f in ("central.py", "accounting.py"):  # central DP runs inside the enclave
@@ -121,7 +92,11 @@ def test_measurement_changes_with_config_and_code(tmp_path: Path) -> None:
     assert changed != base
     with (copy / "privacy" / "central.py").open("a") as f:
         f.write("\n# changed\n")
-    assert measure(AGG.measured(), copy) != changed
+    changed_dp = measure(AGG.measured(), copy)
+    assert changed_dp != changed
+    with (copy / "primitives" / "canonical.py").open("a") as f:
+        f.write("\n# changed\n")
+    assert measure(AGG.measured(), copy) != changed_dp
 
 
 # ---------------------------------------------------------------- enclave + receipts

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from trustfed.app.api import App
-from trustfed.enclave.canonical import canonical_json
 from trustfed.errors import AppError
+from trustfed.primitives.canonical import canonical_json
 
 _LOCK = threading.Lock()
 _CACHE: dict[tuple[str, str], App] = {}
@@ -108,7 +108,7 @@ class AppIdentity:
 
     @property
     def config_sha256(self) -> str:
-        return hashlib.sha256(canonical_json(dict(self.config))).hexdigest()
+        return hashlib.sha256(canonical_json(dict(self.config), allow_nan=True)).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 from trustfed.coordinator.engine import Coordinator, History, RoundCallback
 from trustfed.coordinator.state import latest_state, resume
 from trustfed.errors import TrustFedError
+from trustfed.primitives.atomic import atomic_write_text
 
 log = logging.getLogger("trustfed.coordinator.ha")
 
@@ -72,9 +72,7 @@ class FileLease:
             raise TrustFedError(f"lease file {self.path} is unreadable ({exc}); remove it to reset") from None
 
     def _write(self, rec: LeaseRecord) -> None:
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"holder": rec.holder, "expires": rec.expires, "epoch": rec.epoch}))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps({"holder": rec.holder, "expires": rec.expires, "epoch": rec.epoch}))
 
     def try_acquire(self) -> bool:
         with self._guard():

@@ -79,13 +79,13 @@ class EnclaveAttestation:
 
 def attest_enclave(client: EnclaveClient, policy: AttestationPolicy, where: str = "coordinator") -> EnclaveAttestation:
     """Challenge ``client`` with a fresh nonce and verify the evidence against ``policy`` (raises if refused)."""
-    from trustfed.enclave.attestation import verify_evidence
+    from trustfed.enclave.attestation import raise_if_refused, verify_evidence
 
     nonce = os.urandom(32)
     now = time.time()
     evidence = client.evidence(nonce)
     verdict = verify_evidence(evidence, policy, nonce, now)
-    verdict.raise_if_refused(where)
+    raise_if_refused(verdict, where)
     return EnclaveAttestation(evidence, nonce, now, dict(verdict.claims))
 
 

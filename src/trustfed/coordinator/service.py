@@ -36,6 +36,7 @@ from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.pki.ca import PkiError, RevocationList, identity_of, load_certificate, load_private_key
+from trustfed.primitives.merkle import MerkleTree
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport import federation_pb2_grpc as pb_grpc
 from trustfed.transport.envelope import Signer, Verified, Verifier
@@ -560,8 +561,6 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 participants=list(info.participants),
             )
             if info.leaves and pid in info.participants:
-                from trustfed.ledger.merkle import MerkleTree
-
                 tree = MerkleTree(list(info.leaves))
                 index = info.participants.index(pid)
                 receipt.merkle_root = tree.root

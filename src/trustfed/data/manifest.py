@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trustfed.enclave.canonical import canonical_json
 from trustfed.errors import DataError
+from trustfed.primitives.canonical import canonical_json
 
 MANIFEST_FORMAT = "trustfed-data-manifest/1"
 

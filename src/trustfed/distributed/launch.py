@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from trustfed.distributed.parallel import DistributedError
+from trustfed.primitives.atomic import atomic_write_text
 
 log = logging.getLogger("trustfed.distributed.launch")
 
@@ -112,9 +113,7 @@ def launch_training(
         raise TypeError("launch_training needs a TrainRunConfig")
     run_dir = cfg.run.out
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
-    os.replace(tmp, run_dir / "config.json")
+    atomic_write_text(run_dir / "config.json", cfg.model_dump_json(indent=2))
     (run_dir / "metrics.json").unlink(missing_ok=True)
     la = cfg.launch
     args = ["--run-dir", str(run_dir)] + (["--selfcheck"] if selfcheck else [])

@@ -39,17 +39,12 @@ from trustfed.distributed.participant_worker import CONTROL, SERVE
 from trustfed.models.reference import build_model
 from trustfed.models.training import TrainConfig, evaluate
 from trustfed.participant.trainer import round_seed, train_config_from_plan
+from trustfed.primitives.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from trustfed.config import FederationConfig
 
 log = logging.getLogger("trustfed.distributed.participant")
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -110,8 +105,8 @@ class DDPTrainer:
             shutil.rmtree(job_dir)
         job_dir.mkdir(parents=True)
         cfg = train_config_from_plan(self.config, plan)
-        _atomic(job_dir / "params.f32", to_bytes(params))
-        _atomic(job_dir / "params.spec.json", self.spec.to_json().encode())
+        atomic_write_bytes(job_dir / "params.f32", to_bytes(params))
+        atomic_write_bytes(job_dir / "params.spec.json", self.spec.to_json().encode())
         job = {
             "participant_id": self.participant_id,
             "round": plan.round,
@@ -129,7 +124,7 @@ class DDPTrainer:
             "backend": self.backend,
             "data_dir": str(self.root / "data"),
         }
-        _atomic(job_dir / "job.json", json.dumps(job, sort_keys=True).encode())
+        atomic_write_bytes(job_dir / "job.json", json.dumps(job, sort_keys=True).encode())
         if self.persistent:
             self._run_in_group(job_dir)
         else:
@@ -154,7 +149,7 @@ class DDPTrainer:
         (self.root / CONTROL).unlink(missing_ok=True)
         self._seq = 0
         serve = {"owner_pid": os.getpid(), "backend": self.backend}
-        _atomic(self.root / SERVE, json.dumps(serve, sort_keys=True).encode())
+        atomic_write_bytes(self.root / SERVE, json.dumps(serve, sort_keys=True).encode())
         argv = torchrun_argv(
             "trustfed.distributed.participant_worker", ["--serve", str(self.root)], nproc_per_node=self.workers
         )
@@ -167,7 +162,7 @@ class DDPTrainer:
     def _control(self, **command: object) -> None:
         """The next command for the persistent workers (``control.json``, replaced atomically)."""
         self._seq += 1
-        _atomic(self.root / CONTROL, json.dumps({"seq": self._seq, **command}).encode())
+        atomic_write_bytes(self.root / CONTROL, json.dumps({"seq": self._seq, **command}).encode())
 
     def _run_in_group(self, job_dir: Path) -> None:
         """Hand ``job_dir`` to the persistent workers and wait for rank 0's update (or their exit)."""

@@ -27,12 +27,7 @@ import torch.nn.functional as F
 from trustfed.core.codec import ParamSpec, flatten, from_bytes, load_vector, model_hash, to_bytes
 from trustfed.distributed.parallel import DistributedError
 from trustfed.models.reference import build_model
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from trustfed.primitives.atomic import atomic_write_bytes
 
 
 def train_round(job_dir: Path) -> None:
@@ -79,14 +74,14 @@ def train_round(job_dir: Path) -> None:
     if rank == 0:
         if out_spec != spec:
             raise DistributedError(f"{job_dir}: trained model's spec differs from the job's")
-        _atomic(job_dir / "update.f32", to_bytes(vec))
+        atomic_write_bytes(job_dir / "update.f32", to_bytes(vec))
         result = {
             "params_hash": job["params_hash"],
             "update_hash": model_hash(vec, spec),
             "world_size": world,
             "metrics": {"train_loss": float(total[0] / max(float(total[1]), 1.0))},
         }
-        _atomic(job_dir / "update.json", json.dumps(result, sort_keys=True).encode())
+        atomic_write_bytes(job_dir / "update.json", json.dumps(result, sort_keys=True).encode())
 
 
 CONTROL = "control.json"

@@ -31,6 +31,9 @@ import torch
 
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
 from trustfed.errors import CheckpointError, CodecError
+from trustfed.primitives.atomic import atomic_write_bytes, fsync_folder
+from trustfed.primitives.canonical import canonical_json
+from trustfed.primitives.verdict import Verdict
 
 log = logging.getLogger("trustfed.distributed.provenance")
 
@@ -43,24 +46,18 @@ class ProvenanceSink(Protocol):
     def append(self, entry: Mapping[str, Any]) -> str: ...
 
 
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+def _canonical(value: Mapping[str, Any]) -> bytes:
+    """Canonical JSON as this log has always hashed it: non-ASCII escaped, NaN admitted."""
+    return canonical_json(value, ensure_ascii=True, allow_nan=True)
 
 
 def config_hash(config_json: Mapping[str, Any]) -> str:
-    return hashlib.sha256(b"trustfed-config-v1\0" + canonical(config_json)).hexdigest()
+    return hashlib.sha256(b"trustfed-config-v1\0" + _canonical(config_json)).hexdigest()
 
 
 def entry_hash(body: Mapping[str, Any]) -> str:
     """The chain hash of a provenance entry's body (every field but ``hash``)."""
-    return hashlib.sha256(b"trustfed-provenance-v1\0" + canonical(body)).hexdigest()
-
-
-@dataclass(frozen=True)
-class ChainVerdict:
-    ok: bool
-    entries: int
-    reasons: tuple[str, ...] = ()
+    return hashlib.sha256(b"trustfed-provenance-v1\0" + _canonical(body)).hexdigest()
 
 
 class ProvenanceLog:
@@ -94,7 +91,8 @@ class ProvenanceLog:
                 if isinstance(obj, dict):
                     yield lineno, obj
 
-    def verify(self) -> ChainVerdict:
+    def verify(self) -> Verdict:
+        """The chain's verdict; its claims hold how many ``entries`` were read."""
         prev, n, reasons = GENESIS, 0, []
         try:
             for n, e in enumerate(self.entries(), start=1):
@@ -106,7 +104,7 @@ class ProvenanceLog:
                 prev = str(e.get("hash"))
         except (json.JSONDecodeError, AttributeError) as exc:
             reasons.append(f"entry {n + 1}: not a JSON object ({exc})")
-        return ChainVerdict(not reasons, n, tuple(reasons))
+        return Verdict.of(reasons, {"entries": n})
 
     def head(self) -> str:
         last = GENESIS
@@ -128,15 +126,6 @@ class ProvenanceLog:
 
 
 # --- checkpoints -------------------------------------------------------------------------------
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -168,13 +157,14 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    _atomic_bytes(tmp / "model.f32", to_bytes(model))
-    _atomic_bytes(tmp / "model.spec.json", model_spec.to_json().encode())
-    _atomic_bytes(tmp / "optim.f32", to_bytes(optim))
-    _atomic_bytes(tmp / "optim.spec.json", optim_spec.to_json().encode())
+    atomic_write_bytes(tmp / "model.f32", to_bytes(model))
+    atomic_write_bytes(tmp / "model.spec.json", model_spec.to_json().encode())
+    atomic_write_bytes(tmp / "optim.f32", to_bytes(optim))
+    atomic_write_bytes(tmp / "optim.spec.json", optim_spec.to_json().encode())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_folder(final.parent)
     return Checkpoint(step, final, model_hash(model, model_spec), model_hash(optim, optim_spec))
 
 
@@ -266,8 +256,9 @@ def checkpoint_hashes(path: Path) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class RunVerdict:
-    """What ``trustfed train verify`` found: located problems (empty: all good) and what was checked."""
+class RunReport:
+    """What ``trustfed train verify`` found: located problems (empty: all good) and what was checked.
+    The log's own chain check is a :class:`~trustfed.primitives.verdict.Verdict` (:meth:`ProvenanceLog.verify`)."""
 
     problems: list[str]
     checkpoints: int  # checkpoint folders whose files hash to what the log records
@@ -275,12 +266,12 @@ class RunVerdict:
     chain: str = ""  # which chain and contract the anchors were read from
 
 
-def verify_run_report(run_dir: Path, rpc_url: str | None = None) -> RunVerdict:
+def verify_run_report(run_dir: Path, rpc_url: str | None = None) -> RunReport:
     """Verify a run folder: the log's chain, every logged checkpoint still on disk, and, when the
     run anchors on a ledger, every on-chain record against the log and the files."""
     plog = ProvenanceLog(run_dir / LOG_FILE)
     if not plog.path.exists():
-        return RunVerdict([f"{plog.path}: no provenance log"], 0)
+        return RunReport([f"{plog.path}: no provenance log"], 0)
     problems = list(plog.verify().reasons)
     entries = list(plog.numbered())
     file_hashes: dict[int, tuple[str, str]] = {}  # log line -> hashes of the files on disk
@@ -316,9 +307,9 @@ def verify_run_report(run_dir: Path, rpc_url: str | None = None) -> RunVerdict:
     from trustfed.distributed.anchor import ledger_in_use, verify_anchors
 
     if not ledger_in_use(run_dir, entries):
-        return RunVerdict(problems, checked)
+        return RunReport(problems, checked)
     chain_problems, anchors, chain = verify_anchors(run_dir, entries, file_hashes, rpc_url)
-    return RunVerdict(problems + [str(p) for p in chain_problems], checked, anchors, chain)
+    return RunReport(problems + [str(p) for p in chain_problems], checked, anchors, chain)
 
 
 def verify_run(run_dir: Path, rpc_url: str | None = None) -> tuple[list[str], int]:

@@ -3,7 +3,8 @@
 Enclave side: ``evidence(nonce, public_key) -> bytes``: a statement, rooted in the TEE, that code
 with a given measurement holds ``public_key``, made for the verifier's ``nonce``.
 
-Verifier side: ``verify(evidence, policy, nonce, now) -> Verdict``. It fails closed: any missing,
+Verifier side: ``verify(evidence, policy, nonce, now) -> Verdict`` (:class:`trustfed.primitives.verdict.Verdict`,
+its claims what the evidence states). It fails closed: any missing,
 malformed or unexpected value is a reason, and ``ok`` is true only when there are no reasons.
 
 Evidence is a canonical-JSON envelope ``{"format", "backend", "public_key", "binding", ...}``; the
@@ -17,14 +18,15 @@ import base64
 import hashlib
 import logging
 import struct
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from trustfed.enclave.canonical import canonical_json, parse_json_object
 from trustfed.enclave.errors import AttestationError, AttestationRefused
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.policy import BACKEND_NAMES, AttestationPolicy
+from trustfed.primitives.canonical import canonical_json, parse_json_object
+from trustfed.primitives.verdict import Verdict
 
 log = logging.getLogger("trustfed.enclave.attestation")
 
@@ -36,21 +38,10 @@ MAX_CLOCK_SKEW_S = 60.0
 _BINDING_DOMAIN = b"trustfed-attestation-v1\0"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """A verifier's answer: ``ok`` only when ``reasons`` is empty. ``claims`` are what was checked."""
-
-    ok: bool
-    reasons: tuple[str, ...] = ()
-    claims: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, reasons: list[str], claims: Mapping[str, Any]) -> Verdict:
-        return cls(not reasons, tuple(reasons), dict(claims))
-
-    def raise_if_refused(self, where: str) -> None:
-        if not self.ok:
-            raise AttestationRefused(where, self.reasons or ("no reason given (refused by default)",))
+def raise_if_refused(verdict: Verdict, where: str) -> None:
+    """Raise :class:`AttestationRefused` with the verdict's reasons unless it is ok."""
+    if not verdict.ok:
+        raise AttestationRefused(where, verdict.reasons or ("no reason given (refused by default)",))
 
 
 @runtime_checkable

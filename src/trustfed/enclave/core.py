@@ -31,7 +31,6 @@ import torch
 from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, RoundPlan, Strategy, Update
 from trustfed.enclave.attestation import MIN_NONCE_BYTES, SIMULATED_LABEL, AttestationBackend, SimulatedBackend
-from trustfed.enclave.canonical import canonical_json
 from trustfed.enclave.errors import EnclaveError, SealingError
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.measurement import measure
@@ -39,6 +38,7 @@ from trustfed.enclave.receipts import HARDWARE_LABEL, STATE_FORMAT, Receipt, mak
 from trustfed.enclave.sealing import ParticipantKeyring, SealedUpdate, commitment, decode_update, open_sealed
 from trustfed.enclave.settings import AggregationSettings
 from trustfed.errors import AggregationError
+from trustfed.primitives.canonical import canonical_json
 from trustfed.privacy.accounting import GaussianSteps, PrivacyError, epsilon
 from trustfed.privacy.central import DPFedAvg
 

@@ -27,10 +27,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from trustfed.enclave.attestation import Verdict, common_checks, envelope, open_envelope, report_data
+from trustfed.enclave.attestation import common_checks, envelope, open_envelope, report_data
 from trustfed.enclave.errors import AttestationError
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.policy import AttestationPolicy
+from trustfed.primitives.verdict import Verdict
 
 log = logging.getLogger("trustfed.enclave.dcap")
 

@@ -2,10 +2,12 @@
 
 A hardware TEE measures the loaded code itself (``mr_enclave`` / ``mr_td``); in simulation the
 enclave process hashes, in a fixed order, every file of the ``trustfed.enclave`` package plus the
-``trustfed.core`` modules it runs (codec, aggregators, strategies) and the central-DP modules it
-runs (``trustfed/privacy/central.py`` and ``accounting.py``), then the canonical JSON of its
-aggregation config (with its ``central_dp`` parameters, when there are any). Changing any of them changes the measurement. ``trustfed enclave measure
---config enclave.toml`` prints it, so verifiers can pin it in ``expected_measurements``.
+``trustfed.core`` modules it runs (codec, aggregators, strategies), the ``trustfed.primitives`` it
+signs and hashes with (canonical JSON, the Merkle root of a receipt's commitments) and the central-DP
+modules it runs (``trustfed/privacy/central.py`` and ``accounting.py``), then the canonical JSON of
+its aggregation config (with its ``central_dp`` parameters, when there are any). Changing any of
+them changes the measurement. ``trustfed enclave measure --config enclave.toml`` prints it, so
+verifiers can pin it in ``expected_measurements``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trustfed.enclave.canonical import canonical_json
+from trustfed.primitives.canonical import canonical_json
 
 _DOMAIN = b"trustfed-simulated-measurement-v1\0"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # src/trustfed
-MEASURED_DIRS = ("enclave", "core")
+MEASURED_DIRS = ("enclave", "core", "primitives")
 MEASURED_FILES = ("privacy/central.py", "privacy/accounting.py")  # DP-FedAvg runs inside the enclave
 MEASURED_SUFFIXES = (".py", ".proto")
 

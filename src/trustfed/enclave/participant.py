@@ -24,12 +24,13 @@ import torch
 
 from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.enclave.attestation import Verdict, verify_evidence
+from trustfed.enclave.attestation import raise_if_refused, verify_evidence
 from trustfed.enclave.errors import AttestationRefused
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.policy import AttestationPolicy
 from trustfed.enclave.sealing import ParticipantSigner, SealedUpdate, seal_update
 from trustfed.participant.trainer import Trainer
+from trustfed.primitives.verdict import Verdict
 
 log = logging.getLogger("trustfed.enclave.participant")
 
@@ -84,7 +85,7 @@ class AttestedEnclave:
         if not verdict.ok:
             self.key = None
             log.warning("%s: enclave refused: %s", self.where, "; ".join(verdict.reasons))
-            verdict.raise_if_refused(self.where)
+            raise_if_refused(verdict, self.where)
         self.key = EnclavePublicKey.from_bytes(bytes.fromhex(str(verdict.claims["public_key"])))
         self.verified_at = now
         label = "[SIMULATED TEE] " if verdict.claims.get("simulated") else ""

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trustfed.enclave.attestation import SIMULATED_LABEL, Verdict
-from trustfed.enclave.canonical import canonical_json, parse_json_object, sha256_hex
+from trustfed.enclave.attestation import SIMULATED_LABEL
 from trustfed.enclave.errors import EnclaveError, ReceiptError
 from trustfed.enclave.keys import EnclavePublicKey
-from trustfed.enclave.merkle import merkle_root
+from trustfed.primitives.canonical import canonical_json, parse_json_object
+from trustfed.primitives.merkle import merkle_root
+from trustfed.primitives.verdict import Verdict
 
 RECEIPT_FORMAT = "trustfed-receipt-v1"
 STATE_FORMAT = "trustfed-enclave-state-v1"
@@ -115,7 +117,7 @@ def make_receipt_body(
 
 def receipt_hash(receipt: Receipt) -> str:
     """SHA-256 (hex) of the canonical signed receipt: the value the ledger commits on chain."""
-    return sha256_hex(receipt.to_json())
+    return hashlib.sha256(receipt.to_json()).hexdigest()
 
 
 def verify_receipt(

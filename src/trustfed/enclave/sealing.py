@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from trustfed.core.codec import from_bytes, to_bytes
 from trustfed.core.commitment import update_commitment
 from trustfed.core.strategy import Update
-from trustfed.enclave.canonical import canonical_json, parse_json_object
 from trustfed.enclave.errors import SealingError
 from trustfed.enclave.keys import EnclaveKeyPair, EnclavePublicKey
+from trustfed.primitives.canonical import canonical_json, parse_json_object
 
 _MAGIC = b"TFS1"
 _UPDATE_MAGIC = b"TFU1"

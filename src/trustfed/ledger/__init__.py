@@ -6,7 +6,6 @@ use :class:`~trustfed.ledger.settings.LedgerSettings` without loading web3):
 
 * :mod:`trustfed.ledger.backends`: ``LedgerBackend``, ``EmbeddedLedger``, ``JsonRpcLedger``, ``open_backend``
 * :mod:`trustfed.ledger.audit`: ``AuditLog``, ``Signer``, ``EcdsaSigner``
-* :mod:`trustfed.ledger.merkle`: ``MerkleTree``, ``merkle_root``, ``verify_inclusion``
 * :mod:`trustfed.ledger.recorder`: ``LedgerRecorder`` (a coordinator ``RoundObserver``)
 * :mod:`trustfed.ledger.participant`: ``sign_commitment``, ``check_model``, ``check_inclusion``
 * :mod:`trustfed.ledger.verify`: ``verify_run``

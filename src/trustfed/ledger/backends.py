@@ -33,6 +33,7 @@ from trustfed.ledger.records import (
     TxRef,
     hex32,
 )
+from trustfed.primitives.atomic import atomic_write_text
 
 log = logging.getLogger("trustfed.ledger")
 
@@ -103,13 +104,6 @@ def read_deployment(ledger_dir: Path) -> dict[str, Any] | None:
     if not isinstance(raw, dict) or not isinstance(raw.get("contracts"), dict):
         raise LedgerError(f"{path} has no 'contracts' object")
     return raw
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _revert_reason(exc: Exception, abi_sets: Sequence[list[dict[str, Any]]]) -> str:
@@ -200,7 +194,8 @@ class Web3Ledger:
                 raise LedgerError(f"deploying {name} failed (status {receipt['status']})")
             addresses[name] = str(receipt["contractAddress"])
         self._deployment = _Deployment(backend, int(self.w3.eth.chain_id), self.sender, addresses, self._rpc_url())
-        _atomic_write_text(self.ledger_dir / DEPLOYMENT_FILE, json.dumps(self._deployment.to_json(), indent=2) + "\n")
+        self.ledger_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.ledger_dir / DEPLOYMENT_FILE, json.dumps(self._deployment.to_json(), indent=2) + "\n")
         self._bind(addresses)
         log.info("deployed ledger contracts on chain %d: %s", self._deployment.chain_id, addresses)
 

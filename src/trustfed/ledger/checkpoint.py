@@ -7,11 +7,11 @@ recomputed from the file bytes (no torch needed to check one).
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from trustfed.core.codec import ParamSpec
 from trustfed.errors import CheckpointError
+from trustfed.primitives.atomic import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -21,20 +21,11 @@ def checkpoint_paths(run_dir: Path, rnd: int) -> tuple[Path, Path]:
     return base.with_suffix(".f32"), base.with_suffix(".spec.json")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, rnd: int, params_bytes: bytes, spec: ParamSpec) -> tuple[Path, Path]:
     f32, spec_path = checkpoint_paths(run_dir, rnd)
-    _atomic_write(spec_path, spec.to_json().encode())
-    _atomic_write(f32, params_bytes)
+    f32.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(spec_path, spec.to_json().encode())
+    atomic_write_bytes(f32, params_bytes)
     return f32, spec_path
 
 

@@ -18,7 +18,6 @@ Run folder layout::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,10 +32,11 @@ from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.audit import AuditLog, EcdsaSigner, Signer, certificate_fingerprint, key_fingerprint
 from trustfed.ledger.backends import LedgerBackend, open_backend
 from trustfed.ledger.checkpoint import CHECKPOINT_DIR, save_checkpoint
-from trustfed.ledger.merkle import merkle_root
 from trustfed.ledger.participant import COMMITMENT_KIND, SignedCommitment, sign_update
 from trustfed.ledger.records import ZERO32, Identity, LedgerError, Role, RoundCommitment
 from trustfed.ledger.settings import LedgerSettings
+from trustfed.primitives.atomic import atomic_write_text
+from trustfed.primitives.merkle import merkle_root
 from trustfed.secagg.updates import contributions
 
 log = logging.getLogger("trustfed.ledger")
@@ -192,10 +192,8 @@ class LedgerRecorder:
         tail = lines[cut + 1 :]
         if tail:
             aside = self.run_dir / f"audit.unanchored-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.jsonl"
-            aside.write_text("".join(tail), encoding="utf-8")
-            tmp = self.audit_path.with_name(self.audit_path.name + ".tmp")
-            tmp.write_text("".join(lines[: cut + 1]), encoding="utf-8")
-            os.replace(tmp, self.audit_path)
+            atomic_write_text(aside, "".join(tail))  # on disk before the log loses them
+            atomic_write_text(self.audit_path, "".join(lines[: cut + 1]))
             log.warning("resume: %d unanchored log entries after round %d moved to %s", len(tail), last, aside)
         return last
 

@@ -4,7 +4,7 @@ It trusts nothing the coordinator says about itself: it recomputes the audit log
 every signature (keys come from the log's identity entries, whose fingerprints must match the
 on-chain registry), every commitment and Merkle root, every checkpoint's hash, and compares all of
 it with the on-chain round records. Every failure is reported with where it is: file and line,
-round and field. The verdict holds only if no failure was found.
+round and field. The run verifies only if no failure was found.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from trustfed.ledger.audit import (
     verify_signature,
 )
 from trustfed.ledger.checkpoint import hash_model_bytes
-from trustfed.ledger.merkle import merkle_root
 from trustfed.ledger.participant import COMMITMENT_KIND
 from trustfed.ledger.recorder import AUDIT_FILE, COORDINATOR_ID, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment, update_commitment
+from trustfed.primitives.canonical import canonical_json
+from trustfed.primitives.merkle import merkle_root
 
 CHAIN = "chain"
 
@@ -62,7 +63,11 @@ class Failure:
 
 
 @dataclass
-class Verdict:
+class AuditReport:
+    """What ``trustfed audit verify`` found: ``ok`` only without failures, each failure located (file,
+    line, round, field), the counts of what was checked, and notes an auditor must see. A report rather
+    than a :class:`~trustfed.primitives.verdict.Verdict`, whose reasons are plain lines."""
+
     ok: bool
     failures: list[Failure]
     checked: dict[str, int] = field(default_factory=dict)
@@ -336,7 +341,6 @@ class _Verifier:
     def _receipt(self, rnd: int, f: dict[str, Any]) -> None:
         """The round's enclave receipt: signed by the attested key, binding this round's commitments
         and output model; its hash is the one the aggregation entry and the chain record."""
-        from trustfed.enclave.canonical import canonical_json as receipt_json
         from trustfed.enclave.errors import EnclaveError
         from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
 
@@ -355,7 +359,7 @@ class _Verifier:
             self.fail(AUDIT_FILE, ln, rnd, "kind", "enclave receipt without an attested enclave in the log")
             return
         try:
-            receipt = Receipt.from_json(receipt_json(e.body.get("receipt")))
+            receipt = Receipt.from_json(canonical_json(e.body.get("receipt")))
         except (EnclaveError, ValueError, TypeError) as exc:
             self.fail(AUDIT_FILE, ln, rnd, "body.receipt", f"unreadable receipt: {exc}")
             return
@@ -802,11 +806,11 @@ class _Verifier:
         self.checked["privacy_entries"] += len(self.privacy)
 
 
-def verify_run(run_dir: Path, rpc_url: str | None = None) -> Verdict:
+def verify_run(run_dir: Path, rpc_url: str | None = None) -> AuditReport:
     v = _Verifier(run_dir, rpc_url)
     v.check_log()
     facts = v.check_rounds()
     v.check_incentives(facts)
     v.check_chain(facts)
     v.check_privacy(facts)
-    return Verdict(not v.failures, v.failures, dict(v.checked), list(v.notes))
+    return AuditReport(not v.failures, v.failures, dict(v.checked), list(v.notes))

@@ -30,7 +30,6 @@ from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.errors import AttestationRefused
 from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.ledger.audit import EcdsaSigner
-from trustfed.ledger.merkle import InclusionProof
 from trustfed.ledger.participant import (
     ChainView,
     InclusionError,
@@ -42,6 +41,7 @@ from trustfed.ledger.participant import (
 from trustfed.participant.settings import ParticipantConfig
 from trustfed.participant.trainer import Trainer, close_trainer
 from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
+from trustfed.primitives.merkle import InclusionProof
 from trustfed.secagg.protocol import SecAggError, TooFewParticipants
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.transport import federation_pb2 as pb

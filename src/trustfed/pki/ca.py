@@ -15,7 +15,6 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustfed.errors import TrustFedError
+from trustfed.primitives.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("trustfed.pki")
 
@@ -70,14 +70,7 @@ def _now() -> dt.datetime:
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` readable by its owner only (0600), created that way (no window)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -165,10 +158,7 @@ def _read_index(ca_dir: Path) -> dict[str, dict[str, str]]:
 
 
 def _write_index(ca_dir: Path, index: dict[str, dict[str, str]]) -> None:
-    p = Path(ca_dir) / INDEX_FILE
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    atomic_write_text(Path(ca_dir) / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def issue(
@@ -257,9 +247,7 @@ def _write_crl(ca_dir: Path, ca_cert: x509.Certificate, ca_key: ec.EllipticCurve
         )
     crl = b.sign(ca_key, hashes.SHA256())
     path = Path(ca_dir) / CRL_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, crl.public_bytes(serialization.Encoding.PEM))
     return path
 
 

@@ -28,6 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trustfed.primitives.atomic import atomic_write_bytes
 from trustfed.privacy.accounting import GaussianSteps, PrivacyError
 
 STATE_FORMAT = "trustfed-privacy-budget-v1"
@@ -180,22 +181,9 @@ class BudgetStateFile:
             os.close(lock_fd)  # releases the lock
 
     def _write(self, data: bytes) -> None:
-        folder = self.path.parent
-        tmp = folder / f".{self.path.name}.{os.getpid()}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write_bytes(self.path, data, mode=0o600)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise BudgetStateError(
                 f"{self.path}: cannot write the privacy budget state ({exc.strerror}); the update is not sent"
             ) from None

@@ -32,6 +32,7 @@ import torch
 
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.errors import TrustFedError
+from trustfed.primitives.atomic import atomic_write_text
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, epsilon
 
 PRIVACY_FILE = "privacy.jsonl"
@@ -109,9 +110,7 @@ class PrivacyRecorder:
                 dropped += 1
             elif text.strip():
                 kept.append(text)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(t + "\n" for t in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(t + "\n" for t in kept))
         return dropped
 
     def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None:

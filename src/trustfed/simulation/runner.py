@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from trustfed.coordinator.engine import FED_EVAL_PREFIX, Coordinator, RoundObser
 from trustfed.coordinator.recorders import recorders_for, use_reputation_selection
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.strategy import Strategy
+from trustfed.primitives.atomic import atomic_write_bytes
 from trustfed.simulation.transports import InProcessTransport, MultiprocessTransport
 
 
@@ -159,17 +159,11 @@ def federated_entry(metrics: dict[str, float]) -> dict[str, Any]:
     return {"federated_evaluation": {"model_round": model_round, **found}}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: Path, metrics: dict[str, Any], params: torch.Tensor, spec_json: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
-    _atomic_write(out_dir / "model.f32", to_bytes(params))
-    _atomic_write(out_dir / "model.spec.json", spec_json.encode())
+    atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+    atomic_write_bytes(out_dir / "model.f32", to_bytes(params))
+    atomic_write_bytes(out_dir / "model.spec.json", spec_json.encode())
     plot_metrics(metrics, out_dir / "metrics.png")
 
 

@@ -1,10 +1,22 @@
-"""Merkle commitment tree over 32-byte leaves, with compact inclusion proofs.
+"""The Merkle tree of trustfed: one definition for the ledger, the enclave and every verifier.
 
-Leaves and inner nodes are domain-separated (RFC 6962 style): ``leaf = SHA-256(0x00 || data)``,
-``node = SHA-256(0x01 || left || right)``. A level with an odd number of nodes promotes its last
-node unchanged, so a proof holds at most ``ceil(log2(n))`` sibling hashes: 20 x 32 = 640 bytes at
-10^6 leaves. Which side each sibling is on follows from the leaf index and the leaf count, so a
-proof carries nothing else. Pure: no I/O.
+Shape and hashes are RFC 6962's (Certificate Transparency): ``leaf = SHA-256(0x00 || data)``,
+``node = SHA-256(0x01 || left || right)``, and a tree of n > 1 leaves is the node over the tree of
+its first k leaves and the tree of the rest, k the largest power of two below n. Built level by
+level, that is the same tree as pairing neighbours and promoting an odd last node unchanged, which
+is how it is computed here. No leaf is duplicated, so a root has one leaf list and a proof is unique;
+a proof holds at most ``ceil(log2(n))`` sibling hashes (20 x 32 = 640 bytes at 10^6 leaves), listed
+from the leaf up. Which side each sibling is on follows from the leaf index and the leaf count, so a
+proof carries nothing else.
+
+The empty root is 32 zero bytes (:data:`EMPTY_ROOT`), not RFC 6962's ``SHA-256("")``. Zero is what
+every persisted record already holds for "no commitments": the ``RoundLog`` contract's
+``merkleRoot`` (it stores the root and recomputes nothing), round 0 and training-run anchors, and the
+``ZERO32`` that ``trustfed.ledger.verify`` expects there. The enclave signs receipts only over at
+least one accepted update, so no receipt carries an empty root. A verifier that recomputed
+``SHA-256("")`` would refuse a valid empty round; there is one empty root so that none can.
+
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
-    """Root of the tree over ``leaves`` (32 zero bytes for no leaves)."""
+    """Root of the tree over ``leaves``; :data:`EMPTY_ROOT` (32 zero bytes) for no leaves."""
     if not leaves:
         return EMPTY_ROOT
     return _levels(leaves)[-1][0]
@@ -80,7 +92,7 @@ class MerkleTree:
 
     def __init__(self, leaves: Sequence[bytes]) -> None:
         if not leaves:
-            raise MerkleError("a Merkle tree needs at least one leaf")
+            raise MerkleError("a Merkle tree needs at least one leaf (the empty root is EMPTY_ROOT)")
         self.leaf_count = len(leaves)
         self.levels = _levels(leaves)
 
