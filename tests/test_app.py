@@ -79,3 +79,106 @@ def test_loader_error_names_the_file_and_exits_2(
     text = " ".join(output.split())
     assert "p001" in text and "price" in text and "train.csv" in text
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_audit_names_a_participant_that_ran_other_code_and_a_forged_federated_evaluation(tmp_path: Path) -> None:
+    import shutil
+
+    from ledger_helpers import find, has, read_lines, rechain, resign, write_lines
+    from trustfed.ledger.audit import EcdsaSigner, make_entry, parse_entry
+    from trustfed.ledger.settings import LedgerSettings
+    from trustfed.ledger.verify import verify_run
+
+    fed = write_project(tmp_path / "proj", "houses_audit", rounds=2)
+    cfg = load_federation_config(fed)
+    out = tmp_path / "run"
+    run_simulation(cfg.model_copy(update={"ledger": LedgerSettings(enabled=True)}), out)
+    ok = verify_run(out)
+    assert ok.ok, ok.failures
+    assert ok.checked["app"] == 1 and ok.checked["provenance"] == 6 and ok.checked["federated_evaluations"] == 2
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    # p001 signs that it ran other code than the federation's app
+    lines = read_lines(out)
+    i = find(lines, "commitment", 2, nth=1)
+    e = parse_entry(lines[i])
+    body = json.loads(json.dumps(e.body))
+    body["app_sha256"] = "ab" * 32
+    signer = EcdsaSigner.load(e.author, out / "keys" / "participants" / f"{e.author}.pem")
+    lines[i] = make_entry(e.seq, e.prev, e.kind, e.round, body, signer)[1].rstrip("\n")
+    write_lines(out, rechain(lines, i))
+    bad = verify_run(out)
+    assert has(bad.failures, file="audit.jsonl", line=i + 1, rnd=2, field="body.app_sha256"), bad.failures
+    assert any(e.author in f.message for f in bad.failures if f.field == "body.app_sha256")
+    # a coordinator that reports a better federated evaluation than the participants signed
+    j = resign(
+        forged, forged / "keys" / "coordinator.pem", "aggregation", 2, lambda b: b["metrics"].update(fed_eval_loss=1e-3)
+    )
+    bad = verify_run(forged)
+    assert has(bad.failures, file="audit.jsonl", line=j + 1, rnd=2, field="body.metrics"), bad.failures
+
+
+CUSTOM_ALGORITHMS = '''
+
+from dataclasses import dataclass
+
+from trustfed.core.aggregator import AggregateResult
+from trustfed.core.strategy import FedAvg
+
+
+@dataclass
+class FirstOnly:
+    """An aggregator of the app's own: keeps only the first update (so a test can tell it ran)."""
+
+    name: str = "first_only"
+
+    def __call__(self, updates, weights):
+        return AggregateResult(updates[0].clone(), (0,))
+
+    def describe(self):
+        return {"name": self.name}
+
+
+class Halfway(FedAvg):
+    """A strategy of the app's own: moves the global model half way to the aggregate."""
+
+    name = "halfway"
+
+    def aggregate(self, plan, params, updates):
+        result = super().aggregate(plan, params, updates)
+        return type(result)(params + 0.5 * (result.params - params), result.metrics, result.aggregate)
+
+
+app = App(model=model, data=data, strategies={"halfway": Halfway}, aggregators={"first_only": FirstOnly})
+'''
+
+
+def test_the_app_registers_its_own_strategy_and_aggregator(tmp_path: Path) -> None:
+    import torch
+
+    fed = write_project(tmp_path / "proj", "houses_algos", rounds=1)
+    app_py = tmp_path / "proj" / "houses_algos" / "app.py"
+    app_py.write_text(app_py.read_text() + CUSTOM_ALGORITHMS)
+    text = fed.read_text().replace("[strategy]\n", '[strategy]\nname = "halfway"\naggregator = "first_only"\n')
+    fed.write_text(text)
+    cfg = load_federation_config(fed)
+    assert (cfg.strategy.name, cfg.strategy.aggregator) == ("halfway", "first_only")
+    result = run_simulation(cfg)
+    from trustfed.app.runtime import Runtime
+
+    rt = Runtime(cfg)
+    start = rt.initial[0]
+    first = rt.simulated_trainer("p000").fit(start.clone(), _plan(1))
+    assert torch.allclose(result.params, start + 0.5 * (first.params - start), atol=1e-6)
+    assert result.metrics["strategy"]["aggregator"]["name"] == "first_only"
+    # an unknown name is a config error listing the app's own names too
+    fed.write_text(text.replace('name = "halfway"', 'name = "nope"'))
+    with pytest.raises(ConfigError) as exc:
+        load_federation_config(fed)
+    assert "halfway" in str(exc.value)
+
+
+def _plan(rnd: int) -> object:
+    from trustfed.core.strategy import RoundPlan
+
+    return RoundPlan(rnd, ("p000",), {})

@@ -10,7 +10,7 @@ from trustfed.cli import main
 from trustfed.config import load_federation_config
 from trustfed.errors import ConfigError
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "federation.toml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "src" / "trustfed" / "examples" / "federation.toml"
 
 
 def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:

@@ -90,3 +90,24 @@ def test_tabular_project_over_grpc_with_enclave_and_ledger(tmp_path: Path) -> No
     assert math.isfinite(written["rounds"][-1]["federated_evaluation"]["accuracy"])
     verdict = verify_run(out)
     assert verdict.ok, verdict.failures
+
+
+def test_the_wheel_ships_the_templates_and_examples(tmp_path: Path) -> None:
+    """``pip install trustfed`` has what ``trustfed new`` writes and the example files."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(tmp_path), "--no-deps", "--no-build-isolation", "-q", "-w"]
+    subprocess.run([*cmd, str(tmp_path / "dist")], check=True, cwd=tmp_path, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("trustfed-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for template in TEMPLATES:
+        assert f"trustfed/templates/{template}_app.py" in names
+    assert {"trustfed/examples/federation.toml", "trustfed/examples/enclave.toml"} <= names

@@ -1,6 +1,6 @@
 """Pydantic models of trustfed's TOML files, and a loader that reports every problem at once.
 
-A federation file looks like ``examples/federation.toml``. Unknown keys, wrong types, missing
+A federation file looks like ``src/trustfed/examples/federation.toml``. Unknown keys, wrong types, missing
 data folders and impossible values are all collected into one :class:`ConfigError` that names
 the file, the field and what was expected.
 """

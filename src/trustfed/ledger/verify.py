@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trustfed.coordinator.recorders import (
+    APP_KIND,
     ATTESTATION_KIND,
     INCENTIVES_KIND,
     PRIVACY_KIND,
@@ -24,6 +25,7 @@ from trustfed.coordinator.recorders import (
     STAKE_KIND,
     STATUS_KIND,
 )
+from trustfed.core.evaluation import EVAL_PREFIX, FED_EVAL_PREFIX, combine
 from trustfed.errors import CheckpointError, TrustFedError
 from trustfed.incentives.book import IncentiveBook, selection_shares
 from trustfed.incentives.scoring import IncentiveError, ReputationPolicy, reputation_weighted_selection
@@ -103,6 +105,7 @@ class _Verifier:
         self.left: dict[str, tuple[str, int]] = {}  # participant -> (status, round) from participant_status entries
         self.suspensions: dict[str, int] = {}  # participant -> the round a logged entry suspended it in
         self._due: set[str] = set()  # the suspensions the recomputed reputations call for, so far
+        self.app_code: str | None = None  # the app entry's code hash: what every participant must have run
 
     def fail(self, file: str, line: int | None, rnd: int | None, fld: str, msg: str) -> None:
         self.failures.append(Failure(file, line, rnd, fld, msg))
@@ -254,8 +257,11 @@ class _Verifier:
                         )
                     f["merkle_root"], f["aggregation"] = root, loc
                     self._aggregation_names(loc, f)
+                    self._federated_evaluation(loc, f)
                 elif e.kind == ATTESTATION_KIND:
                     self._attestation(loc)
+                elif e.kind == APP_KIND:
+                    self._app(loc)
                 elif e.kind == PRIVACY_KIND:
                     self.privacy.append(loc)
                 elif e.kind == STATUS_KIND:
@@ -418,8 +424,72 @@ class _Verifier:
         if real != b.get("commitment"):
             self.fail(AUDIT_FILE, ln, e.round, "body.commitment", "is not H(round, id, H(update))")
         self.checked["commitments"] += 1
+        self._provenance(loc, f)
         f["leaves"].append(bytes.fromhex(real))
         f.setdefault("commitments", {})[e.author] = f["leaves"][-1]  # author -> commitment, for the receipt
+
+    # ------------------------------------------------------------ the app and its provenance
+    def _app(self, loc: _Located) -> None:
+        """The app that trained the model, named once by the coordinator before round 1."""
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        code = str(b.get("code_sha256", ""))
+        if e.author != COORDINATOR_ID or e.round != 0 or self.app_code is not None:
+            self.fail(AUDIT_FILE, ln, e.round, "kind", "the app is named once, by the coordinator, before round 1")
+        elif len(code) != 64 or any(c not in "0123456789abcdef" for c in code):
+            self.fail(AUDIT_FILE, ln, e.round, "body.code_sha256", "must be 64 lowercase hex digits")
+        else:
+            self.app_code = code
+            self.checked["app"] += 1
+
+    def _provenance(self, loc: _Located, f: dict[str, Any]) -> None:
+        """A participant's commitment states the code it ran; it must be the federation's app. Its
+        federated-evaluation scores are kept for the round's aggregation check."""
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        if self.app_code is not None:
+            ran = b.get("app_sha256")
+            if ran is None:
+                self.fail(AUDIT_FILE, ln, e.round, "body.app_sha256", f"{e.author!r} does not state the code it ran")
+            elif ran != self.app_code:
+                self.fail(
+                    AUDIT_FILE,
+                    ln,
+                    e.round,
+                    "body.app_sha256",
+                    f"{e.author!r} ran code {str(ran)[:16]}…, not the federation's app ({self.app_code[:16]}…)",
+                )
+            else:
+                self.checked["provenance"] += 1
+        evaluation = b.get("evaluation")
+        if isinstance(evaluation, dict):
+            try:
+                f.setdefault("evaluations", []).append({EVAL_PREFIX + str(k): float(v) for k, v in evaluation.items()})
+            except (TypeError, ValueError):
+                self.fail(AUDIT_FILE, ln, e.round, "body.evaluation", "scores must be numbers")
+
+    def _federated_evaluation(self, loc: _Located, f: dict[str, Any]) -> None:
+        """The round's federated evaluation must be the example-weighted mean of the signed scores."""
+        e, ln = loc.entry, loc.line
+        metrics = e.body.get("metrics", {})
+        recorded = (
+            {k: v for k, v in metrics.items() if k.startswith(FED_EVAL_PREFIX)} if isinstance(metrics, dict) else {}
+        )
+        real = combine(f.get("evaluations", []), e.round - 1)
+        if not recorded and not real:
+            return
+        same = set(recorded) == set(real) and all(
+            isinstance(recorded[k], int | float) and math.isclose(recorded[k], v, rel_tol=1e-9, abs_tol=1e-12)
+            for k, v in real.items()
+        )
+        if not same:
+            self.fail(
+                AUDIT_FILE,
+                ln,
+                e.round,
+                "body.metrics",
+                "the federated evaluation is not the example-weighted mean of the participants' signed scores",
+            )
+        else:
+            self.checked["federated_evaluations"] += 1
 
     def _status(self, loc: _Located) -> None:
         """A participant left the federation: known to the log, once, as exited or revoked."""
