@@ -90,6 +90,7 @@ DataLoaderFn: TypeAlias = Callable[[DataSpec, AppContext], LocalData]
 TrainFn: TypeAlias = Callable[[nn.Module, TrainData, TrainContext], Mapping[str, float]]
 EvaluateFn: TypeAlias = Callable[[nn.Module, TrainData, AppContext], Mapping[str, float]]
 ServerEvaluateFn: TypeAlias = Callable[[nn.Module, AppContext], Mapping[str, float]]
+ExchangeFn: TypeAlias = Callable[[nn.Module], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ class App:
       coordinator usually holds none).
     - ``strategies`` / ``aggregators``: the app's own algorithms by name, selected by
       ``[strategy] name`` / ``aggregator`` as the built-in ones are.
+    - ``exchange(model)``: the part of the model's state that travels and is aggregated (default:
+      the whole state dict). A LoRA app returns its adapter tensors only; the rest of the model
+      stays as every participant built it.
     """
 
     model: ModelFactory
@@ -113,3 +117,4 @@ class App:
     server_evaluate: ServerEvaluateFn | None = None
     strategies: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     aggregators: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    exchange: ExchangeFn | None = None

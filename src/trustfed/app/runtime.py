@@ -19,8 +19,8 @@ from torch import nn
 from trustfed.app import loop
 from trustfed.app.api import App, AppContext, DataSpec, LocalData
 from trustfed.app.loading import AppIdentity, app_identity, load_app
-from trustfed.app.trainer import AppTrainer
-from trustfed.core.codec import ParamSpec, flatten, load_vector
+from trustfed.app.trainer import AppTrainer, exchanged_state, load_exchanged
+from trustfed.core.codec import ParamSpec, flatten
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx, Strategy
 from trustfed.data.datasets import Dataset as ArrayDataset
 from trustfed.errors import AppError, DataError, TrustFedError
@@ -92,7 +92,7 @@ class Runtime:
     @cached_property
     def initial(self) -> tuple[torch.Tensor, ParamSpec]:
         """The initial global parameters and their spec."""
-        return flatten(self.model_factory()().state_dict())
+        return flatten(exchanged_state(self.app, self.model_factory()()))
 
     @property
     def spec(self) -> ParamSpec:
@@ -230,12 +230,12 @@ class Runtime:
         """The app's server-side evaluation, or None when the coordinator holds no data."""
         if self.app.server_evaluate is None:
             return None
-        hook = self.app.server_evaluate
+        hook, app = self.app.server_evaluate, self.app
         model = self.model_factory()()
         spec, ctx = self.spec, self.context()
 
         def evaluate_fn(rnd: int, params: torch.Tensor) -> dict[str, float]:
-            load_vector(model, params, spec)
+            load_exchanged(app, model, params, spec)
             model.eval()
             try:
                 got = hook(model, ctx)

@@ -16,7 +16,7 @@ from torch import nn
 
 from trustfed.app import loop
 from trustfed.app.api import App, AppContext, LocalData, TrainContext, TrainData
-from trustfed.core.codec import ParamSpec, flatten, load_vector
+from trustfed.core.codec import ParamSpec, flatten, load_vector, unflatten
 from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AppError, TrustFedError
@@ -41,6 +41,29 @@ def _floats(pid: str, hook: str, got: Any) -> dict[str, float]:
         return {str(k): float(v) for k, v in got.items()}
     except (TypeError, ValueError) as exc:
         raise AppError(f"participant {pid}: the app's {hook} function returned a non-numeric metric: {exc}") from None
+
+
+def exchanged_state(app: App, model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """The state that travels: the app's ``exchange`` selection, or the whole state dict."""
+    if app.exchange is None:
+        return model.state_dict()
+    state = app.exchange(model)
+    if not state:
+        raise AppError("the app's exchange function selected no tensors")
+    return state
+
+
+def load_exchanged(app: App, model: nn.Module, vector: torch.Tensor, spec: ParamSpec) -> None:
+    """Load the travelling part of the state into ``model`` (the rest stays as it is)."""
+    if app.exchange is None:
+        load_vector(model, vector, spec)
+        return
+    result = model.load_state_dict(unflatten(vector, spec), strict=False)
+    missing = {t.name for t in spec.tensors} & set(result.missing_keys)
+    if result.unexpected_keys or missing:
+        raise AppError(
+            f"the exchanged state does not fit the model: unexpected {result.unexpected_keys[:3]}, missing {sorted(missing)[:3]}"
+        )
 
 
 class AppTrainer:
@@ -96,7 +119,7 @@ class AppTrainer:
         return loop.evaluate(self.model, data, self.settings.loss, self.settings.metrics)
 
     def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
-        load_vector(self.model, params, self.spec)
+        load_exchanged(self.app, self.model, params, self.spec)
         metrics: dict[str, float] = {}
         k = self.evaluate_every
         if k > 0 and self.data.eval is not None and (plan.round - 1) % k == 0:
@@ -116,7 +139,7 @@ class AppTrainer:
             )
         else:
             metrics.update(loop.train(self.model, self.data.train, s, seed))
-        vec, _ = flatten(self.model.state_dict())
+        vec, _ = flatten(exchanged_state(self.app, self.model))
         if not bool(torch.isfinite(vec).all()):
             raise AppError(
                 f"participant {self.participant_id}: round {plan.round}'s training produced non-finite parameters"
@@ -124,5 +147,5 @@ class AppTrainer:
         return Update(self.participant_id, vec, self.num_examples, metrics)
 
     def evaluate(self, params: torch.Tensor) -> dict[str, float]:
-        load_vector(self.model, params, self.spec)
+        load_exchanged(self.app, self.model, params, self.spec)
         return self._score(self.data.eval if self.data.eval is not None else self.data.train)

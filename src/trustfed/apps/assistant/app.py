@@ -1,0 +1,159 @@
+"""The assistant app: LoRA fine-tuning of a causal LM on each vendor's own chats and tool calls.
+
+``[app.config]``: ``base`` (a ``save_pretrained`` folder: safetensors weights and the tokenizer),
+``rank`` (8), ``alpha`` (16), ``frozen_a`` (true: FFA-LoRA, A frozen at its seeded initial value
+on every participant, so averaging B is exactly averaging the low-rank products B A; only B
+travels), ``length`` (96 tokens), ``generate`` (how many held-out tool calls to generate per
+evaluation, 16).
+
+Each vendor's ``[data] path`` holds ``train.jsonl`` and ``eval.jsonl`` (one chat a line,
+``{"messages": [...]}``). Evaluation: held-out loss and perplexity over the assistant's replies,
+and for the tool-call chats, the exact-match and schema-valid rates of greedily generated calls.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from trustfed.app import App, AppContext, DataSpec, LocalData, TrainContext, TrainData
+from trustfed.apps.assistant.corpus import parse_call, schema_valid
+from trustfed.apps.assistant.model import ASSISTANT, EOS, CharTokenizer, batch_of, load_base
+from trustfed.data.loaders import load_jsonl
+from trustfed.errors import AppError
+
+ADAPTER_MARK = "lora_"
+
+
+def _base(ctx: AppContext) -> Path:
+    base = ctx.config.get("base")
+    if not base:
+        raise AppError("the assistant app needs [app.config] base = the folder of a save_pretrained base model")
+    return Path(str(base))
+
+
+def model(ctx: AppContext) -> nn.Module:
+    """The base model with LoRA adapters on the attention projections (``[app.config] targets``)."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_base(_base(ctx))
+    cfg = LoraConfig(
+        r=int(ctx.config.get("rank", 8)),
+        lora_alpha=int(ctx.config.get("alpha", 16)),
+        target_modules=list(ctx.config.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    with warnings.catch_warnings():  # peft asks transformers 5 for a renamed attribute
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model: nn.Module = get_peft_model(base, cfg)
+    if bool(ctx.config.get("frozen_a", True)):
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    return peft_model
+
+
+def exchange(m: nn.Module) -> dict[str, torch.Tensor]:
+    """What travels: the adapters' trainable tensors (B only when A is frozen), never the base model."""
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    return {k: v for k, v in m.state_dict().items() if ADAPTER_MARK in k and k in trainable}
+
+
+class Chats(TensorDataset):
+    """Tokenized chats (``input_ids``, ``labels``, ``attention_mask``) and the raw records."""
+
+    def __init__(self, records: list[dict[str, Any]], tok: CharTokenizer, length: int) -> None:
+        self.records = records
+        ids, labels, mask = batch_of([tok.chat(r["messages"]) for r in records], length)
+        super().__init__(ids, labels, mask)
+
+
+def data(spec: DataSpec, ctx: AppContext) -> LocalData:
+    folder = spec.require_path()
+    tok = CharTokenizer.load(_base(ctx))
+    length = int(ctx.config.get("length", 96))
+    files = [folder / "train.jsonl", folder / "eval.jsonl"]
+    train, held_out = (load_jsonl(f, required=["messages"]) for f in files)
+    return LocalData(train=Chats(train, tok, length), eval=Chats(held_out, tok, length), files=files)
+
+
+def train(m: nn.Module, d: TrainData, ctx: TrainContext) -> dict[str, float]:
+    """AdamW on the adapters over the replies' tokens, ``local_epochs`` epochs."""
+    if not isinstance(d, Chats):
+        raise AppError("the assistant app trains on its own Chats data")
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ctx.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    total, seen = 0.0, 0
+    m.train()
+    for _ in range(ctx.epochs):
+        for ids, labels, mask in DataLoader(d, batch_size=ctx.batch_size, shuffle=True, generator=gen):
+            loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(ids)
+            seen += len(ids)
+    return {"train_loss": total / max(seen, 1)}
+
+
+@torch.no_grad()
+def reply_loss(m: nn.Module, d: Chats) -> tuple[float, int]:
+    """Mean negative log-likelihood per reply token, and the token count."""
+    m.eval()
+    nll, tokens = 0.0, 0
+    for ids, labels, mask in DataLoader(d, batch_size=64):
+        logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
+        keep = target != -100
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll -= float(logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].sum())
+        tokens += int(keep.sum())
+    return nll / max(tokens, 1), tokens
+
+
+@torch.no_grad()
+def generate(m: nn.Module, tok: CharTokenizer, messages: list[dict[str, str]], max_new: int = 80) -> str:
+    """Greedy decoding of the assistant's reply to the user's message."""
+    ids, _ = tok.chat(messages[:1], reply=False)
+    x = torch.tensor([ids])
+    out: list[int] = []
+    for _ in range(max_new):
+        nxt = int(m(input_ids=x).logits[0, -1].argmax())
+        if nxt in (EOS, ASSISTANT):
+            break
+        out.append(nxt)
+        x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+    return tok.decode(out)
+
+
+def tool_scores(m: nn.Module, d: Chats, tok: CharTokenizer, limit: int) -> dict[str, float]:
+    calls = [r for r in d.records if parse_call(r["messages"][1]["content"]) is not None][:limit]
+    if not calls:
+        return {}
+    exact = valid = 0
+    for r in calls:
+        got = parse_call(generate(m, tok, r["messages"]))
+        exact += int(got == parse_call(r["messages"][1]["content"]))
+        valid += int(schema_valid(got))
+    return {"tool_exact_match": exact / len(calls), "tool_schema_valid": valid / len(calls)}
+
+
+def evaluate(m: nn.Module, d: TrainData, ctx: AppContext) -> dict[str, float]:
+    if not isinstance(d, Chats):
+        raise AppError("the assistant app evaluates on its own Chats data")
+    loss, _ = reply_loss(m, d)
+    scores = {"loss": loss, "perplexity": math.exp(loss), "num_examples": float(len(d))}
+    tok = CharTokenizer.load(_base(ctx))
+    scores.update(tool_scores(m, d, tok, int(ctx.config.get("generate", 16))))
+    return scores
+
+
+app = App(model=model, data=data, train=train, evaluate=evaluate, exchange=exchange)
