@@ -7,7 +7,6 @@ traceback; see :class:`trustfed.errors.TrustFedError`.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from trustfed.core.evaluation import final_headline, round_headline
 from trustfed.errors import ConfigError, ConfigProblem, TrustFedError
 
 app = typer.Typer(
@@ -92,7 +92,7 @@ def _run_with_progress(cfg: Any, out: Path) -> dict[str, Any]:
         task = progress.add_task("rounds", total=cfg.federation.rounds, status="")
 
         def on_round(rec: Any) -> None:
-            figures = round_figures(rec.metrics)
+            figures = round_headline(rec.metrics)
             progress.console.print(
                 f"round {rec.round:>3}: {figures}  ({len(rec.participants)} participants, {rec.seconds:.2f} s)"
             )
@@ -100,17 +100,6 @@ def _run_with_progress(cfg: Any, out: Path) -> dict[str, Any]:
 
         result = run_simulation(cfg, out, on_round)
     return result.metrics
-
-
-def round_figures(metrics: dict[str, float]) -> str:
-    """A round's headline: the coordinator's own evaluation when it has one, then the participants'
-    federated evaluation (of the model they received)."""
-    parts = [f"{k} {metrics[k]:.4f}" for k in ("accuracy", "loss") if k in metrics]
-    fed = {k.removeprefix("fed_eval_"): v for k, v in metrics.items() if k.startswith("fed_eval_")}
-    if fed:
-        shown = [f"{k} {v:.4f}" for k, v in fed.items() if k not in ("num_examples", "participants", "model_round")]
-        parts.append(f"federated eval of round {int(fed.get('model_round', 0))}: " + ", ".join(shown))
-    return "  ".join(parts) or "no evaluation"
 
 
 def _final_table(metrics: dict[str, Any], out: Path) -> None:
@@ -127,12 +116,7 @@ def _final_table(metrics: dict[str, Any], out: Path) -> None:
         )
         table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", shown, f"{r['seconds']:.2f}")
     console.print(table)
-    fed = metrics["rounds"][-1].get("federated_evaluation") if metrics["rounds"] else None
-    if math.isnan(metrics["final_accuracy"]) and fed:  # no coordinator-side data: the participants' figures
-        shown = ", ".join(f"{k} {fed[k]:.4f}" for k in fed if k not in ("num_examples", "participants", "model_round"))
-        headline = f"federated evaluation of round {fed['model_round']}'s model: [bold]{shown}[/bold]"
-    else:
-        headline = f"final accuracy [bold]{metrics['final_accuracy']:.4f}[/bold]"
+    headline = escape(final_headline(metrics))
     console.print(
         f"{headline} in {metrics['total_seconds']:.1f} s; "
         f"model hash {metrics['model_hash'][:16]}…; results in {out}/metrics.json and {out}/metrics.png"

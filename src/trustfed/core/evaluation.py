@@ -39,3 +39,30 @@ def combine(reports: Iterable[Mapping[str, float]], model_round: int) -> dict[st
     out[FED_EVAL_PREFIX + "participants"] = float(count)
     out[FED_EVAL_PREFIX + "model_round"] = float(model_round)
     return out
+
+
+_COUNTS = ("num_examples", "participants", "model_round")
+
+
+def round_headline(metrics: Mapping[str, float]) -> str:
+    """A round's figures for a terminal: the coordinator's own evaluation when it has one, then the
+    participants' federated evaluation of the model they received."""
+    parts = [f"{k} {metrics[k]:.4f}" for k in ("accuracy", "loss") if k in metrics and math.isfinite(metrics[k])]
+    fed = {k[len(FED_EVAL_PREFIX) :]: v for k, v in metrics.items() if k.startswith(FED_EVAL_PREFIX)}
+    if fed:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in fed.items() if k not in _COUNTS)
+        parts.append(f"federated eval of round {int(fed.get('model_round', 0))}: {shown}")
+    return "  ".join(parts) or "no evaluation"
+
+
+def final_headline(result: Mapping[str, object]) -> str:
+    """The run's headline figure from metrics.json: the coordinator's final accuracy, or, when it
+    holds no data, the participants' last federated evaluation."""
+    acc = result.get("final_accuracy")
+    rounds = result.get("rounds")
+    last = rounds[-1] if isinstance(rounds, list) and rounds else {}
+    fed = last.get("federated_evaluation") if isinstance(last, dict) else None
+    if (isinstance(acc, float) and math.isfinite(acc)) or not isinstance(fed, dict):
+        return f"final accuracy {acc:.4f}" if isinstance(acc, float) else "final accuracy n/a"
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in fed.items() if k not in _COUNTS)
+    return f"federated evaluation of round {fed.get('model_round')}'s model: {shown}"

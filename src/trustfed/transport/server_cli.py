@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from trustfed.core.evaluation import final_headline, round_headline
+
 app = typer.Typer(help="Run the coordinator: serve participants over mutual TLS.", invoke_without_command=True)
 console = Console()
 
@@ -76,8 +78,7 @@ def server(
     )
 
     def on_round(rec: object) -> None:
-        m = getattr(rec, "metrics", {})
-        console.print(f"round {getattr(rec, 'round', '?')}: accuracy {m.get('accuracy', float('nan')):.4f}")
+        console.print(f"round {getattr(rec, 'round', '?')}: {round_headline(getattr(rec, 'metrics', {}))}")
 
     _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round, resume=resume, heartbeat=held)
-    console.print(f"final accuracy {metrics['final_accuracy']:.4f}; results in {out}")
+    console.print(f"{final_headline(metrics)}; results in {out}")
