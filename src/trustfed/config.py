@@ -350,13 +350,44 @@ def load_federation_config(path: str | Path) -> FederationConfig:
     return validate_federation_config(raw, str(p))
 
 
+def _section(where: str) -> str:
+    return where.split(".")[0]
+
+
+def _rules_beside_type_errors(raw: dict[str, Any], found: list[ConfigProblem]) -> list[ConfigProblem]:
+    """The cross-field rules, checked on the sections that are well typed (the others at their
+    defaults), so a file with a type error still gets every rule problem reported. Rules are left
+    out when [federation] itself is wrong: its counts decide most of them."""
+    bad = {_section(p.field) for p in found}
+    if "federation" in bad or "(top level)" in bad:
+        return []
+    fields = FederationConfig.model_fields
+    partial = {k: v for k, v in raw.items() if k in fields and k not in bad}
+    try:
+        cfg = FederationConfig.model_validate(partial)
+    except ValidationError:
+        return []
+    return [p for p in cfg.semantic_problems() if _section(p.field) not in bad]
+
+
+def _unique(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for p in problems:
+        if (p.field, p.message) not in seen:
+            seen.add((p.field, p.message))
+            out.append(p)
+    return out
+
+
 def validate_federation_config(raw: dict[str, Any], source: str = "<config>") -> FederationConfig:
     try:
         cfg = FederationConfig.model_validate(raw)
     except ValidationError as exc:
-        # Report file-system problems too, so one run lists everything wrong.
+        # Report file-system and rule problems too, so one run lists everything wrong.
         problems = problems_from_validation(exc) + _raw_problems(raw)
-        raise ConfigError(source, problems) from None
+        problems += _rules_beside_type_errors(raw, problems)
+        raise ConfigError(source, _unique(problems)) from None
     problems = cfg.semantic_problems()
     if problems:
         raise ConfigError(source, problems)
