@@ -153,8 +153,13 @@ app = App(model=model, data=data, strategies={"halfway": Halfway}, aggregators={
 '''
 
 
-def test_the_app_registers_its_own_strategy_and_aggregator(tmp_path: Path) -> None:
+def test_the_app_registers_its_own_strategy_and_aggregator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
+
+    from trustfed.core import aggregator
+
+    # the app's aggregator goes into a copy of the registry: other tests iterate over the built-in ones
+    monkeypatch.setattr(aggregator, "_REGISTRY", dict(aggregator._REGISTRY))
 
     fed = write_project(tmp_path / "proj", "houses_algos", rounds=1)
     app_py = tmp_path / "proj" / "houses_algos" / "app.py"
@@ -182,3 +187,27 @@ def _plan(rnd: int) -> object:
     from trustfed.core.strategy import RoundPlan
 
     return RoundPlan(rnd, ("p000",), {})
+
+
+def test_an_edited_metrics_file_fails_the_audit(tmp_path: Path) -> None:
+    from trustfed.ledger.settings import LedgerSettings
+    from trustfed.ledger.verify import verify_run
+
+    fed = write_project(tmp_path / "proj", "houses_metrics", rounds=2)
+    cfg = load_federation_config(fed).model_copy(update={"ledger": LedgerSettings(enabled=True)})
+    out = tmp_path / "run"
+    run_simulation(cfg, out)
+    report = verify_run(out)
+    assert report.ok and report.checked["metrics_file"] == 1, report.failures
+    path = out / "metrics.json"
+    original = json.loads(path.read_text())
+    for edit in (
+        lambda m: m.update(final_loss=0.001),
+        lambda m: m["rounds"][0]["federated_evaluation"].update(mae=0.01),
+        lambda m: m["rounds"][1].update(model_hash="00" * 32),
+    ):
+        m = json.loads(json.dumps(original))
+        edit(m)
+        path.write_text(json.dumps(m))
+        bad = verify_run(out)
+        assert not bad.ok and all(f.file == "metrics.json" for f in bad.failures), bad.failures

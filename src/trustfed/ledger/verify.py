@@ -41,6 +41,7 @@ from trustfed.ledger.audit import (
     verify_signature,
 )
 from trustfed.ledger.checkpoint import hash_model_bytes
+from trustfed.ledger.metrics_check import METRICS_FILE, metrics_problems
 from trustfed.ledger.participant import COMMITMENT_KIND
 from trustfed.ledger.recorder import AUDIT_FILE, COORDINATOR_ID, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment, update_commitment
@@ -427,6 +428,24 @@ class _Verifier:
         self._provenance(loc, f)
         f["leaves"].append(bytes.fromhex(real))
         f.setdefault("commitments", {})[e.author] = f["leaves"][-1]  # author -> commitment, for the receipt
+
+    # ------------------------------------------------------------ metrics.json
+    def check_metrics_file(self, facts: dict[int, dict[str, Any]]) -> None:
+        """The figures metrics.json reports must be the signed ones (a run without the file is fine)."""
+        import json
+
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            self.fail(METRICS_FILE, None, None, "(file)", f"unreadable: {exc}")
+            return
+        aggregations = {rnd: f["aggregation"].entry.body for rnd, f in facts.items() if "aggregation" in f}
+        for rnd, where, message in metrics_problems(metrics if isinstance(metrics, dict) else {}, aggregations):
+            self.fail(METRICS_FILE, None, rnd, where, message)
+        self.checked["metrics_file"] += 1
 
     # ------------------------------------------------------------ the app and its provenance
     def _app(self, loc: _Located) -> None:
@@ -883,4 +902,5 @@ def verify_run(run_dir: Path, rpc_url: str | None = None) -> AuditReport:
     v.check_incentives(facts)
     v.check_chain(facts)
     v.check_privacy(facts)
+    v.check_metrics_file(facts)
     return AuditReport(not v.failures, v.failures, dict(v.checked), list(v.notes))
