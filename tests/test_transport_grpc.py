@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from trustfed.coordinator.service import GrpcTransport
+from trustfed.coordinator.network import GrpcTransport
 from trustfed.core.codec import ParamSpec, TensorSpec, model_hash
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.participant.client import ParticipantClient

@@ -28,7 +28,8 @@ from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected, TransportError
 
 if TYPE_CHECKING:
-    from trustfed.participant.client import ParticipantClient, ReceivedPlan
+    from trustfed.participant.client import ParticipantClient
+    from trustfed.participant.rounds import ReceivedPlan
 
 log = logging.getLogger("trustfed.participant.secagg")
 
@@ -203,7 +204,7 @@ class SecAggParticipant:
             if reply.round != rnd or reply.step != step or v.envelope.round != rnd:
                 raise c.verifier.reject("round_mismatch", f"{what}: the reply is for another round or step", "secagg")
             if self.session and reply.session != self.session:
-                from trustfed.participant.client import RoundGone
+                from trustfed.participant.rounds import RoundGone
 
                 raise RoundGone(f"{what}: the coordinator restarted (session {self.session} -> {reply.session})")
             if reply.ready:

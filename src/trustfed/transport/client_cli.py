@@ -20,7 +20,7 @@ def client(
 
     import torch
 
-    from trustfed.participant.client import build_participant
+    from trustfed.participant.assembly import build_participant
     from trustfed.participant.settings import load_participant_config
 
     logging.getLogger("trustfed").setLevel(logging.INFO)

@@ -236,7 +236,8 @@ def run_local_federation(
     """Coordinator here, every participant a process: returns (final params, metrics).
     ``participant_data``: each participant's own ``[data]`` (an app's federation)."""
     from trustfed.config import load_federation_config
-    from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
+    from trustfed.coordinator.network import GrpcTransport
+    from trustfed.coordinator.run import run_coordinator, spec_for
     from trustfed.simulation.federation import participant_ids
     from trustfed.simulation.runner import write_results
 

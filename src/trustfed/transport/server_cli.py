@@ -42,7 +42,8 @@ def server(
     import torch
 
     from trustfed.config import load_federation_config
-    from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
+    from trustfed.coordinator.network import GrpcTransport
+    from trustfed.coordinator.run import run_coordinator, spec_for
 
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(1)
