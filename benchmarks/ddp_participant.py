@@ -27,7 +27,7 @@ from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten
 from trustfed.core.strategy import RoundPlan
 from trustfed.distributed.participant import DDPTrainer
-from trustfed.participant.trainer import LocalTrainer
+from trustfed.models.trainer import LocalTrainer
 from trustfed.simulation.federation import build_data, build_trainer, model_factory, train_config
 
 

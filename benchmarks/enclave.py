@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from trustfed.config import FederationConfig, validate_federation_config
-from trustfed.enclave.simulation import run_federation
+from trustfed.simulation.enclave import run_federation
 
 
 def demo_config(rounds: int, participants: int = 5, seed: int = 0) -> FederationConfig:
@@ -166,7 +166,7 @@ def demo_raw(rounds: int, enclave: bool) -> dict[str, Any]:
 
 def networked(rounds: int, repeats: int, workdir: Path) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Round seconds (rounds 2..N) of the multi-process demo without and with the enclave, interleaved."""
-    from trustfed.transport.local import run_local_federation
+    from trustfed.coordinator.local_federation import run_local_federation
 
     times: dict[str, list[float]] = {"net-plain": [], "net-enclave": []}
     hashes: dict[str, str] = {}

@@ -80,8 +80,8 @@ def bench_merkle(n: int) -> dict[str, Any]:
 
 def bench_demo(rounds: int, participants: int) -> dict[str, Any]:
     from trustfed.config import validate_federation_config
-    from trustfed.coordinator.engine import RoundRecord
     from trustfed.core.codec import flatten
+    from trustfed.core.rounds import RoundRecord
     from trustfed.ledger.recorder import simulated_recorder
     from trustfed.ledger.settings import LedgerSettings
     from trustfed.simulation.federation import build_data, model_factory, participant_ids

@@ -116,8 +116,8 @@ def make_client_app(cfg_json: str) -> Any:
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context
 
+    from trustfed.models.trainer import round_seed
     from trustfed.models.training import train_epochs
-    from trustfed.participant.trainer import round_seed
 
     class ShardClient(NumPyClient):  # type: ignore[misc]
         def __init__(self, pid: str) -> None:

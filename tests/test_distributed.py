@@ -229,7 +229,7 @@ def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
     from trustfed.config import validate_federation_config
     from trustfed.core.codec import from_bytes, model_hash
     from trustfed.core.strategy import RoundPlan
-    from trustfed.participant.trainer import LocalTrainer
+    from trustfed.models.trainer import LocalTrainer
     from trustfed.simulation.federation import build_data, model_factory, train_config
 
     out = tmp_path / "demo"
@@ -281,7 +281,7 @@ def test_persistent_ddp_workers_serve_every_round_then_leave(tmp_path: Path) -> 
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import RoundPlan
     from trustfed.distributed.participant import DDPTrainer
-    from trustfed.participant.trainer import LocalTrainer
+    from trustfed.models.trainer import LocalTrainer
     from trustfed.simulation.federation import build_data, build_trainer, model_factory, train_config
 
     raw = {

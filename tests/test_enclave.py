@@ -31,8 +31,8 @@ from trustfed.enclave.sealing import (
     seal_update,
 )
 from trustfed.enclave.settings import AggregationSettings
-from trustfed.enclave.simulation import run_federation, simulated_policy, wrap_for_enclave
 from trustfed.enclave.strategy import EnclaveStrategy
+from trustfed.simulation.enclave import run_federation, simulated_policy, wrap_for_enclave
 
 AGG = AggregationSettings()
 
@@ -315,7 +315,7 @@ def test_e2e_participants_refuse_unexpected_measurement() -> None:
     cfg = small_cfg(policy={"allow_simulated_tee": True, "expected_measurements": ["ab" * 32]})
     # the participants' policy pins a measurement that is not this enclave's; simulated_policy adds the
     # local one only when the policy itself lists none, so build the federation directly:
-    from trustfed.enclave.simulation import aggregation_settings_for
+    from trustfed.simulation.enclave import aggregation_settings_for
 
     policy = cfg.enclave.policy.model_copy(update={"allowed_backends": ["simulated"]})
     inner = _CountingTrainer("p000")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from trustfed.config import load_federation_config, validate_federation_config
+from trustfed.coordinator.local_federation import prepare, run_local_federation, write_participant_configs
 from trustfed.coordinator.network import GrpcTransport
 from trustfed.coordinator.run import run_coordinator, spec_for
 from trustfed.coordinator.secagg import SHARE_CIPHERTEXT_BYTES, SecAggRound
@@ -31,7 +32,6 @@ from trustfed.simulation import run_simulation
 from trustfed.simulation.federation import build_data, build_trainer, model_factory
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected
-from trustfed.transport.local import prepare, run_local_federation, write_participant_configs
 
 
 def raw(participants: int = 3, rounds: int = 2, **secagg: Any) -> dict[str, Any]:

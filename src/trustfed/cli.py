@@ -40,8 +40,8 @@ COMPONENT_APPS: list[tuple[str, str]] = [
     ("audit", "trustfed.ledger.audit_cli"),
     ("privacy", "trustfed.privacy.cli"),
     ("pki", "trustfed.pki.cli"),
-    ("server", "trustfed.transport.server_cli"),
-    ("client", "trustfed.transport.client_cli"),
+    ("server", "trustfed.coordinator.server_cli"),
+    ("client", "trustfed.participant.client_cli"),
     ("enclave", "trustfed.enclave.cli"),
     ("train", "trustfed.distributed.cli"),
     ("dashboard", "trustfed.dashboard.cli"),
@@ -237,8 +237,10 @@ def demo(
         f"[bold]trustfed demo[/bold]: {participants} participants, digits, Dirichlet(0.5), {rounds} rounds, "
         f"seed {seed} -> {out}"
     )
-    if transport == "grpc":  # trustfed.transport.local: OUT/pki, OUT/federation.toml, OUT/participants, OUT/logs
-        from trustfed.transport.local import run_local_federation
+    if (
+        transport == "grpc"
+    ):  # trustfed.coordinator.local_federation: OUT/pki, OUT/federation.toml, OUT/participants, OUT/logs
+        from trustfed.coordinator.local_federation import run_local_federation
 
         console.print(
             f"fresh PKI in {out}/pki; coordinator here, {participants} participant processes, mutual TLS on 127.0.0.1"

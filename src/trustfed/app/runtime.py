@@ -24,7 +24,7 @@ from trustfed.core.codec import ParamSpec, flatten, load_vector
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx, Strategy
 from trustfed.data.datasets import Dataset as ArrayDataset
 from trustfed.errors import AppError, DataError, TrustFedError
-from trustfed.participant.trainer import Trainer
+from trustfed.models.trainer import Trainer
 
 if TYPE_CHECKING:
     from trustfed.config import FederationConfig

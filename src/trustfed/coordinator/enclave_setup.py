@@ -20,8 +20,8 @@ def enclave_strategy(cfg: Any, inner: Any, spec: ParamSpec, settings: TransportS
     from trustfed.coordinator.enclave_record import EnclaveRecord, attest_enclave
     from trustfed.enclave.errors import EnclaveError
     from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
-    from trustfed.enclave.simulation import enclave_aggregation, simulated_policy
     from trustfed.enclave.strategy import EnclaveStrategy
+    from trustfed.simulation.enclave import enclave_aggregation, simulated_policy
 
     section = cfg.enclave
     if section.address is None:

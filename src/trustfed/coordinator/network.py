@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from trustfed.coordinator.engine import RoundRecord
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.pki.ca import PkiError, identity_of, load_certificate, load_private_key
 from trustfed.transport import federation_pb2_grpc as pb_grpc

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trustfed.coordinator.engine import RoundObserver, RoundRecord
 from trustfed.core.codec import ParamSpec
+from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trustfed.coordinator.engine import Coordinator, RoundObserver
+from trustfed.coordinator.engine import Coordinator
+from trustfed.core.rounds import RoundObserver
 
 if TYPE_CHECKING:
     from trustfed.coordinator.enclave_record import EnclaveRecord

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trustfed.coordinator.engine import Coordinator, RoundObserver, RoundRecord
+from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.ha import LeadershipLost, LeaseHeartbeat
 from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec
+from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.transport.errors import TransportError
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from trustfed.core.strategy import RoundPlan, Update
 from trustfed.ledger.audit import Signer, entry_digest, parsed_entries
 from trustfed.ledger.backends import LedgerBackend
 from trustfed.ledger.records import LedgerError, update_commitment, update_hash
-from trustfed.participant.trainer import Trainer
+from trustfed.models.trainer import Trainer
 from trustfed.primitives.merkle import InclusionProof, MerkleTree, verify_inclusion
 
 log = logging.getLogger("trustfed.ledger.participant")

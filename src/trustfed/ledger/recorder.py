@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
-from trustfed.coordinator.engine import RoundRecord
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.audit import AuditLog, EcdsaSigner, Signer, certificate_fingerprint, key_fingerprint
 from trustfed.ledger.backends import LedgerBackend, open_backend

@@ -12,9 +12,9 @@ from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.ledger.participant import (
     ChainView,
 )
+from trustfed.models.trainer import Trainer
 from trustfed.participant.client import ParticipantClient
 from trustfed.participant.settings import ParticipantConfig
-from trustfed.participant.trainer import Trainer
 from trustfed.pki.ca import load_private_key
 from trustfed.transport.errors import TransportError
 
@@ -90,7 +90,7 @@ def _sealing_trainer(fed: Any, cfg: ParticipantConfig, trainer: Trainer) -> Trai
     from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
     from trustfed.enclave.sealing import KeySigner
     from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
-    from trustfed.enclave.simulation import enclave_aggregation, simulated_policy
+    from trustfed.simulation.enclave import enclave_aggregation, simulated_policy
 
     section = fed.enclave
     if section.address is None:

@@ -21,10 +21,10 @@ from typing import TypeVar
 import grpc
 import torch
 
-from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import ParamSpec
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.errors import AttestationRefused
+from trustfed.errors import ParticipantWithdrew
 from trustfed.ledger.audit import EcdsaSigner
 from trustfed.ledger.participant import (
     ChainView,
@@ -34,9 +34,9 @@ from trustfed.ledger.participant import (
     sign_commitment,
     update_bytes,
 )
+from trustfed.models.trainer import Trainer, close_trainer
 from trustfed.participant.rounds import ReceivedPlan, RoundGone, RoundOutcome
 from trustfed.participant.settings import ParticipantConfig
-from trustfed.participant.trainer import Trainer, close_trainer
 from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
 from trustfed.primitives.merkle import InclusionProof
 from trustfed.secagg.protocol import SecAggError, TooFewParticipants

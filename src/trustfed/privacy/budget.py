@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 
-from trustfed.coordinator.engine import ParticipantWithdrew
+from trustfed.errors import ParticipantWithdrew
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyAccountant, PrivacyError
 from trustfed.privacy.budget_state import BudgetStateFile, RecordedStep
 

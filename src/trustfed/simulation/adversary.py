@@ -22,10 +22,11 @@ from trustfed.attacks.settings import OMNISCIENT
 from trustfed.attacks.trainers import MaliciousTrainer
 from trustfed.config import FederationConfig
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.participant.trainer import LocalTrainer, Trainer
+from trustfed.models.trainer import LocalTrainer, Trainer
 
 if TYPE_CHECKING:
-    from trustfed.coordinator.engine import Coordinator, Transport
+    from trustfed.coordinator.engine import Coordinator
+    from trustfed.core.rounds import Transport
     from trustfed.simulation.federation import FederationData
 
 log = logging.getLogger("trustfed.simulation.adversary")

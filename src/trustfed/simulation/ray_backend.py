@@ -24,10 +24,9 @@ from typing import Any
 import torch
 
 from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import to_bytes
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.errors import ConfigError, ConfigProblem, ParticipantWithdrew
 from trustfed.simulation.transports import EncodedUpdate, decode_update, fit_encoded, note_withdrawal
 
 log = logging.getLogger("trustfed.simulation")

@@ -18,10 +18,12 @@ import torch
 
 from trustfed.app.runtime import Runtime, participant_ids
 from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import FED_EVAL_PREFIX, Coordinator, RoundObserver, RoundRecord, Transport
+from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.incentives_record import use_reputation_selection
 from trustfed.coordinator.recorders import recorders_for
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.evaluation import FED_EVAL_PREFIX
+from trustfed.core.rounds import RoundObserver, RoundRecord, Transport
 from trustfed.core.strategy import Strategy
 from trustfed.primitives.atomic import atomic_write_bytes
 from trustfed.simulation.transports import InProcessTransport, MultiprocessTransport

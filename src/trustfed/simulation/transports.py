@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import from_bytes, to_bytes
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.participant.trainer import Trainer, close_trainer
+from trustfed.errors import ParticipantWithdrew
+from trustfed.models.trainer import Trainer, close_trainer
 
 log = logging.getLogger("trustfed.simulation")
 

@@ -29,14 +29,14 @@ from trustfed.enclave.policy import AttestationPolicy
 from trustfed.enclave.receipts import Receipt
 from trustfed.enclave.sealing import KeySigner, StaticKeyring
 from trustfed.enclave.settings import AggregationSettings, CentralDPSettings
-from trustfed.participant.trainer import Trainer
+from trustfed.models.trainer import Trainer
 
 if TYPE_CHECKING:
     from trustfed.config import FederationConfig, StrategySection
-    from trustfed.coordinator.engine import RoundObserver, RoundRecord, Transport
+    from trustfed.core.rounds import RoundObserver, RoundRecord, Transport
     from trustfed.privacy.settings import PrivacySettings
 
-log = logging.getLogger("trustfed.enclave.simulation")
+log = logging.getLogger("trustfed.simulation.enclave")
 
 
 def aggregation_settings_for(

@@ -25,7 +25,7 @@ import torch
 
 from trustfed.transport.errors import TransportError
 
-log = logging.getLogger("trustfed.transport.local")
+log = logging.getLogger("trustfed.coordinator.local_federation")
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
@@ -167,8 +167,8 @@ def start_enclave(
 
     from trustfed.config import validate_federation_config
     from trustfed.enclave.service import ENCLAVE_TLS_NAME
-    from trustfed.enclave.simulation import enclave_aggregation
     from trustfed.pki.ca import issue
+    from trustfed.simulation.enclave import enclave_aggregation
 
     cfg = validate_federation_config(dict(raw), "demo flags")
     pki, folder = out / "pki", out / "enclave"
