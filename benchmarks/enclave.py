@@ -104,6 +104,7 @@ def isolated_overhead(cfg: FederationConfig, reps: int) -> dict[str, float]:
     across rounds), the enclave checks, opens, aggregates and signs, the coordinator verifies the
     receipt, minus the plain FedAvg aggregation that enclave mode replaces.
     """
+    from trustfed.apps.builtin_parts import build_data, model_factory
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import FedAvg, RoundPlan, Update
     from trustfed.enclave.core import AggregationRequest, Enclave
@@ -111,7 +112,6 @@ def isolated_overhead(cfg: FederationConfig, reps: int) -> dict[str, float]:
     from trustfed.enclave.receipts import verify_receipt
     from trustfed.enclave.sealing import KeySigner, StaticKeyring, seal_update
     from trustfed.enclave.settings import AggregationSettings
-    from trustfed.simulation.federation import build_data, model_factory
 
     data = build_data(cfg)
     params, spec = flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())

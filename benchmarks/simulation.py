@@ -4,7 +4,7 @@
         [--workers 2] [--out benchmarks/results/simulation.json] [--verbose]
 
 The workload, identical on both sides: scikit-learn's digits, trustfed's own IID split into N shards
-(``trustfed.simulation.federation.build_data``) and its reference MLP (``model_factory``, the same
+(``trustfed.apps.builtin_parts.build_data``) and its reference MLP (``model_factory``, the same
 initial weights), every participant in every round, 1 local epoch of trustfed's SGD loop
 (``trustfed.models.training.train_epochs``: batch 32, lr 0.05, momentum 0.9, the same per-(round,
 participant) shuffling seed), FedAvg weighted by example counts, and the global model scored on the
@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 import trustfed
+from trustfed.apps.builtin_parts import build_data, model_factory, train_config
 from trustfed.config import FederationConfig, validate_federation_config
 from trustfed.core.codec import flatten, load_vector
-from trustfed.simulation.federation import build_data, model_factory, train_config
 from trustfed.simulation.runner import run_simulation
 
 BACKENDS = ("inprocess", "multiprocess", "ray")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from trustfed.config import validate_federation_config
+from trustfed.config import participant_ids, validate_federation_config
 from trustfed.coordinator.local_federation import (
     prepare,
     start_enclave,
@@ -29,7 +29,6 @@ from trustfed.coordinator.local_federation import (
 from trustfed.core.codec import from_bytes
 from trustfed.ledger.verify import verify_run
 from trustfed.simulation import run_simulation
-from trustfed.simulation.federation import participant_ids
 
 RAW: dict[str, Any] = {
     "federation": {"name": "failover", "rounds": 4, "participants": 3, "seed": 5},

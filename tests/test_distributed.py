@@ -225,12 +225,12 @@ def test_ddp_pp_on_four_processes_matches_single_process_training(tmp_path: Path
 def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from trustfed.apps.builtin_parts import build_data, model_factory, train_config
     from trustfed.cli import app
     from trustfed.config import validate_federation_config
     from trustfed.core.codec import from_bytes, model_hash
     from trustfed.core.strategy import RoundPlan
     from trustfed.models.trainer import LocalTrainer
-    from trustfed.simulation.federation import build_data, model_factory, train_config
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--rounds", "1", "--participants", "2", "--transport", "inprocess"]
@@ -277,12 +277,12 @@ def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
 def test_persistent_ddp_workers_serve_every_round_then_leave(tmp_path: Path) -> None:
     """One torchrun group serves all of a DDP participant's rounds (each equal to single-process
     training from the same start); a group that died is started again; close() stops it."""
+    from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory, train_config
     from trustfed.config import validate_federation_config
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import RoundPlan
     from trustfed.distributed.participant import DDPTrainer
     from trustfed.models.trainer import LocalTrainer
-    from trustfed.simulation.federation import build_data, build_trainer, model_factory, train_config
 
     raw = {
         "federation": {"rounds": 3, "participants": 2, "seed": 4},

@@ -108,8 +108,8 @@ def test_participant_training_settings() -> None:
 
 
 def test_ddp_participant_refuses_local_dp() -> None:
+    from trustfed.apps.builtin_parts import build_data, build_trainer
     from trustfed.config import validate_federation_config
-    from trustfed.simulation.federation import build_data, build_trainer
 
     raw = {
         "federation": {"participants": 2},

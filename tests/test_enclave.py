@@ -291,7 +291,7 @@ def test_e2e_enclave_matches_plain_and_coordinator_sees_no_clear_update() -> Non
     for r, receipt in zip(enc.records, enc.receipts, strict=True):
         assert receipt.body["output_model_hash"] == r.model_hash and receipt.body["label"] == "SIMULATED"
     # what the coordinator held: sealed updates only, with no parameter bytes in the clear
-    from trustfed.simulation.federation import build_data, build_trainer
+    from trustfed.apps.builtin_parts import build_data, build_trainer
 
     data = build_data(cfg)
     clear = build_trainer(cfg, data, "p000").fit(_initial_params(cfg), RoundPlan(1, ("p000",), {}))
@@ -304,8 +304,8 @@ def test_e2e_enclave_matches_plain_and_coordinator_sees_no_clear_update() -> Non
 
 
 def _initial_params(cfg: FederationConfig) -> torch.Tensor:
+    from trustfed.apps.builtin_parts import build_data, model_factory
     from trustfed.core.codec import flatten
-    from trustfed.simulation.federation import build_data, model_factory
 
     data = build_data(cfg)
     return flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())[0]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory
 from trustfed.config import load_federation_config, validate_federation_config
 from trustfed.coordinator.local_federation import prepare, run_local_federation, write_participant_configs
 from trustfed.coordinator.network import GrpcTransport
@@ -29,7 +30,6 @@ from trustfed.participant.settings import load_participant_config
 from trustfed.secagg.protocol import SecAggError, share_points
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.simulation import run_simulation
-from trustfed.simulation.federation import build_data, build_trainer, model_factory
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from trustfed.core.strategy import RoundPlan, Update
+from trustfed.ledger.participant import SignedCommitment
 from trustfed.transport.errors import TransportError
 
 if TYPE_CHECKING:
     from trustfed.coordinator.secagg import SecAggRound
-    from trustfed.ledger.participant import SignedCommitment
 
 
 MAX_POLL_S = 5.0  # a long poll holds a server thread at most this long

@@ -10,17 +10,20 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
-
-if TYPE_CHECKING:
-    from trustfed.enclave.core import EnclaveClient
-    from trustfed.enclave.policy import AttestationPolicy
-    from trustfed.enclave.strategy import EnclaveStrategy
-    from trustfed.ledger.recorder import Attachment
+from trustfed.enclave.attestation import raise_if_refused, verify_evidence
+from trustfed.enclave.core import EnclaveClient
+from trustfed.enclave.policy import AttestationPolicy
+from trustfed.enclave.receipts import receipt_hash, verify_state
+from trustfed.enclave.strategy import EnclaveStrategy
+from trustfed.errors import CheckpointError
+from trustfed.ledger.audit import parsed_entries
 from trustfed.ledger.kinds import ATTESTATION_KIND, RECEIPT_KIND
+from trustfed.ledger.recorder import Attachment
+from trustfed.ledger.records import LedgerError
 
 log = logging.getLogger("trustfed.coordinator.recorders")
 
@@ -37,8 +40,6 @@ class EnclaveAttestation:
 
 def attest_enclave(client: EnclaveClient, policy: AttestationPolicy, where: str = "coordinator") -> EnclaveAttestation:
     """Challenge ``client`` with a fresh nonce and verify the evidence against ``policy`` (raises if refused)."""
-    from trustfed.enclave.attestation import raise_if_refused, verify_evidence
-
     nonce = os.urandom(32)
     now = time.time()
     evidence = client.evidence(nonce)
@@ -55,8 +56,6 @@ class EnclaveRecord:
         self.attestation = attestation
 
     def genesis(self) -> Sequence[Attachment]:
-        from trustfed.ledger.recorder import Attachment
-
         a = self.attestation
         simulated = bool(a.claims.get("simulated"))
         body = {
@@ -74,10 +73,6 @@ class EnclaveRecord:
     def for_round(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> Sequence[Attachment]:
-        from trustfed.enclave.receipts import receipt_hash
-        from trustfed.ledger.recorder import Attachment
-        from trustfed.ledger.records import LedgerError
-
         r = self.strategy.last_receipt
         if r is None or r.round != plan.round:
             raise LedgerError(f"round {plan.round}: the enclave returned no receipt for this round")
@@ -100,10 +95,6 @@ class EnclaveRecord:
         round-``last`` receipt on record counts (plus that lost one). The enclave answers with a
         statement signed by its attested key over a fresh nonce; unrecorded runs (no audit log) check
         the round only. Then the coordinator takes the clip norm the enclave applies next."""
-        from trustfed.enclave.receipts import verify_state
-        from trustfed.errors import CheckpointError
-        from trustfed.ledger.audit import parsed_entries
-
         attested = str(self.attestation.claims.get("public_key", ""))
         logged: str | None = None
         recorded: Any = None

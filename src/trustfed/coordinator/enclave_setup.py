@@ -10,19 +10,18 @@ from trustfed.transport.settings import TransportSettings
 
 if TYPE_CHECKING:
     pass
+from trustfed.coordinator.enclave_record import EnclaveRecord, attest_enclave
 from trustfed.coordinator.network import required_tls_paths
+from trustfed.enclave.errors import EnclaveError
+from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
+from trustfed.enclave.strategy import EnclaveStrategy
+from trustfed.simulation.enclave import enclave_aggregation, simulated_policy
 
 log = logging.getLogger("trustfed.coordinator.service")
 
 
 def enclave_strategy(cfg: Any, inner: Any, spec: ParamSpec, settings: TransportSettings) -> tuple[Any, Any]:
     """Aggregate through the enclave service at ``[enclave].address``: attest it first (fail closed)."""
-    from trustfed.coordinator.enclave_record import EnclaveRecord, attest_enclave
-    from trustfed.enclave.errors import EnclaveError
-    from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
-    from trustfed.enclave.strategy import EnclaveStrategy
-    from trustfed.simulation.enclave import enclave_aggregation, simulated_policy
-
     section = cfg.enclave
     if section.address is None:
         raise EnclaveError(

@@ -7,19 +7,20 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trustfed.core.rounds import RoundRecord
-from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
-
-if TYPE_CHECKING:
-    from trustfed.config import FederationConfig
-    from trustfed.incentives.book import RoundIncentives
-    from trustfed.incentives.settings import IncentiveSettings
-    from trustfed.ledger.backends import LedgerBackend
-    from trustfed.ledger.recorder import Attachment
+from trustfed.config import FederationConfig
 from trustfed.coordinator.enclave_record import EnclaveRecord
+from trustfed.core.rounds import RoundRecord
+from trustfed.core.strategy import FedAvg, RoundPlan, RoundResult, Strategy, Update
+from trustfed.incentives.book import IncentiveBook, ReputationSelector, RoundIncentives, selection_shares
+from trustfed.incentives.scoring import contribution_scores
+from trustfed.incentives.settings import IncentiveSettings
+from trustfed.ledger.backends import LedgerBackend
 from trustfed.ledger.kinds import INCENTIVES_KIND, STAKE_KIND, STATUS_KIND
+from trustfed.ledger.recorder import Attachment
+from trustfed.ledger.records import LedgerError, Status
+from trustfed.secagg.updates import SecureSumUpdate, contributions
 
 log = logging.getLogger("trustfed.coordinator.recorders")
 
@@ -39,7 +40,6 @@ class IncentivesRecord:
         self, settings: IncentiveSettings, enclave: EnclaveRecord | None = None, participants: Sequence[str] = ()
     ) -> None:
         self.participants = list(participants)  # who stakes before round 1
-        from trustfed.incentives.book import IncentiveBook
 
         self.settings = settings
         self.book = IncentiveBook(settings.policy())
@@ -56,13 +56,9 @@ class IncentivesRecord:
     def on_round_end(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> None:
-        from trustfed.secagg.updates import SecureSumUpdate, contributions
-
         ids = [p.participant_id for u in updates for p in contributions(u)]  # a secure sum: its survivors
         selected = [p.participant_id for i in result.aggregate.selected for p in contributions(updates[i])]
         if any(isinstance(u, SecureSumUpdate) for u in updates):
-            from trustfed.incentives.book import selection_shares
-
             # only the sum is known: every survivor's masked input counted alike
             shares, source = selection_shares(ids, selected), "selection"
         else:
@@ -83,9 +79,6 @@ class IncentivesRecord:
         self, updates: Sequence[Update], result: RoundResult, selected: Sequence[str]
     ) -> tuple[dict[str, float], str]:
         import torch
-
-        from trustfed.incentives.book import selection_shares
-        from trustfed.incentives.scoring import contribution_scores
 
         ids = [u.participant_id for u in updates]
         if self.enclave is not None:
@@ -122,7 +115,6 @@ class IncentivesRecord:
         round's commitment and its incentives transaction), the entry's transaction is sent now."""
         if self.ledger is None or last <= 0:
             return
-        from trustfed.ledger.records import LedgerError
 
         body: dict[str, Any] | None = None
         for text in audit_path.read_text(encoding="utf-8").splitlines():
@@ -156,8 +148,6 @@ class IncentivesRecord:
 
     def genesis(self) -> Sequence[Attachment]:
         """Before round 1: every participant's stake (an ``incentives_stake`` entry, one tx each)."""
-        from trustfed.ledger.recorder import Attachment
-
         stake = self.settings.stake
         if stake == 0:
             return []
@@ -174,8 +164,6 @@ class IncentivesRecord:
     def for_round(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> Sequence[Attachment]:
-        from trustfed.ledger.recorder import Attachment
-
         change, source = self._pending.pop(plan.round)
         s = self.settings
         body = change.to_body(s.reward_per_round, source, self.book.policy, s.flag_unselected, s.slash_fraction)
@@ -206,9 +194,6 @@ def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observer
     inc = cfg.incentives
     if inc.selection != "reputation" and not (inc.enabled and inc.suspend_below > 0):
         return
-    from trustfed.core.strategy import FedAvg
-    from trustfed.incentives.book import ReputationSelector
-    from trustfed.ledger.records import LedgerError
 
     record = next((o for o in observers if isinstance(o, IncentivesRecord)), None)
     if record is None:
@@ -230,7 +215,6 @@ def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observer
 
 def set_status_on_chain(pid: str, status: str) -> Callable[[LedgerBackend], object]:
     def send(ledger: LedgerBackend) -> object:
-        from trustfed.ledger.records import Status
 
         return ledger.set_status(pid, Status[status.upper()])
 

@@ -17,27 +17,29 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
+from trustfed.coordinator.board import OpenRound, ReceiptInfo, RoundBoard
+from trustfed.coordinator.crl import CrlSource
+from trustfed.coordinator.secagg import SecAggRound
+from trustfed.coordinator.servicer import FederationServicer
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
+from trustfed.errors import AggregationError
+from trustfed.ledger.participant import SignedCommitment
+from trustfed.ledger.records import LedgerError
 from trustfed.pki.ca import PkiError, identity_of, load_certificate, load_private_key
+from trustfed.secagg.protocol import SecAggError
+from trustfed.secagg.settings import SecAggSettings
+from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, mean_of_sum
 from trustfed.transport import federation_pb2_grpc as pb_grpc
 from trustfed.transport.envelope import Signer, Verifier
 from trustfed.transport.errors import TransportError
 from trustfed.transport.settings import TransportSettings
 from trustfed.transport.tls import grpc_options, server_credentials
-
-if TYPE_CHECKING:
-    from trustfed.ledger.participant import SignedCommitment
-    from trustfed.secagg.settings import SecAggSettings
-from trustfed.coordinator.board import OpenRound, ReceiptInfo, RoundBoard
-from trustfed.coordinator.crl import CrlSource
-from trustfed.coordinator.servicer import FederationServicer
 
 log = logging.getLogger("trustfed.coordinator.service")
 
@@ -212,11 +214,6 @@ class GrpcTransport:
         """One round by secure aggregation: relay the protocol's steps (see
         :mod:`trustfed.coordinator.secagg`) and return one ``secagg`` update, the global model plus the
         mean of the survivors' clipped deltas (weighted by example counts with ``[secagg] weighted``)."""
-        from trustfed.coordinator.secagg import SecAggRound
-        from trustfed.errors import AggregationError
-        from trustfed.secagg.protocol import SecAggError
-        from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, mean_of_sum
-
         assert self.secagg is not None
         plan, step_s = open_round.plan, self.secagg.step_timeout_s
         try:
@@ -294,8 +291,6 @@ class GrpcTransport:
 
     def commitment_for(self, plan: RoundPlan, update: Update) -> SignedCommitment:
         """The ledger's CommitmentSource: the commitment ``update``'s participant signed and sent with it."""
-        from trustfed.ledger.records import LedgerError
-
         with self.board.cond:
             cur = self.board.current
             signed = cur.commitments.get(update.participant_id) if cur and cur.plan.round == plan.round else None

@@ -25,22 +25,27 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from trustfed.app.loading import AppIdentity
+from trustfed.config import FederationConfig
+from trustfed.coordinator.enclave_record import EnclaveRecord
+from trustfed.coordinator.incentives_record import IncentivesRecord, set_status_on_chain
 from trustfed.core.codec import ParamSpec
 from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
-
-if TYPE_CHECKING:
-    from trustfed.app.loading import AppIdentity
-    from trustfed.config import FederationConfig
-    from trustfed.ledger.audit import Signer
-    from trustfed.ledger.backends import LedgerBackend
-    from trustfed.ledger.recorder import Attachment, CommitmentSource, RoundAttachments
-    from trustfed.privacy.report import PrivacyRecorder
-from trustfed.coordinator.enclave_record import EnclaveRecord
-from trustfed.coordinator.incentives_record import IncentivesRecord, set_status_on_chain
+from trustfed.ledger.audit import Signer, parsed_entries
+from trustfed.ledger.backends import LedgerBackend
 from trustfed.ledger.kinds import APP_KIND, PRIVACY_KIND, STATUS_KIND
+from trustfed.ledger.recorder import (
+    Attachment,
+    CommitmentSource,
+    RoundAttachments,
+    network_recorder,
+    simulated_recorder,
+)
+from trustfed.ledger.records import Status
+from trustfed.privacy.report import PrivacyRecorder
+from trustfed.privacy.wiring import privacy_recorder
 
 log = logging.getLogger("trustfed.coordinator.recorders")
 
@@ -67,7 +72,6 @@ class _PrivacySpend:
     def for_round(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> Sequence[Attachment]:
-        from trustfed.ledger.recorder import Attachment
 
         return [Attachment(PRIVACY_KIND, dict(line)) for line in self.recorder.lines.get(plan.round, [])]
 
@@ -81,7 +85,6 @@ class AppRecord:
         self.identity = identity
 
     def genesis(self) -> Sequence[Attachment]:
-        from trustfed.ledger.recorder import Attachment
 
         return [Attachment(APP_KIND, self.identity.describe())]
 
@@ -103,8 +106,6 @@ class StatusRecord:
     def for_round(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> Sequence[Attachment]:
-        from trustfed.ledger.recorder import Attachment
-
         out = []
         for pid, reason in sorted(record.left.items()):
             status = "revoked" if reason == "revoked" else "exited"
@@ -117,9 +118,6 @@ class StatusRecord:
         """On resume: a status the log records up to round ``last`` but the chain lacks (the coordinator
         stopped between the round's commitment and the status transaction) is sent now. Returns every
         participant the log has leave or be suspended (-> its status): the resumed run leaves them out."""
-        from trustfed.ledger.audit import parsed_entries
-        from trustfed.ledger.records import Status
-
         out: dict[str, str] = {}
         for e in parsed_entries(audit_path):
             if e.kind != STATUS_KIND or e.round > last:
@@ -155,8 +153,6 @@ def recorders_for(
     if enclave is not None:
         attachments.append(enclave)
     if cfg.privacy.mode != "none":  # OUT/privacy.jsonl; before the ledger, which signs and anchors it
-        from trustfed.privacy.wiring import privacy_recorder
-
         privacy = privacy_recorder(cfg.privacy, out_dir, resume=resume)
         out += privacy
         attachments += [_PrivacySpend(p) for p in privacy]
@@ -166,8 +162,6 @@ def recorders_for(
         out.append(incentives)
         attachments.append(incentives)
     if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger
-        from trustfed.ledger.recorder import network_recorder, simulated_recorder
-
         attachments.append(StatusRecord())
         if app is not None:
             attachments.insert(0, AppRecord(app))

@@ -7,13 +7,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.coordinator.engine import Coordinator
+from trustfed.coordinator.incentives_record import IncentivesRecord
+from trustfed.coordinator.recorders import StatusRecord
+from trustfed.coordinator.state import latest_state, load_state, resume
 from trustfed.core.rounds import RoundObserver
-
-if TYPE_CHECKING:
-    from trustfed.coordinator.enclave_record import EnclaveRecord
+from trustfed.errors import CheckpointError
+from trustfed.ledger.recorder import LedgerRecorder
+from trustfed.privacy.report import PrivacyRecorder
 
 log = logging.getLogger("trustfed.coordinator.service")
 
@@ -32,13 +36,6 @@ def resume_run(
     runs; the audit log cut back to that round's anchor) or the newest state (unrecorded runs). In
     enclave mode the enclave must be the same one, at the same round (:meth:`EnclaveRecord.check_resume`).
     Returns the round resumed after (0: nothing to resume, a fresh start)."""
-    from trustfed.coordinator.incentives_record import IncentivesRecord
-    from trustfed.coordinator.recorders import StatusRecord
-    from trustfed.coordinator.state import latest_state, load_state, resume
-    from trustfed.errors import CheckpointError
-    from trustfed.ledger.recorder import LedgerRecorder
-    from trustfed.privacy.report import PrivacyRecorder
-
     if out_dir is None:
         raise CheckpointError("resuming needs the run folder (--out) of the run to continue")
     state_dir = out_dir / STATE_DIR

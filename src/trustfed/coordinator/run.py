@@ -6,22 +6,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from trustfed.app.runtime import Runtime
+from trustfed.config import participant_ids
+from trustfed.coordinator.enclave_record import EnclaveRecord
+from trustfed.coordinator.enclave_setup import enclave_strategy
 from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.ha import LeadershipLost, LeaseHeartbeat
+from trustfed.coordinator.incentives_record import use_reputation_selection
+from trustfed.coordinator.network import GrpcTransport, required_tls_paths
+from trustfed.coordinator.recorders import NetworkIdentities, recorders_for
+from trustfed.coordinator.resume import STATE_DIR, resume_run
 from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec
 from trustfed.core.rounds import RoundObserver, RoundRecord
+from trustfed.ledger.audit import EcdsaSigner
+from trustfed.ledger.recorder import COORDINATOR_ID
+from trustfed.simulation.runner import run_rounds, write_results
 from trustfed.transport.errors import TransportError
-
-if TYPE_CHECKING:
-    from trustfed.coordinator.enclave_record import EnclaveRecord
-from trustfed.coordinator.enclave_setup import enclave_strategy
-from trustfed.coordinator.network import GrpcTransport, required_tls_paths
-from trustfed.coordinator.resume import STATE_DIR, resume_run
 
 
 def run_coordinator(
@@ -42,13 +47,6 @@ def run_coordinator(
     certificates. With ``[enclave] enabled`` aggregation runs in the attested enclave service at
     ``[enclave].address``; this process relays sealed updates only. Returns the final parameters
     and the metrics (written to ``out_dir`` unless ``write`` is false)."""
-    from trustfed.app.runtime import Runtime, participant_ids
-    from trustfed.coordinator.incentives_record import use_reputation_selection
-    from trustfed.coordinator.recorders import NetworkIdentities, recorders_for
-    from trustfed.ledger.audit import EcdsaSigner
-    from trustfed.ledger.recorder import COORDINATOR_ID
-    from trustfed.simulation.runner import run_rounds, write_results
-
     rt = Runtime(cfg)
     params, spec = rt.initial
     if spec != transport.spec:
@@ -119,6 +117,4 @@ def run_coordinator(
 
 def spec_for(cfg: Any) -> ParamSpec:
     """The parameter spec of the federation's model (built from the app, no participant data needed)."""
-    from trustfed.app.runtime import Runtime
-
     return Runtime(cfg).spec

@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from trustfed.config import load_federation_config
+from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
+
 app = typer.Typer(help="Run the coordinator: serve participants over mutual TLS.", invoke_without_command=True)
 console = Console()
 
@@ -41,7 +44,6 @@ def server(
 
     import torch
 
-    from trustfed.config import load_federation_config
     from trustfed.coordinator.network import GrpcTransport
     from trustfed.coordinator.run import run_coordinator, spec_for
 
@@ -52,8 +54,6 @@ def server(
     if lease is not None:
         import os
         import socket
-
-        from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 
         taken = open_lease(lease, f"{socket.gethostname()}:{os.getpid()}", lease_ttl)
         console.print(f"waiting for the lease {lease} (standby until the leader stops)")

@@ -12,14 +12,19 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from trustfed.coordinator.board import MAX_POLL_S, MAX_SECAGG_PARTICIPANTS, RoundBoard
+from trustfed.coordinator.secagg import SecAggRound
+from trustfed.coordinator.uploads import received_update, signed_commitment
 from trustfed.core.codec import ParamSpec
+from trustfed.ledger.participant import SignedCommitment
 from trustfed.primitives.merkle import MerkleTree
+from trustfed.secagg.settings import SecAggSettings
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport import federation_pb2_grpc as pb_grpc
 from trustfed.transport.envelope import Signer, Verified, Verifier
@@ -32,13 +37,6 @@ from trustfed.transport.streaming import (
     iter_chunks,
     receive_payload,
 )
-
-if TYPE_CHECKING:
-    from trustfed.coordinator.secagg import SecAggRound
-    from trustfed.ledger.participant import SignedCommitment
-    from trustfed.secagg.settings import SecAggSettings
-from trustfed.coordinator.board import MAX_POLL_S, MAX_SECAGG_PARTICIPANTS, RoundBoard
-from trustfed.coordinator.uploads import received_update, signed_commitment
 
 log = logging.getLogger("trustfed.coordinator.service")
 

@@ -31,6 +31,7 @@ import torch
 
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
 from trustfed.errors import CheckpointError, CodecError
+from trustfed.ledger.audit import AuditLog, EcdsaSigner
 from trustfed.primitives.atomic import atomic_write_bytes, fsync_folder
 from trustfed.primitives.canonical import canonical_json
 from trustfed.primitives.verdict import Verdict
@@ -323,14 +324,10 @@ class SignedAuditSink:
     (:mod:`trustfed.ledger.audit`), signed by the trainer's ECDSA P-256 key."""
 
     def __init__(self, path: Path, key_path: Path, key_id: str = "trainer") -> None:
-        from trustfed.ledger.audit import EcdsaSigner
-
         self.path = path
         self.signer = EcdsaSigner.load(key_id, key_path)
 
     def append(self, entry: Mapping[str, Any]) -> str:
-        from trustfed.ledger.audit import AuditLog
-
         body = json.loads(json.dumps(dict(entry), default=str))  # plain JSON values only
         with AuditLog(self.path) as audit:
             written = audit.append(f"train.{entry['kind']}", int(entry.get("step") or 0), body, self.signer)

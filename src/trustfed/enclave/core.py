@@ -38,6 +38,7 @@ from trustfed.enclave.receipts import HARDWARE_LABEL, STATE_FORMAT, Receipt, mak
 from trustfed.enclave.sealing import ParticipantKeyring, SealedUpdate, commitment, decode_update, open_sealed
 from trustfed.enclave.settings import AggregationSettings
 from trustfed.errors import AggregationError
+from trustfed.incentives.scoring import contribution_scores
 from trustfed.primitives.canonical import canonical_json
 from trustfed.privacy.accounting import GaussianSteps, PrivacyError, epsilon
 from trustfed.privacy.central import DPFedAvg
@@ -362,7 +363,6 @@ class Enclave:
         when the measured config releases them: one number per participant leaves the enclave."""
         if not self.aggregation.release_contributions:
             return None
-        from trustfed.incentives.scoring import contribution_scores
 
         deltas = torch.stack([u.params for u in accepted]) - params
         scores = contribution_scores(deltas, new_params - params)

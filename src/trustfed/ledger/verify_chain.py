@@ -6,6 +6,7 @@ from typing import Any
 
 from trustfed.errors import TrustFedError
 from trustfed.incentives.book import IncentiveBook
+from trustfed.ledger.backends import JsonRpcLedger, Web3Ledger, read_deployment
 from trustfed.ledger.recorder import AUDIT_FILE, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment
 from trustfed.ledger.verify_base import CHAIN, VerifierState
@@ -14,8 +15,6 @@ from trustfed.ledger.verify_base import CHAIN, VerifierState
 class ChainChecks(VerifierState):
     # ------------------------------------------------------------ 3. the chain
     def check_chain(self, facts: dict[int, dict[str, Any]]) -> None:
-        from trustfed.ledger.backends import JsonRpcLedger, Web3Ledger, read_deployment
-
         ledger_dir = self.run_dir / LEDGER_DIR
         try:
             dep = read_deployment(ledger_dir)

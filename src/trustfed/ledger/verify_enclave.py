@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from trustfed.enclave.attestation import SIMULATED_LABEL, verify_evidence
+from trustfed.enclave.errors import EnclaveError
+from trustfed.enclave.policy import AttestationPolicy
+from trustfed.enclave.receipts import HARDWARE_LABEL, Receipt, receipt_hash, verify_receipt
 from trustfed.ledger.recorder import AUDIT_FILE
 from trustfed.ledger.records import ZERO32
 from trustfed.ledger.verify_base import AttestedEnclave, Located, VerifierState
@@ -17,10 +21,6 @@ class EnclaveChecks(VerifierState):
         """Re-verify the enclave evidence the coordinator recorded, as of when it verified it."""
         import base64
         import binascii
-
-        from trustfed.enclave.attestation import SIMULATED_LABEL, verify_evidence
-        from trustfed.enclave.policy import AttestationPolicy
-        from trustfed.enclave.receipts import HARDWARE_LABEL
 
         e, ln, b = loc.entry, loc.line, loc.entry.body
         if self.enclave is not None:
@@ -62,9 +62,6 @@ class EnclaveChecks(VerifierState):
     def _receipt(self, rnd: int, f: dict[str, Any]) -> None:
         """The round's enclave receipt: signed by the attested key, binding this round's commitments
         and output model; its hash is the one the aggregation entry and the chain record."""
-        from trustfed.enclave.errors import EnclaveError
-        from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
-
         loc: Located | None = f.get("receipt")
         agg: Located | None = f.get("aggregation")
         recorded = str(agg.entry.body.get("receipt_hash", "")) if agg is not None else ""

@@ -9,6 +9,7 @@ from typing import Any
 from trustfed.errors import TrustFedError
 from trustfed.ledger.recorder import AUDIT_FILE
 from trustfed.ledger.verify_base import Located, VerifierState
+from trustfed.privacy.report import summarize
 
 
 class PrivacyChecks(VerifierState):
@@ -19,7 +20,6 @@ class PrivacyChecks(VerifierState):
         a release the enclave made must match the ``privacy`` block of that round's signed receipt."""
         if not self.privacy:
             return
-        from trustfed.privacy.report import summarize
 
         for loc in self.privacy:
             b, rnd = loc.entry.body, loc.entry.round

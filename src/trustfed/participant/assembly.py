@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from trustfed.app.api import DataSpec
+from trustfed.app.runtime import Runtime
+from trustfed.config import load_federation_config, participant_ids
+from trustfed.enclave.errors import EnclaveError
+from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
+from trustfed.enclave.sealing import KeySigner
+from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
 from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.ledger.participant import (
     ChainView,
@@ -16,6 +22,8 @@ from trustfed.models.trainer import Trainer
 from trustfed.participant.client import ParticipantClient
 from trustfed.participant.settings import ParticipantConfig
 from trustfed.pki.ca import load_private_key
+from trustfed.privacy.accounting import PrivacyError
+from trustfed.simulation.enclave import enclave_aggregation, simulated_policy
 from trustfed.transport.errors import TransportError
 
 log = logging.getLogger("trustfed.participant")
@@ -23,9 +31,6 @@ log = logging.getLogger("trustfed.participant")
 
 def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
     """Build the trainer for this participant from the federation file, then the client."""
-    from trustfed.app.runtime import Runtime, participant_ids
-    from trustfed.config import load_federation_config
-
     fed = load_federation_config(cfg.participant.federation_config)
     pid = cfg.participant.id
     rt = Runtime(fed)
@@ -36,8 +41,6 @@ def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
         )
     state_dir = cfg.state.dir if cfg.state is not None else None
     if fed.privacy.mode != "none" and state_dir is None:
-        from trustfed.privacy.accounting import PrivacyError
-
         raise PrivacyError(
             f"participant {pid}: the federation runs differential privacy, but this participant has "
             "no [state].dir to keep its privacy spend in; a restart would forget what it has spent. Set [state].dir "
@@ -86,12 +89,6 @@ def participant_data_spec(cfg: ParticipantConfig, builtin: bool) -> DataSpec:
 def _sealing_trainer(fed: Any, cfg: ParticipantConfig, trainer: Trainer) -> Trainer:
     """Enclave mode: attest the enclave against this participant's policy before training, then seal
     every update to the attested key and sign its commitment with the participant's PKI key."""
-    from trustfed.enclave.errors import EnclaveError
-    from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
-    from trustfed.enclave.sealing import KeySigner
-    from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
-    from trustfed.simulation.enclave import enclave_aggregation, simulated_policy
-
     section = fed.enclave
     if section.address is None:
         raise EnclaveError("the federation aggregates in an enclave but [enclave].address is not set")

@@ -24,6 +24,7 @@ import torch
 from trustfed.core.codec import ParamSpec
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.errors import AttestationRefused
+from trustfed.enclave.receipts import Receipt, verify_receipt
 from trustfed.errors import ParticipantWithdrew
 from trustfed.ledger.audit import EcdsaSigner
 from trustfed.ledger.participant import (
@@ -36,8 +37,9 @@ from trustfed.ledger.participant import (
 )
 from trustfed.models.trainer import Trainer, close_trainer
 from trustfed.participant.rounds import ReceivedPlan, RoundGone, RoundOutcome
+from trustfed.participant.secagg import SecAggParticipant
 from trustfed.participant.settings import ParticipantConfig
-from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
+from trustfed.pki.ca import RevocationList, identity_of, load_certificate, load_private_key
 from trustfed.primitives.merkle import InclusionProof
 from trustfed.secagg.protocol import SecAggError, TooFewParticipants
 from trustfed.secagg.settings import SecAggSettings
@@ -107,7 +109,6 @@ class ParticipantClient:
             nonce_cache_size=self.limits.nonce_cache_size,
             where=f"participant {self.pid}",
         )
-        from trustfed.pki.ca import identity_of
 
         ident = identity_of(cert)
         if ident.name != self.pid or ident.role != "participant":
@@ -396,8 +397,6 @@ class ParticipantClient:
         """Secure aggregation of this round's delta (:mod:`trustfed.participant.secagg`). A request the
         protocol finds unsafe (a forged roster entry, a survivor set that grew) is refused: the
         participant withdraws and leaves, as for a model that is not on chain. False: it left."""
-        from trustfed.participant.secagg import SecAggParticipant
-
         assert self.secagg is not None
         try:
             SecAggParticipant(self, self.secagg, rp).run(params, update)
@@ -430,8 +429,6 @@ class ParticipantClient:
             )
         enclave = getattr(self.trainer, "enclave", None)
         if outcome.enclave_receipt and enclave is not None and enclave.key is not None:
-            from trustfed.enclave.receipts import Receipt, verify_receipt
-
             receipt = Receipt.from_json(outcome.enclave_receipt)
             verdict = verify_receipt(
                 receipt,

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from trustfed.participant.settings import load_participant_config
+
 app = typer.Typer(help="Run one participant against a coordinator.", invoke_without_command=True)
 
 
@@ -21,7 +23,6 @@ def client(
     import torch
 
     from trustfed.participant.assembly import build_participant
-    from trustfed.participant.settings import load_participant_config
 
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(threads)

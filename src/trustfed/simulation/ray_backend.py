@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from trustfed.app.runtime import Runtime
 from trustfed.config import FederationConfig
 from trustfed.core.codec import to_bytes
 from trustfed.core.strategy import RoundPlan, Update
@@ -37,7 +38,6 @@ class ParticipantHost:
 
     def __init__(self, cfg_json: str) -> None:
         torch.set_num_threads(1)
-        from trustfed.app.runtime import Runtime
 
         self.runtime = Runtime(FederationConfig.model_validate_json(cfg_json))
         self.trainers: dict[str, Any] = {}

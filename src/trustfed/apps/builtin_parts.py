@@ -14,8 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from trustfed.app.runtime import participant_ids
-from trustfed.config import FederationConfig
+from trustfed.config import FederationConfig, participant_ids
 from trustfed.core.codec import ParamSpec, flatten
 from trustfed.data.datasets import Dataset, load_dataset, train_test_split
 from trustfed.data.partition import partition
@@ -24,6 +23,7 @@ from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.models.reference import build_model
 from trustfed.models.trainer import LocalTrainer, Trainer
 from trustfed.models.training import TrainConfig
+from trustfed.privacy.wiring import build_private_trainer
 
 
 @dataclass
@@ -83,8 +83,6 @@ def build_trainer(
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     _, spec = flatten(factory().state_dict())
     if cfg.privacy.mode != "none":
-        from trustfed.privacy.wiring import build_private_trainer
-
         return build_private_trainer(
             cfg.privacy,
             pid,
@@ -137,4 +135,4 @@ def _ddp_spec_json(desc: dict[str, Any]) -> str:
     return flatten(build_model(**desc).state_dict())[1].to_json()
 
 
-__all__ = ["FederationData", "build_data", "build_trainer", "model_factory", "participant_ids", "train_config"]
+__all__ = ["FederationData", "build_data", "build_trainer", "model_factory", "train_config"]
