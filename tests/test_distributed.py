@@ -52,8 +52,9 @@ def _train_cfg(out: Path, **train: object) -> dict[str, object]:
 def test_selfcheck_then_elastic_restart_resumes_from_verified_checkpoint(tmp_path: Path) -> None:
     from trustfed.core.codec import flatten
     from trustfed.distributed.launch import launch_training
-    from trustfed.distributed.provenance import ProvenanceLog, read_verified, verify_run
+    from trustfed.distributed.provenance import ProvenanceLog, read_verified
     from trustfed.distributed.settings import validate_train_config
+    from trustfed.distributed.verification import verify_run
 
     out = tmp_path / "run"
     raw = _train_cfg(out)
@@ -169,8 +170,9 @@ def test_ddp_pp_on_four_processes_matches_single_process_training(tmp_path: Path
     from trustfed.core.codec import flatten
     from trustfed.distributed.launch import launch_training
     from trustfed.distributed.parallel import optim_spec
-    from trustfed.distributed.provenance import Checkpoint, ProvenanceLog, read_verified, verify_run
+    from trustfed.distributed.provenance import Checkpoint, ProvenanceLog, read_verified
     from trustfed.distributed.settings import validate_train_config
+    from trustfed.distributed.verification import verify_run
 
     out = tmp_path / "dpp"
     shape = LMShape(d_model=16, n_heads=2, n_layers=2, d_ff=32, seq_len=8)

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from trustfed.coordinator.secagg import SecAggRound
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.ledger.participant import SignedCommitment
 from trustfed.transport.errors import TransportError
-
-if TYPE_CHECKING:
-    from trustfed.coordinator.secagg import SecAggRound
-
 
 MAX_POLL_S = 5.0  # a long poll holds a server thread at most this long
 MAX_SECAGG_PARTICIPANTS = 4096  # bounds the maps of one secure-aggregation message

@@ -5,7 +5,7 @@ upload their update as a stream and fetch a receipt (served by
 :class:`~trustfed.coordinator.servicer.FederationServicer`). ``GrpcTransport.fit(plan, params)``
 publishes the plan on the :class:`~trustfed.coordinator.board.RoundBoard` and waits until every
 selected participant has uploaded or the round's deadline passes; with secure aggregation it
-drives the protocol's steps. It is also a :class:`~trustfed.coordinator.engine.RoundObserver`,
+drives the protocol's steps. It is also a :class:`~trustfed.core.rounds.RoundObserver`,
 so receipts are written when the :class:`~trustfed.coordinator.engine.Coordinator` closes a round.
 """
 

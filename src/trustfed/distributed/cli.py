@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from trustfed.distributed.launch import launch_training
-from trustfed.distributed.provenance import verify_run_report
 from trustfed.distributed.settings import load_train_config
+from trustfed.distributed.verification import verify_run_report
 from trustfed.errors import ConfigError, ConfigProblem
 
 app = typer.Typer(

@@ -30,8 +30,9 @@ import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, RoundPlan, Strategy, Update
-from trustfed.enclave.attestation import MIN_NONCE_BYTES, SIMULATED_LABEL, AttestationBackend, SimulatedBackend
+from trustfed.enclave.attestation import SIMULATED_LABEL, AttestationBackend, SimulatedBackend
 from trustfed.enclave.errors import EnclaveError, SealingError
+from trustfed.enclave.evidence import MIN_NONCE_BYTES
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.measurement import measure
 from trustfed.enclave.receipts import HARDWARE_LABEL, STATE_FORMAT, Receipt, make_receipt_body

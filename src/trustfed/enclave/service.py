@@ -28,10 +28,10 @@ import grpc
 from trustfed.core.codec import ParamSpec, from_bytes, to_bytes
 from trustfed.enclave import enclave_pb2 as pb
 from trustfed.enclave import enclave_pb2_grpc as pb_grpc
-from trustfed.enclave.attestation import MIN_NONCE_BYTES
 from trustfed.enclave.core import AggregationRequest, AggregationResponse, Enclave
 from trustfed.enclave.dcap import DcapBackend, GramineQuoteProvider, TdxConfigfsQuoteProvider
 from trustfed.enclave.errors import EnclaveError
+from trustfed.enclave.evidence import MIN_NONCE_BYTES
 from trustfed.enclave.receipts import Receipt
 from trustfed.enclave.sealing import SealedUpdate, StaticKeyring
 from trustfed.enclave.settings import EnclaveServiceConfig

@@ -6,7 +6,7 @@ from typing import Any
 
 from trustfed.errors import TrustFedError
 from trustfed.incentives.book import IncentiveBook
-from trustfed.ledger.backends import JsonRpcLedger, Web3Ledger, read_deployment
+from trustfed.ledger.backends import EmbeddedLedger, JsonRpcLedger, Web3Ledger, read_deployment
 from trustfed.ledger.recorder import AUDIT_FILE, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment
 from trustfed.ledger.verify_base import CHAIN, VerifierState
@@ -30,8 +30,6 @@ class ChainChecks(VerifierState):
                 url = self.rpc_url or str(dep.get("rpc_url", ""))
                 ledger = JsonRpcLedger(ledger_dir, url, deploy=False, read_only=True)
             else:
-                from trustfed.ledger.backends import EmbeddedLedger
-
                 ledger = EmbeddedLedger(ledger_dir, read_only=True)
         except TrustFedError as exc:
             self.fail(f"{LEDGER_DIR}/", None, None, "chain", f"cannot open the chain: {exc}")
