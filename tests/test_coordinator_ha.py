@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trustfed.app.runtime import Runtime
+from trustfed.apps.runtime import Runtime
 from trustfed.config import participant_ids, validate_federation_config
 from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.ha import FileLease, LeadershipLost, run_as_leader

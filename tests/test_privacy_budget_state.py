@@ -88,7 +88,7 @@ def _cfg(privacy: dict[str, Any], rounds: int = 2) -> FederationConfig:
 
 def _run(cfg: FederationConfig, state: Path, out: Path) -> list[dict[str, Any]]:
     """One run of the participants a networked deployment builds (their spend kept in ``state``)."""
-    from trustfed.app.runtime import Runtime
+    from trustfed.apps.runtime import Runtime
     from trustfed.config import participant_ids
     from trustfed.simulation.transports import InProcessTransport
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from trustfed.app.runtime import Runtime
+from trustfed.apps.runtime import Runtime
 from trustfed.config import participant_ids
 from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.coordinator.enclave_setup import enclave_strategy

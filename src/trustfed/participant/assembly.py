@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from trustfed.app.api import DataSpec
-from trustfed.app.runtime import Runtime
+from trustfed.apps.runtime import Runtime
 from trustfed.config import load_federation_config, participant_ids
 from trustfed.enclave.errors import EnclaveError
 from trustfed.enclave.participant import AttestedEnclave, SealingTrainer

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trustfed.app.runtime import Runtime
+from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig, StrategySection, participant_ids
 from trustfed.coordinator.engine import Coordinator
 from trustfed.core.codec import ParamSpec

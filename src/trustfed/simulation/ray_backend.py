@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trustfed.app.runtime import Runtime
+from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig
 from trustfed.core.codec import to_bytes
 from trustfed.core.strategy import RoundPlan, Update

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from trustfed.app.runtime import Runtime
 from trustfed.apps.builtin import federation_data
+from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig, participant_ids
 from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.incentives_record import use_reputation_selection

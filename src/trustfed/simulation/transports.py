@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trustfed.app.runtime import Runtime
+from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig
 from trustfed.core.codec import from_bytes, to_bytes
 from trustfed.core.strategy import RoundPlan, Update
