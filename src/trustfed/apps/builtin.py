@@ -26,7 +26,6 @@ TARGET = "trustfed.apps.builtin:app"
 
 @functools.lru_cache(maxsize=4)
 def _federation_data(cfg_json: str) -> FederationData:
-
     return build_data(FederationConfig.model_validate_json(cfg_json))
 
 

@@ -134,7 +134,6 @@ class Runtime:
         return {"in_memory": {"type": type(train).__name__, "examples": loop.num_examples(train)}}
 
     def provenance(self, spec: DataSpec, local: LocalData) -> dict[str, str]:
-
         return {"app_sha256": self.identity.code_sha256, "data_sha256": manifest_hash(self.data_manifest(spec, local))}
 
     # ------------------------------------------------------------------ training
@@ -265,7 +264,6 @@ class Runtime:
 
 
 def _register_aggregators(app: App) -> None:
-
     for name, factory in app.aggregators.items():
         if _REGISTRY.get(name) is factory:
             continue

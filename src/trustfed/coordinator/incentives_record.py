@@ -215,7 +215,6 @@ def use_reputation_selection(cfg: FederationConfig, strategy: Strategy, observer
 
 def set_status_on_chain(pid: str, status: str) -> Callable[[LedgerBackend], object]:
     def send(ledger: LedgerBackend) -> object:
-
         return ledger.set_status(pid, Status[status.upper()])
 
     return send

@@ -72,7 +72,6 @@ class _PrivacySpend:
     def for_round(
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> Sequence[Attachment]:
-
         return [Attachment(PRIVACY_KIND, dict(line)) for line in self.recorder.lines.get(plan.round, [])]
 
 
@@ -85,7 +84,6 @@ class AppRecord:
         self.identity = identity
 
     def genesis(self) -> Sequence[Attachment]:
-
         return [Attachment(APP_KIND, self.identity.describe())]
 
     def for_round(

@@ -77,7 +77,6 @@ class Anchor:
     log_head: str
 
     def to_commitment(self) -> RoundCommitment:
-
         return RoundCommitment(self.index, self.model_hash, ZERO32, self.optim_hash, self.log_head, self.step)
 
     @classmethod

@@ -105,5 +105,4 @@ class BudgetGuard:
         return out
 
     def accountant_round(self, event: GaussianSteps) -> float:
-
         return epsilon([event], self.delta, self.accountant.accountant)

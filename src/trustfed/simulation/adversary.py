@@ -32,7 +32,6 @@ log = logging.getLogger("trustfed.simulation.adversary")
 
 
 def malicious_participants(cfg: FederationConfig) -> list[str]:
-
     return cfg.attack.malicious(participant_ids(cfg.federation.participants))
 
 

@@ -123,7 +123,6 @@ class EnclaveFederation:
 
     @property
     def receipts(self) -> list[Receipt]:
-
         return self.strategy.receipts if isinstance(self.strategy, EnclaveStrategy) else []
 
 
