@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from trustfed.apps.builtin_parts import build_data, model_factory
 from trustfed.attacks import backdoor_success
 from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
-from trustfed.simulation.federation import build_data, model_factory
 
 DEFAULT = "cc+reject+dedup"  # the default robust configuration (see docs/robust.md)
 F = 4  # malicious participants assumed by Krum-family rules (20% of 20)

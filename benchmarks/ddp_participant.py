@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory, train_config
 from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten
 from trustfed.core.strategy import RoundPlan
 from trustfed.distributed.participant import DDPTrainer
-from trustfed.participant.trainer import LocalTrainer
-from trustfed.simulation.federation import build_data, build_trainer, model_factory, train_config
+from trustfed.models.trainer import LocalTrainer
 
 
 def run(trainer: Any, params: torch.Tensor, rounds: int) -> tuple[list[float], torch.Tensor]:

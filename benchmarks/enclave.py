@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from trustfed.config import FederationConfig, validate_federation_config
-from trustfed.enclave.simulation import run_federation
+from trustfed.simulation.enclave import run_federation
 
 
 def demo_config(rounds: int, participants: int = 5, seed: int = 0) -> FederationConfig:
@@ -104,6 +104,7 @@ def isolated_overhead(cfg: FederationConfig, reps: int) -> dict[str, float]:
     across rounds), the enclave checks, opens, aggregates and signs, the coordinator verifies the
     receipt, minus the plain FedAvg aggregation that enclave mode replaces.
     """
+    from trustfed.apps.builtin_parts import build_data, model_factory
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import FedAvg, RoundPlan, Update
     from trustfed.enclave.core import AggregationRequest, Enclave
@@ -111,7 +112,6 @@ def isolated_overhead(cfg: FederationConfig, reps: int) -> dict[str, float]:
     from trustfed.enclave.receipts import verify_receipt
     from trustfed.enclave.sealing import KeySigner, StaticKeyring, seal_update
     from trustfed.enclave.settings import AggregationSettings
-    from trustfed.simulation.federation import build_data, model_factory
 
     data = build_data(cfg)
     params, spec = flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())
@@ -166,7 +166,7 @@ def demo_raw(rounds: int, enclave: bool) -> dict[str, Any]:
 
 def networked(rounds: int, repeats: int, workdir: Path) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Round seconds (rounds 2..N) of the multi-process demo without and with the enclave, interleaved."""
-    from trustfed.transport.local import run_local_federation
+    from trustfed.coordinator.local_federation import run_local_federation
 
     times: dict[str, list[float]] = {"net-plain": [], "net-enclave": []}
     hashes: dict[str, str] = {}

@@ -79,12 +79,12 @@ def bench_merkle(n: int) -> dict[str, Any]:
 
 
 def bench_demo(rounds: int, participants: int) -> dict[str, Any]:
-    from trustfed.config import validate_federation_config
-    from trustfed.coordinator.engine import RoundRecord
+    from trustfed.apps.builtin_parts import build_data, model_factory
+    from trustfed.config import participant_ids, validate_federation_config
     from trustfed.core.codec import flatten
+    from trustfed.core.rounds import RoundRecord
     from trustfed.ledger.recorder import simulated_recorder
     from trustfed.ledger.settings import LedgerSettings
-    from trustfed.simulation.federation import build_data, model_factory, participant_ids
     from trustfed.simulation.runner import run_simulation
 
     raw = {  # the demo's federation (src/trustfed/cli.py demo), ledger added by hand to time it

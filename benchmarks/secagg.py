@@ -107,7 +107,7 @@ def mask_generation(d: int, reps: int) -> dict[str, Any]:
 
 
 def networked(rounds: int, hidden: list[int]) -> dict[str, Any]:
-    from trustfed.transport.local import run_local_federation
+    from trustfed.coordinator.local_federation import run_local_federation
 
     base: dict[str, Any] = {
         "federation": {"name": "bench-secagg", "rounds": rounds, "participants": 3, "seed": 6},

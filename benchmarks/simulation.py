@@ -4,7 +4,7 @@
         [--workers 2] [--out benchmarks/results/simulation.json] [--verbose]
 
 The workload, identical on both sides: scikit-learn's digits, trustfed's own IID split into N shards
-(``trustfed.simulation.federation.build_data``) and its reference MLP (``model_factory``, the same
+(``trustfed.apps.builtin_parts.build_data``) and its reference MLP (``model_factory``, the same
 initial weights), every participant in every round, 1 local epoch of trustfed's SGD loop
 (``trustfed.models.training.train_epochs``: batch 32, lr 0.05, momentum 0.9, the same per-(round,
 participant) shuffling seed), FedAvg weighted by example counts, and the global model scored on the
@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 import trustfed
+from trustfed.apps.builtin_parts import build_data, model_factory, train_config
 from trustfed.config import FederationConfig, validate_federation_config
 from trustfed.core.codec import flatten, load_vector
-from trustfed.simulation.federation import build_data, model_factory, train_config
 from trustfed.simulation.runner import run_simulation
 
 BACKENDS = ("inprocess", "multiprocess", "ray")
@@ -116,8 +116,8 @@ def make_client_app(cfg_json: str) -> Any:
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context
 
+    from trustfed.models.trainer import round_seed
     from trustfed.models.training import train_epochs
-    from trustfed.participant.trainer import round_seed
 
     class ShardClient(NumPyClient):  # type: ignore[misc]
         def __init__(self, pid: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import torch
 
-from trustfed.coordinator.service import GrpcTransport
+from trustfed.coordinator.network import GrpcTransport
 from trustfed.core.codec import ParamSpec, TensorSpec, from_bytes, model_hash, to_bytes
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.participant.client import ParticipantClient

@@ -9,7 +9,7 @@ from typing import Any
 
 from trustfed.config import validate_federation_config
 from trustfed.ledger.audit import AuditEntry, EcdsaSigner, chain_hash, make_entry, parse_entry
-from trustfed.ledger.verify import Failure
+from trustfed.ledger.verify_base import Failure
 from trustfed.simulation.runner import run_simulation
 
 

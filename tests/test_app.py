@@ -169,7 +169,7 @@ def test_the_app_registers_its_own_strategy_and_aggregator(tmp_path: Path, monke
     cfg = load_federation_config(fed)
     assert (cfg.strategy.name, cfg.strategy.aggregator) == ("halfway", "first_only")
     result = run_simulation(cfg)
-    from trustfed.app.runtime import Runtime
+    from trustfed.apps.runtime import Runtime
 
     rt = Runtime(cfg)
     start = rt.initial[0]

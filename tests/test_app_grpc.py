@@ -10,11 +10,11 @@ from pathlib import Path
 
 from app_helpers import write_project
 from trustfed.config import load_federation_config
+from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.data.manifest import data_manifest, manifest_hash
 from trustfed.ledger.audit import parse_entry
 from trustfed.ledger.verify import verify_run
 from trustfed.simulation.runner import run_simulation
-from trustfed.transport.local import run_local_federation
 
 ENCLAVE = {
     "enabled": True,

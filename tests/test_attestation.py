@@ -9,14 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trustfed.enclave.attestation import (
-    SimulatedBackend,
-    raise_if_refused,
-    report_data,
-    verifier_backend,
-    verify_evidence,
-)
+from trustfed.enclave.attestation import SimulatedBackend, raise_if_refused, verifier_backend, verify_evidence
 from trustfed.enclave.errors import AttestationError, AttestationRefused
+from trustfed.enclave.evidence import report_data
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.policy import AttestationPolicy
 from trustfed.primitives.verdict import Verdict

@@ -15,9 +15,10 @@ import pytest
 
 pytest.importorskip("dcap_qvl", reason="dcap-qvl (the 'tee' extra) is not installed")
 
-from trustfed.enclave.attestation import report_data, verify_evidence
+from trustfed.enclave.attestation import verify_evidence
 from trustfed.enclave.dcap import DcapBackend, GramineQuoteProvider, TdxConfigfsQuoteProvider, fetch_collateral
 from trustfed.enclave.errors import AttestationError
+from trustfed.enclave.evidence import report_data
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.policy import AttestationPolicy
 

@@ -18,18 +18,17 @@ from typing import Any
 import pytest
 import torch
 
-from trustfed.config import validate_federation_config
-from trustfed.core.codec import from_bytes
-from trustfed.ledger.verify import verify_run
-from trustfed.simulation import run_simulation
-from trustfed.simulation.federation import participant_ids
-from trustfed.transport.local import (
+from trustfed.config import participant_ids, validate_federation_config
+from trustfed.coordinator.local_federation import (
     prepare,
     start_enclave,
     start_participant,
     write_federation_file,
     write_participant_configs,
 )
+from trustfed.core.codec import from_bytes
+from trustfed.ledger.verify import verify_run
+from trustfed.simulation import run_simulation
 
 RAW: dict[str, Any] = {
     "federation": {"name": "failover", "rounds": 4, "participants": 3, "seed": 5},

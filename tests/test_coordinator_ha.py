@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trustfed.app.runtime import Runtime, participant_ids
-from trustfed.config import validate_federation_config
+from trustfed.apps.runtime import Runtime
+from trustfed.config import participant_ids, validate_federation_config
 from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.ha import FileLease, LeadershipLost, run_as_leader
 from trustfed.coordinator.state import CheckpointObserver, latest_state, list_checkpoints, load_state

@@ -52,8 +52,9 @@ def _train_cfg(out: Path, **train: object) -> dict[str, object]:
 def test_selfcheck_then_elastic_restart_resumes_from_verified_checkpoint(tmp_path: Path) -> None:
     from trustfed.core.codec import flatten
     from trustfed.distributed.launch import launch_training
-    from trustfed.distributed.provenance import ProvenanceLog, read_verified, verify_run
+    from trustfed.distributed.provenance import ProvenanceLog, read_verified
     from trustfed.distributed.settings import validate_train_config
+    from trustfed.distributed.verification import verify_run
 
     out = tmp_path / "run"
     raw = _train_cfg(out)
@@ -169,8 +170,9 @@ def test_ddp_pp_on_four_processes_matches_single_process_training(tmp_path: Path
     from trustfed.core.codec import flatten
     from trustfed.distributed.launch import launch_training
     from trustfed.distributed.parallel import optim_spec
-    from trustfed.distributed.provenance import Checkpoint, ProvenanceLog, read_verified, verify_run
+    from trustfed.distributed.provenance import Checkpoint, ProvenanceLog, read_verified
     from trustfed.distributed.settings import validate_train_config
+    from trustfed.distributed.verification import verify_run
 
     out = tmp_path / "dpp"
     shape = LMShape(d_model=16, n_heads=2, n_layers=2, d_ff=32, seq_len=8)
@@ -225,12 +227,12 @@ def test_ddp_pp_on_four_processes_matches_single_process_training(tmp_path: Path
 def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
+    from trustfed.apps.builtin_parts import build_data, model_factory, train_config
     from trustfed.cli import app
     from trustfed.config import validate_federation_config
     from trustfed.core.codec import from_bytes, model_hash
     from trustfed.core.strategy import RoundPlan
-    from trustfed.participant.trainer import LocalTrainer
-    from trustfed.simulation.federation import build_data, model_factory, train_config
+    from trustfed.models.trainer import LocalTrainer
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--rounds", "1", "--participants", "2", "--transport", "inprocess"]
@@ -277,12 +279,12 @@ def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
 def test_persistent_ddp_workers_serve_every_round_then_leave(tmp_path: Path) -> None:
     """One torchrun group serves all of a DDP participant's rounds (each equal to single-process
     training from the same start); a group that died is started again; close() stops it."""
+    from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory, train_config
     from trustfed.config import validate_federation_config
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import RoundPlan
     from trustfed.distributed.participant import DDPTrainer
-    from trustfed.participant.trainer import LocalTrainer
-    from trustfed.simulation.federation import build_data, build_trainer, model_factory, train_config
+    from trustfed.models.trainer import LocalTrainer
 
     raw = {
         "federation": {"rounds": 3, "participants": 2, "seed": 4},

@@ -27,10 +27,10 @@ from trustfed.distributed.provenance import (
     latest_checkpoint,
     log_checkpoint,
     read_verified,
-    verify_run,
     write_checkpoint,
 )
 from trustfed.distributed.settings import ParticipantTrainingSettings, load_train_config, validate_train_config
+from trustfed.distributed.verification import verify_run
 from trustfed.errors import CheckpointError, ConfigError
 
 SHAPE = LMShape(d_model=16, n_heads=2, n_layers=3, d_ff=32, seq_len=8)
@@ -108,8 +108,8 @@ def test_participant_training_settings() -> None:
 
 
 def test_ddp_participant_refuses_local_dp() -> None:
+    from trustfed.apps.builtin_parts import build_data, build_trainer
     from trustfed.config import validate_federation_config
-    from trustfed.simulation.federation import build_data, build_trainer
 
     raw = {
         "federation": {"participants": 2},
@@ -336,7 +336,7 @@ def test_anchors_on_a_jsonrpc_node_are_verified(tmp_path: Path) -> None:
     if anvil is None:
         pytest.skip("anvil not installed: run `npm ci` in the repository root")
     from trustfed.distributed.anchor import LedgerAnchorSink, describe, open_run_ledger
-    from trustfed.distributed.provenance import verify_run_report
+    from trustfed.distributed.verification import verify_run_report
 
     model = build_lm(SHAPE, 3)
     mvec, mspec = flatten(model.state_dict())

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from trustfed.config import validate_federation_config
+from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.core.codec import from_bytes
 from trustfed.simulation import run_simulation
-from trustfed.transport.local import run_local_federation
 
 RAW = {
     "federation": {"name": "e2e-grpc", "rounds": 2, "participants": 3, "seed": 7},

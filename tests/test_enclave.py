@@ -31,8 +31,8 @@ from trustfed.enclave.sealing import (
     seal_update,
 )
 from trustfed.enclave.settings import AggregationSettings
-from trustfed.enclave.simulation import run_federation, simulated_policy, wrap_for_enclave
 from trustfed.enclave.strategy import EnclaveStrategy
+from trustfed.simulation.enclave import run_federation, simulated_policy, wrap_for_enclave
 
 AGG = AggregationSettings()
 
@@ -291,7 +291,7 @@ def test_e2e_enclave_matches_plain_and_coordinator_sees_no_clear_update() -> Non
     for r, receipt in zip(enc.records, enc.receipts, strict=True):
         assert receipt.body["output_model_hash"] == r.model_hash and receipt.body["label"] == "SIMULATED"
     # what the coordinator held: sealed updates only, with no parameter bytes in the clear
-    from trustfed.simulation.federation import build_data, build_trainer
+    from trustfed.apps.builtin_parts import build_data, build_trainer
 
     data = build_data(cfg)
     clear = build_trainer(cfg, data, "p000").fit(_initial_params(cfg), RoundPlan(1, ("p000",), {}))
@@ -304,8 +304,8 @@ def test_e2e_enclave_matches_plain_and_coordinator_sees_no_clear_update() -> Non
 
 
 def _initial_params(cfg: FederationConfig) -> torch.Tensor:
+    from trustfed.apps.builtin_parts import build_data, model_factory
     from trustfed.core.codec import flatten
-    from trustfed.simulation.federation import build_data, model_factory
 
     data = build_data(cfg)
     return flatten(model_factory(cfg, data.train.input_shape, data.train.num_classes)().state_dict())[0]
@@ -315,7 +315,7 @@ def test_e2e_participants_refuse_unexpected_measurement() -> None:
     cfg = small_cfg(policy={"allow_simulated_tee": True, "expected_measurements": ["ab" * 32]})
     # the participants' policy pins a measurement that is not this enclave's; simulated_policy adds the
     # local one only when the policy itself lists none, so build the federation directly:
-    from trustfed.enclave.simulation import aggregation_settings_for
+    from trustfed.simulation.enclave import aggregation_settings_for
 
     policy = cfg.enclave.policy.model_copy(update={"allowed_backends": ["simulated"]})
     inner = _CountingTrainer("p000")

@@ -42,12 +42,12 @@ from trustfed.enclave.participant import CLEAR_METRICS, AttestedEnclave, Sealing
 from trustfed.enclave.receipts import Receipt, verify_receipt
 from trustfed.enclave.sealing import KeySigner, SealedUpdate, StaticKeyring, seal_update
 from trustfed.enclave.settings import AggregationSettings, CentralDPSettings
-from trustfed.enclave.simulation import enclave_aggregation, run_federation, simulated_policy, wrap_for_enclave
 from trustfed.enclave.strategy import EnclaveStrategy
 from trustfed.privacy.accounting import GaussianSteps, epsilon
 from trustfed.privacy.budget import BudgetGuard
 from trustfed.privacy.central import DPFedAvg, clip_rows
 from trustfed.privacy.report import PrivacyRecorder, load_records, summarize
+from trustfed.simulation.enclave import enclave_aggregation, run_federation, simulated_policy, wrap_for_enclave
 
 
 def dp_cfg(*, clipping: str = "fixed", noise_multiplier: float = 1.0, **privacy: Any) -> FederationConfig:
@@ -473,8 +473,8 @@ def test_dp_round_through_the_grpc_enclave(
 
 
 def test_enclave_toml_written_for_a_dp_federation_measures_like_the_participants(tmp_path: Path) -> None:
+    from trustfed.coordinator.local_federation import to_toml
     from trustfed.enclave.settings import load_enclave_config
-    from trustfed.transport.local import to_toml
 
     cfg = dp_cfg(clipping="adaptive")
     agg = enclave_aggregation(cfg)
@@ -491,8 +491,8 @@ def test_central_dp_in_the_enclave_process_over_grpc_with_the_audit_log(tmp_path
     """Coordinator, enclave service and three participants as processes (``run_local_federation``, as
     ``trustfed demo``), central DP in the enclave, the ledger on: the same parameters as the plain
     in-process central-DP run, the spend in privacy.jsonl from the receipts, and ``audit verify`` ok."""
+    from trustfed.coordinator.local_federation import run_local_federation
     from trustfed.ledger.verify import verify_run
-    from trustfed.transport.local import run_local_federation
 
     cfg = dp_cfg()
     raw = {**cfg.model_dump(mode="json", exclude={"transport", "participant_training"}), "ledger": {"enabled": True}}

@@ -25,8 +25,8 @@ from trustfed.enclave.receipts import Receipt
 from trustfed.enclave.sealing import KeySigner, StaticKeyring
 from trustfed.enclave.service import ENCLAVE_TLS_NAME, GrpcEnclaveClient, TlsMaterial, serve
 from trustfed.enclave.settings import AggregationSettings, EnclaveServiceConfig
-from trustfed.enclave.simulation import simulated_policy
 from trustfed.enclave.strategy import EnclaveStrategy
+from trustfed.simulation.enclave import simulated_policy
 
 pki = pytest.importorskip("trustfed.pki.ca", reason="the PKI module (trustfed.pki.ca) is not available")
 

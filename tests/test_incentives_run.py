@@ -169,7 +169,7 @@ def test_selection_shares_split_evenly_among_the_selected() -> None:
 
 
 def test_a_resumed_coordinator_reads_the_book_back_from_the_chain(recorded: Path) -> None:
-    from trustfed.coordinator.recorders import IncentivesRecord
+    from trustfed.coordinator.incentives_record import IncentivesRecord
     from trustfed.incentives.settings import IncentiveSettings
 
     rec = IncentivesRecord(IncentiveSettings(enabled=True))

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from trustfed.coordinator.local_federation import start_participant, to_toml
 from trustfed.pki import init_ca, issue
-from trustfed.transport.local import start_participant, to_toml
 
 RAW = {
     "federation": {"name": "netns", "rounds": 2, "participants": 2, "seed": 3},

@@ -88,7 +88,8 @@ def _cfg(privacy: dict[str, Any], rounds: int = 2) -> FederationConfig:
 
 def _run(cfg: FederationConfig, state: Path, out: Path) -> list[dict[str, Any]]:
     """One run of the participants a networked deployment builds (their spend kept in ``state``)."""
-    from trustfed.app.runtime import Runtime, participant_ids
+    from trustfed.apps.runtime import Runtime
+    from trustfed.config import participant_ids
     from trustfed.simulation.transports import InProcessTransport
 
     rt = Runtime(cfg)
@@ -229,8 +230,8 @@ def test_local_dpsgd_over_grpc_and_a_restarted_participant_resumes_its_spend(tmp
     """Two runs of the same federation in the same folder: the participants' state files
     (``OUT/participants/<id>.privacy-budget.json``) survive, and in the second run p001, whose budget
     the first run nearly spent, withdraws in round 1 while the others train on."""
+    from trustfed.coordinator.local_federation import run_local_federation
     from trustfed.simulation import run_simulation
-    from trustfed.transport.local import run_local_federation
 
     privacy: dict[str, Any] = {"mode": "local", "noise_multiplier": 1.5, "max_grad_norm": 1.0}
     raw: dict[str, Any] = {

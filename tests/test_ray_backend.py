@@ -11,13 +11,13 @@ import pytest
 import torch
 from tests.test_simulation import small
 
+from trustfed.apps.builtin_parts import build_data, model_factory
 from trustfed.cli import main
 from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten
 from trustfed.core.strategy import RoundPlan
 from trustfed.errors import CodecError, ConfigError
 from trustfed.simulation import run_simulation
-from trustfed.simulation.federation import build_data, model_factory
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'trustfed[ray]')")
 

@@ -13,22 +13,25 @@ import numpy as np
 import pytest
 import torch
 
+from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory
 from trustfed.config import load_federation_config, validate_federation_config
+from trustfed.coordinator.local_federation import prepare, run_local_federation, write_participant_configs
+from trustfed.coordinator.network import GrpcTransport
+from trustfed.coordinator.run import run_coordinator, spec_for
 from trustfed.coordinator.secagg import SHARE_CIPHERTEXT_BYTES, SecAggRound
-from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
 from trustfed.core.codec import flatten
 from trustfed.core.strategy import RoundPlan
 from trustfed.errors import AggregationError
-from trustfed.participant.client import ParticipantClient, ReceivedPlan, build_participant
+from trustfed.participant.assembly import build_participant
+from trustfed.participant.client import ParticipantClient
+from trustfed.participant.rounds import ReceivedPlan
 from trustfed.participant.secagg import SecAggParticipant
 from trustfed.participant.settings import load_participant_config
 from trustfed.secagg.protocol import SecAggError, share_points
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.simulation import run_simulation
-from trustfed.simulation.federation import build_data, build_trainer, model_factory
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected
-from trustfed.transport.local import prepare, run_local_federation, write_participant_configs
 
 
 def raw(participants: int = 3, rounds: int = 2, **secagg: Any) -> dict[str, Any]:
@@ -293,7 +296,7 @@ def test_the_coordinator_refuses_out_of_order_and_malformed_steps(federation: An
 
 def test_clear_updates_are_refused_in_a_secure_federation(tmp_path: Path) -> None:
     """A participant that uploads its update in the clear is refused by name, the round goes on."""
-    from trustfed.participant.client import RoundGone
+    from trustfed.participant.rounds import RoundGone
 
     ids = ["p000", "p001"]
     r = raw(participants=2, rounds=1, step_timeout_s=1.0)

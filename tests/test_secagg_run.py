@@ -69,9 +69,9 @@ def test_secagg_on_the_multiprocess_backend_matches_in_process() -> None:
 
 
 def test_participants_lost_after_masking_are_left_out_of_the_sum() -> None:
+    from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import RoundPlan
-    from trustfed.simulation.federation import build_data, build_trainer, model_factory
 
     seen = Seen()
     r = raw(secagg={"enabled": True, "dropout": 0.25, "seed": 1})
@@ -173,9 +173,9 @@ def test_secagg_plus_in_the_simulation_sums_the_survivors() -> None:
     survivors' deltas (which two were lost is the seeded draw; only one pair fits)."""
     from itertools import combinations
 
+    from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory
     from trustfed.core.codec import flatten
     from trustfed.core.strategy import RoundPlan
-    from trustfed.simulation.federation import build_data, build_trainer, model_factory
 
     seen = Seen()
     r = raw(secagg={"enabled": True, "clip": 0.5, "bits": 24, "neighbours": 4, "threshold": 3, "dropout": 0.25})

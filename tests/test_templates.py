@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from trustfed.config import load_federation_config
+from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.ledger.audit import parse_entry
 from trustfed.ledger.verify import verify_run
 from trustfed.simulation.runner import run_simulation
 from trustfed.templates import TEMPLATES, new_project, package_name
-from trustfed.transport.local import run_local_federation
 
 
 def _small(fed: Path, rounds: int) -> object:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import torch
 
-from trustfed.coordinator.service import GrpcTransport
+from trustfed.coordinator.network import GrpcTransport
 from trustfed.core.codec import ParamSpec, TensorSpec, model_hash
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.participant.client import ParticipantClient
@@ -117,8 +117,8 @@ def test_one_round_over_mtls(pki: Path) -> None:
     updates = transport.fit(plan, params)
     assert [u.participant_id for u in updates] == ["p000", "p001"]
     assert all(torch.equal(u.params, params + 1) for u in updates)
-    from trustfed.coordinator.engine import RoundRecord
     from trustfed.core.aggregator import AggregateResult
+    from trustfed.core.rounds import RoundRecord
     from trustfed.core.strategy import RoundResult
 
     new = params + 1

@@ -17,8 +17,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from trustfed.config import load_federation_config, validate_federation_config
+from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.core.evaluation import final_headline, round_headline
 from trustfed.errors import ConfigError, ConfigProblem, TrustFedError
+from trustfed.simulation.runner import run_simulation, versions
+from trustfed.templates import new_project
 
 app = typer.Typer(
     name="trustfed",
@@ -40,8 +44,8 @@ COMPONENT_APPS: list[tuple[str, str]] = [
     ("audit", "trustfed.ledger.audit_cli"),
     ("privacy", "trustfed.privacy.cli"),
     ("pki", "trustfed.pki.cli"),
-    ("server", "trustfed.transport.server_cli"),
-    ("client", "trustfed.transport.client_cli"),
+    ("server", "trustfed.coordinator.server_cli"),
+    ("client", "trustfed.participant.client_cli"),
     ("enclave", "trustfed.enclave.cli"),
     ("train", "trustfed.distributed.cli"),
     ("dashboard", "trustfed.dashboard.cli"),
@@ -59,8 +63,6 @@ def _register_components() -> None:
 @app.command()
 def version() -> None:
     """Print trustfed's version and those of its key dependencies."""
-    from trustfed.simulation.runner import versions
-
     for k, v in versions().items():
         console.print(f"{k} {v}")
 
@@ -68,8 +70,6 @@ def version() -> None:
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="federation TOML file")]) -> None:
     """Validate FILE and list every problem at once (exit 2 when invalid)."""
-    from trustfed.config import load_federation_config
-
     cfg = load_federation_config(file)
     f = cfg.federation
     console.print(
@@ -79,8 +79,6 @@ def config_check(file: Annotated[Path, typer.Argument(help="federation TOML file
 
 
 def _run_with_progress(cfg: Any, out: Path) -> dict[str, Any]:
-    from trustfed.simulation.runner import run_simulation
-
     with Progress(
         TextColumn("[bold]rounds"),
         BarColumn(),
@@ -132,8 +130,6 @@ def new(
 ) -> None:
     """Write a ready federation project: the app module, the federation file, one participant file and
     data folder per site (generated samples), a README and a test."""
-    from trustfed.templates import new_project
-
     fed = new_project(folder, template, sites=sites, seed=seed)
     console.print(f"[green]created[/green] {folder} ({template}, {sites} sites). Next:")
     console.print(f"  cd {folder} && trustfed simulate --config {fed.name} --out runs/sim", highlight=False)
@@ -147,8 +143,6 @@ def simulate(
     backend: Annotated[str | None, typer.Option(help="override simulation.backend: inprocess|multiprocess|ray")] = None,
 ) -> None:
     """Run N virtual participants on this machine and write DIR/metrics.json and a plot."""
-    from trustfed.config import load_federation_config, validate_federation_config
-
     cfg = load_federation_config(config)
     if backend is not None:
         raw = cfg.model_dump(mode="json")
@@ -182,8 +176,6 @@ def demo(
     ] = "enclave",
 ) -> None:
     """A whole federation on scikit-learn's digits: Dirichlet(0.5) split, FedAvg."""
-    from trustfed.config import validate_federation_config
-
     raw = {
         "federation": {"name": "digits-demo", "rounds": rounds, "participants": participants, "seed": seed},
         "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}},
@@ -221,9 +213,9 @@ def demo(
         f"[bold]trustfed demo[/bold]: {participants} participants, digits, Dirichlet(0.5), {rounds} rounds, "
         f"seed {seed} -> {out}"
     )
-    if transport == "grpc":  # trustfed.transport.local: OUT/pki, OUT/federation.toml, OUT/participants, OUT/logs
-        from trustfed.transport.local import run_local_federation
-
+    if (
+        transport == "grpc"
+    ):  # trustfed.coordinator.local_federation: OUT/pki, OUT/federation.toml, OUT/participants, OUT/logs
         console.print(
             f"fresh PKI in {out}/pki; coordinator here, {participants} participant processes, mutual TLS on 127.0.0.1"
         )

@@ -13,10 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trustfed.app.loading import load_app
 from trustfed.attacks.settings import AttackSettings
+from trustfed.core.aggregator import available_aggregators
+from trustfed.core.strategy import STRATEGIES
+from trustfed.data.datasets import NEEDS_PATH
 from trustfed.distributed.settings import ParticipantTrainingSettings
 from trustfed.enclave.settings import EnclaveSection
-from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.errors import AppError, ConfigError, ConfigProblem
 from trustfed.incentives.settings import IncentiveSettings
 from trustfed.ledger.settings import LedgerSettings
 from trustfed.privacy.settings import PrivacySettings
@@ -151,9 +155,6 @@ class FederationConfig(_Section):
     def semantic_problems(self) -> list[ConfigProblem]:
         """Checks that span fields or touch the file system."""
         out: list[ConfigProblem] = []
-        from trustfed.core.aggregator import available_aggregators
-        from trustfed.core.strategy import STRATEGIES
-        from trustfed.data.datasets import NEEDS_PATH
 
         d = self.data
         if self.app is None:
@@ -243,8 +244,6 @@ class FederationConfig(_Section):
         """The aggregators and strategies the app registers (none without an app, or one that fails to load)."""
         if self.app is None:
             return [], []
-        from trustfed.app.loading import load_app
-        from trustfed.errors import AppError
 
         try:
             app = load_app(self.app.target, self.app.path)
@@ -257,8 +256,6 @@ class FederationConfig(_Section):
             if self.simulation.data:
                 return [ConfigProblem("simulation.data", "per-participant data sections need an [app]")]
             return []
-        from trustfed.app.loading import load_app
-        from trustfed.errors import AppError
 
         out: list[ConfigProblem] = []
         try:
@@ -275,6 +272,11 @@ class FederationConfig(_Section):
                 ConfigProblem("participant_training.trainer", "DDP participants run the built-in apps (no [app]) only")
             )
         return out
+
+
+def participant_ids(n: int) -> list[str]:
+    """The ids of a federation's ``n`` participants: p000, p001, ..."""
+    return [f"p{i:03d}" for i in range(n)]
 
 
 def problems_from_validation(exc: ValidationError) -> list[ConfigProblem]:
@@ -327,8 +329,6 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 
 def _raw_problems(raw: dict[str, Any]) -> list[ConfigProblem]:
     """Problems found in the raw file when its types are wrong too, so that one run lists everything."""
-    from trustfed.core.strategy import STRATEGIES
-
     out = []
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_dir():

@@ -63,3 +63,17 @@ class AggregationError(TrustFedError):
 
 class CheckpointError(TrustFedError):
     """A checkpoint is missing, corrupt, or does not match its recorded hash."""
+
+
+class ParticipantWithdrew(TrustFedError):
+    """A participant declines the round and leaves the federation (for example, its privacy budget
+    is spent). Transports drop it from ``available()`` for the rest of the run; the round goes on
+    with the other updates."""
+
+    def __init__(self, participant_id: str, reason: str) -> None:
+        self.participant_id = participant_id
+        self.reason = reason
+        super().__init__(f"participant {participant_id} withdrew: {reason}")
+
+    def __reduce__(self) -> tuple[type[ParticipantWithdrew], tuple[str, str]]:
+        return type(self), (self.participant_id, self.reason)  # survives the multiprocess boundary

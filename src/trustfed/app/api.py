@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from trustfed.data.datasets import Dataset as ArrayDataset
+from trustfed.errors import DataError
 
 #: What a data loader may hand back for training or evaluation: trustfed's in-memory arrays (the fast
 #: path, and what DP-SGD and the simulated attacks need), any map-style torch Dataset yielding
@@ -53,8 +54,6 @@ class DataSpec:
     source: str = "<data>"  # the file (or simulation entry) it came from, for error messages
 
     def require_path(self) -> Path:
-        from trustfed.errors import DataError
-
         if self.path is None:
             raise DataError(f"{self.source}: [data] needs path = the folder or file with this participant's data")
         return self.path

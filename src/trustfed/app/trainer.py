@@ -20,7 +20,7 @@ from trustfed.core.codec import ParamSpec, flatten, load_vector, unflatten
 from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AppError, TrustFedError
-from trustfed.participant.trainer import round_seed
+from trustfed.models.trainer import round_seed
 
 
 def _call_hook(pid: str, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -67,7 +67,7 @@ def load_exchanged(app: App, model: nn.Module, vector: torch.Tensor, spec: Param
 
 
 class AppTrainer:
-    """Implements :class:`trustfed.participant.trainer.Trainer` for an app's model and local data."""
+    """Implements :class:`trustfed.models.trainer.Trainer` for an app's model and local data."""
 
     def __init__(
         self,

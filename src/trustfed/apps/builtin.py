@@ -10,27 +10,22 @@ from __future__ import annotations
 import functools
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from trustfed.app.api import App, AppContext, DataSpec, LocalData
 from trustfed.app.loading import AppIdentity
+from trustfed.apps.builtin_parts import FederationData, build_data, model_factory
+from trustfed.config import FederationConfig
 from trustfed.errors import DataError
 from trustfed.models.training import evaluate
-
-if TYPE_CHECKING:
-    from trustfed.config import FederationConfig
-    from trustfed.simulation.federation import FederationData
 
 TARGET = "trustfed.apps.builtin:app"
 
 
 @functools.lru_cache(maxsize=4)
 def _federation_data(cfg_json: str) -> FederationData:
-    from trustfed.config import FederationConfig
-    from trustfed.simulation.federation import build_data
-
     return build_data(FederationConfig.model_validate_json(cfg_json))
 
 
@@ -45,8 +40,6 @@ def app_config(cfg: FederationConfig) -> dict[str, Any]:
 
 
 def builtin_app(cfg: FederationConfig) -> App:
-    from trustfed.simulation.federation import model_factory
-
     def model(ctx: AppContext) -> nn.Module:
         data = federation_data(cfg)
         return model_factory(cfg, data.train.input_shape, data.train.num_classes)()

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.participant.trainer import Trainer, round_seed
+from trustfed.models.trainer import Trainer, round_seed
 
 DeltaAttack = Callable[[torch.Tensor, Mapping[str, float | int | bool | str], torch.Generator], torch.Tensor]
 

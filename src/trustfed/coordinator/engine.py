@@ -1,6 +1,6 @@
 """The coordinator's round loop, independent of how participants are reached.
 
-The :class:`Transport` seam is the coordinator's view of its participants: it hands out a plan
+The :class:`~trustfed.core.rounds.Transport` seam is the coordinator's view of its participants: it hands out a plan
 and the global parameters and returns updates. The in-process simulation, the multiprocess
 simulation and gRPC all implement it, so a round runs the same everywhere.
 """
@@ -11,48 +11,19 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
-from trustfed.core.evaluation import FED_EVAL_PREFIX, combine
-from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
-from trustfed.errors import AggregationError, TrustFedError
+from trustfed.core.evaluation import combine
+from trustfed.core.rounds import RoundObserver, RoundRecord, Transport
+from trustfed.core.strategy import RoundPlan, Strategy
+from trustfed.errors import AggregationError
 from trustfed.secagg.updates import contributions
 
 log = logging.getLogger("trustfed.coordinator")
 
-__all__ = ["FED_EVAL_PREFIX", "Coordinator", "RoundObserver", "RoundRecord", "Transport"]
-
-
-class ParticipantWithdrew(TrustFedError):
-    """A participant declines the round and leaves the federation (for example, its privacy budget
-    is spent). Transports drop it from ``available()`` for the rest of the run; the round goes on
-    with the other updates."""
-
-    def __init__(self, participant_id: str, reason: str) -> None:
-        self.participant_id = participant_id
-        self.reason = reason
-        super().__init__(f"participant {participant_id} withdrew: {reason}")
-
-    def __reduce__(self) -> tuple[type[ParticipantWithdrew], tuple[str, str]]:
-        return type(self), (self.participant_id, self.reason)  # survives the multiprocess boundary
-
-
-class Transport(Protocol):
-    def available(self) -> Sequence[str]:
-        """Participants that can take part in the next round."""
-        ...
-
-    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
-        """Send the plan and parameters to the plan's participants; return their updates.
-
-        A participant that raises :class:`ParticipantWithdrew` sends no update and is left out
-        of ``available()`` from then on."""
-        ...
-
-    def close(self) -> None: ...
+__all__ = ["Coordinator", "History", "RoundCallback", "departure"]
 
 
 def departure(transport: object, participant_id: str) -> str:
@@ -70,36 +41,12 @@ def departure(transport: object, participant_id: str) -> str:
     return "withdrew"
 
 
-@dataclass(frozen=True)
-class RoundRecord:
-    round: int
-    participants: tuple[str, ...]
-    model_hash: str
-    metrics: dict[str, float]
-    seconds: float
-    # whose updates the round aggregated (for a secure sum, the survivors); the rest of ``participants``
-    # dropped out, withdrew or were too late
-    updated_by: tuple[str, ...] = ()
-    # who left the federation since the last round (withdrew, revoked, host lost): participant -> why
-    left: dict[str, str] = field(default_factory=dict)
-
-
 @dataclass
 class History:
     rounds: list[RoundRecord] = field(default_factory=list)
 
 
 RoundCallback = Callable[[RoundRecord, torch.Tensor], None]
-
-
-class RoundObserver(Protocol):
-    """Sees every round: the ledger, the audit log, checkpoints and dashboards hook in here."""
-
-    def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None: ...
-
-    def on_round_end(
-        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
-    ) -> None: ...
 
 
 class Coordinator:

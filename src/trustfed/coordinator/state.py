@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trustfed.coordinator.engine import Coordinator, RoundRecord
+from trustfed.coordinator.engine import Coordinator
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
+from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
 from trustfed.errors import CheckpointError
 from trustfed.primitives.atomic import fsync_folder

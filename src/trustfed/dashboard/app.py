@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trustfed.dashboard.runs import RunNotFound, RunView, list_runs, load_run, run_folder
+from trustfed.ledger.verify import verify_run
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem;max-width:72rem;color:#222}
@@ -179,8 +180,6 @@ def render_run(view: RunView, refresh: int = 0) -> str:
 
 
 def verdict_json(folder: Path) -> dict[str, Any]:
-    from trustfed.ledger.verify import verify_run
-
     v = verify_run(folder)
     return {
         "ok": v.ok,

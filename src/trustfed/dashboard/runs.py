@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from trustfed.errors import TrustFedError
+from trustfed.incentives.book import REPUTATION_SCALE
+from trustfed.ledger.backends import EmbeddedLedger, read_deployment
+from trustfed.privacy.report import load_records, summarize
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -189,9 +192,6 @@ def _from_log(view: RunView, entries: list[dict[str, Any]]) -> None:
 
 
 def _ledger(view: RunView, folder: Path) -> None:
-    from trustfed.incentives.book import REPUTATION_SCALE
-    from trustfed.ledger.backends import EmbeddedLedger, read_deployment
-
     ledger_dir = folder / "ledger"
     try:
         dep = read_deployment(ledger_dir)
@@ -225,7 +225,6 @@ def _privacy(view: RunView, folder: Path) -> None:
     path = folder / "privacy.jsonl"
     if not path.is_file():
         return
-    from trustfed.privacy.report import load_records, summarize
 
     try:
         for s in summarize(load_records(folder)):

@@ -43,14 +43,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from trustfed.distributed.provenance import LOG_FILE, LoggedCheckpoint, ProvenanceLog, checkpoint_candidates
 from trustfed.errors import CheckpointError, TrustFedError
-
-if TYPE_CHECKING:
-    from trustfed.ledger.backends import Web3Ledger
-    from trustfed.ledger.records import RoundCommitment, TxRef
+from trustfed.ledger.backends import EmbeddedLedger, JsonRpcLedger, Web3Ledger, read_deployment
+from trustfed.ledger.records import ZERO32, LedgerError, RoundCommitment, TxRef
 
 log = logging.getLogger("trustfed.distributed.anchor")
 
@@ -79,8 +77,6 @@ class Anchor:
     log_head: str
 
     def to_commitment(self) -> RoundCommitment:
-        from trustfed.ledger.records import ZERO32, RoundCommitment
-
         return RoundCommitment(self.index, self.model_hash, ZERO32, self.optim_hash, self.log_head, self.step)
 
     @classmethod
@@ -138,9 +134,6 @@ def open_run_ledger(
     read_only: bool = False,
 ) -> Web3Ledger:
     """The ledger of a run folder (``OUT/ledger``), deploying RoundLog on first use unless read-only."""
-    from trustfed.ledger.backends import EmbeddedLedger, JsonRpcLedger
-    from trustfed.ledger.records import LedgerError
-
     ledger_dir = run_dir / LEDGER_DIR
     if backend == "embedded":
         return EmbeddedLedger(ledger_dir, read_only=read_only)
@@ -349,8 +342,6 @@ def verify_anchors(
     rpc_url: str | None = None,
 ) -> tuple[list[AnchorProblem], int, str]:
     """Read the run's chain (read-only) and check every record: (problems, records, which chain)."""
-    from trustfed.ledger.backends import read_deployment
-
     ledger_dir = run_dir / LEDGER_DIR
     run = _configured(run_dir, entries) or {}
     try:

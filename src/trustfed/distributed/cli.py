@@ -7,6 +7,11 @@ from typing import Annotated
 
 import typer
 
+from trustfed.distributed.launch import launch_training
+from trustfed.distributed.settings import load_train_config
+from trustfed.distributed.verification import verify_run_report
+from trustfed.errors import ConfigError, ConfigProblem
+
 app = typer.Typer(
     help="Distributed training with torch.distributed: `trustfed train --config train.toml`.",
     pretty_exceptions_enable=False,
@@ -27,10 +32,6 @@ def train(
     if ctx.invoked_subcommand is not None:
         return
     from rich.console import Console
-
-    from trustfed.distributed.launch import launch_training
-    from trustfed.distributed.settings import load_train_config
-    from trustfed.errors import ConfigError, ConfigProblem
 
     if config is None:
         raise ConfigError("trustfed train", [ConfigProblem("--config", "a train.toml file is required")])
@@ -64,8 +65,6 @@ def verify(
     ledger, every on-chain record against the log and the files (exit 1 on any mismatch)."""
     from rich.console import Console
     from rich.markup import escape
-
-    from trustfed.distributed.provenance import verify_run_report
 
     v = verify_run_report(run_dir, rpc_url)
     console = Console()

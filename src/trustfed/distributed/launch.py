@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from trustfed.distributed.parallel import DistributedError
+from trustfed.distributed.settings import TrainRunConfig
 from trustfed.primitives.atomic import atomic_write_text
 
 log = logging.getLogger("trustfed.distributed.launch")
@@ -106,8 +107,6 @@ def launch_training(
 ) -> dict[str, object]:
     """Run ``trustfed train`` for a validated :class:`TrainRunConfig`; returns its metrics.json."""
     import json
-
-    from trustfed.distributed.settings import TrainRunConfig
 
     if not isinstance(cfg, TrainRunConfig):
         raise TypeError("launch_training needs a TrainRunConfig")

@@ -8,7 +8,7 @@ and reads back what rank 0 wrote: the trained parameters and their hash, which i
 before returning the :class:`~trustfed.core.strategy.Update`. Rank 0 is thus the only one that
 speaks to the coordinator.
 
-The workers reproduce :class:`~trustfed.participant.trainer.LocalTrainer` exactly: the same
+The workers reproduce :class:`~trustfed.models.trainer.LocalTrainer` exactly: the same
 seeded permutation and mini-batches; each rank takes a contiguous slice of every mini-batch and
 scales its summed loss by ``workers / batch`` so DDP's gradient average equals the mean over the
 whole mini-batch (also when the last batch is uneven).
@@ -37,12 +37,12 @@ from trustfed.distributed.launch import run_torchrun, torchrun_argv, worker_env
 from trustfed.distributed.parallel import DistributedError
 from trustfed.distributed.participant_worker import CONTROL, SERVE
 from trustfed.models.reference import build_model
+from trustfed.models.trainer import round_seed, train_config_from_plan
 from trustfed.models.training import TrainConfig, evaluate
-from trustfed.participant.trainer import round_seed, train_config_from_plan
 from trustfed.primitives.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from trustfed.config import FederationConfig
+    pass
 
 log = logging.getLogger("trustfed.distributed.participant")
 
@@ -221,48 +221,3 @@ class DDPTrainer:
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def build_ddp_trainer(
-    cfg: FederationConfig, data: Dataset, input_shape: tuple[int, ...], num_classes: int, pid: str
-) -> DDPTrainer:
-    """The trainer for participant ``pid`` when ``[participant_training]`` selects ``ddp`` for it."""
-    from trustfed.simulation.federation import train_config
-
-    pt = cfg.participant_training
-    if cfg.privacy.mode == "local":
-        from trustfed.errors import ConfigError, ConfigProblem
-
-        # Fail closed: DP-SGD is not implemented across DDP workers, and silently training
-        # without it would break the participant's privacy budget.
-        raise ConfigError(
-            "federation config",
-            [ConfigProblem("participant_training.trainer", "ddp cannot be combined with privacy.mode = 'local'")],
-        )
-    desc: dict[str, Any] = {
-        "name": cfg.model.name,
-        "input_shape": list(input_shape),
-        "num_classes": num_classes,
-        "seed": cfg.federation.seed,
-        "hidden": list(cfg.model.hidden),
-        "channels": list(cfg.model.channels),
-    }
-    spec = ParamSpec.from_json(_spec_json(desc))
-    return DDPTrainer(
-        pid,
-        desc,
-        spec,
-        data,
-        train_config(cfg),
-        cfg.federation.seed,
-        pt.workers,
-        pt.backend,
-        pt.workdir,
-        persistent=pt.persistent,
-    )
-
-
-def _spec_json(desc: dict[str, Any]) -> str:
-    from trustfed.core.codec import flatten
-
-    return flatten(build_model(**desc).state_dict())[1].to_json()

@@ -11,7 +11,7 @@ chain verifies and the bytes on disk hash to what the log recorded. Nothing is u
 :class:`ProvenanceSink` is the small interface that receives the same entries: the signed audit
 log (:class:`SignedAuditSink`) and the on-chain anchor of every checkpoint
 (:class:`trustfed.distributed.anchor.LedgerAnchorSink`, with ``[run] ledger``). When a run anchors
-on a ledger, :func:`verify_run` also checks every on-chain record against this log and the files.
+on a ledger, :func:`trustfed.distributed.verification.verify_run` also checks every on-chain record against this log and the files.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
 from trustfed.errors import CheckpointError, CodecError
+from trustfed.ledger.audit import AuditLog, EcdsaSigner
 from trustfed.primitives.atomic import atomic_write_bytes, fsync_folder
 from trustfed.primitives.canonical import canonical_json
 from trustfed.primitives.verdict import Verdict
@@ -205,7 +206,7 @@ class LoggedCheckpoint:
     checkpoint: Checkpoint
 
 
-def _logged(run_dir: Path, line: int, e: Mapping[str, Any]) -> LoggedCheckpoint:
+def logged_checkpoint(run_dir: Path, line: int, e: Mapping[str, Any]) -> LoggedCheckpoint:
     ck = Checkpoint(int(e["step"]), run_dir / str(e["path"]), str(e["model_hash"]), str(e["optim_hash"]))
     return LoggedCheckpoint(line, dict(e), ck)
 
@@ -224,7 +225,7 @@ def checkpoint_candidates(run_dir: Path, cfg_hash: str) -> list[LoggedCheckpoint
         if e.get("kind") != "checkpoint" or e.get("config_hash") != cfg_hash:
             continue
         try:
-            lc = _logged(run_dir, line, e)
+            lc = logged_checkpoint(run_dir, line, e)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"{plog.path}:{line}: malformed checkpoint entry ({exc!r}); refusing to resume"
@@ -255,82 +256,15 @@ def checkpoint_hashes(path: Path) -> tuple[str, str]:
     return out[0], out[1]
 
 
-@dataclass(frozen=True)
-class RunReport:
-    """What ``trustfed train verify`` found: located problems (empty: all good) and what was checked.
-    The log's own chain check is a :class:`~trustfed.primitives.verdict.Verdict` (:meth:`ProvenanceLog.verify`)."""
-
-    problems: list[str]
-    checkpoints: int  # checkpoint folders whose files hash to what the log records
-    anchors: int = 0  # on-chain records checked (0 without a ledger)
-    chain: str = ""  # which chain and contract the anchors were read from
-
-
-def verify_run_report(run_dir: Path, rpc_url: str | None = None) -> RunReport:
-    """Verify a run folder: the log's chain, every logged checkpoint still on disk, and, when the
-    run anchors on a ledger, every on-chain record against the log and the files."""
-    plog = ProvenanceLog(run_dir / LOG_FILE)
-    if not plog.path.exists():
-        return RunReport([f"{plog.path}: no provenance log"], 0)
-    problems = list(plog.verify().reasons)
-    entries = list(plog.numbered())
-    file_hashes: dict[int, tuple[str, str]] = {}  # log line -> hashes of the files on disk
-    checked = 0
-    for line, e in entries:
-        if e.get("kind") != "checkpoint":
-            continue
-        try:
-            lc = _logged(run_dir, line, e)
-        except (KeyError, TypeError, ValueError) as exc:
-            problems.append(f"{LOG_FILE}:{line} [checkpoint] malformed checkpoint entry ({exc!r})")
-            continue
-        if not lc.checkpoint.path.is_dir():
-            continue
-        try:
-            got = checkpoint_hashes(lc.checkpoint.path)
-        except CheckpointError as exc:
-            problems.append(f"{LOG_FILE}:{line} step {lc.checkpoint.step} [files] {exc}")
-            continue
-        file_hashes[line] = got
-        bad = False
-        for stem, have, want in zip(
-            ("model", "optim"), got, (lc.checkpoint.model_hash, lc.checkpoint.optim_hash), strict=True
-        ):
-            if have != want:
-                bad = True
-                problems.append(
-                    f"{LOG_FILE}:{line} step {lc.checkpoint.step} [{stem}_hash] checkpoint {lc.checkpoint.path}: "
-                    f"{stem} hash {have[:16]}… does not match the provenance log's {want[:16]}…; "
-                    "the files were altered or corrupted"
-                )
-        checked += 0 if bad else 1
-    from trustfed.distributed.anchor import ledger_in_use, verify_anchors
-
-    if not ledger_in_use(run_dir, entries):
-        return RunReport(problems, checked)
-    chain_problems, anchors, chain = verify_anchors(run_dir, entries, file_hashes, rpc_url)
-    return RunReport(problems + [str(p) for p in chain_problems], checked, anchors, chain)
-
-
-def verify_run(run_dir: Path, rpc_url: str | None = None) -> tuple[list[str], int]:
-    """:func:`verify_run_report` as (problems, checkpoints verified)."""
-    v = verify_run_report(run_dir, rpc_url)
-    return v.problems, v.checkpoints
-
-
 class SignedAuditSink:
     """Mirrors provenance entries into the ledger's signed, hash-chained audit log
     (:mod:`trustfed.ledger.audit`), signed by the trainer's ECDSA P-256 key."""
 
     def __init__(self, path: Path, key_path: Path, key_id: str = "trainer") -> None:
-        from trustfed.ledger.audit import EcdsaSigner
-
         self.path = path
         self.signer = EcdsaSigner.load(key_id, key_path)
 
     def append(self, entry: Mapping[str, Any]) -> str:
-        from trustfed.ledger.audit import AuditLog
-
         body = json.loads(json.dumps(dict(entry), default=str))  # plain JSON values only
         with AuditLog(self.path) as audit:
             written = audit.append(f"train.{entry['kind']}", int(entry.get("step") or 0), body, self.signer)

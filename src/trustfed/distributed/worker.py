@@ -26,7 +26,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,11 +69,10 @@ from trustfed.distributed.provenance import (
     read_verified,
     write_checkpoint,
 )
+from trustfed.distributed.selfcheck import run_selfcheck
 from trustfed.distributed.settings import TrainRunConfig
 from trustfed.errors import CheckpointError, TrustFedError
-
-if TYPE_CHECKING:
-    from trustfed.ledger.backends import Web3Ledger
+from trustfed.ledger.backends import Web3Ledger
 
 log = logging.getLogger("trustfed.distributed.worker")
 
@@ -236,8 +235,6 @@ def run(cfg: TrainRunConfig, run_dir: Path, selfcheck: bool = False) -> dict[str
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if selfcheck and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        from trustfed.distributed.selfcheck import run_selfcheck
-
         report = run_selfcheck(device)
         if rank == 0:
             (run_dir / "selfcheck.json").write_text(json.dumps(report, indent=2))

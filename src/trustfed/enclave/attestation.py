@@ -1,4 +1,5 @@
-"""The AttestationBackend seam, the evidence envelope, and the software-only ``simulated`` backend.
+"""The AttestationBackend seam and the software-only ``simulated`` backend (the evidence envelope they
+share is :mod:`trustfed.enclave.evidence`).
 
 Enclave side: ``evidence(nonce, public_key) -> bytes``: a statement, rooted in the TEE, that code
 with a given measurement holds ``public_key``, made for the verifier's ``nonce``.
@@ -15,27 +16,27 @@ the nonce), the simulated backend adds a self-signed statement labelled SIMULATE
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from trustfed.enclave.dcap import DcapBackend
 from trustfed.enclave.errors import AttestationError, AttestationRefused
+from trustfed.enclave.evidence import (
+    EVIDENCE_FORMAT,
+    common_checks,
+    open_envelope,
+    report_data,
+)
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.policy import BACKEND_NAMES, AttestationPolicy
-from trustfed.primitives.canonical import canonical_json, parse_json_object
+from trustfed.primitives.canonical import canonical_json
 from trustfed.primitives.verdict import Verdict
 
 log = logging.getLogger("trustfed.enclave.attestation")
 
-EVIDENCE_FORMAT = "trustfed-evidence-v1"
 SIMULATED_LABEL = "SIMULATED"
-MAX_EVIDENCE_BYTES = 256 * 1024
-MIN_NONCE_BYTES = 16
 MAX_CLOCK_SKEW_S = 60.0
-_BINDING_DOMAIN = b"trustfed-attestation-v1\0"
 
 
 def raise_if_refused(verdict: Verdict, where: str) -> None:
@@ -53,69 +54,6 @@ class AttestationBackend(Protocol):
     def evidence(self, nonce: bytes, public_key: bytes) -> bytes: ...
 
     def verify(self, evidence: bytes, policy: AttestationPolicy, nonce: bytes, now: float) -> Verdict: ...
-
-
-def report_data(public_key: bytes, nonce: bytes, how: str = "sha512") -> bytes:
-    """The 64 bytes of report data that bind ``public_key`` and ``nonce`` (length-prefixed)."""
-    msg = _BINDING_DOMAIN + struct.pack(">I", len(public_key)) + public_key + struct.pack(">I", len(nonce)) + nonce
-    if how == "sha512":
-        return hashlib.sha512(msg).digest()
-    if how == "sha256":
-        return hashlib.sha256(msg).digest() + bytes(32)
-    raise AttestationError(f"unknown report data binding {how!r}; use 'sha512' or 'sha256'")
-
-
-def envelope(backend: str, public_key: bytes, binding: str, **fields: Any) -> bytes:
-    return canonical_json(
-        {"format": EVIDENCE_FORMAT, "backend": backend, "public_key": public_key.hex(), "binding": binding, **fields}
-    )
-
-
-@dataclass(frozen=True)
-class Envelope:
-    backend: str
-    public_key: bytes
-    binding: str
-    fields: dict[str, Any]
-
-
-def open_envelope(evidence: bytes, reasons: list[str]) -> Envelope | None:
-    """Parse the evidence envelope; on any problem append a reason and return None."""
-    try:
-        raw = parse_json_object(evidence, "attestation evidence", MAX_EVIDENCE_BYTES)
-    except ValueError as exc:
-        reasons.append(str(exc))
-        return None
-    if raw.get("format") != EVIDENCE_FORMAT:
-        reasons.append(f"evidence format is {raw.get('format')!r}, expected {EVIDENCE_FORMAT!r}")
-        return None
-    backend, pk_hex, binding = raw.get("backend"), raw.get("public_key"), raw.get("binding")
-    if not isinstance(backend, str) or not isinstance(pk_hex, str) or not isinstance(binding, str):
-        reasons.append("evidence lacks backend, public_key or binding")
-        return None
-    try:
-        pk = bytes.fromhex(pk_hex)
-        EnclavePublicKey.from_bytes(pk)
-    except ValueError as exc:
-        reasons.append(f"evidence public key is malformed: {exc}")
-        return None
-    return Envelope(backend, pk, binding, raw)
-
-
-def common_checks(env: Envelope, name: str, policy: AttestationPolicy, nonce: bytes, reasons: list[str]) -> None:
-    """Checks every backend makes: backend allowed by the policy, binding, nonce shape."""
-    if env.backend != name:
-        reasons.append(f"evidence is from backend {env.backend!r}, but the {name!r} verifier was used")
-    if env.backend not in policy.allowed_backends:
-        reasons.append(
-            f"backend {env.backend!r} is not allowed by this policy (allowed: {', '.join(policy.allowed_backends)})"
-        )
-    if env.binding != policy.report_data_hash:
-        reasons.append(f"evidence binds with {env.binding!r}, policy requires {policy.report_data_hash!r}")
-    if len(nonce) < MIN_NONCE_BYTES:
-        reasons.append(f"verifier nonce is {len(nonce)} bytes; use at least {MIN_NONCE_BYTES} random bytes")
-    if not policy.expected_measurements:
-        reasons.append("policy lists no expected measurement, so no enclave can be trusted")
 
 
 class SimulatedBackend:
@@ -223,8 +161,6 @@ def verifier_backend(name: str) -> AttestationBackend:
     if name == "simulated":
         return SimulatedBackend()
     if name in ("sgx-dcap", "tdx-dcap"):
-        from trustfed.enclave.dcap import DcapBackend
-
         return DcapBackend(name)
     raise AttestationError(f"unknown attestation backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
 

@@ -14,6 +14,10 @@ from typing import Annotated
 
 import typer
 
+from trustfed.enclave.measurement import measure as _measure
+from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
+from trustfed.enclave.settings import load_enclave_config
+
 app = typer.Typer(
     help="Attested aggregation enclave: `trustfed enclave --config enclave.toml` serves it.",
     invoke_without_command=True,
@@ -34,7 +38,6 @@ def main(
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
     from trustfed.enclave.service import serve
-    from trustfed.enclave.settings import load_enclave_config
 
     cfg = load_enclave_config(config)
     server, port, enclave = serve(cfg, listen=listen)
@@ -54,9 +57,6 @@ def main(
 @app.command()
 def measure(config: Annotated[Path, typer.Option("--config", "-c", help="enclave TOML file")]) -> None:
     """Print the simulated backend's measurement of this code + the config's [aggregation]."""
-    from trustfed.enclave.measurement import measure as _measure
-    from trustfed.enclave.settings import load_enclave_config
-
     cfg = load_enclave_config(config, check_files=False)
     typer.echo(_measure(cfg.aggregation.measured()))
 
@@ -69,8 +69,6 @@ def verify_receipt_cmd(
     allow_simulated: Annotated[bool, typer.Option(help="accept SIMULATED receipts")] = False,
 ) -> None:
     """Verify a receipt's signature and, if given, its measurement and output hash (exit 1 if refused)."""
-    from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
-
     try:
         data = receipt.read_bytes()
     except OSError as exc:

@@ -30,14 +30,16 @@ import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, RoundPlan, Strategy, Update
-from trustfed.enclave.attestation import MIN_NONCE_BYTES, SIMULATED_LABEL, AttestationBackend, SimulatedBackend
+from trustfed.enclave.attestation import SIMULATED_LABEL, AttestationBackend, SimulatedBackend
 from trustfed.enclave.errors import EnclaveError, SealingError
+from trustfed.enclave.evidence import MIN_NONCE_BYTES
 from trustfed.enclave.keys import EnclaveKeyPair
 from trustfed.enclave.measurement import measure
 from trustfed.enclave.receipts import HARDWARE_LABEL, STATE_FORMAT, Receipt, make_receipt_body
 from trustfed.enclave.sealing import ParticipantKeyring, SealedUpdate, commitment, decode_update, open_sealed
 from trustfed.enclave.settings import AggregationSettings
 from trustfed.errors import AggregationError
+from trustfed.incentives.scoring import contribution_scores
 from trustfed.primitives.canonical import canonical_json
 from trustfed.privacy.accounting import GaussianSteps, PrivacyError, epsilon
 from trustfed.privacy.central import DPFedAvg
@@ -362,7 +364,6 @@ class Enclave:
         when the measured config releases them: one number per participant leaves the enclave."""
         if not self.aggregation.release_contributions:
             return None
-        from trustfed.incentives.scoring import contribution_scores
 
         deltas = torch.stack([u.params for u in accepted]) - params
         scores = contribution_scores(deltas, new_params - params)

@@ -27,8 +27,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from trustfed.enclave.attestation import common_checks, envelope, open_envelope, report_data
 from trustfed.enclave.errors import AttestationError
+from trustfed.enclave.evidence import common_checks, envelope, open_envelope, report_data
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.policy import AttestationPolicy
 from trustfed.primitives.verdict import Verdict

@@ -29,7 +29,7 @@ from trustfed.enclave.errors import AttestationRefused
 from trustfed.enclave.keys import EnclavePublicKey
 from trustfed.enclave.policy import AttestationPolicy
 from trustfed.enclave.sealing import ParticipantSigner, SealedUpdate, seal_update
-from trustfed.participant.trainer import Trainer
+from trustfed.models.trainer import Trainer
 from trustfed.primitives.verdict import Verdict
 
 log = logging.getLogger("trustfed.enclave.participant")

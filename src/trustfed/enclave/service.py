@@ -28,11 +28,12 @@ import grpc
 from trustfed.core.codec import ParamSpec, from_bytes, to_bytes
 from trustfed.enclave import enclave_pb2 as pb
 from trustfed.enclave import enclave_pb2_grpc as pb_grpc
-from trustfed.enclave.attestation import MIN_NONCE_BYTES
 from trustfed.enclave.core import AggregationRequest, AggregationResponse, Enclave
+from trustfed.enclave.dcap import DcapBackend, GramineQuoteProvider, TdxConfigfsQuoteProvider
 from trustfed.enclave.errors import EnclaveError
+from trustfed.enclave.evidence import MIN_NONCE_BYTES
 from trustfed.enclave.receipts import Receipt
-from trustfed.enclave.sealing import SealedUpdate
+from trustfed.enclave.sealing import SealedUpdate, StaticKeyring
 from trustfed.enclave.settings import EnclaveServiceConfig
 from trustfed.errors import CodecError, TrustFedError
 
@@ -168,16 +169,12 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
 
 def build_enclave(cfg: EnclaveServiceConfig) -> Enclave:
     """The Enclave a config describes: backend, measured aggregation config, participant keys."""
-    from trustfed.enclave.sealing import StaticKeyring
-
     keys: dict[str, Any] = {}
     for pid, path in cfg.participants.items():
         keys[pid] = Path(path).read_bytes()
     e = cfg.enclave
     backend = None
     if e.backend in ("sgx-dcap", "tdx-dcap"):
-        from trustfed.enclave.dcap import DcapBackend, GramineQuoteProvider, TdxConfigfsQuoteProvider
-
         provider: Any = None
         if e.quote_device is not None:
             provider = (

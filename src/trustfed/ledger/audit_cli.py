@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from trustfed.errors import TrustFedError
+from trustfed.ledger.verify import verify_run
 
 app = typer.Typer(help="Verify a recorded run: log chain, signatures, Merkle roots, checkpoints, chain.")
 console = Console()
@@ -32,8 +33,6 @@ def verify(
     rpc: Annotated[str | None, typer.Option("--rpc", help="read the chain from this JSON-RPC URL")] = None,
 ) -> None:
     """Recompute everything the run claims and compare it with the chain; list every failure."""
-    from trustfed.ledger.verify import verify_run
-
     if not run_dir.is_dir():
         raise AuditFailed(f"{run_dir} is not a folder; pass the run folder (for example runs/demo)")
     verdict = verify_run(run_dir, rpc)

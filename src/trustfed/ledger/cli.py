@@ -9,6 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from trustfed.incentives.book import REPUTATION_SCALE
+from trustfed.ledger.backends import EmbeddedLedger, JsonRpcLedger, Web3Ledger, read_deployment
+from trustfed.ledger.recorder import LEDGER_DIR
+from trustfed.ledger.records import LedgerError
+
 app = typer.Typer(help="Inspect a run's ledger (identities, round commitments, incentives).", no_args_is_help=True)
 console = Console()
 
@@ -24,11 +29,6 @@ def show(
     rpc: Annotated[str | None, typer.Option("--rpc", help="read the chain from this JSON-RPC URL")] = None,
 ) -> None:
     """Print the participants, the round commitments and the incentive accounts on chain."""
-    from trustfed.incentives.book import REPUTATION_SCALE
-    from trustfed.ledger.backends import EmbeddedLedger, JsonRpcLedger, Web3Ledger, read_deployment
-    from trustfed.ledger.recorder import LEDGER_DIR
-    from trustfed.ledger.records import LedgerError
-
     ledger_dir = run_dir / LEDGER_DIR
     dep = read_deployment(ledger_dir)
     if dep is None:

@@ -20,9 +20,9 @@ from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.ledger.audit import Signer, entry_digest, parsed_entries
-from trustfed.ledger.backends import LedgerBackend
+from trustfed.ledger.backends import DEPLOYMENT_FILE, EmbeddedLedger, JsonRpcLedger, LedgerBackend
 from trustfed.ledger.records import LedgerError, update_commitment, update_hash
-from trustfed.participant.trainer import Trainer
+from trustfed.models.trainer import Trainer
 from trustfed.primitives.merkle import InclusionProof, MerkleTree, verify_inclusion
 
 log = logging.getLogger("trustfed.ledger.participant")
@@ -195,8 +195,6 @@ class ChainView:
     def backend(self) -> LedgerBackend:
         """The chain as of now (opened on first use; the embedded journal is replayed up to its end)."""
         import time
-
-        from trustfed.ledger.backends import DEPLOYMENT_FILE, EmbeddedLedger, JsonRpcLedger
 
         if self._ledger is None:
             end = time.monotonic() + self.wait_s

@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 import torch
 
-from trustfed.coordinator.engine import RoundRecord
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
-from trustfed.ledger.audit import AuditLog, EcdsaSigner, Signer, certificate_fingerprint, key_fingerprint
+from trustfed.ledger.audit import AuditLog, EcdsaSigner, Signer, certificate_fingerprint, key_fingerprint, parse_entry
 from trustfed.ledger.backends import LedgerBackend, open_backend
 from trustfed.ledger.checkpoint import CHECKPOINT_DIR, save_checkpoint
 from trustfed.ledger.participant import COMMITMENT_KIND, SignedCommitment, sign_update
@@ -174,8 +174,6 @@ class LedgerRecorder:
         audit log cut back to the head that round anchored. Entries after it (a round that was being
         recorded when the coordinator stopped) are moved to ``audit.unanchored-<UTC time>.jsonl``,
         never deleted; that round runs again."""
-        from trustfed.ledger.audit import parse_entry
-
         nxt = self.ledger.next_round()
         if nxt == 0:
             return 0

@@ -1,5 +1,5 @@
 """Participant runtime: local trainers (and, with the transport, the pull-based client)."""
 
-from trustfed.participant.trainer import LocalTrainer, Trainer, round_seed
+from trustfed.models.trainer import LocalTrainer, Trainer, round_seed
 
 __all__ = ["LocalTrainer", "Trainer", "round_seed"]

@@ -16,19 +16,16 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import torch
 
-from trustfed.app.api import DataSpec
-from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import ParamSpec
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.errors import AttestationRefused
-from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.enclave.receipts import Receipt, verify_receipt
+from trustfed.errors import ParticipantWithdrew
 from trustfed.ledger.audit import EcdsaSigner
 from trustfed.ledger.participant import (
     ChainView,
@@ -38,9 +35,11 @@ from trustfed.ledger.participant import (
     sign_commitment,
     update_bytes,
 )
+from trustfed.models.trainer import Trainer, close_trainer
+from trustfed.participant.rounds import ReceivedPlan, RoundGone, RoundOutcome
+from trustfed.participant.secagg import SecAggParticipant
 from trustfed.participant.settings import ParticipantConfig
-from trustfed.participant.trainer import Trainer, close_trainer
-from trustfed.pki.ca import RevocationList, load_certificate, load_private_key
+from trustfed.pki.ca import RevocationList, identity_of, load_certificate, load_private_key
 from trustfed.primitives.merkle import InclusionProof
 from trustfed.secagg.protocol import SecAggError, TooFewParticipants
 from trustfed.secagg.settings import SecAggSettings
@@ -63,35 +62,6 @@ log = logging.getLogger("trustfed.participant")
 
 T = TypeVar("T")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-class RoundGone(TransportError):
-    """The round this participant is in is no longer open at the coordinator: its deadline passed, or
-    the coordinator restarted (a standby took over) and never opened it. The participant drops the
-    round and asks for the next plan."""
-
-
-@dataclass(frozen=True)
-class ReceivedPlan:
-    """A verified round plan."""
-
-    round: int
-    plan: RoundPlan
-    spec_json: str
-    model_bytes: int
-    chunk_bytes: int
-    deadline_ms: int
-    raw: pb.RoundPlan
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    round: int
-    included: bool
-    new_model_hash: str
-    merkle_root: bytes = b""
-    proof: InclusionProof | None = None  # this participant's commitment in the round's Merkle tree
-    enclave_receipt: bytes = b""
 
 
 class ParticipantClient:
@@ -139,7 +109,6 @@ class ParticipantClient:
             nonce_cache_size=self.limits.nonce_cache_size,
             where=f"participant {self.pid}",
         )
-        from trustfed.pki.ca import identity_of
 
         ident = identity_of(cert)
         if ident.name != self.pid or ident.role != "participant":
@@ -428,8 +397,6 @@ class ParticipantClient:
         """Secure aggregation of this round's delta (:mod:`trustfed.participant.secagg`). A request the
         protocol finds unsafe (a forged roster entry, a survivor set that grew) is refused: the
         participant withdraws and leaves, as for a model that is not on chain. False: it left."""
-        from trustfed.participant.secagg import SecAggParticipant
-
         assert self.secagg is not None
         try:
             SecAggParticipant(self, self.secagg, rp).run(params, update)
@@ -462,8 +429,6 @@ class ParticipantClient:
             )
         enclave = getattr(self.trainer, "enclave", None)
         if outcome.enclave_receipt and enclave is not None and enclave.key is not None:
-            from trustfed.enclave.receipts import Receipt, verify_receipt
-
             receipt = Receipt.from_json(outcome.enclave_receipt)
             verdict = verify_receipt(
                 receipt,
@@ -514,90 +479,3 @@ def _payload_hash(spec_json: str, payload: bytes) -> str:
     h = model_hasher(spec_json)
     h.update(payload)
     return h.hexdigest()
-
-
-def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
-    """Build the trainer for this participant from the federation file, then the client."""
-    from trustfed.app.runtime import Runtime, participant_ids
-    from trustfed.config import load_federation_config
-
-    fed = load_federation_config(cfg.participant.federation_config)
-    pid = cfg.participant.id
-    rt = Runtime(fed)
-    if rt.builtin and pid not in participant_ids(fed.federation.participants):
-        raise TransportError(
-            f"participant id {pid!r} is not one of the federation's participants "
-            f"({', '.join(participant_ids(fed.federation.participants)[:5])}…); check [participant].id"
-        )
-    state_dir = cfg.state.dir if cfg.state is not None else None
-    if fed.privacy.mode != "none" and state_dir is None:
-        from trustfed.privacy.accounting import PrivacyError
-
-        raise PrivacyError(
-            f"participant {pid}: the federation runs differential privacy, but this participant has "
-            "no [state].dir to keep its privacy spend in; a restart would forget what it has spent. Set [state].dir "
-            "(load_participant_config defaults it to the participant file's folder)"
-        )
-    data_spec = participant_data_spec(cfg, rt.builtin)
-    local = rt.local_data(data_spec, pid)
-    trainer = rt.trainer(pid, local, budget_state_dir=state_dir)
-    spec = rt.spec
-    provenance = rt.provenance(data_spec, local)
-    if fed.enclave.enabled:
-        trainer = _sealing_trainer(fed, cfg, trainer)
-    chain: ChainView | None = None
-    if fed.ledger.enabled:
-        if cfg.ledger is None:
-            log.warning(
-                "participant %s: the federation records a ledger but this participant's file has no [ledger] view; "
-                "models and inclusion proofs are NOT checked against the chain",
-                cfg.participant.id,
-            )
-        else:
-            rpc = cfg.ledger.rpc_url or (fed.ledger.rpc_url if fed.ledger.backend == "jsonrpc" else None)
-            chain = ChainView(cfg.ledger.dir, rpc)
-    secagg = fed.secagg if fed.secagg.enabled else None
-    return ParticipantClient(
-        cfg, trainer, spec, chain=chain, commit=fed.ledger.enabled, secagg=secagg, provenance=provenance
-    )
-
-
-def participant_data_spec(cfg: ParticipantConfig, builtin: bool) -> DataSpec:
-    """This participant's own ``[data]``: its path and free keys. Without one, the built-in app hands it
-    its partition of the federation's dataset (a simulated participant); an app needs one."""
-    source = f"{cfg.source} [data]"
-    if cfg.data is None:
-        if builtin:
-            return DataSpec(None, {"participant": cfg.participant.id}, source)
-        raise ConfigError(
-            cfg.source,
-            [ConfigProblem("data", "the federation runs an app: this participant needs its own [data] section")],
-        )
-    options = {k: v for k, v in cfg.data.items() if k != "path"}
-    path = cfg.data.get("path")
-    return DataSpec(Path(path) if isinstance(path, str) else None, options, source)
-
-
-def _sealing_trainer(fed: Any, cfg: ParticipantConfig, trainer: Trainer) -> Trainer:
-    """Enclave mode: attest the enclave against this participant's policy before training, then seal
-    every update to the attested key and sign its commitment with the participant's PKI key."""
-    from trustfed.enclave.errors import EnclaveError
-    from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
-    from trustfed.enclave.sealing import KeySigner
-    from trustfed.enclave.service import GrpcEnclaveClient, TlsMaterial
-    from trustfed.enclave.simulation import enclave_aggregation, simulated_policy
-
-    section = fed.enclave
-    if section.address is None:
-        raise EnclaveError("the federation aggregates in an enclave but [enclave].address is not set")
-    pid = cfg.participant.id
-    aggregation = enclave_aggregation(fed)  # with central DP, its parameters are part of the measurement
-    # This participant's own policy: the expected measurement is computed from its copy of the code.
-    policy = simulated_policy(aggregation, section.policy) if section.policy.allow_simulated_tee else section.policy
-    client = GrpcEnclaveClient(section.address, TlsMaterial.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key))
-    key = load_private_key(cfg.tls.key)
-    return SealingTrainer(trainer, AttestedEnclave(client, policy, where=f"participant {pid}"), KeySigner(pid, key))
-
-
-def describe(outcomes: list[RoundOutcome]) -> dict[str, Any]:
-    return {"rounds": [o.round for o in outcomes], "included": [o.included for o in outcomes]}

@@ -21,6 +21,7 @@ import torch
 
 from trustfed.core.strategy import Update
 from trustfed.ledger.participant import update_bytes
+from trustfed.participant.rounds import ReceivedPlan, RoundGone
 from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError, TooFewParticipants, share_points
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.secagg.updates import MaskedInput, prepare_delta
@@ -28,7 +29,7 @@ from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected, TransportError
 
 if TYPE_CHECKING:
-    from trustfed.participant.client import ParticipantClient, ReceivedPlan
+    from trustfed.participant.client import ParticipantClient
 
 log = logging.getLogger("trustfed.participant.secagg")
 
@@ -203,8 +204,6 @@ class SecAggParticipant:
             if reply.round != rnd or reply.step != step or v.envelope.round != rnd:
                 raise c.verifier.reject("round_mismatch", f"{what}: the reply is for another round or step", "secagg")
             if self.session and reply.session != self.session:
-                from trustfed.participant.client import RoundGone
-
                 raise RoundGone(f"{what}: the coordinator restarted (session {self.session} -> {reply.session})")
             if reply.ready:
                 return reply

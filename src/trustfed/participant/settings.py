@@ -38,6 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trustfed.config import parse_toml, problems_from_validation
 from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.transport.settings import Limits
 
@@ -110,8 +111,6 @@ def _resolve(raw: dict[str, object], base: Path) -> None:
 
 
 def load_participant_config(path: str | Path) -> ParticipantConfig:
-    from trustfed.config import parse_toml, problems_from_validation
-
     p = Path(path)
     raw = parse_toml(p)
     raw["source"] = str(p)

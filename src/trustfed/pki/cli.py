@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from trustfed.pki.ca import PkiError, init_ca, issue, revoke
+
 app = typer.Typer(help="Certificate authority: init, issue, revoke (ECDSA P-256).", no_args_is_help=True)
 console = Console()
 
@@ -20,8 +22,6 @@ def init_cmd(
     force: Annotated[bool, typer.Option(help="replace an existing CA in OUT")] = False,
 ) -> None:
     """Create a root CA and an empty revocation list in OUT."""
-    from trustfed.pki.ca import init_ca
-
     path = init_ca(out, common_name=name, days=days, force=force)
     console.print(
         f"[green]CA created[/green]: {path} (key {out / 'ca.key'}, mode 0600; revocation list {out / 'crl.pem'})"
@@ -40,8 +40,6 @@ def issue_cmd(
     days: Annotated[int, typer.Option(min=1, help="validity in days")] = 365,
 ) -> None:
     """Issue a certificate carrying ROLE and NAME, signed by the CA."""
-    from trustfed.pki.ca import issue
-
     cert, key = issue(ca, role, name, out=out, hosts=tuple(host or ()), days=days)
     console.print(f"[green]issued[/green] {role} certificate for {name}: {cert} (key {key}, mode 0600)")
 
@@ -53,8 +51,6 @@ def revoke_cmd(
     serial: Annotated[str | None, typer.Option(help="revoke one certificate by serial (hex)")] = None,
 ) -> None:
     """Add certificates to the CA's revocation list (crl.pem); a running coordinator re-reads it."""
-    from trustfed.pki.ca import PkiError, revoke
-
     try:
         sn = int(serial, 16) if serial is not None else None
     except ValueError:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import math
 
-from trustfed.coordinator.engine import ParticipantWithdrew
-from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyAccountant, PrivacyError
+from trustfed.errors import ParticipantWithdrew
+from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyAccountant, PrivacyError, epsilon
 from trustfed.privacy.budget_state import BudgetStateFile, RecordedStep
 
 log = logging.getLogger("trustfed.privacy")
@@ -105,6 +105,4 @@ class BudgetGuard:
         return out
 
     def accountant_round(self, event: GaussianSteps) -> float:
-        from trustfed.privacy.accounting import epsilon
-
         return epsilon([event], self.delta, self.accountant.accountant)

@@ -31,6 +31,7 @@ import torch
 from trustfed.core.aggregator import AggregateResult
 from trustfed.core.strategy import FedAvg, RoundPlan, RoundResult, Strategy, Update, stack_updates
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyAccountant, PrivacyError
+from trustfed.secagg.updates import SecureSumUpdate
 
 
 def clip_rows(x: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +118,6 @@ class DPFedAvg(Strategy):
         return max(n / 20.0, self.noise_multiplier)
 
     def aggregate(self, plan: RoundPlan, params: torch.Tensor, updates: Sequence[Update]) -> RoundResult:
-        from trustfed.secagg.updates import SecureSumUpdate
-
         n = max(len(plan.participants), len(updates))
         gen = torch.Generator().manual_seed(secrets.randbits(63) if self.secure_noise else self._round_seed(plan.round))
         clip = self.clip_norm

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from trustfed.privacy.report import load_records, plot_epsilon, summarize
+
 app = typer.Typer(help="Differential privacy: spend reports.", no_args_is_help=True)
 
 
@@ -18,8 +20,6 @@ def report(
     """Print each participant's epsilon (re-derived from the recorded mechanisms) and plot it over rounds."""
     from rich.console import Console
     from rich.table import Table
-
-    from trustfed.privacy.report import load_records, plot_epsilon, summarize
 
     console = Console()
     summaries = summarize(load_records(run_dir))

@@ -18,8 +18,8 @@ from torch import nn
 from trustfed.core.codec import ParamSpec, flatten, load_vector
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.data.datasets import Dataset
+from trustfed.models.trainer import Trainer, round_seed, train_config_from_plan
 from trustfed.models.training import TrainConfig, evaluate
-from trustfed.participant.trainer import Trainer, round_seed, train_config_from_plan
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyError
 from trustfed.privacy.budget import BudgetGuard
 from trustfed.privacy.budget_state import BudgetStateFile

@@ -10,8 +10,8 @@ from torch import nn
 from trustfed.core.codec import ParamSpec
 from trustfed.core.strategy import FedAvg, Strategy
 from trustfed.data.datasets import Dataset
+from trustfed.models.trainer import LocalTrainer, Trainer
 from trustfed.models.training import TrainConfig
-from trustfed.participant.trainer import LocalTrainer, Trainer
 from trustfed.privacy.budget_state import BudgetStateFile
 from trustfed.privacy.central import DPFedAvg
 from trustfed.privacy.dpsgd import CentralBudgetTrainer, DPSGDTrainer

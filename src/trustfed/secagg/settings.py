@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:
-    from trustfed.secagg.protocol import SecAggParams
+from trustfed.secagg.protocol import SecAggParams
 
 
 class SecAggSettings(BaseModel):
@@ -37,8 +35,6 @@ class SecAggSettings(BaseModel):
     def params(self, n: int, rnd: int) -> SecAggParams:
         """The protocol parameters of a round of ``n`` participants, checked: what every side derives from
         the federation file and the signed plan, never from another party."""
-        from trustfed.secagg.protocol import SecAggParams
-
         p = SecAggParams(
             threshold=self.threshold_for(n), clip=self.clip, bits=self.bits, round=rnd, neighbours=self.neighbours
         )

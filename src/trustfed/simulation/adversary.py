@@ -11,29 +11,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from trustfed.apps.builtin_parts import FederationData, model_factory, train_config
 from trustfed.attacks.data_poisoning import backdoor, flip_labels
 from trustfed.attacks.model_poisoning import LOCAL, OMNISCIENT_FNS, jitter_copies
 from trustfed.attacks.settings import OMNISCIENT
 from trustfed.attacks.trainers import MaliciousTrainer
-from trustfed.config import FederationConfig
+from trustfed.config import FederationConfig, participant_ids
+from trustfed.coordinator.engine import Coordinator
+from trustfed.core.codec import flatten
+from trustfed.core.rounds import Transport
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.participant.trainer import LocalTrainer, Trainer
-
-if TYPE_CHECKING:
-    from trustfed.coordinator.engine import Coordinator, Transport
-    from trustfed.simulation.federation import FederationData
+from trustfed.models.trainer import LocalTrainer, Trainer
 
 log = logging.getLogger("trustfed.simulation.adversary")
 
 
 def malicious_participants(cfg: FederationConfig) -> list[str]:
-    from trustfed.simulation.federation import participant_ids
-
     return cfg.attack.malicious(participant_ids(cfg.federation.participants))
 
 
@@ -43,8 +41,6 @@ def adversarial_trainer(cfg: FederationConfig, data: FederationData, pid: str) -
     a = cfg.attack
     if a.kind in ("none", *OMNISCIENT) or pid not in malicious_participants(cfg):
         return None
-    from trustfed.core.codec import flatten
-    from trustfed.simulation.federation import model_factory, train_config
 
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     _, spec = flatten(factory().state_dict())
@@ -123,8 +119,6 @@ def attach_root_update(cfg: FederationConfig, data: FederationData, strategy: ob
     consumers = _find_root_consumers(strategy)
     if not consumers:
         return
-    from trustfed.core.codec import flatten
-    from trustfed.simulation.federation import model_factory, train_config
 
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     _, spec = flatten(factory().state_dict())

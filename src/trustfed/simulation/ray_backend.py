@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import to_bytes
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.errors import ConfigError, ConfigProblem, ParticipantWithdrew
 from trustfed.simulation.transports import EncodedUpdate, decode_update, fit_encoded, note_withdrawal
 
 log = logging.getLogger("trustfed.simulation")
@@ -38,7 +38,6 @@ class ParticipantHost:
 
     def __init__(self, cfg_json: str) -> None:
         torch.set_num_threads(1)
-        from trustfed.app.runtime import Runtime
 
         self.runtime = Runtime(FederationConfig.model_validate_json(cfg_json))
         self.trainers: dict[str, Any] = {}

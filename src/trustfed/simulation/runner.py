@@ -16,13 +16,20 @@ from typing import Any
 
 import torch
 
-from trustfed.app.runtime import Runtime, participant_ids
-from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import FED_EVAL_PREFIX, Coordinator, RoundObserver, RoundRecord, Transport
-from trustfed.coordinator.recorders import recorders_for, use_reputation_selection
+from trustfed.apps.builtin import federation_data
+from trustfed.apps.runtime import Runtime
+from trustfed.config import FederationConfig, participant_ids
+from trustfed.coordinator.engine import Coordinator
+from trustfed.coordinator.incentives_record import use_reputation_selection
+from trustfed.coordinator.recorders import recorders_for
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.evaluation import FED_EVAL_PREFIX
+from trustfed.core.rounds import RoundObserver, RoundRecord, Transport
 from trustfed.core.strategy import Strategy
 from trustfed.primitives.atomic import atomic_write_bytes
+from trustfed.simulation.adversary import adversarial_transport, attach_root_update
+from trustfed.simulation.ray_backend import RayTransport
+from trustfed.simulation.secagg import SecAggTransport
 from trustfed.simulation.transports import InProcessTransport, MultiprocessTransport
 
 
@@ -61,18 +68,12 @@ def run_simulation(
     if cfg.simulation.backend == "multiprocess":
         transport = MultiprocessTransport(cfg, cfg.simulation.workers)
     elif cfg.simulation.backend == "ray":
-        from trustfed.simulation.ray_backend import RayTransport
-
         transport = RayTransport(cfg, cfg.simulation.workers, cfg.simulation.ray_address)
     else:
         transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids})
     if cfg.attack.kind != "none":  # omniscient attacks rewrite the collected updates
-        from trustfed.simulation.adversary import adversarial_transport
-
         transport = adversarial_transport(cfg, transport)
     if cfg.secagg.enabled:  # the coordinator gets the masked sum only
-        from trustfed.simulation.secagg import SecAggTransport
-
         transport = SecAggTransport(transport, cfg.secagg, cfg.strategy.min_participants)
     provenance = {pid: simulated_provenance(rt, pid) for pid in ids} if out_dir is not None else {}
     # privacy spend + ledger (audit log, checkpoints, chain): the same recorders as the networked coordinator
@@ -81,9 +82,6 @@ def run_simulation(
     min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update
     coord = Coordinator(strategy, transport, params, spec, min_updates=min_updates, observers=watchers)
     if rt.builtin:
-        from trustfed.apps.builtin import federation_data
-        from trustfed.simulation.adversary import attach_root_update
-
         attach_root_update(cfg, federation_data(cfg), strategy, coord)  # FLTrust's server update from a root sample
     metrics = run_rounds(coord, cfg, transport, strategy, spec, on_round)
     metrics["app"] = rt.identity.describe()

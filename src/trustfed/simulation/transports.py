@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig
-from trustfed.coordinator.engine import ParticipantWithdrew
 from trustfed.core.codec import from_bytes, to_bytes
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.participant.trainer import Trainer, close_trainer
+from trustfed.errors import ParticipantWithdrew
+from trustfed.models.trainer import Trainer, close_trainer
 
 log = logging.getLogger("trustfed.simulation")
 
@@ -52,7 +53,6 @@ _WORKER: dict[str, object] = {}
 
 def _init_worker(cfg_json: str, budget_dir: str | None = None) -> None:
     torch.set_num_threads(1)
-    from trustfed.app.runtime import Runtime
 
     _WORKER["runtime"] = Runtime(FederationConfig.model_validate_json(cfg_json))
     _WORKER["trainers"] = {}
@@ -82,8 +82,6 @@ def decode_update(encoded: EncodedUpdate) -> Update:
 
 
 def _fit_in_worker(pid: str, rnd: int, config: dict[str, bool | int | float | str], payload: bytes) -> EncodedUpdate:
-    from trustfed.app.runtime import Runtime
-
     rt = _WORKER["runtime"]
     trainers = _WORKER["trainers"]
     assert isinstance(rt, Runtime) and isinstance(trainers, dict)

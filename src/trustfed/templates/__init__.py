@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from trustfed.errors import ConfigError, ConfigProblem
+from trustfed.templates import samples
 
 TEMPLATES = {
     "tabular": "hospitals predict patients' risk class from a table (CSV) each keeps",
@@ -155,8 +156,6 @@ def test_federation_runs(tmp_path: Path) -> None:
 def new_project(folder: Path, template: str, *, sites: int = 3, seed: int = 0, scale: int = 1) -> Path:
     """Write a project of ``template`` into ``folder`` (which must not exist or be empty); returns
     its federation file. ``scale`` multiplies the generated sample sizes."""
-    from trustfed.templates import samples
-
     problems = []
     if template not in TEMPLATES:
         problems.append(ConfigProblem("--template", f"expected one of {', '.join(TEMPLATES)}", repr(template)))

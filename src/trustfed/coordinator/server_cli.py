@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from trustfed.config import load_federation_config
+from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 from trustfed.core.evaluation import final_headline, round_headline
 
 app = typer.Typer(help="Run the coordinator: serve participants over mutual TLS.", invoke_without_command=True)
@@ -43,8 +45,8 @@ def server(
 
     import torch
 
-    from trustfed.config import load_federation_config
-    from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
+    from trustfed.coordinator.network import GrpcTransport
+    from trustfed.coordinator.run import run_coordinator, spec_for
 
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(1)
@@ -53,8 +55,6 @@ def server(
     if lease is not None:
         import os
         import socket
-
-        from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 
         taken = open_lease(lease, f"{socket.gethostname()}:{os.getpid()}", lease_ttl)
         console.print(f"waiting for the lease {lease} (standby until the leader stops)")

@@ -15,11 +15,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
+from trustfed.apps.runtime import Runtime
+from trustfed.config import FederationConfig, StrategySection, participant_ids
+from trustfed.coordinator.engine import Coordinator
 from trustfed.core.codec import ParamSpec
+from trustfed.core.rounds import RoundObserver, RoundRecord, Transport
 from trustfed.core.strategy import Strategy
 from trustfed.enclave.core import Enclave, EnclaveClient
 from trustfed.enclave.errors import EnclaveError
@@ -29,14 +32,12 @@ from trustfed.enclave.policy import AttestationPolicy
 from trustfed.enclave.receipts import Receipt
 from trustfed.enclave.sealing import KeySigner, StaticKeyring
 from trustfed.enclave.settings import AggregationSettings, CentralDPSettings
-from trustfed.participant.trainer import Trainer
+from trustfed.enclave.strategy import EnclaveStrategy
+from trustfed.models.trainer import Trainer
+from trustfed.privacy.settings import PrivacySettings
+from trustfed.simulation.transports import InProcessTransport
 
-if TYPE_CHECKING:
-    from trustfed.config import FederationConfig, StrategySection
-    from trustfed.coordinator.engine import RoundObserver, RoundRecord, Transport
-    from trustfed.privacy.settings import PrivacySettings
-
-log = logging.getLogger("trustfed.enclave.simulation")
+log = logging.getLogger("trustfed.simulation.enclave")
 
 
 def aggregation_settings_for(
@@ -122,8 +123,6 @@ class EnclaveFederation:
 
     @property
     def receipts(self) -> list[Receipt]:
-        from trustfed.enclave.strategy import EnclaveStrategy
-
         return self.strategy.receipts if isinstance(self.strategy, EnclaveStrategy) else []
 
 
@@ -143,8 +142,6 @@ def wrap_for_enclave(
     Each participant gets a fresh identity key; ``enclave_factory`` receives the keyring of their
     public keys and returns the enclave to use (default: an in-process simulated :class:`Enclave`).
     """
-    from trustfed.enclave.strategy import EnclaveStrategy
-
     signers = {pid: KeySigner.generate(pid) for pid in trainers}
     keyring = StaticKeyring({pid: s.public_key() for pid, s in signers.items()})
     if enclave_factory is not None:
@@ -184,10 +181,6 @@ def run_federation(
 
     Plain mode with ``[privacy] mode = "central"`` runs DP-FedAvg on the coordinator; enclave mode runs
     it in the enclave (the coordinator's strategy is the base one)."""
-    from trustfed.app.runtime import Runtime, participant_ids
-    from trustfed.coordinator.engine import Coordinator
-    from trustfed.simulation.transports import InProcessTransport
-
     rt = Runtime(cfg)
     params, spec = rt.initial
     evaluate_fn = rt.evaluate_fn()

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,20 +20,21 @@ from trustfed.app import loop
 from trustfed.app.api import App, AppContext, DataSpec, LocalData
 from trustfed.app.loading import AppIdentity, app_identity, load_app
 from trustfed.app.trainer import AppTrainer, exchanged_state, load_exchanged
+from trustfed.apps.builtin import builtin_app, builtin_identity, federation_data
+from trustfed.apps.builtin_parts import build_trainer, model_factory, train_config
+from trustfed.config import FederationConfig, participant_ids
+from trustfed.core.aggregator import _REGISTRY, available_aggregators, register_aggregator
 from trustfed.core.codec import ParamSpec, flatten
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx, Strategy
 from trustfed.data.datasets import Dataset as ArrayDataset
+from trustfed.data.manifest import data_manifest, manifest_hash
 from trustfed.errors import AppError, DataError, TrustFedError
-from trustfed.participant.trainer import Trainer
-
-if TYPE_CHECKING:
-    from trustfed.config import FederationConfig
+from trustfed.models.trainer import Trainer
+from trustfed.privacy.budget_state import BudgetStateFile
+from trustfed.privacy.dpsgd import CentralBudgetTrainer
+from trustfed.privacy.wiring import build_central_strategy, build_private_trainer
 
 EvaluateFn = Callable[[int, torch.Tensor], dict[str, float]]
-
-
-def participant_ids(n: int) -> list[str]:
-    return [f"p{i:03d}" for i in range(n)]
 
 
 class Runtime:
@@ -44,8 +45,6 @@ class Runtime:
         self.builtin = cfg.app is None
         self._simulated: dict[str, LocalData] = {}
         if cfg.app is None:
-            from trustfed.apps.builtin import builtin_app
-
             self.app: App = builtin_app(cfg)
         else:
             self.app = load_app(cfg.app.target, cfg.app.path)
@@ -54,8 +53,6 @@ class Runtime:
     @cached_property
     def identity(self) -> AppIdentity:
         if self.cfg.app is None:
-            from trustfed.apps.builtin import builtin_identity
-
             return builtin_identity(self.cfg)
         return app_identity(self.cfg.app.target, self.cfg.app.path, self.cfg.app.config)
 
@@ -67,9 +64,6 @@ class Runtime:
     def model_factory(self) -> Callable[[], nn.Module]:
         """A factory of the app's model, seeded: every process builds the same initial parameters."""
         if self.builtin:
-            from trustfed.apps.builtin import federation_data
-            from trustfed.simulation.federation import model_factory
-
             data = federation_data(self.cfg)
             return model_factory(self.cfg, data.train.input_shape, data.train.num_classes)
         app, ctx, seed = self.app, self.context(), self.cfg.federation.seed
@@ -127,8 +121,6 @@ class Runtime:
     def data_manifest(self, spec: DataSpec, local: LocalData) -> dict[str, Any]:
         """What identifies the participant's data without revealing it: its files' names, sizes and hashes
         (or, for data in memory, a hash of its arrays)."""
-        from trustfed.data.manifest import data_manifest
-
         files = list(local.files) if local.files is not None else ([spec.path] if spec.path is not None else [])
         if files:
             return data_manifest(files, root=spec.path if spec.path is not None and spec.path.is_dir() else None)
@@ -142,8 +134,6 @@ class Runtime:
         return {"in_memory": {"type": type(train).__name__, "examples": loop.num_examples(train)}}
 
     def provenance(self, spec: DataSpec, local: LocalData) -> dict[str, str]:
-        from trustfed.data.manifest import manifest_hash
-
         return {"app_sha256": self.identity.code_sha256, "data_sha256": manifest_hash(self.data_manifest(spec, local))}
 
     # ------------------------------------------------------------------ training
@@ -166,9 +156,6 @@ class Runtime:
         """Participant ``pid``'s trainer over its local data (with ``[privacy]``: DP-SGD or a budget guard)."""
         cfg = self.cfg
         if self.builtin:
-            from trustfed.apps.builtin import federation_data
-            from trustfed.simulation.federation import build_trainer
-
             return build_trainer(cfg, federation_data(cfg), pid, budget_state_dir=budget_state_dir)
         factory = self.model_factory()
         p = cfg.privacy
@@ -183,8 +170,6 @@ class Runtime:
                     "cross-entropy loop: the app must return its training data as trustfed arrays "
                     "(trustfed.data.datasets.Dataset) and leave train to trustfed"
                 )
-            from trustfed.privacy.wiring import build_private_trainer
-            from trustfed.simulation.federation import train_config
 
             return build_private_trainer(
                 p,
@@ -208,9 +193,6 @@ class Runtime:
             cfg.training.evaluate_every,
         )
         if p.mode == "central":
-            from trustfed.privacy.budget_state import BudgetStateFile
-            from trustfed.privacy.dpsgd import CentralBudgetTrainer
-
             budget, delta = p.budget_for(pid)
             state = BudgetStateFile.in_dir(budget_state_dir, pid) if budget_state_dir is not None else None
             trainer = CentralBudgetTrainer(trainer, budget, delta, p.accountant, budget_state=state)
@@ -277,15 +259,11 @@ class Runtime:
     def strategy(self, evaluate_fn: EvaluateFn | None) -> Strategy:
         inner = self.base_strategy(evaluate_fn)
         if self.cfg.privacy.mode == "central":
-            from trustfed.privacy.wiring import build_central_strategy
-
             return build_central_strategy(self.cfg.privacy, inner, self.cfg.federation.seed)
         return inner
 
 
 def _register_aggregators(app: App) -> None:
-    from trustfed.core.aggregator import _REGISTRY, available_aggregators, register_aggregator
-
     for name, factory in app.aggregators.items():
         if _REGISTRY.get(name) is factory:
             continue

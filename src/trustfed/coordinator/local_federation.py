@@ -23,9 +23,13 @@ from typing import Any
 
 import torch
 
+from trustfed.config import load_federation_config, participant_ids, validate_federation_config
+from trustfed.pki.ca import init_ca, issue
+from trustfed.simulation.enclave import enclave_aggregation
+from trustfed.simulation.runner import write_results
 from trustfed.transport.errors import TransportError
 
-log = logging.getLogger("trustfed.transport.local")
+log = logging.getLogger("trustfed.coordinator.local_federation")
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
@@ -77,8 +81,6 @@ def prepare(
     enclave_address: str | None = None,
 ) -> LocalFederation:
     """Fresh PKI in OUT/pki and OUT/federation.toml with a ``[transport]`` section (port 0)."""
-    from trustfed.pki.ca import init_ca, issue
-
     out = Path(out)
     pki = out / "pki"
     if pki.exists():
@@ -165,10 +167,7 @@ def start_enclave(
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from trustfed.config import validate_federation_config
     from trustfed.enclave.service import ENCLAVE_TLS_NAME
-    from trustfed.enclave.simulation import enclave_aggregation
-    from trustfed.pki.ca import issue
 
     cfg = validate_federation_config(dict(raw), "demo flags")
     pki, folder = out / "pki", out / "enclave"
@@ -235,10 +234,8 @@ def run_local_federation(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Coordinator here, every participant a process: returns (final params, metrics).
     ``participant_data``: each participant's own ``[data]`` (an app's federation)."""
-    from trustfed.config import load_federation_config
-    from trustfed.coordinator.service import GrpcTransport, run_coordinator, spec_for
-    from trustfed.simulation.federation import participant_ids
-    from trustfed.simulation.runner import write_results
+    from trustfed.coordinator.network import GrpcTransport
+    from trustfed.coordinator.run import run_coordinator, spec_for
 
     n = int(raw["federation"]["participants"])
     ids = participant_ids(n)

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from trustfed.participant.settings import load_participant_config
+
 app = typer.Typer(help="Run one participant against a coordinator.", invoke_without_command=True)
 
 
@@ -20,8 +22,7 @@ def client(
 
     import torch
 
-    from trustfed.participant.client import build_participant
-    from trustfed.participant.settings import load_participant_config
+    from trustfed.participant.assembly import build_participant
 
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(threads)

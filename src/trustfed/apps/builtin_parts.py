@@ -10,17 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from trustfed.app.runtime import participant_ids
-from trustfed.config import FederationConfig
-from trustfed.core.codec import flatten
+from trustfed.config import FederationConfig, participant_ids
+from trustfed.core.codec import ParamSpec, flatten
 from trustfed.data.datasets import Dataset, load_dataset, train_test_split
 from trustfed.data.partition import partition
+from trustfed.distributed.participant import DDPTrainer
+from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.models.reference import build_model
+from trustfed.models.trainer import LocalTrainer, Trainer
 from trustfed.models.training import TrainConfig
-from trustfed.participant.trainer import LocalTrainer, Trainer
+from trustfed.privacy.wiring import build_private_trainer
 
 
 @dataclass
@@ -76,14 +79,10 @@ def build_trainer(
         if adversary is not None:
             return adversary
     if cfg.participant_training.applies_to(pid):  # local training across DDP workers
-        from trustfed.distributed.participant import build_ddp_trainer
-
         return build_ddp_trainer(cfg, data.shards[pid], data.train.input_shape, data.train.num_classes, pid)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     _, spec = flatten(factory().state_dict())
     if cfg.privacy.mode != "none":
-        from trustfed.privacy.wiring import build_private_trainer
-
         return build_private_trainer(
             cfg.privacy,
             pid,
@@ -97,4 +96,43 @@ def build_trainer(
     return LocalTrainer(pid, factory, spec, data.shards[pid], train_config(cfg), cfg.federation.seed)
 
 
-__all__ = ["FederationData", "build_data", "build_trainer", "model_factory", "participant_ids", "train_config"]
+def build_ddp_trainer(
+    cfg: FederationConfig, data: Dataset, input_shape: tuple[int, ...], num_classes: int, pid: str
+) -> DDPTrainer:
+    """The trainer for participant ``pid`` when ``[participant_training]`` selects ``ddp`` for it."""
+    pt = cfg.participant_training
+    if cfg.privacy.mode == "local":
+        # Fail closed: DP-SGD is not implemented across DDP workers, and silently training
+        # without it would break the participant's privacy budget.
+        raise ConfigError(
+            "federation config",
+            [ConfigProblem("participant_training.trainer", "ddp cannot be combined with privacy.mode = 'local'")],
+        )
+    desc: dict[str, Any] = {
+        "name": cfg.model.name,
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "seed": cfg.federation.seed,
+        "hidden": list(cfg.model.hidden),
+        "channels": list(cfg.model.channels),
+    }
+    spec = ParamSpec.from_json(_ddp_spec_json(desc))
+    return DDPTrainer(
+        pid,
+        desc,
+        spec,
+        data,
+        train_config(cfg),
+        cfg.federation.seed,
+        pt.workers,
+        pt.backend,
+        pt.workdir,
+        persistent=pt.persistent,
+    )
+
+
+def _ddp_spec_json(desc: dict[str, Any]) -> str:
+    return flatten(build_model(**desc).state_dict())[1].to_json()
+
+
+__all__ = ["FederationData", "build_data", "build_trainer", "model_factory", "train_config"]

@@ -1,0 +1,66 @@
+"""What the coordinator makes of an accepted upload: the participant-signed commitment, checked against
+the bytes that arrived, and the update itself (clear or sealed to the enclave).
+
+Both raise :class:`~trustfed.transport.errors.MessageRejected` with the reason the servicer refuses
+the upload with.
+"""
+
+from __future__ import annotations
+
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from trustfed.core.codec import ParamSpec
+from trustfed.core.strategy import Update
+from trustfed.enclave.sealing import SealedUpdate
+from trustfed.ledger.audit import entry_digest, verify_signature
+from trustfed.ledger.participant import (
+    COMMITMENT_KIND,
+    PROVENANCE_KEYS,
+    SignedCommitment,
+    commitment_body,
+    evaluation_of,
+)
+from trustfed.transport import federation_pb2 as pb
+from trustfed.transport.errors import MessageRejected
+from trustfed.transport.streaming import as_vector
+
+
+def signed_commitment(
+    h: pb.UpdateHeader, pid: str, payload: bytes, cert: x509.Certificate
+) -> tuple[SignedCommitment, dict[str, str]]:
+    """The commitment must be H(round, id, H(payload)) and carry the sender's signature (its certificate
+    key). Returns it with the app code and data manifest hashes it states."""
+    rnd = int(h.round)
+    provenance = {k: str(getattr(h, k)) for k in PROVENANCE_KEYS if h.HasField(k)}
+    for key, digest in provenance.items():
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise MessageRejected("bad_provenance", f"{key} must be 64 lowercase hex digits")
+    body = commitment_body(rnd, pid, payload, int(h.num_examples), provenance, evaluation_of(dict(h.metrics)))
+    if body["commitment"] != bytes(h.commitment).hex():
+        raise MessageRejected("bad_commitment", f"commitment is not H(round {rnd}, {pid}, H(update))")
+    pem = cert.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    sig = bytes(h.commitment_signature)
+    if not verify_signature(pem, entry_digest(COMMITMENT_KIND, rnd, pid, body), sig):
+        raise MessageRejected(
+            "bad_commitment_signature", f"the commitment's signature does not verify with the certificate of {pid}"
+        )
+    return SignedCommitment(pid, rnd, body, sig), provenance
+
+
+def received_update(h: pb.UpdateHeader, pid: str, buf: bytearray, spec: ParamSpec, *, sealed: bool) -> Update:
+    """The update the bytes of an accepted upload carry: its parameters, or sealed ones for the enclave."""
+    if sealed:
+        return SealedUpdate(
+            participant_id=pid,
+            params=torch.zeros(0, dtype=torch.float32),
+            num_examples=0,
+            round=int(h.round),
+            enclave_key_id=h.enclave_key_id,
+            sealed=bytes(buf),
+            commitment=bytes(h.commitment),
+            signature=bytes(h.enclave_signature),
+            metrics=dict(h.metrics),  # the participant's privacy accounting, if any (its parameters stay sealed)
+        )
+    return Update(pid, as_vector(buf, spec), int(h.num_examples), dict(h.metrics))

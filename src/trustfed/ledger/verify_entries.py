@@ -1,0 +1,157 @@
+"""The audit verifier's checks of a round's entries: aggregation names, participant commitments, the
+app and its provenance, federated evaluation, participant status and checkpoints."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from trustfed.core.evaluation import EVAL_PREFIX, FED_EVAL_PREFIX, combine
+from trustfed.errors import CheckpointError, TrustFedError
+from trustfed.ledger.checkpoint import hash_model_bytes
+from trustfed.ledger.recorder import AUDIT_FILE, COORDINATOR_ID
+from trustfed.ledger.records import update_commitment
+from trustfed.ledger.verify_base import Located, VerifierState
+
+
+class EntryChecks(VerifierState):
+    def _aggregation_names(self, loc: Located, f: dict[str, Any]) -> None:
+        """The aggregation names exactly the round's committers, in log order, and selects among them
+        (a coordinator cannot claim an update that was never committed, nor drop one that was)."""
+        e, ln = loc.entry, loc.line
+        authors = list(f.get("authors", []))
+        named = [str(p) for p in e.body.get("participants", [])]
+        if named != authors:
+            self.fail(
+                AUDIT_FILE, ln, e.round, "body.participants", f"names {named}, the round's commitments are by {authors}"
+            )
+        stray = sorted(set(map(str, e.body.get("selected", []))) - set(authors))
+        if stray:
+            self.fail(AUDIT_FILE, ln, e.round, "body.selected", f"selects {stray}, who committed no update this round")
+
+    def _commitment(self, loc: Located, plan: Located | None, f: dict[str, Any]) -> None:
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        if e.author in f.setdefault("authors", []):
+            self.fail(AUDIT_FILE, ln, e.round, "author", f"a second commitment by {e.author!r} this round")
+        f["authors"].append(e.author)
+        if b.get("participant") != e.author:
+            self.fail(AUDIT_FILE, ln, e.round, "body.participant", "commitment names someone other than its author")
+        if plan is None or e.author not in plan.entry.body.get("participants", []):
+            self.fail(AUDIT_FILE, ln, e.round, "author", f"{e.author!r} was not selected in this round's plan")
+        gone = self.left.get(e.author)
+        if gone is not None and gone[1] < e.round:
+            self.fail(AUDIT_FILE, ln, e.round, "author", f"{e.author!r} left the federation in round {gone[1]}")
+        try:
+            real = update_commitment(e.round, e.author, bytes.fromhex(str(b.get("update_sha256")))).hex()
+        except (ValueError, TrustFedError) as exc:
+            self.fail(AUDIT_FILE, ln, e.round, "body.update_sha256", f"malformed: {exc}")
+            return
+        if real != b.get("commitment"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.commitment", "is not H(round, id, H(update))")
+        self.checked["commitments"] += 1
+        self._provenance(loc, f)
+        f["leaves"].append(bytes.fromhex(real))
+        f.setdefault("commitments", {})[e.author] = f["leaves"][-1]  # author -> commitment, for the receipt
+
+    # ------------------------------------------------------------ the app and its provenance
+    def _app(self, loc: Located) -> None:
+        """The app that trained the model, named once by the coordinator before round 1."""
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        code = str(b.get("code_sha256", ""))
+        if e.author != COORDINATOR_ID or e.round != 0 or self.app_code is not None:
+            self.fail(AUDIT_FILE, ln, e.round, "kind", "the app is named once, by the coordinator, before round 1")
+        elif len(code) != 64 or any(c not in "0123456789abcdef" for c in code):
+            self.fail(AUDIT_FILE, ln, e.round, "body.code_sha256", "must be 64 lowercase hex digits")
+        else:
+            self.app_code = code
+            self.checked["app"] += 1
+
+    def _provenance(self, loc: Located, f: dict[str, Any]) -> None:
+        """A participant's commitment states the code it ran; it must be the federation's app. Its
+        federated-evaluation scores are kept for the round's aggregation check."""
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        if self.app_code is not None:
+            ran = b.get("app_sha256")
+            if ran is None:
+                self.fail(AUDIT_FILE, ln, e.round, "body.app_sha256", f"{e.author!r} does not state the code it ran")
+            elif ran != self.app_code:
+                self.fail(
+                    AUDIT_FILE,
+                    ln,
+                    e.round,
+                    "body.app_sha256",
+                    f"{e.author!r} ran code {str(ran)[:16]}…, not the federation's app ({self.app_code[:16]}…)",
+                )
+            else:
+                self.checked["provenance"] += 1
+        evaluation = b.get("evaluation")
+        if isinstance(evaluation, dict):
+            try:
+                f.setdefault("evaluations", []).append({EVAL_PREFIX + str(k): float(v) for k, v in evaluation.items()})
+            except (TypeError, ValueError):
+                self.fail(AUDIT_FILE, ln, e.round, "body.evaluation", "scores must be numbers")
+
+    def _federated_evaluation(self, loc: Located, f: dict[str, Any]) -> None:
+        """The round's federated evaluation must be the example-weighted mean of the signed scores."""
+        e, ln = loc.entry, loc.line
+        metrics = e.body.get("metrics", {})
+        recorded = (
+            {k: v for k, v in metrics.items() if k.startswith(FED_EVAL_PREFIX)} if isinstance(metrics, dict) else {}
+        )
+        real = combine(f.get("evaluations", []), e.round - 1)
+        if not recorded and not real:
+            return
+        same = set(recorded) == set(real) and all(
+            isinstance(recorded[k], int | float) and math.isclose(recorded[k], v, rel_tol=1e-9, abs_tol=1e-12)
+            for k, v in real.items()
+        )
+        if not same:
+            self.fail(
+                AUDIT_FILE,
+                ln,
+                e.round,
+                "body.metrics",
+                "the federated evaluation is not the example-weighted mean of the participants' signed scores",
+            )
+        else:
+            self.checked["federated_evaluations"] += 1
+
+    def _status(self, loc: Located) -> None:
+        """A participant left the federation: known to the log, once, as exited or revoked."""
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        pid, status = str(b.get("participant", "")), b.get("status")
+        if e.author != COORDINATOR_ID:
+            self.fail(AUDIT_FILE, ln, e.round, "author", "a status is recorded by the coordinator only")
+        elif pid not in self.identities:
+            self.fail(AUDIT_FILE, ln, e.round, "body.participant", f"{pid!r} is not a registered identity")
+        elif status not in ("exited", "revoked", "suspended"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.status", f"expected exited, revoked or suspended, got {status!r}")
+        elif pid in self.left and not (self.left[pid][0] == "suspended" and status != "suspended"):
+            self.fail(AUDIT_FILE, ln, e.round, "body.participant", f"{pid!r} already left in round {self.left[pid][1]}")
+        else:  # a suspended participant may still exit or be revoked (final)
+            self.left[pid] = (str(status), e.round)
+            if status == "suspended":
+                self.suspensions[pid] = e.round
+            self.checked["departures"] += 1
+
+    def _checkpoint(self, loc: Located) -> str:
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        recorded = str(b.get("model_hash", ""))
+        if "file" not in b:
+            return recorded
+        f32, spec = self.run_dir / str(b["file"]), self.run_dir / str(b.get("spec_file", ""))
+        try:
+            real = hash_model_bytes(f32.read_bytes(), spec.read_text(encoding="utf-8"))
+        except (OSError, CheckpointError, TrustFedError) as exc:
+            self.fail(str(b["file"]), None, e.round, "file", f"checkpoint unreadable ({exc}); logged at line {ln}")
+            return recorded
+        self.checked["checkpoints"] += 1
+        if real != recorded:
+            self.fail(
+                str(b["file"]),
+                None,
+                e.round,
+                "model_hash",
+                f"file hashes to {real[:16]}…, the log (line {ln}) records {recorded[:16]}…: swapped or altered",
+            )
+        return recorded
