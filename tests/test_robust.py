@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from trustfed.core import FedAvg, RoundPlan, Update, available_aggregators, get_aggregator
 from trustfed.core import robust as R
+from trustfed.core import robust_kernels as K
 from trustfed.errors import AggregationError
 
 # ----------------------------------------------------------------------------- slow oracles
@@ -162,7 +163,7 @@ def test_median_even_n_averages_the_two_middle_values_unlike_torch_median() -> N
 
 
 def test_median_large_input_uses_threaded_chunks_and_matches_numpy() -> None:
-    x, w = _data(3, 10, 3 * R._CHUNK + 7)
+    x, w = _data(3, 10, 3 * K.CHUNK + 7)
     torch.set_num_threads(2)
     try:
         res = get_aggregator("median")(_t(x), _t(w))
@@ -175,7 +176,7 @@ def test_median_large_input_uses_threaded_chunks_and_matches_numpy() -> None:
 def test_large_input_distances_use_the_float32_gram_and_survive_a_large_common_offset(
     threads: int, offset: float, centred: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    n, d = 12, R._F64_GRAM_LIMIT // 12 + 5 * R._GRAM_BLOCK + 3  # above the float64 limit, ragged last block
+    n, d = 12, K._F64_GRAM_LIMIT // 12 + 5 * K._GRAM_BLOCK + 3  # above the float64 limit, ragged last block
     rng = np.random.default_rng(7)
     # offset 100: a shared part 10,000x the spread, on which the plain X @ X.T would cancel; 0.005: small
     x = (rng.normal(0, 1, d) * offset + rng.normal(0, 0.01, (n, d))).astype(np.float32)
@@ -183,13 +184,13 @@ def test_large_input_distances_use_the_float32_gram_and_survive_a_large_common_o
     x64 = x.astype(np.float64)
     ref = np.array([[float(np.sum((x64[i] - x64[j]) ** 2)) for j in range(n)] for i in range(n)])
     calls: list[bool] = []
-    real = R._blocked_gram
+    real = K._blocked_gram
 
     def spy(a: np.ndarray, threads: int, centre: bool) -> np.ndarray:
         calls.append(centre)
         return real(a, threads, centre)
 
-    monkeypatch.setattr(R, "_blocked_gram", spy)
+    monkeypatch.setattr(K, "_blocked_gram", spy)
     torch.set_num_threads(threads)
     try:
         got = R.pairwise_sq_distances(torch.from_numpy(x)).numpy()
@@ -477,7 +478,7 @@ def test_aggregators_reject_nan_updates(name: str) -> None:
 def test_gram_based_aggregators_reject_non_finite_and_overflowing_wide_updates(name: str) -> None:
     """Krum, Multi-Krum and Bulyan skip check_inputs' pass over the values: the squared norms on the
     Gram diagonal (float32 path for wide updates) catch NaN, infinity and overflow instead."""
-    n, d = 6, R._F64_GRAM_LIMIT // 6 + 11
+    n, d = 6, K._F64_GRAM_LIMIT // 6 + 11
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(5))
     for bad in (float("nan"), float("inf"), -float("inf")):
         y = x.clone()
@@ -491,7 +492,7 @@ def test_gram_based_aggregators_reject_non_finite_and_overflowing_wide_updates(n
 
 
 def test_float32_weighted_mean_is_close_to_float64_and_independent_of_the_thread_count() -> None:
-    n, d = 9, 3 * R._CHUNK + 17
+    n, d = 9, 3 * K.CHUNK + 17
     rng = np.random.default_rng(11)
     x = (rng.normal(0, 1, (n, d)) * 0.01 + rng.normal(0, 1, d) * 0.01).astype(np.float32)
     w = rng.integers(1, 1000, n).astype(np.float32)

@@ -122,7 +122,7 @@ def _load_builtin() -> None:
     # Robust aggregators live in their own module; import lazily to register them.
     import importlib
 
-    for mod in ("trustfed.core.robust",):
+    for mod in ("trustfed.core.robust", "trustfed.core.robust_wrappers"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
