@@ -23,7 +23,7 @@ from trustfed.app.trainer import AppTrainer, exchanged_state, load_exchanged
 from trustfed.apps.builtin import builtin_app, builtin_identity, federation_data
 from trustfed.apps.builtin_parts import build_trainer, model_factory, train_config
 from trustfed.config import FederationConfig, participant_ids
-from trustfed.core.aggregator import _REGISTRY, available_aggregators, register_aggregator
+from trustfed.core.aggregator import available_aggregators, register_aggregator, registered_factory
 from trustfed.core.codec import ParamSpec, flatten
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx, Strategy
 from trustfed.data.datasets import Dataset as ArrayDataset
@@ -265,7 +265,7 @@ class Runtime:
 
 def _register_aggregators(app: App) -> None:
     for name, factory in app.aggregators.items():
-        if _REGISTRY.get(name) is factory:
+        if registered_factory(name) is factory:
             continue
         if name in available_aggregators():
             raise AppError(f"the app registers aggregator {name!r}, which is already a built-in aggregator's name")

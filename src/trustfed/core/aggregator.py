@@ -130,6 +130,12 @@ def _load_builtin() -> None:
                 raise
 
 
+def registered_factory(name: str) -> Callable[..., Aggregator] | None:
+    """The factory registered under ``name``, or None."""
+    _load_builtin()
+    return _REGISTRY.get(name)
+
+
 def available_aggregators() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
