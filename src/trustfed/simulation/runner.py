@@ -11,11 +11,14 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+import trustfed
 from trustfed.app.runtime import Runtime, participant_ids
 from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import FED_EVAL_PREFIX, Coordinator, RoundObserver, RoundRecord, Transport
@@ -27,17 +30,14 @@ from trustfed.simulation.transports import InProcessTransport, MultiprocessTrans
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import sklearn
-
-    import trustfed
-
+    """The versions a run records. scikit-learn's comes from its installed metadata: importing it
+    only to read ``__version__`` would cost a simulation a second or more."""
     return {
         "trustfed": trustfed.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": metadata.version("scikit-learn"),
     }
 
 
