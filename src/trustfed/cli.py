@@ -78,7 +78,7 @@ def config_check(file: Annotated[Path, typer.Argument(help="federation TOML file
     )
 
 
-def _run_with_progress(cfg: Any, out: Path) -> dict[str, Any]:
+def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, Any]:
     from trustfed.simulation.runner import run_simulation
 
     with Progress(
@@ -98,7 +98,7 @@ def _run_with_progress(cfg: Any, out: Path) -> dict[str, Any]:
             )
             progress.update(task, advance=1, status=figures.split("  ")[0])
 
-        result = run_simulation(cfg, out, on_round)
+        result = run_simulation(cfg, out, on_round, plot=plot)
     return result.metrics
 
 
@@ -113,7 +113,7 @@ def round_figures(metrics: dict[str, float]) -> str:
     return "  ".join(parts) or "no evaluation"
 
 
-def _final_table(metrics: dict[str, Any], out: Path) -> None:
+def _final_table(metrics: dict[str, Any], out: Path, *, plot: bool = True) -> None:
     table = Table(title="federation result")
     table.add_column("round", justify="right")
     table.add_column("accuracy", justify="right")
@@ -133,9 +133,9 @@ def _final_table(metrics: dict[str, Any], out: Path) -> None:
         headline = f"federated evaluation of round {fed['model_round']}'s model: [bold]{shown}[/bold]"
     else:
         headline = f"final accuracy [bold]{metrics['final_accuracy']:.4f}[/bold]"
+    files = f"{out}/metrics.json and {out}/metrics.png" if plot else f"{out}/metrics.json"
     console.print(
-        f"{headline} in {metrics['total_seconds']:.1f} s; "
-        f"model hash {metrics['model_hash'][:16]}…; results in {out}/metrics.json and {out}/metrics.png"
+        f"{headline} in {metrics['total_seconds']:.1f} s; model hash {metrics['model_hash'][:16]}…; results in {files}"
     )
 
 
@@ -161,6 +161,7 @@ def simulate(
     config: Annotated[Path, typer.Option("--config", "-c", help="federation TOML file")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json and the plot")],
     backend: Annotated[str | None, typer.Option(help="override simulation.backend: inprocess|multiprocess|ray")] = None,
+    plot: Annotated[bool, typer.Option(help="also draw DIR/metrics.png (matplotlib adds about a second)")] = True,
 ) -> None:
     """Run N virtual participants on this machine and write DIR/metrics.json and a plot."""
     from trustfed.config import load_federation_config, validate_federation_config
@@ -170,8 +171,8 @@ def simulate(
         raw = cfg.model_dump(mode="json")
         raw["simulation"]["backend"] = backend
         cfg = validate_federation_config(raw, f"--backend {backend}")
-    metrics = _run_with_progress(cfg, out)
-    _final_table(metrics, out)
+    metrics = _run_with_progress(cfg, out, plot=plot)
+    _final_table(metrics, out, plot=plot)
 
 
 @app.command()
