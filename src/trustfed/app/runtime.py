@@ -169,7 +169,7 @@ class Runtime:
             from trustfed.apps.builtin import federation_data
             from trustfed.simulation.federation import build_trainer
 
-            return build_trainer(cfg, federation_data(cfg), pid, budget_state_dir=budget_state_dir)
+            return build_trainer(cfg, federation_data(cfg), pid, budget_state_dir=budget_state_dir, spec=self.spec)
         factory = self.model_factory()
         p = cfg.privacy
         if p.mode == "local":
