@@ -1,4 +1,5 @@
-"""The built-in local training loop against its oracle: the same loop driven by ``torch.optim.SGD``."""
+"""The built-in training and evaluation loops against their oracles: the same loop driven by
+``torch.optim.SGD``, and evaluation with one forward pass per whole batch."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from trustfed.data.datasets import Dataset
 from trustfed.models.reference import build_model
-from trustfed.models.training import TrainConfig, train_epochs
+from trustfed.models.training import EvalResult, TrainConfig, evaluate, train_epochs
 
 
 def train_with_torch_optim(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int) -> float:
@@ -62,3 +63,31 @@ def test_train_epochs_is_torch_optim_sgd_bit_for_bit(
     assert loss == train_with_torch_optim(oracle, data, cfg, seed)
     for (name, a), b in zip(fast.state_dict().items(), oracle.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@torch.no_grad()
+def evaluate_whole_batches(model: nn.Module, data: Dataset, batch_size: int = 1024) -> EvalResult:
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        xb = torch.from_numpy(data.x[start : start + batch_size])
+        yb = torch.from_numpy(data.y[start : start + batch_size])
+        out = model(xb)
+        total_loss += float(loss_fn(out, yb))
+        correct += int((out.argmax(dim=1) == yb).sum())
+    return EvalResult(total_loss / len(data), correct / len(data), len(data))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    case=st.sampled_from([("mlp", (64,)), ("mlp", (30,)), ("cnn", (64,)), ("cnn", (1, 28, 28)), ("cnn", (3, 32, 32))]),
+    n=st.one_of(st.integers(1, 2100), st.sampled_from([255, 256, 257, 1000, 1024, 1025, 2048])),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_evaluate_in_parts_gives_the_whole_batch_figures(case: tuple[str, tuple[int, ...]], n: int, seed: int) -> None:
+    name, shape = case
+    rng = np.random.default_rng(seed)
+    data = Dataset("t", rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, 10, size=n), 10)
+    model = build_model(name, shape, 10, seed=seed % 1000)
+    assert evaluate(model, data) == evaluate_whole_batches(model, data)
