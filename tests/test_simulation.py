@@ -141,18 +141,22 @@ def test_altered_enclave_receipt_fails_the_audit(demo_run: Path, tmp_path: Path)
     assert not has(verdict.failures, file="audit.jsonl", field="sig")  # the forger's signature is valid
 
 
-def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("plot", [True, False])
+def test_simulate_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plot: bool) -> None:
     cfg = tmp_path / "f.toml"
     cfg.write_text(
         '[federation]\nrounds = 2\nparticipants = 3\n[data]\ndataset = "breast_cancer"\n[data.partition]\nkind = "iid"\n'
     )
-    monkeypatch.setattr(sys, "argv", ["trustfed", "simulate", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    argv = ["trustfed", "simulate", "--config", str(cfg), "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(sys, "argv", argv if plot else [*argv, "--no-plot"])
     try:
         main()
     except SystemExit as exc:
         assert exc.code in (0, None)
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["final_accuracy"] > 0.8
+    assert (tmp_path / "o" / "model.f32").is_file()
+    assert (tmp_path / "o" / "metrics.png").is_file() is plot
 
 
 def test_malformed_attestation_record_is_a_located_failure(demo_run: Path, tmp_path: Path) -> None:

@@ -68,10 +68,17 @@ def train_config(cfg: FederationConfig) -> TrainConfig:
 
 
 def build_trainer(
-    cfg: FederationConfig, data: FederationData, pid: str, *, budget_state_dir: Path | None = None
+    cfg: FederationConfig,
+    data: FederationData,
+    pid: str,
+    *,
+    budget_state_dir: Path | None = None,
+    spec: ParamSpec | None = None,
 ) -> Trainer:
     """Participant ``pid``'s trainer. ``budget_state_dir``: with ``[privacy]``, where it keeps its spend
-    on disk (a networked participant process); None keeps it in the trainer object only."""
+    on disk (a networked participant process); None keeps it in the trainer object only. ``spec``: the
+    model's parameter spec when the caller holds it (a runtime building a hundred trainers does);
+    otherwise it is read from a freshly built model."""
     if cfg.attack.kind != "none":  # malicious participants (simulation only), see trustfed.attacks
         from trustfed.simulation.adversary import adversarial_trainer
 
@@ -81,7 +88,8 @@ def build_trainer(
     if cfg.participant_training.applies_to(pid):  # local training across DDP workers
         return build_ddp_trainer(cfg, data.shards[pid], data.train.input_shape, data.train.num_classes, pid)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    _, spec = flatten(factory().state_dict())
+    if spec is None:
+        _, spec = flatten(factory().state_dict())
     if cfg.privacy.mode != "none":
         return build_private_trainer(
             cfg.privacy,

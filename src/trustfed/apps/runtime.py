@@ -156,7 +156,7 @@ class Runtime:
         """Participant ``pid``'s trainer over its local data (with ``[privacy]``: DP-SGD or a budget guard)."""
         cfg = self.cfg
         if self.builtin:
-            return build_trainer(cfg, federation_data(cfg), pid, budget_state_dir=budget_state_dir)
+            return build_trainer(cfg, federation_data(cfg), pid, budget_state_dir=budget_state_dir, spec=self.spec)
         factory = self.model_factory()
         p = cfg.privacy
         if p.mode == "local":

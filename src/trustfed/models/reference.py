@@ -95,7 +95,10 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: i
         factory = MODELS[name]
     except KeyError:
         raise TrustFedError(f"unknown model {name!r}; available: {', '.join(MODELS)}") from None
-    # torch's global generator is shared by threads: one build at a time keeps the weights deterministic
+    # torch's global generator is shared by threads: one build at a time keeps the weights deterministic.
+    # Only the CPU generator, which initialises the weights, is seeded (and restored after):
+    # torch.manual_seed would also queue a reseed of every accelerator's generators, recording a stack
+    # trace each time, and leave them reseeded.
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return factory(input_shape, num_classes, **kw)

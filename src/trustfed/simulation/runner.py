@@ -1,7 +1,8 @@
 """Run a whole federation in one machine and write its results.
 
 ``DIR/metrics.json`` = {"final_accuracy", "rounds": [{"round", "accuracy", "loss", "seconds"}],
-"config", "versions", ...}; ``DIR/metrics.png`` plots accuracy and loss over rounds.
+"config", "versions", ...}; ``DIR/metrics.png`` plots accuracy and loss over rounds (unless
+``plot=False``: matplotlib's import and drawing cost about a second).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+import trustfed
 from trustfed.apps.builtin import federation_data
 from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig, participant_ids
@@ -34,17 +38,14 @@ from trustfed.simulation.transports import InProcessTransport, MultiprocessTrans
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import sklearn
-
-    import trustfed
-
+    """The versions a run records. scikit-learn's comes from its installed metadata: importing it
+    only to read ``__version__`` would cost a simulation a second or more."""
     return {
         "trustfed": trustfed.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": metadata.version("scikit-learn"),
     }
 
 
@@ -59,6 +60,8 @@ def run_simulation(
     out_dir: Path | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     observers: Sequence[RoundObserver] = (),
+    *,
+    plot: bool = True,
 ) -> SimulationResult:
     rt = Runtime(cfg)
     params, spec = rt.initial
@@ -88,7 +91,7 @@ def run_simulation(
     if provenance:
         metrics["participants_provenance"] = provenance
     if out_dir is not None:
-        write_results(out_dir, metrics, coord.params, spec.to_json())
+        write_results(out_dir, metrics, coord.params, spec.to_json(), plot=plot)
     return SimulationResult(coord.params, metrics)
 
 
@@ -157,12 +160,15 @@ def federated_entry(metrics: dict[str, float]) -> dict[str, Any]:
     return {"federated_evaluation": {"model_round": model_round, **found}}
 
 
-def write_results(out_dir: Path, metrics: dict[str, Any], params: torch.Tensor, spec_json: str) -> None:
+def write_results(
+    out_dir: Path, metrics: dict[str, Any], params: torch.Tensor, spec_json: str, *, plot: bool = True
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
     atomic_write_bytes(out_dir / "model.f32", to_bytes(params))
     atomic_write_bytes(out_dir / "model.spec.json", spec_json.encode())
-    plot_metrics(metrics, out_dir / "metrics.png")
+    if plot:
+        plot_metrics(metrics, out_dir / "metrics.png")
 
 
 def plot_metrics(metrics: dict[str, Any], path: Path) -> None:
