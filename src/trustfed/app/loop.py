@@ -21,16 +21,13 @@ from torch.utils.data import Dataset as TorchDataset
 from trustfed.app.api import TrainData
 from trustfed.data.datasets import Dataset as ArrayDataset
 from trustfed.errors import AppError
+from trustfed.models.training import TrainConfig
 
 
 @dataclass(frozen=True)
-class LoopSettings:
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    proximal_mu: float = 0.0
+class LoopSettings(TrainConfig):
+    """The built-in loop's settings: the local-training ones and the loss, optimiser and metrics."""
+
     loss: str = "cross_entropy"
     optimizer: str = "sgd"
     metrics: tuple[str, ...] = ("accuracy",)

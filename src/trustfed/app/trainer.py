@@ -8,7 +8,7 @@ the commitment it signs, so the coordinator's example-weighted figure can be re-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,8 @@ from trustfed.core.codec import ParamSpec, flatten, load_vector, unflatten
 from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import AppError, TrustFedError
-from trustfed.models.trainer import round_seed
+from trustfed.models.trainer import round_seed, train_config_from_plan
+from trustfed.models.training import TrainConfig
 
 
 def _call_hook(pid: str, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -95,17 +96,9 @@ class AppTrainer:
             raise AppError(f"participant {participant_id}: the app's data loader returned no training examples")
 
     def _settings(self, plan: RoundPlan) -> loop.LoopSettings:
-        c = plan.config
-        s = self.settings
-        return replace(
-            s,
-            epochs=int(c.get("local_epochs", s.epochs)),
-            batch_size=int(c.get("batch_size", s.batch_size)),
-            lr=float(c.get("lr", s.lr)),
-            momentum=float(c.get("momentum", s.momentum)),
-            weight_decay=float(c.get("weight_decay", s.weight_decay)),
-            proximal_mu=float(c.get("proximal_mu", s.proximal_mu)),
-        )
+        """This round's settings: the coordinator's per-round overrides over the configured ones."""
+        c = train_config_from_plan(self.settings, plan)
+        return replace(self.settings, **{f.name: getattr(c, f.name) for f in fields(TrainConfig)})
 
     def _score(self, data: TrainData) -> dict[str, float]:
         if self.app.evaluate is not None:

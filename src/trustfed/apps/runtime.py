@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -139,18 +140,8 @@ class Runtime:
     # ------------------------------------------------------------------ training
     def loop_settings(self) -> loop.LoopSettings:
         t = self.cfg.training
-        mu = self.cfg.strategy.proximal_mu if self.cfg.strategy.name == "fedprox" else 0.0
-        return loop.LoopSettings(
-            t.local_epochs,
-            t.batch_size,
-            t.lr,
-            t.momentum,
-            t.weight_decay,
-            mu,
-            t.loss,
-            t.optimizer,
-            tuple(t.metric_names()),
-        )
+        base = train_config(self.cfg)  # the built-in app's local-training settings (FedProx's mu included)
+        return loop.LoopSettings(**asdict(base), loss=t.loss, optimizer=t.optimizer, metrics=tuple(t.metric_names()))
 
     def trainer(self, pid: str, local: LocalData, *, budget_state_dir: Path | None = None) -> Trainer:
         """Participant ``pid``'s trainer over its local data (with ``[privacy]``: DP-SGD or a budget guard)."""
