@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trustfed.apps.builtin_parts import build_data
+from trustfed.apps.builtin_parts import adversarial_trainer, build_data, malicious_participants
 from trustfed.attacks import (
     AttackSettings,
     MaliciousTrainer,
@@ -29,7 +29,7 @@ from trustfed.core.anomaly import AnomalyMonitor, anomaly_scores
 from trustfed.data.datasets import Dataset
 from trustfed.errors import ConfigError
 from trustfed.simulation import run_simulation
-from trustfed.simulation.adversary import OmniscientTransport, adversarial_trainer, malicious_participants
+from trustfed.simulation.adversary import OmniscientTransport
 
 
 def _deltas(seed: int, n: int = 10, d: int = 50) -> tuple[torch.Tensor, torch.Tensor]:

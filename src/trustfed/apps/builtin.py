@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+import trustfed
 from trustfed.app.api import App, AppContext, DataSpec, LocalData
 from trustfed.app.loading import AppIdentity
 from trustfed.apps.builtin_parts import FederationData, build_data, model_factory
@@ -64,8 +65,6 @@ def builtin_app(cfg: FederationConfig) -> App:
 def builtin_identity(cfg: FederationConfig) -> AppIdentity:
     """The built-in app's source is trustfed itself: its code hash covers the modules that load the
     datasets, build the models and train them."""
-    import trustfed
-
     root = Path(trustfed.__file__).resolve().parent
     names = ["apps/builtin.py", "data/datasets.py", "data/partition.py", "models/reference.py", "models/training.py"]
     h = hashlib.sha256(b"trustfed-app-code-v1\0")

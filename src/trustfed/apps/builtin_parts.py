@@ -14,6 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from trustfed.attacks.data_poisoning import backdoor, flip_labels
+from trustfed.attacks.model_poisoning import LOCAL
+from trustfed.attacks.settings import OMNISCIENT
+from trustfed.attacks.trainers import MaliciousTrainer
 from trustfed.config import FederationConfig, participant_ids
 from trustfed.core.codec import ParamSpec, flatten
 from trustfed.data.datasets import Dataset, load_dataset, train_test_split
@@ -80,8 +84,6 @@ def build_trainer(
     model's parameter spec when the caller holds it (a runtime building a hundred trainers does);
     otherwise it is read from a freshly built model."""
     if cfg.attack.kind != "none":  # malicious participants (simulation only), see trustfed.attacks
-        from trustfed.simulation.adversary import adversarial_trainer
-
         adversary = adversarial_trainer(cfg, data, pid)
         if adversary is not None:
             return adversary
@@ -143,4 +145,39 @@ def _ddp_spec_json(desc: dict[str, Any]) -> str:
     return flatten(build_model(**desc).state_dict())[1].to_json()
 
 
-__all__ = ["FederationData", "build_data", "build_trainer", "model_factory", "train_config"]
+def malicious_participants(cfg: FederationConfig) -> list[str]:
+    return cfg.attack.malicious(participant_ids(cfg.federation.participants))
+
+
+def adversarial_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> Trainer | None:
+    """The malicious trainer for ``pid``, or None when ``pid`` is honest (or the attack is omniscient:
+    those participants train honestly and the transport rewrites their updates)."""
+    a = cfg.attack
+    if a.kind in ("none", *OMNISCIENT) or pid not in malicious_participants(cfg):
+        return None
+
+    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
+    _, spec = flatten(factory().state_dict())
+    shard = data.shards[pid]
+    seed = a.seed * 7919 + cfg.federation.seed
+    if a.kind == "label_flip":
+        shard = flip_labels(shard)
+    elif a.kind == "scaling_backdoor":
+        shard = backdoor(shard, a.params, seed)
+    honest = LocalTrainer(pid, factory, spec, shard, train_config(cfg), cfg.federation.seed)
+    if a.kind == "label_flip":
+        return honest
+    return MaliciousTrainer(
+        honest, LOCAL[a.kind], a.params, seed, train=a.kind != "free_rider", num_examples=len(data.shards[pid])
+    )
+
+
+__all__ = [
+    "FederationData",
+    "adversarial_trainer",
+    "build_data",
+    "build_trainer",
+    "malicious_participants",
+    "model_factory",
+    "train_config",
+]

@@ -1,7 +1,7 @@
 """Simulation glue for attacks and for aggregators that need server-side data.
 
-* :func:`adversarial_trainer`: the trainer of a malicious participant (``build_trainer`` calls it,
-  so the in-process and multiprocess backends both use it);
+* a malicious participant's own trainer is built with the built-in app's trainers
+  (:func:`trustfed.apps.builtin_parts.adversarial_trainer`);
 * :class:`OmniscientTransport`: wraps any Transport and rewrites the malicious participants'
   updates from everyone's deltas (ALIE, IPM, min-max, min-sum);
 * :func:`attach_root_update`: gives FLTrust its server update, trained on a seeded root sample.
@@ -16,46 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from trustfed.apps.builtin_parts import FederationData, model_factory, train_config
-from trustfed.attacks.data_poisoning import backdoor, flip_labels
-from trustfed.attacks.model_poisoning import LOCAL, OMNISCIENT_FNS, jitter_copies
+from trustfed.apps.builtin_parts import FederationData, malicious_participants, model_factory, train_config
+from trustfed.attacks.model_poisoning import OMNISCIENT_FNS, jitter_copies
 from trustfed.attacks.settings import OMNISCIENT
-from trustfed.attacks.trainers import MaliciousTrainer
-from trustfed.config import FederationConfig, participant_ids
+from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import Coordinator
 from trustfed.core.codec import flatten
 from trustfed.core.rounds import Transport
 from trustfed.core.strategy import RoundPlan, Update
-from trustfed.models.trainer import LocalTrainer, Trainer
+from trustfed.models.trainer import LocalTrainer
 
 log = logging.getLogger("trustfed.simulation.adversary")
-
-
-def malicious_participants(cfg: FederationConfig) -> list[str]:
-    return cfg.attack.malicious(participant_ids(cfg.federation.participants))
-
-
-def adversarial_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> Trainer | None:
-    """The malicious trainer for ``pid``, or None when ``pid`` is honest (or the attack is omniscient:
-    those participants train honestly and the transport rewrites their updates)."""
-    a = cfg.attack
-    if a.kind in ("none", *OMNISCIENT) or pid not in malicious_participants(cfg):
-        return None
-
-    factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
-    _, spec = flatten(factory().state_dict())
-    shard = data.shards[pid]
-    seed = a.seed * 7919 + cfg.federation.seed
-    if a.kind == "label_flip":
-        shard = flip_labels(shard)
-    elif a.kind == "scaling_backdoor":
-        shard = backdoor(shard, a.params, seed)
-    honest = LocalTrainer(pid, factory, spec, shard, train_config(cfg), cfg.federation.seed)
-    if a.kind == "label_flip":
-        return honest
-    return MaliciousTrainer(
-        honest, LOCAL[a.kind], a.params, seed, train=a.kind != "free_rider", num_examples=len(data.shards[pid])
-    )
 
 
 class OmniscientTransport:
