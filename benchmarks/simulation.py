@@ -453,6 +453,14 @@ def side_env(side: str, threads: int | None) -> dict[str, str]:
     return env
 
 
+def portable_command(argv: list[str], work: Path) -> str:
+    """The command as a reader reruns it: ``python`` for this interpreter, paths relative to the
+    repository, ``WORK`` for the run's temporary folder (no machine paths in the results)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    words = ["python" if a == sys.executable else a for a in argv]
+    return shlex.join(words).replace(str(work), "WORK").replace(repo + "/", "")
+
+
 def run_side(side: str, toml: Path, w: dict[str, Any], workers: int, threads: int | None, work: Path) -> dict[str, Any]:
     out = work / side
     shutil.rmtree(out, ignore_errors=True)
@@ -464,7 +472,7 @@ def run_side(side: str, toml: Path, w: dict[str, Any], workers: int, threads: in
     metrics = json.loads((out / "metrics.json").read_text())
     return {
         **{k: v for k, v in asdict(run).items() if k != "argv"},
-        "command": shlex.join(argv),
+        "command": portable_command(argv, work),
         "accuracy": metrics["final_accuracy"],
         "params": np.fromfile(out / "model.f32", dtype="<f4"),
         "load_average_after": os.getloadavg(),
