@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +138,8 @@ def _source_files(module_name: str, path: Path | None) -> tuple[Path, list[Path]
     return origin.parent, [origin]
 
 
-def app_identity(target: str, path: Path | str | None, config: Mapping[str, Any]) -> AppIdentity:
-    """Hash the app's source files (names relative to its package's folder, then contents)."""
-    module_name = target.partition(":")[0]
-    root, files = _source_files(module_name, Path(path).resolve() if path is not None else None)
+def source_hash(root: Path, files: Sequence[Path]) -> tuple[str, tuple[str, ...]]:
+    """SHA-256 over source files (each name relative to ``root``, then its contents) and the names."""
     h = hashlib.sha256(b"trustfed-app-code-v1\0")
     names = []
     for f in files:
@@ -150,4 +148,12 @@ def app_identity(target: str, path: Path | str | None, config: Mapping[str, Any]
         names.append(name)
         h.update(len(name.encode()).to_bytes(4, "big") + name.encode())
         h.update(len(data).to_bytes(8, "big") + data)
-    return AppIdentity(target, h.hexdigest(), tuple(names), dict(config))
+    return h.hexdigest(), tuple(names)
+
+
+def app_identity(target: str, path: Path | str | None, config: Mapping[str, Any]) -> AppIdentity:
+    """Hash the app's source files (names relative to its package's folder, then contents)."""
+    module_name = target.partition(":")[0]
+    root, files = _source_files(module_name, Path(path).resolve() if path is not None else None)
+    digest, names = source_hash(root, files)
+    return AppIdentity(target, digest, names, dict(config))

@@ -8,7 +8,6 @@ share; the coordinator holds the stratified test split and evaluates on it (``se
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import nn
 
 import trustfed
 from trustfed.app.api import App, AppContext, DataSpec, LocalData
-from trustfed.app.loading import AppIdentity
+from trustfed.app.loading import AppIdentity, source_hash
 from trustfed.apps.builtin_parts import FederationData, build_data, model_factory
 from trustfed.config import FederationConfig
 from trustfed.errors import DataError
@@ -32,8 +31,7 @@ def _federation_data(cfg_json: str) -> FederationData:
 
 def federation_data(cfg: FederationConfig) -> FederationData:
     """The dataset, its test split and every participant's partition (built once per process)."""
-    keyed = cfg.model_copy(update={"app": None})
-    return _federation_data(keyed.model_dump_json(include={"federation", "data"}))
+    return _federation_data(cfg.model_dump_json(include={"federation", "data"}))
 
 
 def app_config(cfg: FederationConfig) -> dict[str, Any]:
@@ -65,11 +63,7 @@ def builtin_app(cfg: FederationConfig) -> App:
 def builtin_identity(cfg: FederationConfig) -> AppIdentity:
     """The built-in app's source is trustfed itself: its code hash covers the modules that load the
     datasets, build the models and train them."""
-    root = Path(trustfed.__file__).resolve().parent
+    package = Path(trustfed.__file__).resolve().parent
     names = ["apps/builtin.py", "data/datasets.py", "data/partition.py", "models/reference.py", "models/training.py"]
-    h = hashlib.sha256(b"trustfed-app-code-v1\0")
-    for name in names:
-        data = (root / name).read_bytes()
-        h.update(len(name.encode()).to_bytes(4, "big") + name.encode())
-        h.update(len(data).to_bytes(8, "big") + data)
-    return AppIdentity(TARGET, h.hexdigest(), tuple(f"trustfed/{n}" for n in names), app_config(cfg))
+    digest, files = source_hash(package.parent, [package / n for n in names])
+    return AppIdentity(TARGET, digest, files, app_config(cfg))
