@@ -182,3 +182,86 @@ def test_weighted_mean_blocked_path_matches_the_float64_oracle() -> None:
     got = weighted_mean(x, w)
     assert got.dtype == torch.float32
     assert np.abs(got.double().numpy() - oracle).max() <= 1e-6 * np.abs(oracle).max()
+
+
+def _flower_fedopt(name: str, x0: np.ndarray, rounds: list[list[tuple[np.ndarray, int]]], **hyper: float) -> np.ndarray:
+    """Flower's own strategy (``flwr.server.strategy``) on the same inputs: its parameters after the rounds."""
+    flwr = pytest.importorskip(
+        "flwr", reason="flwr (the benchmark peer) is not installed: no Flower numbers to compare"
+    )
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    cls = {"fedadagrad": flwr.server.strategy.FedAdagrad, "fedadam": flwr.server.strategy.FedAdam}
+    cls["fedyogi"] = flwr.server.strategy.FedYogi
+    s = cls[name](initial_parameters=ndarrays_to_parameters([x0]), **hyper)
+    out = x0
+    for r, ups in enumerate(rounds, start=1):
+        res = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([u]), n, {})) for u, n in ups]
+        params, _ = s.aggregate_fit(r, res, [])
+        (out,) = parameters_to_ndarrays(params)
+    return np.asarray(out, dtype=np.float64)
+
+
+@pytest.mark.parametrize("name", ["fedadagrad", "fedadam", "fedyogi"])
+def test_server_optimisers_flower_convention_matches_flower(name: str) -> None:
+    """With ``convention = "flower"`` FedAdagrad/FedAdam/FedYogi give Flower's numbers (v starts at 0;
+    Adam's step is bias-corrected with Flower's round count); the default (Reddi et al.'s v0 = tau^2,
+    no bias correction) differs from them, as docs/robust.md says."""
+    from trustfed.core.strategy import STRATEGIES
+
+    rng = np.random.default_rng(3)
+    x0 = rng.normal(size=30).astype(np.float32)
+    rounds = [[(rng.normal(size=30).astype(np.float32), int(n)) for n in rng.integers(1, 50, size=3)] for _ in range(4)]
+    b1 = 0.0 if name == "fedadagrad" else 0.9  # Flower's FedAdagrad fixes beta_1 = 0 (no momentum)
+    hyper = (
+        {"eta": 0.05, "tau": 1e-3} if name == "fedadagrad" else {"eta": 0.05, "beta_1": b1, "beta_2": 0.99, "tau": 1e-3}
+    )
+    want = _flower_fedopt(name, x0, rounds, **hyper)
+
+    def ours(convention: str) -> np.ndarray:
+        s = STRATEGIES[name](server_lr=0.05, beta1=b1, beta2=0.99, tau=1e-3, convention=convention)  # type: ignore[call-arg]
+        params = torch.from_numpy(x0)
+        for r, ups in enumerate(rounds, start=1):
+            upd = _updates([torch.from_numpy(u) for u, _ in ups], [n for _, n in ups])
+            params = s.aggregate(RoundPlan(r, tuple(u.participant_id for u in upd), {}), params, upd).params
+        return params.numpy().astype(np.float64)
+
+    np.testing.assert_allclose(ours("flower"), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ours("reddi"), want, rtol=1e-3, atol=1e-3)
+
+
+def test_server_optimiser_convention_is_checked_and_described() -> None:
+    assert FedAdam(convention="flower").describe()["convention"] == "flower"  # type: ignore[call-arg]
+    assert FedAdam().describe()["convention"] == "reddi"
+    with pytest.raises(ValueError, match="convention"):
+        FedYogi(convention="keras")  # type: ignore[call-arg]
+
+
+def test_mean_closest_to_refuses_an_invalid_beta_like_flower() -> None:
+    """Bulyan's coordinate-wise step keeps the ``beta`` values closest to a centre; Flower's
+    ``_aggregate_n_closest_weights`` refuses more than there are, and so does trustfed, and a beta
+    below one (no value to average) too, instead of quietly returning the plain mean."""
+    from trustfed.core.robust import mean_closest_to
+
+    x = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    centre = x.median(dim=0).values
+    assert torch.allclose(mean_closest_to(x, centre, 4), x.mean(0))
+    for beta in (0, -1, 5):
+        with pytest.raises(AggregationError, match=rf"beta.*{beta}"):
+            mean_closest_to(x, centre, beta)
+    flwr_agg = pytest.importorskip("flwr.server.strategy.aggregate", reason="flwr is not installed")
+    with pytest.raises(ValueError):
+        flwr_agg._aggregate_n_closest_weights([centre.numpy()], [([r.numpy()], 1) for r in x], beta_closest=5)
+
+
+def test_fedopt_convention_is_a_strategy_setting() -> None:
+    from trustfed.apps.runtime import Runtime
+    from trustfed.config import validate_federation_config
+    from trustfed.core.strategy import FedOpt
+    from trustfed.errors import ConfigError
+
+    raw = {"federation": {"participants": 3}, "strategy": {"name": "fedyogi", "fedopt_convention": "flower"}}
+    made = Runtime(validate_federation_config(raw)).base_strategy(None)
+    assert isinstance(made, FedOpt) and made.convention == "flower"
+    with pytest.raises(ConfigError, match=r"strategy\.fedopt_convention: the enclave"):
+        validate_federation_config({**raw, "enclave": {"enabled": True}})

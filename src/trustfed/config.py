@@ -116,6 +116,11 @@ class StrategySection(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0)
+    fedopt_convention: Literal["reddi", "flower"] = Field(
+        "reddi",
+        description="FedAdagrad/FedAdam/FedYogi: 'reddi' (second moment starts at tau^2, no bias correction) or "
+        "'flower' (Flower's numbers: starts at 0, FedAdam bias-corrected)",
+    )
 
 
 class SimulationSection(_Section):
@@ -212,6 +217,14 @@ class FederationConfig(_Section):
                             "central DP with fixed clipping and unweighted sums only, each participant clipping its own delta)",
                         )
                     )
+        if self.strategy.fedopt_convention != "reddi" and self.enclave.enabled:
+            out.append(
+                ConfigProblem(
+                    "strategy.fedopt_convention",
+                    "the enclave's server optimisers follow the 'reddi' convention only",
+                    repr(self.strategy.fedopt_convention),
+                )
+            )
         if self.incentives.enabled and not self.ledger.enabled:
             out.append(ConfigProblem("incentives.enabled", "needs [ledger] enabled = true: rewards are paid on chain"))
         if self.incentives.selection == "reputation" and not self.incentives.enabled:

@@ -242,7 +242,14 @@ class Runtime:
         if cls is None:
             raise AppError(f"unknown strategy {s.name!r}: neither built in nor registered by the app")
         if issubclass(cls, FedOpt):
-            return cls(server_lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau, **common)
+            return cls(
+                server_lr=s.server_lr,
+                beta1=s.beta1,
+                beta2=s.beta2,
+                tau=s.tau,
+                convention=s.fedopt_convention,
+                **common,
+            )
         if cls is FedProx:
             return FedProx(proximal_mu=s.proximal_mu, **common)
         return cls(**common)

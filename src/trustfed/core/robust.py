@@ -170,9 +170,12 @@ def bulyan_select(d2: torch.Tensor, f: int) -> list[int]:
 
 
 def mean_closest_to(x: torch.Tensor, centre: torch.Tensor, beta: int) -> torch.Tensor:
-    """Coordinate-wise mean of the ``beta`` values of each column closest to ``centre``."""
+    """Coordinate-wise mean of the ``beta`` values of each column closest to ``centre``; ``beta`` must be
+    in ``[1, n]`` (Flower's ``_aggregate_n_closest_weights`` refuses more values than there are too)."""
     n = x.shape[0]
-    if beta >= n:
+    if not 1 <= beta <= n:
+        raise AggregationError(f"mean_closest_to: beta must be between 1 and the {n} updates, got {beta}")
+    if beta == n:
         return x.to(torch.float64).mean(dim=0).to(torch.float32)
     out = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
     for j in range(0, x.shape[1], CHUNK):

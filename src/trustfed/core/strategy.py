@@ -6,6 +6,7 @@ Cross-cutting behaviour (DP, robustness, server optimisers) wraps or parameteris
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -219,9 +220,17 @@ class FedProx(FedAvg):
         return {**super().describe(), "proximal_mu": self.proximal_mu}
 
 
+#: How the server optimisers start and step: "reddi" follows Reddi et al. 2021 (Algorithm 2: the second
+#: moment starts at tau^2, no bias correction); "flower" gives Flower's FedAdagrad/FedAdam/FedYogi numbers
+#: (the second moment starts at 0; FedAdam scales the step by sqrt(1 - beta2^(r+1)) / (1 - beta1^(r+1)),
+#: r the round number, as Flower does).
+FEDOPT_CONVENTIONS = ("reddi", "flower")
+
+
 class FedOpt(FedAvg):
     """Adaptive server optimisers (Reddi et al. 2021): the aggregate's difference from the
-    global model is a pseudo-gradient fed to Adagrad, Adam or Yogi on the server."""
+    global model is a pseudo-gradient fed to Adagrad, Adam or Yogi on the server. ``convention``:
+    see :data:`FEDOPT_CONVENTIONS`."""
 
     name = "fedopt"
     variant = "adam"
@@ -233,12 +242,16 @@ class FedOpt(FedAvg):
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
+        convention: str = "reddi",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if server_lr <= 0 or tau <= 0 or not (0 <= beta1 < 1) or not (0 <= beta2 < 1):
             raise ValueError("need server_lr > 0, tau > 0, 0 <= beta1 < 1, 0 <= beta2 < 1")
+        if convention not in FEDOPT_CONVENTIONS:
+            raise ValueError(f"convention must be one of {', '.join(FEDOPT_CONVENTIONS)}, got {convention!r}")
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+        self.convention = convention
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.t = 0
@@ -248,7 +261,7 @@ class FedOpt(FedAvg):
         delta = res.params.to(torch.float64) - params.to(torch.float64)
         if self.m is None or self.v is None:
             self.m = torch.zeros_like(delta)
-            self.v = torch.full_like(delta, self.tau**2)
+            self.v = torch.full_like(delta, self.tau**2 if self.convention == "reddi" else 0.0)
         self.t += 1
         self.m = self.beta1 * self.m + (1 - self.beta1) * delta
         d2 = delta * delta
@@ -258,10 +271,15 @@ class FedOpt(FedAvg):
             self.v = self.beta2 * self.v + (1 - self.beta2) * d2
         else:  # yogi
             self.v = self.v - (1 - self.beta2) * d2 * torch.sign(self.v - d2)
-        new = params.to(torch.float64) + self.server_lr * self.m / (self.v.sqrt() + self.tau)
+        new = params.to(torch.float64) + self._step_size(plan.round) * self.m / (self.v.sqrt() + self.tau)
         n = sum(updates[i].num_examples for i in res.selected)
         metrics = {"num_updates": float(len(updates)), "num_examples": float(n)}
         return RoundResult(new.to(torch.float32), metrics, res)
+
+    def _step_size(self, rnd: int) -> float:
+        if self.convention == "flower" and self.variant == "adam":  # Flower's FedAdam, exponent round + 1
+            return float(self.server_lr * math.sqrt(1 - self.beta2 ** (rnd + 1)) / (1 - self.beta1 ** (rnd + 1)))
+        return self.server_lr
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -270,6 +288,7 @@ class FedOpt(FedAvg):
             "beta1": self.beta1,
             "beta2": self.beta2,
             "tau": self.tau,
+            "convention": self.convention,
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
