@@ -17,6 +17,7 @@ from trustfed.attacks import (
     alie_z,
     apply_trigger,
     backdoor,
+    build_attack,
     flip_labels,
     ipm,
     min_max,
@@ -28,8 +29,9 @@ from trustfed.core import RoundPlan, Update
 from trustfed.core.anomaly import AnomalyMonitor, anomaly_scores
 from trustfed.data.datasets import Dataset
 from trustfed.errors import ConfigError
+from trustfed.models.trainer import LocalTrainer
 from trustfed.simulation import run_simulation
-from trustfed.simulation.adversary import OmniscientTransport
+from trustfed.simulation.adversary import AttackTransport
 
 
 def _deltas(seed: int, n: int = 10, d: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,10 +140,15 @@ def test_simulation_wraps_exactly_the_malicious_trainers() -> None:
     for pid in data.shards:
         tr = adversarial_trainer(cfg, data, pid)
         assert (tr is not None) == (pid in bad)
-    assert adversarial_trainer(_cfg("mean", "alie"), data, bad[0]) is None  # omniscient: the transport acts
+    # omniscient or not, an attacker trains plainly; the simulation's transport crafts what it sends
+    assert isinstance(adversarial_trainer(_cfg("mean", "alie"), data, bad[0]), LocalTrainer)
+    rider = adversarial_trainer(_cfg("mean", "free_rider"), data, bad[0])
+    assert rider is not None and torch.equal(
+        rider.fit(torch.ones(3), RoundPlan(1, (bad[0],), {})).params, torch.ones(3)
+    )
 
 
-def test_omniscient_transport_rewrites_only_malicious_updates() -> None:
+def test_attack_transport_rewrites_only_malicious_updates() -> None:
     class T:
         def available(self) -> list[str]:
             return ["a", "b", "c", "d"]
@@ -152,7 +159,7 @@ def test_omniscient_transport_rewrites_only_malicious_updates() -> None:
         def close(self) -> None:
             pass
 
-    t = OmniscientTransport(T(), "ipm", ["a"], {"epsilon": 1.0})
+    t = AttackTransport(T(), build_attack("ipm", {"epsilon": 1.0}), "ipm", ["a"])
     ups = t.fit(RoundPlan(1, ("a", "b", "c", "d"), {}), torch.zeros(2))
     assert torch.allclose(ups[0].params, torch.full((2,), -2.0))  # -mean of deltas 1, 2, 3
     assert [float(u.params[0]) for u in ups[1:]] == [1.0, 2.0, 3.0]

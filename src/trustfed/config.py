@@ -249,6 +249,7 @@ class FederationConfig(_Section):
                     "set flag_unselected = false or use multi_krum",
                 )
             )
+        out += self.attack.problems()
         ids = [f"p{i:03d}" for i in range(n)]
         out += self.privacy.problems(ids, self.strategy.aggregator)
         return out
@@ -333,6 +334,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     app = raw.get("app")
     if isinstance(app, dict):
         app["path"] = resolve_path(app["path"], base) if isinstance(app.get("path"), str) else str(base.resolve())
+    attack = raw.get("attack")
+    if isinstance(attack, dict) and isinstance(attack.get("module"), str):  # imported like an app
+        path = attack.get("path")
+        attack["path"] = resolve_path(path, base) if isinstance(path, str) else str(base.resolve())
     sim = raw.get("simulation")
     if isinstance(sim, dict) and isinstance(sim.get("data"), dict):
         for section in sim["data"].values():

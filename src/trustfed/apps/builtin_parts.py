@@ -14,10 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from trustfed.attacks.data_poisoning import backdoor, flip_labels
-from trustfed.attacks.model_poisoning import LOCAL
-from trustfed.attacks.settings import OMNISCIENT
-from trustfed.attacks.trainers import MaliciousTrainer
+from trustfed.attacks.trainers import IdleTrainer
 from trustfed.config import FederationConfig, participant_ids
 from trustfed.core.codec import ParamSpec, flatten
 from trustfed.data.datasets import Dataset, load_dataset, train_test_split
@@ -150,26 +147,21 @@ def malicious_participants(cfg: FederationConfig) -> list[str]:
 
 
 def adversarial_trainer(cfg: FederationConfig, data: FederationData, pid: str) -> Trainer | None:
-    """The malicious trainer for ``pid``, or None when ``pid`` is honest (or the attack is omniscient:
-    those participants train honestly and the transport rewrites their updates)."""
+    """The malicious trainer for ``pid``, or None when ``pid`` is honest. A malicious participant trains
+    plainly (no DP: it is the attacker) on the data its attack poisons, or not at all when the attack
+    does not train; what it sends is crafted from the collected updates by the simulation's transport
+    (:class:`trustfed.simulation.adversary.AttackTransport`)."""
     a = cfg.attack
-    if a.kind in ("none", *OMNISCIENT) or pid not in malicious_participants(cfg):
+    if a.kind == "none" or pid not in malicious_participants(cfg):
         return None
-
+    attack = a.build()
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     _, spec = flatten(factory().state_dict())
-    shard = data.shards[pid]
-    seed = a.seed * 7919 + cfg.federation.seed
-    if a.kind == "label_flip":
-        shard = flip_labels(shard)
-    elif a.kind == "scaling_backdoor":
-        shard = backdoor(shard, a.params, seed)
+    shard = attack.poison_data(data.shards[pid], a.seed * 7919 + cfg.federation.seed)
     honest = LocalTrainer(pid, factory, spec, shard, train_config(cfg), cfg.federation.seed)
-    if a.kind == "label_flip":
-        return honest
-    return MaliciousTrainer(
-        honest, LOCAL[a.kind], a.params, seed, train=a.kind != "free_rider", num_examples=len(data.shards[pid])
-    )
+    if not attack.trains:
+        return IdleTrainer(honest, num_examples=len(data.shards[pid]))
+    return honest
 
 
 __all__ = [

@@ -1,20 +1,25 @@
-"""Attacks for evaluating robust aggregation (simulation only).
+"""Attacks for evaluating robust aggregation (simulation only), behind one open interface.
+
+An attack subclasses :class:`Attack` (``craft`` the attackers' deltas from an :class:`AttackContext`;
+optionally ``poison_data``, ``trains``, ``knowledge``) and registers by name with
+:func:`register_attack`. The federation file's ``[attack]`` section (:class:`AttackSettings`) selects
+one by ``kind``, from the user's ``module`` when it is not built in. Built in:
 
 * data poisoning: label flip, scaling backdoor (trigger + boosted delta);
 * local model poisoning: sign flip, Gaussian noise, free rider;
-* omniscient model poisoning on the collected deltas: ALIE, IPM, min-max, min-sum.
-
-Select one in the federation file's ``[attack]`` section (:class:`AttackSettings`).
+* omniscient model poisoning on the collected deltas: ALIE, IPM, min-max, min-sum, Fang's trimmed-mean attack.
 """
 
+from trustfed.attacks import builtin as builtin
+from trustfed.attacks.api import Attack, AttackContext, AttackError, Knowledge, craft_checked
 from trustfed.attacks.data_poisoning import apply_trigger, backdoor, backdoor_success, flip_labels
 from trustfed.attacks.model_poisoning import (
     LOCAL,
     OMNISCIENT_FNS,
-    AttackError,
     alie,
     alie_z,
     boost,
+    fang_trimmed_mean,
     free_ride,
     gaussian_noise,
     ipm,
@@ -22,28 +27,38 @@ from trustfed.attacks.model_poisoning import (
     min_sum,
     sign_flip,
 )
-from trustfed.attacks.settings import OMNISCIENT, AttackKind, AttackSettings
-from trustfed.attacks.trainers import MaliciousTrainer
+from trustfed.attacks.registry import attack_class, available_attacks, build_attack, register_attack
+from trustfed.attacks.settings import AttackKind, AttackSettings
+from trustfed.attacks.trainers import IdleTrainer, MaliciousTrainer
 
 __all__ = [
     "LOCAL",
-    "OMNISCIENT",
     "OMNISCIENT_FNS",
+    "Attack",
+    "AttackContext",
     "AttackError",
     "AttackKind",
     "AttackSettings",
+    "IdleTrainer",
+    "Knowledge",
     "MaliciousTrainer",
     "alie",
     "alie_z",
     "apply_trigger",
+    "attack_class",
+    "available_attacks",
     "backdoor",
     "backdoor_success",
     "boost",
+    "build_attack",
+    "craft_checked",
+    "fang_trimmed_mean",
     "flip_labels",
     "free_ride",
     "gaussian_noise",
     "ipm",
     "min_max",
     "min_sum",
+    "register_attack",
     "sign_flip",
 ]

@@ -1,8 +1,9 @@
 """Model-poisoning attacks as pure functions on update deltas (``update - global``).
 
 Local attacks transform one participant's own delta. Omniscient attacks (ALIE, IPM, min-max,
-min-sum) see every participant's delta ``[n, d]`` and replace the malicious rows; in simulation
-they run on the collected updates before aggregation.
+min-sum, Fang's trimmed-mean attack) see every participant's delta ``[n, d]`` and replace the
+malicious rows; in simulation they run on the collected updates before aggregation, as the
+registered attacks of :mod:`trustfed.attacks.builtin`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ from statistics import NormalDist
 
 import torch
 
-from trustfed.errors import TrustFedError
+from trustfed.attacks.api import AttackError
 
 Params = Mapping[str, float | int | bool | str]
-
-
-class AttackError(TrustFedError):
-    """An attack was configured with impossible parameters."""
 
 
 def _f(params: Params, key: str, default: float) -> float:
@@ -154,6 +151,27 @@ def min_sum(deltas: torch.Tensor, malicious: torch.Tensor, params: Params) -> to
     return _min_max_or_sum(deltas, malicious, params, "min_sum")
 
 
+def fang_trimmed_mean(benign: torch.Tensor, m: int, b: float, gen: torch.Generator) -> torch.Tensor:
+    """Fang et al. 2020's full-knowledge attack on trimmed mean and median, on deltas: ``m`` crafted rows.
+
+    ``s_j`` is the sign of the benign mean in coordinate j (where the model would move without attack).
+    Each attacker sends, independently and uniformly at random, a value beyond the benign extreme on the
+    other side: where ``s_j > 0``, in ``[min_j / b, min_j]`` if ``min_j > 0`` else ``[b * min_j, min_j]``;
+    elsewhere in ``[max_j, b * max_j]`` if ``max_j > 0`` else ``[max_j, max_j / b]`` (``b > 1``; 2 in the
+    paper). Trimming then removes benign values from the side the model should move to."""
+    if b <= 1.0:
+        raise AttackError(f"fang_trimmed_mean: b must be > 1, got {b}")
+    x = benign.to(torch.float64)
+    up = x.mean(dim=0) > 0
+    edge = torch.where(up, x.min(dim=0).values, x.max(dim=0).values)
+    # a factor in [1, b] that pushes |edge| outwards (beyond the extreme) or inwards (towards 0): the far
+    # end of the range is edge * b when edge points away from the benign direction, edge / b otherwise.
+    outward = (edge > 0) != up
+    factor = 1.0 + (b - 1.0) * torch.rand((m, x.shape[1]), generator=gen, dtype=torch.float64)
+    crafted = torch.where(outward, edge * factor, edge / factor)
+    return crafted.to(benign.dtype)
+
+
 def _replace(deltas: torch.Tensor, malicious: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     out = deltas.clone()
     out[malicious] = row.to(deltas.dtype)
@@ -178,3 +196,4 @@ def jitter_copies(
 
 LOCAL = {"sign_flip": sign_flip, "gaussian_noise": gaussian_noise, "free_rider": free_ride, "scaling_backdoor": boost}
 OMNISCIENT_FNS = {"alie": alie, "ipm": ipm, "min_max": min_max, "min_sum": min_sum}
+# (Fang's attack draws random values: it is registered in trustfed.attacks.builtin, not in this table.)

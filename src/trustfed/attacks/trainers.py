@@ -1,4 +1,4 @@
-"""A malicious participant: an honest trainer whose update is transformed before it is sent."""
+"""Malicious participants' trainers: one whose update is transformed before it is sent, one that never trains."""
 
 from __future__ import annotations
 
@@ -43,6 +43,22 @@ class MaliciousTrainer:
             delta, n, metrics = torch.zeros_like(params), self.num_examples, {}
         sent = params + self.attack(delta, self.params, gen).to(params.dtype)
         return Update(self.participant_id, sent.contiguous(), n, metrics)
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        return self.inner.evaluate(params)
+
+
+class IdleTrainer:
+    """A participant that trains nothing (a free rider): it sends the global model back unchanged and
+    claims ``num_examples``; the attack's ``craft`` decides what it really sends."""
+
+    def __init__(self, inner: Trainer, num_examples: int) -> None:
+        self.inner = inner
+        self.participant_id = inner.participant_id
+        self.num_examples = num_examples
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        return Update(self.participant_id, params.clone().contiguous(), self.num_examples, {})
 
     def evaluate(self, params: torch.Tensor) -> dict[str, float]:
         return self.inner.evaluate(params)

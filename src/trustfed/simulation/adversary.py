@@ -2,74 +2,115 @@
 
 * a malicious participant's own trainer is built with the built-in app's trainers
   (:func:`trustfed.apps.builtin_parts.adversarial_trainer`);
-* :class:`OmniscientTransport`: wraps any Transport and rewrites the malicious participants'
-  updates from everyone's deltas (ALIE, IPM, min-max, min-sum);
+* :class:`AttackTransport`: wraps any Transport and has the attack craft the malicious participants'
+  updates once per round (:mod:`trustfed.attacks`, from the deltas its knowledge allows);
 * :func:`attach_root_update`: gives FLTrust its server update, trained on a seeded root sample.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from trustfed.apps.builtin_parts import FederationData, malicious_participants, model_factory, train_config
-from trustfed.attacks.model_poisoning import OMNISCIENT_FNS, jitter_copies
-from trustfed.attacks.settings import OMNISCIENT
+from trustfed.attacks.api import Attack, AttackContext, craft_checked
 from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import Coordinator
 from trustfed.core.codec import flatten
 from trustfed.core.rounds import Transport
-from trustfed.core.strategy import RoundPlan, Update
-from trustfed.models.trainer import LocalTrainer
+from trustfed.core.strategy import RoundPlan, Strategy, Update
+from trustfed.models.trainer import LocalTrainer, round_seed
 
 log = logging.getLogger("trustfed.simulation.adversary")
 
 
-class OmniscientTransport:
-    """A Transport whose malicious participants see every update of the round before sending theirs."""
+class AttackTransport:
+    """A Transport whose malicious participants' updates are crafted by the attack once per round, after
+    every update of the round is in: the attack gets a typed :class:`AttackContext` (the round, the global
+    model, a generator seeded from the run and the round, the attackers and honest participants of the
+    round, their deltas as its ``knowledge`` allows, the state it keeps across rounds, the aggregator's
+    description) and returns the attackers' deltas."""
 
     def __init__(
-        self, inner: Transport, kind: str, malicious: Sequence[str], params: dict[str, Any], seed: int = 0
+        self,
+        inner: Transport,
+        attack: Attack,
+        kind: str,
+        malicious: Sequence[str],
+        seed: int = 0,
+        aggregator: Mapping[str, Any] | None = None,
     ) -> None:
         self.inner = inner
-        self.attack = OMNISCIENT_FNS[kind]
+        self.attack = attack
         self.kind = kind
         self.malicious = frozenset(malicious)
-        self.params = dict(params)
-        self.jitter = float(self.params.get("jitter", 0.0))
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.aggregator = dict(aggregator or {})
+        self.state: dict[str, Any] = {}  # the attack's memory across rounds
 
     def available(self) -> Sequence[str]:
         return self.inner.available()
 
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
         updates = self.inner.fit(plan, params)
-        mask = torch.tensor([u.participant_id in self.malicious for u in updates])
-        if not bool(mask.any()) or bool(mask.all()):
+        attackers = tuple(u.participant_id for u in updates if u.participant_id in self.malicious)
+        if not attackers:
             return updates
-        deltas = torch.stack([u.params for u in updates]) - params
-        poisoned = jitter_copies(self.attack(deltas, mask, self.params), deltas, mask, self.jitter, self.gen) + params
+        honest = tuple(u.participant_id for u in updates if u.participant_id not in self.malicious)
+        deltas = {u.participant_id: u.params - params for u in updates}
+        ctx = AttackContext(
+            round=plan.round,
+            global_params=params.clone(),
+            generator=torch.Generator().manual_seed(round_seed(self.seed, plan.round, f"attack:{self.kind}")),
+            attackers=attackers,
+            honest=honest,
+            own_updates={p: deltas[p] for p in attackers},
+            honest_updates={p: deltas[p] for p in honest} if self.attack.knowledge == "omniscient" else {},
+            state=self.state,
+            aggregator=self.aggregator,
+        )
+        crafted = craft_checked(self.attack, self.kind, ctx)
         return [
-            Update(u.participant_id, poisoned[i].contiguous(), u.num_examples, u.metrics) if bool(mask[i]) else u
-            for i, u in enumerate(updates)
+            Update(u.participant_id, (params + crafted[u.participant_id]).contiguous(), u.num_examples, u.metrics)
+            if u.participant_id in crafted
+            else u
+            for u in updates
         ]
 
     def close(self) -> None:
         self.inner.close()
 
 
-def adversarial_transport(cfg: FederationConfig, transport: Transport) -> Transport:
-    """Wrap ``transport`` for omniscient attacks; return it unchanged otherwise."""
-    if cfg.attack.kind not in OMNISCIENT:
+def aggregator_description(strategy: Strategy) -> dict[str, Any]:
+    """The description of the aggregation rule inside ``strategy`` (wrappers such as DP describe theirs
+    under ``inner``); empty when it has none."""
+    desc: Any = strategy.describe()
+    for _ in range(4):
+        if not isinstance(desc, dict):
+            break
+        if isinstance(desc.get("aggregator"), dict):
+            return dict(desc["aggregator"])
+        desc = desc.get("inner")
+    return {}
+
+
+def adversarial_transport(cfg: FederationConfig, transport: Transport, strategy: Strategy | None = None) -> Transport:
+    """Wrap ``transport`` so that the configured attack crafts the malicious updates; unchanged without one."""
+    if cfg.attack.kind == "none":
         return transport
     bad = malicious_participants(cfg)
-    log.info("omniscient attack %s by %s", cfg.attack.kind, bad)
-    return OmniscientTransport(
-        transport, cfg.attack.kind, bad, dict(cfg.attack.params), seed=cfg.attack.seed * 7919 + cfg.federation.seed
+    log.info("attack %s by %s", cfg.attack.kind, bad)
+    return AttackTransport(
+        transport,
+        cfg.attack.build(),
+        cfg.attack.kind,
+        bad,
+        seed=cfg.attack.seed * 7919 + cfg.federation.seed,
+        aggregator=aggregator_description(strategy) if strategy is not None else None,
     )
 
 

@@ -1,7 +1,7 @@
 """Run a whole federation in one machine and write its results.
 
 ``DIR/metrics.json`` = {"final_accuracy", "rounds": [{"round", "accuracy", "loss", "seconds"}],
-"config", "versions", ...}; ``DIR/metrics.png`` plots accuracy and loss over rounds (unless
+"config", "versions", "attack", ...}; ``DIR/metrics.png`` plots accuracy and loss over rounds (unless
 ``plot=False``: matplotlib's import and drawing cost about a second).
 """
 
@@ -74,8 +74,8 @@ def run_simulation(
         transport = RayTransport(cfg, cfg.simulation.workers, cfg.simulation.ray_address)
     else:
         transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids})
-    if cfg.attack.kind != "none":  # omniscient attacks rewrite the collected updates
-        transport = adversarial_transport(cfg, transport)
+    if cfg.attack.kind != "none":  # the attack crafts the malicious updates from the collected ones
+        transport = adversarial_transport(cfg, transport, strategy)
     if cfg.secagg.enabled:  # the coordinator gets the masked sum only
         transport = SecAggTransport(transport, cfg.secagg, cfg.strategy.min_participants)
     provenance = {pid: simulated_provenance(rt, pid) for pid in ids} if out_dir is not None else {}
@@ -88,6 +88,7 @@ def run_simulation(
         attach_root_update(cfg, federation_data(cfg), strategy, coord)  # FLTrust's server update from a root sample
     metrics = run_rounds(coord, cfg, transport, strategy, spec, on_round)
     metrics["app"] = rt.identity.describe()
+    metrics["attack"] = cfg.attack.record(ids)  # the attack that ran (its implementation), or "no attack"
     if provenance:
         metrics["participants_provenance"] = provenance
     if out_dir is not None:
