@@ -62,11 +62,13 @@ ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "scaling_backdoor": ("scaling_backdoor", {"boost": 10.0}),
     "free_rider": ("free_rider", {}),
 }
-# Not in the default grid: colluders that add independent noise to their copies (--attacks NAME).
+# Not in the default grid (--attacks NAME): colluders that add independent noise to their copies, and
+# Fang et al. 2020's full-knowledge attack on trimmed mean / median.
 EXTRA_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "ipm_jitter": ("ipm", {"epsilon": 0.5, "jitter": 1.0}),
     "alie_jitter": ("alie", {"jitter": 1.0}),
     "min_max_jitter": ("min_max", {"jitter": 1.0}),
+    "fang_trimmed_mean": ("fang_trimmed_mean", {"b": 2.0}),
 }
 ALL_ATTACKS = {**ATTACKS, **EXTRA_ATTACKS}
 
