@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,26 +20,10 @@ from typing import Any
 from trustfed.app.api import App
 from trustfed.errors import AppError
 from trustfed.primitives.canonical import canonical_json
+from trustfed.primitives.imports import importable_from
 
 _LOCK = threading.Lock()
 _CACHE: dict[tuple[str, str], App] = {}
-
-
-@contextmanager
-def _importable_from(folder: Path | None) -> Iterator[None]:
-    if folder is None:
-        yield
-        return
-    entry = str(folder)
-    added = entry not in sys.path
-    if added:
-        sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if added:
-            with suppress(ValueError):
-                sys.path.remove(entry)
 
 
 def load_app(target: str, path: Path | str | None = None) -> App:
@@ -56,7 +38,7 @@ def load_app(target: str, path: Path | str | None = None) -> App:
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
-        with _importable_from(folder):
+        with importable_from(folder):
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:
@@ -122,13 +104,13 @@ class AppIdentity:
 
 def _source_files(module_name: str, path: Path | None) -> tuple[Path, list[Path]]:
     """(root the names are relative to, the app's source files)."""
-    with _importable_from(path):
+    with importable_from(path):
         spec = importlib.util.find_spec(module_name)
     if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
         raise AppError(f"app module {module_name!r} has no Python source file to hash")
     origin = Path(spec.origin).resolve()
     top = module_name.split(".")[0]
-    with _importable_from(path):
+    with importable_from(path):
         top_spec = importlib.util.find_spec(top)
     locations = list(top_spec.submodule_search_locations or []) if top_spec is not None else []
     if locations and "site-packages" not in origin.parts:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
 from trustfed.attacks.api import Attack, AttackError, Scalar
+from trustfed.primitives.imports import importable_from
 
 A = TypeVar("A", bound=type[Attack])
 
@@ -52,10 +52,7 @@ def available_attacks() -> list[str]:
 def import_attack_module(module: str, folder: Path | None = None) -> None:
     """Import the user's module that registers attacks, from ``folder`` first, then the environment."""
     entry = str(folder.resolve()) if folder is not None else None
-    with _IMPORT_LOCK:
-        added = entry is not None and entry not in sys.path
-        if added:
-            sys.path.insert(0, str(entry))
+    with _IMPORT_LOCK, importable_from(Path(entry) if entry else None):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -63,9 +60,6 @@ def import_attack_module(module: str, folder: Path | None = None) -> None:
             raise AttackError(f"attack module {module!r}: cannot import {exc.name!r}{where}") from None
         except Exception as exc:  # the user's module raised while importing
             raise AttackError(f"attack module {module!r}: importing it failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            if added:
-                sys.path.remove(str(entry))
 
 
 def attack_class(kind: str) -> type[Attack]:
