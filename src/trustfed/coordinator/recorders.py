@@ -39,7 +39,9 @@ from trustfed.ledger.kinds import APP_KIND, PRIVACY_KIND, STATUS_KIND
 from trustfed.ledger.recorder import (
     Attachment,
     CommitmentSource,
+    LedgerRecorder,
     RoundAttachments,
+    ledger_account,
     network_recorder,
     simulated_recorder,
 )
@@ -182,3 +184,12 @@ def recorders_for(
         if incentives is not None:
             incentives.ledger = recorder.ledger
     return out
+
+
+def ledger_metrics(observers: Sequence[RoundObserver]) -> dict[str, object]:
+    """metrics.json's ``ledger``: the chain and the account that signed it (with a notice when that
+    account's key is a public development key); nothing without a ledger."""
+    for o in observers:
+        if isinstance(o, LedgerRecorder):
+            return {"ledger": ledger_account(o.ledger.deployment())}
+    return {}
