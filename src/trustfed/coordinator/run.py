@@ -69,6 +69,7 @@ def run_coordinator(
         EcdsaSigner.load(COORDINATOR_ID, key_path),
         {COORDINATOR_ID: cert_path.read_bytes(), **certificates},
         transport.commitment_for,
+        transport.refusals_in,
     )
     recorders = recorders_for(
         cfg, out_dir, spec, present, network=network, enclave=enclave, resume=resume, app=rt.identity

@@ -55,7 +55,8 @@ CommitmentSource = Callable[[RoundPlan, Update], SignedCommitment]
 
 @dataclass(frozen=True)
 class Attachment:
-    """An extra coordinator-signed entry of a round (enclave attestation and receipt, privacy spend).
+    """An extra entry of a round (enclave attestation and receipt, privacy spend), signed by the
+    coordinator, or by a participant (``signed_by``: its refusal of the round).
 
     ``receipt_hash`` is set on the entry that carries the round's enclave receipt: it goes on chain.
     ``chain``, when set, is called with the ledger after the round's commitment transaction (the
@@ -65,6 +66,9 @@ class Attachment:
     body: dict[str, Any]
     receipt_hash: str | None = None
     chain: Callable[[LedgerBackend], object] | None = None
+    signed_by: tuple[str, bytes] | None = (
+        None  # (author, signature): an entry a participant signed, not the coordinator
+    )
 
 
 class RoundAttachments(Protocol):
@@ -254,7 +258,10 @@ class LedgerRecorder:
     ) -> list[Callable[[LedgerBackend], object]]:
         """Sign ``atts`` into the log; returns their on-chain actions, to run after the round's commitment."""
         for att in atts:
-            audit.append(att.kind, rnd, att.body, self.coordinator)
+            if att.signed_by is None:
+                audit.append(att.kind, rnd, att.body, self.coordinator)
+            else:
+                audit.append(att.kind, rnd, att.body, _AuthorOnly(att.signed_by[0]), sig=att.signed_by[1])
         return [att.chain for att in atts if att.chain is not None]
 
     def _checkpoint(self, audit: AuditLog, rnd: int, params: torch.Tensor, h: str) -> None:
