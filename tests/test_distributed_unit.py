@@ -342,7 +342,7 @@ def test_anchors_on_a_jsonrpc_node_are_verified(tmp_path: Path) -> None:
     mvec, mspec = flatten(model.state_dict())
     ospec = optim_spec(model, "sgd")
     with Anvil(anvil) as node:
-        ledger = open_run_ledger(tmp_path, "jsonrpc", node.url)
+        ledger = open_run_ledger(tmp_path, "jsonrpc", node.url, allow_dev_keys=True)  # anvil: a test chain
         log = ProvenanceLog(tmp_path / "provenance.jsonl", (LedgerAnchorSink(ledger),))
         run = {"ledger": "jsonrpc", "rpc_url": node.url}
         log.append("run_start", config={"run": run}, ledger=describe(ledger))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from trustfed.coordinator.secagg import SecAggRound
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.ledger.participant import SignedCommitment
+from trustfed.ledger.refusals import SignedRefusal
 from trustfed.transport.errors import TransportError
 
 MAX_POLL_S = 5.0  # a long poll holds a server thread at most this long
@@ -54,6 +55,7 @@ class RoundBoard:
         self.aborted: str | None = None
         # participant -> the app code and data manifest hashes in its latest signed commitment
         self.provenance: dict[str, dict[str, str]] = {}
+        self.refusals: list[SignedRefusal] = []  # participant-signed refusals sent with withdrawals
 
     def check_aborted(self) -> None:
         if self.aborted is not None:

@@ -31,6 +31,7 @@ from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.errors import AggregationError
 from trustfed.ledger.participant import SignedCommitment
 from trustfed.ledger.records import LedgerError
+from trustfed.ledger.refusals import SignedRefusal
 from trustfed.pki.ca import PkiError, identity_of, load_certificate, load_private_key
 from trustfed.secagg.protocol import SecAggError
 from trustfed.secagg.settings import SecAggSettings
@@ -288,6 +289,11 @@ class GrpcTransport:
     # -- RoundObserver
     def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None:
         pass
+
+    def refusals_in(self, rnd: int) -> list[SignedRefusal]:
+        """The signed refusals participants sent with their withdrawals in round ``rnd``."""
+        with self.board.cond:
+            return [r for r in self.board.refusals if r.round == rnd]
 
     def commitment_for(self, plan: RoundPlan, update: Update) -> SignedCommitment:
         """The ledger's CommitmentSource: the commitment ``update``'s participant signed and sent with it."""

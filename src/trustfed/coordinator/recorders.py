@@ -22,7 +22,7 @@ transaction on the Incentives contract.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +35,18 @@ from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.audit import Signer, parsed_entries
 from trustfed.ledger.backends import LedgerBackend
-from trustfed.ledger.kinds import APP_KIND, PRIVACY_KIND, STATUS_KIND
+from trustfed.ledger.kinds import APP_KIND, PRIVACY_KIND, REFUSAL_KIND, STATUS_KIND
 from trustfed.ledger.recorder import (
     Attachment,
     CommitmentSource,
+    LedgerRecorder,
     RoundAttachments,
+    ledger_account,
     network_recorder,
     simulated_recorder,
 )
 from trustfed.ledger.records import Status
+from trustfed.ledger.refusals import SignedRefusal
 from trustfed.privacy.report import PrivacyRecorder
 from trustfed.privacy.wiring import privacy_recorder
 
@@ -53,11 +56,32 @@ log = logging.getLogger("trustfed.coordinator.recorders")
 @dataclass(frozen=True)
 class NetworkIdentities:
     """Keys of a networked federation: the coordinator's own signer, everyone's certificate (PEM,
-    keyed by id; the coordinator's under ``"coordinator"``) and the participants' signed commitments."""
+    keyed by id; the coordinator's under ``"coordinator"``), the participants' signed commitments and
+    the signed refusals they sent with their withdrawals (per round)."""
 
     coordinator: Signer
     certificates: Mapping[str, bytes]
     commitments: CommitmentSource
+    refusals: Callable[[int], Sequence[SignedRefusal]] | None = None
+
+
+class RefusalRecord:
+    """Each participant's signed refusal of a round (the model it was served, the one it expected) as
+    an entry of the round it refused, authored and signed by the participant: ``audit verify`` checks it
+    against the round's plan, and against the participants' own copies."""
+
+    def __init__(self, refusals: Callable[[int], Sequence[SignedRefusal]]) -> None:
+        self.refusals = refusals
+
+    def genesis(self) -> Sequence[Attachment]:
+        return []
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        return [
+            Attachment(REFUSAL_KIND, r.body, signed_by=(r.participant_id, r.sig)) for r in self.refusals(plan.round)
+        ]
 
 
 class _PrivacySpend:
@@ -161,6 +185,8 @@ def recorders_for(
         attachments.append(incentives)
     if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger
         attachments.append(StatusRecord())
+        if network is not None and network.refusals is not None:
+            attachments.append(RefusalRecord(network.refusals))
         if app is not None:
             attachments.insert(0, AppRecord(app))
         if network is None:
@@ -182,3 +208,12 @@ def recorders_for(
         if incentives is not None:
             incentives.ledger = recorder.ledger
     return out
+
+
+def ledger_metrics(observers: Sequence[RoundObserver]) -> dict[str, object]:
+    """metrics.json's ``ledger``: the chain and the account that signed it (with a notice when that
+    account's key is a public development key); nothing without a ledger."""
+    for o in observers:
+        if isinstance(o, LedgerRecorder):
+            return {"ledger": ledger_account(o.ledger.deployment())}
+    return {}

@@ -18,7 +18,7 @@ from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.ha import LeadershipLost, LeaseHeartbeat
 from trustfed.coordinator.incentives_record import use_reputation_selection
 from trustfed.coordinator.network import GrpcTransport, required_tls_paths
-from trustfed.coordinator.recorders import NetworkIdentities, recorders_for
+from trustfed.coordinator.recorders import NetworkIdentities, ledger_metrics, recorders_for
 from trustfed.coordinator.resume import STATE_DIR, resume_run
 from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec
@@ -69,6 +69,7 @@ def run_coordinator(
         EcdsaSigner.load(COORDINATOR_ID, key_path),
         {COORDINATOR_ID: cert_path.read_bytes(), **certificates},
         transport.commitment_for,
+        transport.refusals_in,
     )
     recorders = recorders_for(
         cfg, out_dir, spec, present, network=network, enclave=enclave, resume=resume, app=rt.identity
@@ -105,6 +106,7 @@ def run_coordinator(
         metrics["resumed_after_round"] = resumed
     metrics["transport"] = {"kind": "grpc-mtls", "address": transport.address}
     metrics["app"] = rt.identity.describe()
+    metrics.update(ledger_metrics(recorders))
     provenance = transport.provenance()
     if provenance:
         metrics["participants_provenance"] = provenance

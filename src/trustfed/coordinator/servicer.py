@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trustfed.coordinator.board import MAX_POLL_S, MAX_SECAGG_PARTICIPANTS, RoundBoard
 from trustfed.coordinator.secagg import SecAggRound
-from trustfed.coordinator.uploads import received_update, signed_commitment
+from trustfed.coordinator.uploads import received_update, signed_commitment, signed_refusal
 from trustfed.core.codec import ParamSpec
 from trustfed.ledger.participant import SignedCommitment
 from trustfed.primitives.merkle import MerkleTree
@@ -233,9 +233,14 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 self._reject(context, rpc, pid, "duplicate", f"{pid} already uploaded for round {h.round}")
         if h.HasField("withdrawn_reason"):
             expect_end(parts, f"withdrawal of {pid}")
+            try:  # a refusal of the round comes signed: it goes into the audit log as the participant's
+                refusal = signed_refusal(h, pid, self._peer_cert(context, rpc)) if h.HasField("refusal") else None
+            except MessageRejected as exc:
+                self._reject(context, rpc, pid, exc.reason, exc.detail)
             log.info("round %d: %s withdrew: %s", h.round, pid, h.withdrawn_reason)
             with self.board.cond:
                 self.board.withdrawn[pid] = f"withdrew: {h.withdrawn_reason}"[:300]
+                self.board.refusals += [refusal] if refusal is not None else []
                 self.board.cond.notify_all()
             return self._ack(h.round, True, "withdrawal recorded")
         masked = h.HasField("secagg_masked") and h.secagg_masked

@@ -1,7 +1,8 @@
 """What the coordinator makes of an accepted upload: the participant-signed commitment, checked against
-the bytes that arrived, and the update itself (clear or sealed to the enclave).
+the bytes that arrived, and the update itself (clear or sealed to the enclave); and of a withdrawal
+that refuses the round, the participant's signed refusal record.
 
-Both raise :class:`~trustfed.transport.errors.MessageRejected` with the reason the servicer refuses
+All raise :class:`~trustfed.transport.errors.MessageRejected` with the reason the servicer refuses
 the upload with.
 """
 
@@ -22,6 +23,7 @@ from trustfed.ledger.participant import (
     commitment_body,
     evaluation_of,
 )
+from trustfed.ledger.refusals import RefusalError, SignedRefusal, parse_refusal
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected
 from trustfed.transport.streaming import as_vector
@@ -47,6 +49,25 @@ def signed_commitment(
             "bad_commitment_signature", f"the commitment's signature does not verify with the certificate of {pid}"
         )
     return SignedCommitment(pid, rnd, body, sig), provenance
+
+
+def signed_refusal(h: pb.UpdateHeader, pid: str, cert: x509.Certificate) -> SignedRefusal:
+    """The refusal a withdrawal carries: for this round, by this participant, signed with its certificate key."""
+    try:
+        refusal = parse_refusal(bytes(h.refusal), bytes(h.refusal_signature))
+    except RefusalError as exc:
+        raise MessageRejected("bad_refusal", f"round {h.round}: {exc}") from None
+    if refusal.participant_id != pid or refusal.round != h.round:
+        raise MessageRejected(
+            "bad_refusal",
+            f"refusal names {refusal.participant_id!r} round {refusal.round}, sent by {pid} round {h.round}",
+        )
+    pem = cert.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not refusal.verifies(pem):
+        raise MessageRejected(
+            "bad_refusal_signature", f"the refusal's signature does not verify with {pid}'s certificate"
+        )
+    return refusal
 
 
 def received_update(h: pb.UpdateHeader, pid: str, buf: bytearray, spec: ParamSpec, *, sealed: bool) -> Update:

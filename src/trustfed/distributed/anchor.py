@@ -132,15 +132,19 @@ def open_run_ledger(
     key_file: Path | None = None,
     *,
     read_only: bool = False,
+    allow_dev_keys: bool = False,
 ) -> Web3Ledger:
-    """The ledger of a run folder (``OUT/ledger``), deploying RoundLog on first use unless read-only."""
+    """The ledger of a run folder (``OUT/ledger``), deploying RoundLog on first use unless read-only; a
+    publicly known development key signs only if ``allow_dev_keys``."""
     ledger_dir = run_dir / LEDGER_DIR
     if backend == "embedded":
-        return EmbeddedLedger(ledger_dir, read_only=read_only)
+        return EmbeddedLedger(ledger_dir, read_only=read_only, allow_dev_keys=allow_dev_keys)
     if backend == "jsonrpc":
         if not rpc_url:
             raise LedgerError("ledger 'jsonrpc' needs an rpc_url (run.rpc_url, or --rpc-url for verify)")
-        return JsonRpcLedger(ledger_dir, rpc_url, key_file, deploy=not read_only, read_only=read_only)
+        return JsonRpcLedger(
+            ledger_dir, rpc_url, key_file, deploy=not read_only, read_only=read_only, allow_dev_keys=allow_dev_keys
+        )
     raise LedgerError(f"unknown ledger {backend!r}; expected one of {', '.join(LEDGERS)}")
 
 

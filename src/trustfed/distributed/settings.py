@@ -57,6 +57,9 @@ class RunSection(_Section):
     ledger_key_file: Path | None = Field(
         None, description="hex private key to sign with (ledger = 'jsonrpc'; default: the node's first account)"
     )
+    allow_dev_keys: bool = Field(
+        False, description="let rank 0 sign with a publicly known development key (anvil/hardhat): test chains only"
+    )
 
     @model_validator(mode="after")
     def _ledger(self) -> RunSection:

@@ -215,7 +215,7 @@ def _open_provenance(cfg: TrainRunConfig, run_dir: Path) -> tuple[ProvenanceLog,
     ledger, chain = None, {}
     if cfg.run.ledger != "none":
         r = cfg.run
-        ledger = open_run_ledger(run_dir, r.ledger, r.rpc_url, r.ledger_key_file)
+        ledger = open_run_ledger(run_dir, r.ledger, r.rpc_url, r.ledger_key_file, allow_dev_keys=r.allow_dev_keys)
         sinks += (LedgerAnchorSink(ledger),)
         chain = {"ledger": describe(ledger)}
     return ProvenanceLog(run_dir / "provenance.jsonl", sinks), ledger, chain

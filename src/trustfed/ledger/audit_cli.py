@@ -31,11 +31,21 @@ def _group() -> None:
 def verify(
     run_dir: Annotated[Path, typer.Argument(help="run folder (for example runs/demo)")],
     rpc: Annotated[str | None, typer.Option("--rpc", help="read the chain from this JSON-RPC URL")] = None,
+    participant_records: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--participant-records",
+            help="a participant's refusals file (<id>.refusals.jsonl) or a folder of them; repeatable",
+        ),
+    ] = None,
 ) -> None:
     """Recompute everything the run claims and compare it with the chain; list every failure."""
     if not run_dir.is_dir():
         raise AuditFailed(f"{run_dir} is not a folder; pass the run folder (for example runs/demo)")
-    verdict = verify_run(run_dir, rpc)
+    missing = [p for p in participant_records or [] if not p.exists()]
+    if missing:
+        raise AuditFailed(f"--participant-records: {', '.join(map(str, missing))} not found")
+    verdict = verify_run(run_dir, rpc, participant_records or [])
     checked = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in verdict.checked.items())
     for note in verdict.notes:
         console.print(f"[bold yellow]{escape(note)}[/bold yellow]", highlight=False)

@@ -1,12 +1,17 @@
 """LedgerBackend: the ledger seam, and its two implementations over web3.
 
-* ``embedded``: an in-process EVM (eth-tester + py-evm). Every transaction is signed here with a
-  fixed test key and its raw bytes are appended to ``RUN_DIR/ledger/transactions.jsonl``; opening
+* ``embedded``: an in-process EVM (eth-tester + py-evm). Every transaction is signed here with the
+  run's own key (``RUN_DIR/ledger/account.key``, created on first use and funded by one transfer from
+  eth-tester's public test account) and its raw bytes are appended to
+  ``RUN_DIR/ledger/transactions.jsonl``; opening
   the folder again replays them into a fresh chain, so a restarted coordinator continues the same
   chain (same addresses, nonces, storage and events; block hashes and timestamps differ). Nothing
   is pickled.
 * ``jsonrpc``: any Ethereum node by URL (anvil in tests; Besu or geth for a consortium chain). It
   sends from the node's first unlocked account, or signs locally with a key read from a file.
+
+Neither signs with a publicly known development key (:mod:`trustfed.ledger.accounts`) unless
+``allow_dev_keys`` says so. Read-only views sign nothing.
 
 Where the contracts live is kept in ``RUN_DIR/ledger/deployment.json``.
 """
@@ -18,11 +23,14 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from trustfed.ledger.accounts import check_signer, dev_key_notice, is_dev_account, load_or_create_key
 from trustfed.ledger.artifacts import CONTRACTS, load_artifact
+from trustfed.ledger.deployment import DEPLOYMENT_FILE as DEPLOYMENT_FILE  # re-exported for callers
+from trustfed.ledger.deployment import Deployment
+from trustfed.ledger.deployment import read_deployment as read_deployment  # re-exported for callers
 from trustfed.ledger.records import (
     AccountState,
     Identity,
@@ -33,12 +41,14 @@ from trustfed.ledger.records import (
     TxRef,
     hex32,
 )
+from trustfed.ledger.reverts import revert_reason as _revert_reason
 from trustfed.primitives.atomic import atomic_write_text
 
 log = logging.getLogger("trustfed.ledger")
 
-DEPLOYMENT_FILE = "deployment.json"
 JOURNAL_FILE = "transactions.jsonl"
+ACCOUNT_KEY_FILE = "account.key"  # the embedded chain's signing key, next to its journal
+_FUNDING_WEI = 10**21  # what the run's own key gets from eth-tester's account to pay for gas
 
 
 class LedgerBackend(Protocol):
@@ -73,71 +83,6 @@ class LedgerBackend(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Deployment:
-    backend: str
-    chain_id: int
-    admin: str
-    contracts: dict[str, str]
-    rpc_url: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "backend": self.backend,
-            "chain_id": self.chain_id,
-            "admin": self.admin,
-            "contracts": self.contracts,
-        }
-        if self.rpc_url is not None:
-            out["rpc_url"] = self.rpc_url
-        return out
-
-
-def read_deployment(ledger_dir: Path) -> dict[str, Any] | None:
-    path = ledger_dir / DEPLOYMENT_FILE
-    if not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"{path} is unreadable ({exc}); restore it or start a new run folder") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("contracts"), dict):
-        raise LedgerError(f"{path} has no 'contracts' object")
-    return raw
-
-
-def _revert_reason(exc: Exception, abi_sets: Sequence[list[dict[str, Any]]]) -> str:
-    """Decode a custom Solidity error (name and arguments) from a revert, where possible."""
-    from eth_abi.abi import decode
-    from eth_utils.crypto import keccak
-
-    data: bytes | None = None
-    raw = getattr(exc, "data", None)
-    if isinstance(raw, str) and raw.startswith("0x"):
-        data = bytes.fromhex(raw[2:])
-    elif exc.args and isinstance(exc.args[0], str) and "execution reverted: b" in exc.args[0]:
-        import ast
-
-        try:
-            lit = ast.literal_eval(exc.args[0].split("execution reverted: ", 1)[1])
-            data = lit if isinstance(lit, bytes) else None
-        except (ValueError, SyntaxError):
-            data = None
-    if data and len(data) >= 4:
-        for abi in abi_sets:
-            for item in abi:
-                if item.get("type") != "error":
-                    continue
-                types = [i["type"] for i in item.get("inputs", [])]
-                if keccak(text=f"{item['name']}({','.join(types)})")[:4] == data[:4]:
-                    try:
-                        args = decode(types, data[4:])
-                    except Exception:  # malformed payload: show the name alone
-                        args = ()
-                    return f"{item['name']}{tuple(args)!r}"
-    return str(exc)
-
-
 class Web3Ledger:
     """The contracts through web3; subclasses decide how transactions are sent."""
 
@@ -147,7 +92,7 @@ class Web3Ledger:
         self.w3 = w3
         self.ledger_dir = ledger_dir
         self.c: dict[str, Any] = {}
-        self._deployment: _Deployment | None = None
+        self._deployment: Deployment | None = None
 
     # --- sending: overridden
     @property
@@ -193,7 +138,7 @@ class Web3Ledger:
             if receipt["status"] != 1 or not receipt["contractAddress"]:
                 raise LedgerError(f"deploying {name} failed (status {receipt['status']})")
             addresses[name] = str(receipt["contractAddress"])
-        self._deployment = _Deployment(backend, int(self.w3.eth.chain_id), self.sender, addresses, self._rpc_url())
+        self._deployment = Deployment(backend, int(self.w3.eth.chain_id), self.sender, addresses, self._rpc_url())
         self.ledger_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.ledger_dir / DEPLOYMENT_FILE, json.dumps(self._deployment.to_json(), indent=2) + "\n")
         self._bind(addresses)
@@ -211,7 +156,7 @@ class Web3Ledger:
                 raise LedgerError(f"{self.ledger_dir / DEPLOYMENT_FILE} lacks the address of {name}")
             if not self.w3.eth.get_code(addresses[name]):
                 raise LedgerError(f"no contract code at {addresses[name]} ({name}) on chain {chain_id}")
-        self._deployment = _Deployment(backend, chain_id, str(raw.get("admin", "")), addresses, self._rpc_url())
+        self._deployment = Deployment(backend, chain_id, str(raw.get("admin", "")), addresses, self._rpc_url())
         self._bind(addresses)
 
     def _bind(self, addresses: dict[str, str]) -> None:
@@ -290,7 +235,9 @@ class EmbeddedLedger(Web3Ledger):
 
     name = "embedded"
 
-    def __init__(self, ledger_dir: Path, *, read_only: bool = False) -> None:
+    def __init__(
+        self, ledger_dir: Path, *, read_only: bool = False, key_file: Path | None = None, allow_dev_keys: bool = False
+    ) -> None:
         from eth_account import Account
         from eth_tester import EthereumTester, PyEVMBackend
         from web3 import Web3
@@ -299,8 +246,8 @@ class EmbeddedLedger(Web3Ledger):
         backend = PyEVMBackend()
         tester = EthereumTester(backend)
         super().__init__(Web3(EthereumTesterProvider(tester)), ledger_dir)
-        # eth-tester's first funded key: fixed, so the replayed chain has the same addresses and nonces.
-        self._account = Account.from_key(backend.account_keys[0].to_bytes())
+        # eth-tester's first funded key (private key 1: public): it only funds the run's own key.
+        self._tester = self._account = Account.from_key(backend.account_keys[0].to_bytes())
         self._journal = ledger_dir / JOURNAL_FILE
         self._gas_limit: int | None = None
         self._read_only = read_only
@@ -313,12 +260,26 @@ class EmbeddedLedger(Web3Ledger):
         raw = read_deployment(ledger_dir)
         if raw is None and read_only:
             raise LedgerError(f"no {DEPLOYMENT_FILE} in {ledger_dir}: nothing to read")
+        if not read_only:
+            self._use_own_key(key_file or ledger_dir / ACCOUNT_KEY_FILE, raw, allow_dev_keys)
         if raw is None:
             if self.replayed:
                 raise LedgerError(f"{self._journal} has transactions but {DEPLOYMENT_FILE} is missing")
             self._deploy_all(self.name)
         else:
             self._attach(raw, self.name)
+
+    def _use_own_key(self, key_file: Path, raw: dict[str, Any] | None, allow_dev_keys: bool) -> None:
+        """Sign with the run's own key. A chain deployed by eth-tester's public key (before runs had their
+        own) keeps it, as a development key: refused unless ``allow_dev_keys``."""
+        admin = str((raw or {}).get("admin", ""))
+        if not (raw is not None and not key_file.is_file() and admin == self._tester.address):
+            self._account = load_or_create_key(key_file)
+            if raw is not None and admin != self._account.address:
+                raise LedgerError(f"{key_file} holds {self._account.address}, but this chain's admin is {admin}")
+        check_signer(self._account.address, allow_dev_keys, f"ledger {self.ledger_dir}")
+        if self._account.address != self._tester.address and not self.w3.eth.get_balance(self._account.address):
+            self._sign_and_send(self._tester, {"to": self._account.address, "value": _FUNDING_WEI, "gas": 21000})
 
     @property
     def sender(self) -> str:
@@ -383,15 +344,26 @@ class EmbeddedLedger(Web3Ledger):
 
     def _send(self, fn: Any) -> Any:
         addr = self._account.address
-        params: dict[str, Any] = {"from": addr, "nonce": self.w3.eth.get_transaction_count(addr)}
+        params: dict[str, Any] = {"from": addr}
         if hasattr(fn, "call"):
             # py-evm estimates gas by a binary search of ~13 executions; a generous explicit limit costs
             # one (unused gas is not charged). A revert is then re-run as a call to read its reason.
             if self._gas_limit is None:
                 self._gas_limit = int(self.w3.eth.get_block("latest")["gasLimit"]) // 2
             params["gas"] = self._gas_limit
-        tx = fn.build_transaction(params)
-        signed = self._account.sign_transaction(tx)
+        receipt = self._sign_and_send(self._account, fn.build_transaction(params))
+        if receipt["status"] != 1 and hasattr(fn, "call"):
+            fn.call({"from": addr}, block_identifier=receipt["blockNumber"] - 1)  # raises with the reason
+        return receipt
+
+    def _sign_and_send(self, account: Any, tx: dict[str, Any]) -> Any:
+        """Sign ``tx`` with ``account``, mine it and journal it; returns the receipt."""
+        tx = {**tx, "from": account.address, "nonce": self.w3.eth.get_transaction_count(account.address)}
+        if "maxFeePerGas" not in tx and "gasPrice" not in tx:
+            tx["maxFeePerGas"] = 2 * int(self.w3.eth.get_block("latest")["baseFeePerGas"]) + 10**9
+            tx["maxPriorityFeePerGas"] = 10**9
+        tx.setdefault("chainId", int(self.w3.eth.chain_id))
+        signed = account.sign_transaction(tx)
         h = self.w3.eth.send_raw_transaction(signed.raw_transaction)
         receipt = self.w3.eth.wait_for_transaction_receipt(h)
         # Every mined transaction is journaled, failed ones too: they use a nonce, so replay needs them.
@@ -406,8 +378,6 @@ class EmbeddedLedger(Web3Ledger):
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if receipt["status"] != 1 and hasattr(fn, "call"):
-            fn.call({"from": addr}, block_identifier=receipt["blockNumber"] - 1)  # raises with the reason
         return receipt
 
 
@@ -417,7 +387,14 @@ class JsonRpcLedger(Web3Ledger):
     name = "jsonrpc"
 
     def __init__(
-        self, ledger_dir: Path, url: str, key_file: Path | None = None, *, deploy: bool = True, read_only: bool = False
+        self,
+        ledger_dir: Path,
+        url: str,
+        key_file: Path | None = None,
+        *,
+        deploy: bool = True,
+        read_only: bool = False,
+        allow_dev_keys: bool = False,
     ) -> None:
         from web3 import Web3
 
@@ -446,6 +423,8 @@ class JsonRpcLedger(Web3Ledger):
             self._from = ""
         else:
             raise LedgerError(f"the node at {url} has no unlocked account; set ledger.key_file")
+        if not read_only:
+            check_signer(self._from, allow_dev_keys, f"ledger at {url}")
         ledger_dir.mkdir(parents=True, exist_ok=True)
         raw = read_deployment(ledger_dir)
         if raw is not None:
@@ -473,13 +452,23 @@ class JsonRpcLedger(Web3Ledger):
 
 
 def open_backend(
-    backend: str, ledger_dir: Path, rpc_url: str | None = None, key_file: Path | None = None
+    backend: str,
+    ledger_dir: Path,
+    rpc_url: str | None = None,
+    key_file: Path | None = None,
+    *,
+    allow_dev_keys: bool = False,
 ) -> Web3Ledger:
-    """Open (deploying on first use) the ledger of a run folder."""
+    """Open (deploying on first use) the ledger of a run folder; a development key only if allowed."""
+    ledger: Web3Ledger
     if backend == "embedded":
-        return EmbeddedLedger(ledger_dir)
-    if backend == "jsonrpc":
+        ledger = EmbeddedLedger(ledger_dir, key_file=key_file, allow_dev_keys=allow_dev_keys)
+    elif backend == "jsonrpc":
         if not rpc_url:
             raise LedgerError("ledger.backend = 'jsonrpc' needs ledger.rpc_url (for example http://127.0.0.1:8545)")
-        return JsonRpcLedger(ledger_dir, rpc_url, key_file)
-    raise LedgerError(f"unknown ledger backend {backend!r}; expected 'embedded' or 'jsonrpc'")
+        ledger = JsonRpcLedger(ledger_dir, rpc_url, key_file, allow_dev_keys=allow_dev_keys)
+    else:
+        raise LedgerError(f"unknown ledger backend {backend!r}; expected 'embedded' or 'jsonrpc'")
+    if is_dev_account(ledger.sender):
+        log.warning("%s", dev_key_notice(ledger.sender))
+    return ledger

@@ -11,3 +11,5 @@ ATTESTATION_KIND = "enclave_attestation"
 RECEIPT_KIND = "enclave_receipt"
 STATUS_KIND = "participant_status"
 APP_KIND = "app"
+LEDGER_KIND = "ledger_account"  # round 0: the chain, its contracts and the account that signs every write
+REFUSAL_KIND = "refusal"  # signed by a participant: it refused the model it was served in a round

@@ -31,7 +31,13 @@ COMMITMENT_KIND = "commitment"
 
 
 class ModelMismatchError(LedgerError):
-    """The model a participant received is not the one committed on chain."""
+    """The model a participant received is not the one committed on chain: ``received`` is the hash of
+    the bytes served, ``expected`` the chain's (empty when the chain has none)."""
+
+    def __init__(self, message: str, *, received: str = "", expected: str = "") -> None:
+        super().__init__(message)
+        self.received = received
+        self.expected = expected
 
 
 class InclusionError(LedgerError):
@@ -119,15 +125,18 @@ def sign_update(
 def check_model(ledger: LedgerBackend, rnd: int, params: torch.Tensor, spec: ParamSpec) -> str:
     """Before training round ``rnd``: the model must hash to the chain's record of round ``rnd - 1``."""
     rec = ledger.read_round(rnd - 1)
+    got = model_hash(params, spec)
     if rec is None:
         raise ModelMismatchError(
-            f"round {rnd}: the chain has no model for round {rnd - 1}; refuse to train until it is committed"
+            f"round {rnd}: the chain has no model for round {rnd - 1}; refuse to train until it is committed",
+            received=got,
         )
-    got = model_hash(params, spec)
     if got != rec.model_hash:
         raise ModelMismatchError(
             f"round {rnd}: received model hashes to {got[:16]}…, but the chain records {rec.model_hash[:16]}… "
-            "for the global model; the coordinator served a model that was not committed. Refusing to train"
+            "for the global model; the coordinator served a model that was not committed. Refusing to train",
+            received=got,
+            expected=rec.model_hash,
         )
     return got
 

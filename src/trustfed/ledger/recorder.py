@@ -29,9 +29,11 @@ import torch
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
+from trustfed.ledger.accounts import dev_key_notice, is_dev_account
 from trustfed.ledger.audit import AuditLog, EcdsaSigner, Signer, certificate_fingerprint, key_fingerprint, parse_entry
 from trustfed.ledger.backends import LedgerBackend, open_backend
 from trustfed.ledger.checkpoint import CHECKPOINT_DIR, save_checkpoint
+from trustfed.ledger.kinds import LEDGER_KIND
 from trustfed.ledger.participant import COMMITMENT_KIND, SignedCommitment, sign_update
 from trustfed.ledger.records import ZERO32, Identity, LedgerError, Role, RoundCommitment
 from trustfed.ledger.settings import LedgerSettings
@@ -53,7 +55,8 @@ CommitmentSource = Callable[[RoundPlan, Update], SignedCommitment]
 
 @dataclass(frozen=True)
 class Attachment:
-    """An extra coordinator-signed entry of a round (enclave attestation and receipt, privacy spend).
+    """An extra entry of a round (enclave attestation and receipt, privacy spend), signed by the
+    coordinator, or by a participant (``signed_by``: its refusal of the round).
 
     ``receipt_hash`` is set on the entry that carries the round's enclave receipt: it goes on chain.
     ``chain``, when set, is called with the ledger after the round's commitment transaction (the
@@ -63,6 +66,9 @@ class Attachment:
     body: dict[str, Any]
     receipt_hash: str | None = None
     chain: Callable[[LedgerBackend], object] | None = None
+    signed_by: tuple[str, bytes] | None = (
+        None  # (author, signature): an entry a participant signed, not the coordinator
+    )
 
 
 class RoundAttachments(Protocol):
@@ -238,6 +244,7 @@ class LedgerRecorder:
             if ident.id in self.certificates:
                 body["certificate_pem"] = self.certificates[ident.id].decode()
             audit.append("identity", 0, body, self.coordinator)
+        audit.append(LEDGER_KIND, 0, ledger_account(self.ledger.deployment()), self.coordinator)
         self.ledger.register(idents)
         on_chain = self._append_attachments(audit, 0, [att for source in self.attachments for att in source.genesis()])
         self._checkpoint(audit, 0, params, h)
@@ -251,7 +258,10 @@ class LedgerRecorder:
     ) -> list[Callable[[LedgerBackend], object]]:
         """Sign ``atts`` into the log; returns their on-chain actions, to run after the round's commitment."""
         for att in atts:
-            audit.append(att.kind, rnd, att.body, self.coordinator)
+            if att.signed_by is None:
+                audit.append(att.kind, rnd, att.body, self.coordinator)
+            else:
+                audit.append(att.kind, rnd, att.body, _AuthorOnly(att.signed_by[0]), sig=att.signed_by[1])
         return [att.chain for att in atts if att.chain is not None]
 
     def _checkpoint(self, audit: AuditLog, rnd: int, params: torch.Tensor, h: str) -> None:
@@ -261,6 +271,22 @@ class LedgerRecorder:
             body["file"] = f32.relative_to(self.run_dir).as_posix()
             body["spec_file"] = spec_path.relative_to(self.run_dir).as_posix()
         audit.append("checkpoint", rnd, body, self.coordinator)
+
+
+def ledger_account(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``ledger_account`` entry (and metrics.json's ``ledger``): the chain, its contracts and the one
+    account that may write them; ``dev_key`` and a notice when that account's key is public."""
+    account = str(deployment.get("admin", ""))
+    body: dict[str, Any] = {
+        "backend": deployment.get("backend"),
+        "chain_id": deployment.get("chain_id"),
+        "contracts": dict(deployment.get("contracts", {})),
+        "account": account,
+        "dev_key": is_dev_account(account),
+    }
+    if body["dev_key"]:
+        body["notice"] = dev_key_notice(account)
+    return body
 
 
 class _AuthorOnly:
@@ -325,7 +351,13 @@ def simulated_recorder(
     keys = run_dir / KEYS_DIR
     coordinator = _load_or_create(keys / f"{COORDINATOR_ID}.pem", COORDINATOR_ID)
     signers = {pid: _load_or_create(keys / "participants" / f"{pid}.pem", pid) for pid in participant_ids}
-    ledger = open_backend(settings.backend, run_dir / LEDGER_DIR, settings.rpc_url, settings.key_file)
+    ledger = open_backend(
+        settings.backend,
+        run_dir / LEDGER_DIR,
+        settings.rpc_url,
+        settings.key_file,
+        allow_dev_keys=settings.allow_dev_keys,
+    )
 
     def commitments(plan: RoundPlan, update: Update) -> SignedCommitment:
         signer = signers.get(update.participant_id)
@@ -368,7 +400,13 @@ def network_recorder(
     if not resume:
         _archive_previous_run(run_dir)
     keys = {pid: certificate_fingerprint(pem)[1] for pid, pem in certificates.items() if pid != COORDINATOR_ID}
-    ledger = open_backend(settings.backend, run_dir / LEDGER_DIR, settings.rpc_url, settings.key_file)
+    ledger = open_backend(
+        settings.backend,
+        run_dir / LEDGER_DIR,
+        settings.rpc_url,
+        settings.key_file,
+        allow_dev_keys=settings.allow_dev_keys,
+    )
     return LedgerRecorder(
         run_dir,
         ledger,

@@ -16,7 +16,16 @@ class LedgerSettings(BaseModel):
     enabled: bool = Field(False, description="record every round in the audit log and on chain")
     backend: Literal["embedded", "jsonrpc"] = Field("embedded", description="in-process EVM or a node by URL")
     rpc_url: str | None = Field(None, description="JSON-RPC URL of the node (jsonrpc only)")
-    key_file: Path | None = Field(None, description="hex private key to sign with (jsonrpc; default: node account)")
+    key_file: Path | None = Field(
+        None,
+        description="hex private key to sign with (default: the node's first account for jsonrpc; for embedded a key "
+        "of the run's own, RUN_DIR/ledger/account.key)",
+    )
+    allow_dev_keys: bool = Field(
+        False,
+        description="let the coordinator sign with a publicly known development key (anvil/hardhat accounts): "
+        "test chains only; every output of the run then says so",
+    )
     checkpoints: bool = Field(True, description="save every round's global model under RUN_DIR/checkpoints")
 
     @model_validator(mode="after")

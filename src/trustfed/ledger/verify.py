@@ -10,6 +10,7 @@ round and field. The run verifies only if no failure was found.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from trustfed.ledger.kinds import (
     INCENTIVES_KIND,
     PRIVACY_KIND,
     RECEIPT_KIND,
+    REFUSAL_KIND,
     STAKE_KIND,
     STATUS_KIND,
 )
@@ -43,10 +45,11 @@ from trustfed.ledger.verify_enclave import EnclaveChecks
 from trustfed.ledger.verify_entries import EntryChecks
 from trustfed.ledger.verify_incentives import IncentiveChecks
 from trustfed.ledger.verify_privacy import PrivacyChecks
+from trustfed.ledger.verify_refusals import RefusalChecks
 from trustfed.primitives.merkle import merkle_root
 
 
-class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, PrivacyChecks, VerifierState):
+class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, PrivacyChecks, RefusalChecks, VerifierState):
     # ------------------------------------------------------------ 1. the log's chain and signatures
     def check_log(self) -> None:
         path = self.run_dir / AUDIT_FILE
@@ -199,6 +202,8 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
                     self._attestation(loc)
                 elif e.kind == APP_KIND:
                     self._app(loc)
+                elif e.kind == REFUSAL_KIND:
+                    self._refusal(loc, plan)
                 elif e.kind == PRIVACY_KIND:
                     self.privacy.append(loc)
                 elif e.kind == STATUS_KIND:
@@ -253,10 +258,13 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
         self.checked["metrics_file"] += 1
 
 
-def verify_run(run_dir: Path, rpc_url: str | None = None) -> AuditReport:
+def verify_run(run_dir: Path, rpc_url: str | None = None, participant_records: Sequence[Path] = ()) -> AuditReport:
+    """Verify a run folder; ``participant_records``: refusal files (or folders of them) the participants
+    kept, each of which the log must hold and the round's plan must agree with."""
     v = _Verifier(run_dir, rpc_url)
     v.check_log()
     facts = v.check_rounds()
+    v.check_participant_records(list(participant_records), facts)
     v.check_incentives(facts)
     v.check_chain(facts)
     v.check_privacy(facts)

@@ -9,10 +9,11 @@ from trustfed.incentives.book import IncentiveBook
 from trustfed.ledger.backends import EmbeddedLedger, JsonRpcLedger, Web3Ledger, read_deployment
 from trustfed.ledger.recorder import AUDIT_FILE, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment
-from trustfed.ledger.verify_base import CHAIN, VerifierState
+from trustfed.ledger.verify_admin import AdminChecks
+from trustfed.ledger.verify_base import CHAIN
 
 
-class ChainChecks(VerifierState):
+class ChainChecks(AdminChecks):
     # ------------------------------------------------------------ 3. the chain
     def check_chain(self, facts: dict[int, dict[str, Any]]) -> None:
         ledger_dir = self.run_dir / LEDGER_DIR
@@ -36,6 +37,7 @@ class ChainChecks(VerifierState):
             return
         try:
             self._compare_chain(ledger, facts)
+            self.check_admin(ledger)
         finally:
             ledger.close()
 

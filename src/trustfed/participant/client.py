@@ -21,7 +21,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from trustfed.core.codec import ParamSpec
+from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.errors import AttestationRefused
 from trustfed.enclave.receipts import Receipt, verify_receipt
@@ -35,7 +35,9 @@ from trustfed.ledger.participant import (
     sign_commitment,
     update_bytes,
 )
+from trustfed.ledger.refusals import SignedRefusal
 from trustfed.models.trainer import Trainer, close_trainer
+from trustfed.participant.refusal import keep_refusal
 from trustfed.participant.rounds import ReceivedPlan, RoundGone, RoundOutcome
 from trustfed.participant.secagg import SecAggParticipant
 from trustfed.participant.settings import ParticipantConfig
@@ -298,8 +300,10 @@ class ParticipantClient:
             self.commitments[rp.round] = sc.commitment
         self._send_update(rp.round, header, payload)
 
-    def withdraw(self, rp: ReceivedPlan, reason: str) -> None:
+    def withdraw(self, rp: ReceivedPlan, reason: str, refusal: SignedRefusal | None = None) -> None:
         header = pb.UpdateHeader(round=rp.round, participant_id=self.pid, withdrawn_reason=reason)
+        if refusal is not None:  # the coordinator must put it in the audit log
+            header.refusal, header.refusal_signature = refusal.body_bytes(), refusal.sig
         self._send_update(rp.round, header, b"")
 
     def _send_update(self, rnd: int, header: pb.UpdateHeader, payload: bytes) -> None:
@@ -371,9 +375,11 @@ class ParticipantClient:
             return None
         except (ModelMismatchError, AttestationRefused) as exc:
             # The coordinator served a model that is not on chain, or the enclave failed attestation:
-            # train nothing, send nothing but a signed refusal, and leave.
+            # train nothing, keep a signed refusal record, send it with the withdrawal, and leave.
             log.error("participant %s refuses round %d and leaves: %s", self.pid, rp.round, exc)
-            self.withdraw(rp, f"refused: {exc}"[:1000])
+            folder = self.cfg.state.dir if self.cfg.state is not None else None
+            record = keep_refusal(self.commit_signer, folder, rp, model_hash(params, self.spec), exc)
+            self.withdraw(rp, f"refused: {exc}"[:1000], record)
             self.refusal = str(exc)
             return None
         if self.secagg is not None:

@@ -25,7 +25,7 @@ from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig, participant_ids
 from trustfed.coordinator.engine import Coordinator
 from trustfed.coordinator.incentives_record import use_reputation_selection
-from trustfed.coordinator.recorders import recorders_for
+from trustfed.coordinator.recorders import ledger_metrics, recorders_for
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.evaluation import FED_EVAL_PREFIX
 from trustfed.core.rounds import RoundObserver, RoundRecord, Transport
@@ -89,6 +89,7 @@ def run_simulation(
     metrics = run_rounds(coord, cfg, transport, strategy, spec, on_round)
     metrics["app"] = rt.identity.describe()
     metrics["attack"] = cfg.attack.record(ids)  # the attack that ran (its implementation), or "no attack"
+    metrics.update(ledger_metrics(watchers))
     if provenance:
         metrics["participants_provenance"] = provenance
     if out_dir is not None:

@@ -144,7 +144,7 @@ class ModelHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., spec_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "participant_id", "num_examples", "metrics", "total_bytes", "chunk_bytes", "num_chunks", "model_hash", "commitment", "sealed", "withdrawn_reason", "commitment_signature", "enclave_key_id", "enclave_signature", "secagg_masked", "app_sha256", "data_sha256")
+    __slots__ = ("round", "participant_id", "num_examples", "metrics", "total_bytes", "chunk_bytes", "num_chunks", "model_hash", "commitment", "sealed", "withdrawn_reason", "commitment_signature", "enclave_key_id", "enclave_signature", "secagg_masked", "app_sha256", "data_sha256", "refusal", "refusal_signature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class UpdateHeader(_message.Message):
     SECAGG_MASKED_FIELD_NUMBER: _ClassVar[int]
     APP_SHA256_FIELD_NUMBER: _ClassVar[int]
     DATA_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     participant_id: str
     num_examples: int
@@ -186,7 +188,9 @@ class UpdateHeader(_message.Message):
     secagg_masked: bool
     app_sha256: str
     data_sha256: str
-    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ..., commitment: _Optional[bytes] = ..., sealed: _Optional[bool] = ..., withdrawn_reason: _Optional[str] = ..., commitment_signature: _Optional[bytes] = ..., enclave_key_id: _Optional[str] = ..., enclave_signature: _Optional[bytes] = ..., secagg_masked: _Optional[bool] = ..., app_sha256: _Optional[str] = ..., data_sha256: _Optional[str] = ...) -> None: ...
+    refusal: bytes
+    refusal_signature: bytes
+    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ..., commitment: _Optional[bytes] = ..., sealed: _Optional[bool] = ..., withdrawn_reason: _Optional[str] = ..., commitment_signature: _Optional[bytes] = ..., enclave_key_id: _Optional[str] = ..., enclave_signature: _Optional[bytes] = ..., secagg_masked: _Optional[bool] = ..., app_sha256: _Optional[str] = ..., data_sha256: _Optional[str] = ..., refusal: _Optional[bytes] = ..., refusal_signature: _Optional[bytes] = ...) -> None: ...
 
 class UploadAck(_message.Message):
     __slots__ = ("accepted", "reason")
