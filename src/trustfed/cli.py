@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import trustfed
 from trustfed.config import load_federation_config, validate_federation_config
 from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.core.evaluation import final_headline, round_headline
@@ -51,6 +52,22 @@ COMPONENT_APPS: list[tuple[str, str]] = [
     ("train", "trustfed.distributed.cli"),
     ("dashboard", "trustfed.dashboard.cli"),
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"trustfed {trustfed.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print trustfed's version and exit"),
+    ] = False,
+) -> None:
+    """Trusted federated learning and distributed training."""
 
 
 def _register_components() -> None:
@@ -105,25 +122,66 @@ def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, A
     return result.metrics
 
 
-def _final_table(metrics: dict[str, Any], out: Path, *, plot: bool = True) -> None:
+def _result_rows(metrics: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for r in metrics["rounds"]:
+        fed = r.get("federated_evaluation", {})
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in fed.items() if k not in ("num_examples", "participants", "model_round")
+        )
+        rows.append((str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", shown, f"{r['seconds']:.2f}"))
+    return rows
+
+
+def _result_table(rows: list[tuple[str, ...]], keep: int, out: Path) -> Table:
+    """The rounds as a table; beyond ``keep`` rows, the first few and the last ones with a line that
+    says how many were left out and where they all are."""
     table = Table(title="federation result")
     table.add_column("round", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("federated evaluation", justify="left")
     table.add_column("seconds", justify="right")
-    for r in metrics["rounds"]:
-        fed = r.get("federated_evaluation", {})
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in fed.items() if k not in ("num_examples", "participants", "model_round")
-        )
-        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", shown, f"{r['seconds']:.2f}")
-    console.print(table)
+    if keep >= len(rows):
+        shown: list[tuple[str, ...]] = rows
+    else:
+        first = min(3, keep // 3)
+        left_out = len(rows) - keep
+        gap = ("…", "", "", f"{left_out} rounds left out; see metrics.json", "")
+        shown = [*rows[:first], gap, *rows[len(rows) - (keep - first) :]]
+    for row in shown:
+        table.add_row(*row)
+    return table
+
+
+def _height(renderable: Any) -> int:
+    return len(console.render_lines(renderable, console.options, pad=False))
+
+
+def _rows_that_fit(rows: list[tuple[str, ...]], out: Path, budget: int) -> int:
+    """How many rows of the table fit in ``budget`` terminal lines (at least two: the first and last round)."""
+    if len(rows) <= 2 or _height(_result_table(rows, len(rows), out)) <= budget:
+        return len(rows)
+    per_row = max(1, _height(_result_table(rows[:2], 2, out)) - _height(_result_table(rows[:1], 1, out)))
+    keep = max(2, (budget - _height(_result_table(rows[:1], 1, out))) // per_row)
+    while keep > 2 and _height(_result_table(rows, keep, out)) > budget:
+        keep -= 1
+    return keep
+
+
+def _final_table(metrics: dict[str, Any], out: Path, *, plot: bool = True) -> None:
+    """The rounds and the headline; on a terminal, cut to fit its height (metrics.json has every round)."""
     headline = escape(final_headline(metrics))
     files = f"{out}/metrics.json and {out}/metrics.png" if plot else f"{out}/metrics.json"
-    console.print(
+    summary = (
         f"{headline} in {metrics['total_seconds']:.1f} s; model hash {metrics['model_hash'][:16]}…; results in {files}"
     )
+    rows = _result_rows(metrics)
+    keep = len(rows)
+    if console.is_terminal:  # a pipe or a file gets every round
+        keep = _rows_that_fit(rows, out, console.size.height - _height(summary) - 1)  # and the shell's prompt
+    console.print(_result_table(rows, keep, out))
+    console.print(summary)
 
 
 @app.command("new")
