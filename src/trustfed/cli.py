@@ -21,6 +21,7 @@ from rich.table import Table
 import trustfed
 from trustfed.config import load_federation_config, validate_federation_config
 from trustfed.coordinator.local_federation import run_local_federation
+from trustfed.coordinator.provision import provision as provision_kits
 from trustfed.core.evaluation import final_headline, round_headline
 from trustfed.errors import ConfigError, ConfigProblem, TrustFedError
 from trustfed.simulation.runner import run_simulation, versions
@@ -197,6 +198,27 @@ def new(
     console.print(f"[green]created[/green] {folder} ({template}, {sites} sites). Next:")
     console.print(f"  cd {folder} && trustfed simulate --config {fed.name} --out runs/sim", highlight=False)
     console.print("  (README.md shows how to run each site as its own process)", highlight=False)
+
+
+@app.command()
+def provision(
+    project: Annotated[Path, typer.Argument(help="project file: the federation, the coordinator's address, the sites")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="folder for the kits (one per site, the coordinator's)")
+    ] = Path("kits"),
+    force: Annotated[bool, typer.Option("--force", help="replace kit folders already in OUT")] = False,
+) -> None:
+    """Write a startup kit per site and the coordinator's: certificate and key, CA and revocation list,
+    config, start.sh and README; OUT/ca keeps the CA's key (not shipped). See docs/deploy.md."""
+    kits = provision_kits(project, out, force=force)
+    table = Table(title=f"kits in {out}")
+    table.add_column("kit")
+    table.add_column("identity")
+    table.add_column("start")
+    for kit in kits:
+        table.add_row(str(kit.folder), kit.identity, f"cd {kit.folder} && {kit.start}")
+    console.print(table)
+    console.print(f"the CA's private key stays in {out}/ca (revoke with `trustfed pki revoke --ca {out}/ca`)")
 
 
 @app.command()
