@@ -21,6 +21,7 @@ import trustfed
 from trustfed.config import load_federation_config
 from trustfed.coordinator.provision import provision
 from trustfed.errors import ConfigError
+from trustfed.ledger.audit import parsed_entries
 from trustfed.participant.settings import load_participant_config
 from trustfed.pki.ca import identity_of
 
@@ -43,6 +44,9 @@ batch_size = 32
 min_participants = 3
 [ledger]
 enabled = true
+[tracking]
+tensorboard = true
+mlflow = true
 [transport]
 round_timeout_s = 240.0
 join_timeout_s = 240.0
@@ -182,6 +186,25 @@ def _check_run(out: Path, server_log: str) -> None:
     for pid in ("p000", "p001", "p002"):
         assert f"{pid} joined" in server_log
     assert "round 1 started" in server_log
+    _check_tracking(run)
+
+
+def _check_tracking(run: Path) -> None:
+    """The networked coordinator tracked both rounds, ending at the audit log's head."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    head = list(parsed_entries(run / "audit.jsonl"))[-1].hash
+    acc = EventAccumulator(str(run / "tracking" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("accuracy")] == [1, 2]
+    assert acc.Tensors("audit/head/text_summary")[-1].tensor_proto.string_val[0].decode() == head
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'tracking' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kits")
+    assert exp is not None
+    (found,) = client.search_runs([exp.experiment_id])
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss")] == [1, 2]
+    assert found.data.tags["audit_head"] == head
 
 
 def _free_port() -> int:
