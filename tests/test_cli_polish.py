@@ -70,3 +70,27 @@ def test_a_short_run_shows_every_round(monkeypatch: pytest.MonkeyPatch, tmp_path
     cli._final_table(_metrics(5), tmp_path, plot=False)
     text = console.export_text()
     assert all(f"│     {i} │" in text for i in range(1, 6)) and "left out" not in text
+
+
+def test_simulate_says_which_round_is_running(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The progress bar's status names the round that has started (and, before, what start-up does)."""
+    from trustfed.config import validate_federation_config
+
+    seen: list[str] = []
+    real = cli.RoundStatus.on_round_start
+
+    def spy(self: cli.RoundStatus, plan: Any, params: Any) -> None:
+        seen.append(str(self.progress.tasks[0].fields["status"]))
+        real(self, plan, params)
+        seen.append(str(self.progress.tasks[0].fields["status"]))
+
+    monkeypatch.setattr(cli.RoundStatus, "on_round_start", spy)
+    monkeypatch.setattr(cli, "console", Console(width=100, force_terminal=False, record=True))
+    raw = {
+        "federation": {"name": "s", "rounds": 2, "participants": 2},
+        "model": {"name": "mlp", "hidden": [8]},
+        "data": {"partition": {"kind": "iid"}},
+    }
+    cli._run_with_progress(validate_federation_config(raw, "test"), tmp_path / "run", plot=False)
+    assert seen[0] == "starting: data and model"
+    assert seen[1] == "round 1 running (2 participants)" and seen[3] == "round 2 running (2 participants)"

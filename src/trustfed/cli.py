@@ -9,13 +9,15 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import trustfed
@@ -23,6 +25,8 @@ from trustfed.config import load_federation_config, validate_federation_config
 from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.coordinator.provision import provision as provision_kits
 from trustfed.core.evaluation import final_headline, round_headline
+from trustfed.core.rounds import RoundRecord
+from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.errors import ConfigError, ConfigProblem, TrustFedError
 from trustfed.simulation.runner import run_simulation, versions
 from trustfed.templates import new_project
@@ -97,6 +101,23 @@ def config_check(file: Annotated[Path, typer.Argument(help="federation TOML file
     )
 
 
+class RoundStatus:
+    """A RoundObserver that shows, in the progress bar's status, which round is running: otherwise the
+    bar says nothing while the first round (or a long one) runs."""
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress, self.task = progress, task
+
+    def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None:
+        n = len(plan.participants)
+        self.progress.update(self.task, status=f"round {plan.round} running ({n} participants)")
+
+    def on_round_end(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> None:
+        pass
+
+
 def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, Any]:
     # What is loaded by now (torch, the config models: some 200k objects) lives as long as this
     # command's process: frozen, it is no longer rescanned by the collector's full passes and at exit
@@ -110,7 +131,7 @@ def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, A
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task("rounds", total=cfg.federation.rounds, status="")
+        task = progress.add_task("rounds", total=cfg.federation.rounds, status="starting: data and model")
 
         def on_round(rec: Any) -> None:
             figures = round_headline(rec.metrics)
@@ -119,7 +140,7 @@ def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, A
             )
             progress.update(task, advance=1, status=figures.split("  ")[0])
 
-        result = run_simulation(cfg, out, on_round, plot=plot)
+        result = run_simulation(cfg, out, on_round, [RoundStatus(progress, task)], plot=plot)
     return result.metrics
 
 
