@@ -62,9 +62,13 @@ def _project(tmp_path: Path, host: str = "127.0.0.1", port: int = 50051, sites: 
     return path
 
 
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+SRC = str(Path(trustfed.__file__).resolve().parents[1])  # this trustfed, from any working folder
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=SRC)
     return subprocess.run(
-        [sys.executable, "-m", "trustfed.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+        [sys.executable, "-m", "trustfed.cli", *args], capture_output=True, text=True, timeout=300, env=env
     )
 
 
@@ -151,8 +155,7 @@ def test_an_existing_kit_is_replaced_only_with_force(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ running kits
 def _start(kit: Path, log: Path, netns: str | None = None) -> subprocess.Popen[bytes]:
     """The kit's own start.sh, as its host would run it (``TRUSTFED``: this interpreter's trustfed)."""
-    src = str(Path(trustfed.__file__).resolve().parents[1])  # start.sh runs from the kit's folder
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=src)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=SRC)  # start.sh cds to its kit
     env["TRUSTFED"] = f"{sys.executable} -m trustfed.cli"
     cmd = ["sh", str(kit / "start.sh")]
     if netns is not None:
