@@ -110,14 +110,15 @@ def test_config_dump_is_json_serialisable() -> None:
 
 
 def test_the_examples_optional_sections_validate_when_uncommented(tmp_path: Path) -> None:
-    """The commented ``[ledger]``, ``[incentives]`` and ``[secagg]`` blocks of the example stay valid."""
+    """The commented ``[ledger]``, ``[incentives]``, ``[secagg]`` and ``[tracking]`` blocks of the example stay valid."""
     import re
 
     lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# Optional sections"))
     on = [re.sub(r"^# (?=\[|\w+ = )", "", line) for line in lines[start + 1 :]]
-    assert sum(line.startswith("[") for line in on) == 3
+    assert sum(line.startswith("[") for line in on) == 4
     f = tmp_path / "all.toml"
     f.write_text("\n".join(lines[:start] + on) + "\n", encoding="utf-8")
     cfg = load_federation_config(f)
     assert cfg.ledger.enabled and cfg.incentives.enabled and cfg.secagg.enabled and cfg.secagg.weighted
+    assert cfg.tracking.tensorboard and cfg.tracking.mlflow

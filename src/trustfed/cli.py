@@ -9,18 +9,24 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import trustfed
 from trustfed.config import load_federation_config, validate_federation_config
 from trustfed.coordinator.local_federation import run_local_federation
+from trustfed.coordinator.provision import provision as provision_kits
 from trustfed.core.evaluation import final_headline, round_headline
+from trustfed.core.rounds import RoundRecord
+from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.errors import ConfigError, ConfigProblem, TrustFedError
 from trustfed.simulation.runner import run_simulation, versions
 from trustfed.templates import new_project
@@ -53,6 +59,22 @@ COMPONENT_APPS: list[tuple[str, str]] = [
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"trustfed {trustfed.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print trustfed's version and exit"),
+    ] = False,
+) -> None:
+    """Trusted federated learning and distributed training."""
+
+
 def _register_components() -> None:
     import importlib
 
@@ -79,6 +101,23 @@ def config_check(file: Annotated[Path, typer.Argument(help="federation TOML file
     )
 
 
+class RoundStatus:
+    """A RoundObserver that shows, in the progress bar's status, which round is running: otherwise the
+    bar says nothing while the first round (or a long one) runs."""
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress, self.task = progress, task
+
+    def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None:
+        n = len(plan.participants)
+        self.progress.update(self.task, status=f"round {plan.round} running ({n} participants)")
+
+    def on_round_end(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> None:
+        pass
+
+
 def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, Any]:
     # What is loaded by now (torch, the config models: some 200k objects) lives as long as this
     # command's process: frozen, it is no longer rescanned by the collector's full passes and at exit
@@ -92,7 +131,7 @@ def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, A
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        task = progress.add_task("rounds", total=cfg.federation.rounds, status="")
+        task = progress.add_task("rounds", total=cfg.federation.rounds, status="starting: data and model")
 
         def on_round(rec: Any) -> None:
             figures = round_headline(rec.metrics)
@@ -101,29 +140,70 @@ def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, A
             )
             progress.update(task, advance=1, status=figures.split("  ")[0])
 
-        result = run_simulation(cfg, out, on_round, plot=plot)
+        result = run_simulation(cfg, out, on_round, [RoundStatus(progress, task)], plot=plot)
     return result.metrics
 
 
-def _final_table(metrics: dict[str, Any], out: Path, *, plot: bool = True) -> None:
+def _result_rows(metrics: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for r in metrics["rounds"]:
+        fed = r.get("federated_evaluation", {})
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in fed.items() if k not in ("num_examples", "participants", "model_round")
+        )
+        rows.append((str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", shown, f"{r['seconds']:.2f}"))
+    return rows
+
+
+def _result_table(rows: list[tuple[str, ...]], keep: int, out: Path) -> Table:
+    """The rounds as a table; beyond ``keep`` rows, the first few and the last ones with a line that
+    says how many were left out and where they all are."""
     table = Table(title="federation result")
     table.add_column("round", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("federated evaluation", justify="left")
     table.add_column("seconds", justify="right")
-    for r in metrics["rounds"]:
-        fed = r.get("federated_evaluation", {})
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in fed.items() if k not in ("num_examples", "participants", "model_round")
-        )
-        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", shown, f"{r['seconds']:.2f}")
-    console.print(table)
+    if keep >= len(rows):
+        shown: list[tuple[str, ...]] = rows
+    else:
+        first = min(3, keep // 3)
+        left_out = len(rows) - keep
+        gap = ("…", "", "", f"{left_out} rounds left out; see metrics.json", "")
+        shown = [*rows[:first], gap, *rows[len(rows) - (keep - first) :]]
+    for row in shown:
+        table.add_row(*row)
+    return table
+
+
+def _height(renderable: Any) -> int:
+    return len(console.render_lines(renderable, console.options, pad=False))
+
+
+def _rows_that_fit(rows: list[tuple[str, ...]], out: Path, budget: int) -> int:
+    """How many rows of the table fit in ``budget`` terminal lines (at least two: the first and last round)."""
+    if len(rows) <= 2 or _height(_result_table(rows, len(rows), out)) <= budget:
+        return len(rows)
+    per_row = max(1, _height(_result_table(rows[:2], 2, out)) - _height(_result_table(rows[:1], 1, out)))
+    keep = max(2, (budget - _height(_result_table(rows[:1], 1, out))) // per_row)
+    while keep > 2 and _height(_result_table(rows, keep, out)) > budget:
+        keep -= 1
+    return keep
+
+
+def _final_table(metrics: dict[str, Any], out: Path, *, plot: bool = True) -> None:
+    """The rounds and the headline; on a terminal, cut to fit its height (metrics.json has every round)."""
     headline = escape(final_headline(metrics))
     files = f"{out}/metrics.json and {out}/metrics.png" if plot else f"{out}/metrics.json"
-    console.print(
+    summary = (
         f"{headline} in {metrics['total_seconds']:.1f} s; model hash {metrics['model_hash'][:16]}…; results in {files}"
     )
+    rows = _result_rows(metrics)
+    keep = len(rows)
+    if console.is_terminal:  # a pipe or a file gets every round
+        keep = _rows_that_fit(rows, out, console.size.height - _height(summary) - 1)  # and the shell's prompt
+    console.print(_result_table(rows, keep, out))
+    console.print(summary)
 
 
 @app.command("new")
@@ -139,6 +219,27 @@ def new(
     console.print(f"[green]created[/green] {folder} ({template}, {sites} sites). Next:")
     console.print(f"  cd {folder} && trustfed simulate --config {fed.name} --out runs/sim", highlight=False)
     console.print("  (README.md shows how to run each site as its own process)", highlight=False)
+
+
+@app.command()
+def provision(
+    project: Annotated[Path, typer.Argument(help="project file: the federation, the coordinator's address, the sites")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="folder for the kits (one per site, the coordinator's)")
+    ] = Path("kits"),
+    force: Annotated[bool, typer.Option("--force", help="replace kit folders already in OUT")] = False,
+) -> None:
+    """Write a startup kit per site and the coordinator's: certificate and key, CA and revocation list,
+    config, start.sh and README; OUT/ca keeps the CA's key (not shipped). See docs/deploy.md."""
+    kits = provision_kits(project, out, force=force)
+    table = Table(title=f"kits in {out}")
+    table.add_column("kit")
+    table.add_column("identity")
+    table.add_column("start")
+    for kit in kits:
+        table.add_row(str(kit.folder), kit.identity, f"cd {kit.folder} && {kit.start}")
+    console.print(table)
+    console.print(f"the CA's private key stays in {out}/ca (revoke with `trustfed pki revoke --ca {out}/ca`)")
 
 
 @app.command()

@@ -7,6 +7,7 @@ the file, the field and what was expected.
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -138,6 +139,34 @@ class SimulationSection(_Section):
     )
 
 
+TRACKING_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # switch -> module of the 'tracking' extra
+
+
+class TrackingSection(_Section):
+    """Experiment tracking of a run: each round's metrics, the privacy spent and the audit-log head, as
+    TensorBoard event files and an MLflow run (the 'tracking' extra)."""
+
+    tensorboard: bool = Field(False, description="write TensorBoard event files in FOLDER/tensorboard")
+    mlflow: bool = Field(False, description="log an MLflow run")
+    folder: Path = Field(Path("tracking"), description="relative to the run folder: event files, the MLflow store")
+    tracking_uri: str | None = Field(
+        None, min_length=1, description="MLflow tracking URI (default: sqlite:///FOLDER/mlflow.db in the run folder)"
+    )
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment (default: the federation's name)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.mlflow
+
+    def problems(self) -> list[ConfigProblem]:
+        """A switch that is on needs its package: said when the file is checked, not mid-run."""
+        return [
+            ConfigProblem(f"tracking.{switch}", f"needs the 'tracking' extra ({module} is not installed)")
+            for switch, module in TRACKING_PACKAGES.items()
+            if getattr(self, switch) and importlib.util.find_spec(module) is None
+        ]
+
+
 class FederationConfig(_Section):
     """The whole federation file."""
 
@@ -156,6 +185,7 @@ class FederationConfig(_Section):
     privacy: PrivacySettings = PrivacySettings()
     transport: TransportSettings = TransportSettings()
     participant_training: ParticipantTrainingSettings = ParticipantTrainingSettings()
+    tracking: TrackingSection = TrackingSection()
 
     def semantic_problems(self) -> list[ConfigProblem]:
         """Checks that span fields or touch the file system."""
@@ -252,6 +282,7 @@ class FederationConfig(_Section):
         out += self.attack.problems()
         ids = [f"p{i:03d}" for i in range(n)]
         out += self.privacy.problems(ids, self.strategy.aggregator)
+        out += self.tracking.problems()
         return out
 
     def _app_names(self) -> tuple[list[str], list[str]]:

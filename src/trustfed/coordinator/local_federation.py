@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from trustfed.config import load_federation_config, participant_ids, validate_federation_config
-from trustfed.pki.ca import init_ca, issue
+from trustfed.pki.ca import CA_CERT, CRL_FILE, init_ca, issue
 from trustfed.simulation.enclave import enclave_aggregation
 from trustfed.simulation.runner import write_results
 from trustfed.transport.errors import TransportError
@@ -92,6 +92,32 @@ def prepare(
     return write_federation_file(out, raw, round_timeout_s=round_timeout_s, enclave_address=enclave_address)
 
 
+def _in(folder: str, name: str) -> str:
+    return name if folder in ("", ".") else f"{folder}/{name}"
+
+
+def transport_section(
+    raw: Mapping[str, Any],
+    *,
+    listen: str,
+    tls_dir: str,
+    round_timeout_s: float | None = None,
+    join_timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """The coordinator's ``[transport]``: ``raw``'s own settings, its address and its TLS files in
+    ``tls_dir`` (relative to the federation file); the timeouts given replace ``raw``'s."""
+    timeouts = {"round_timeout_s": round_timeout_s, "join_timeout_s": join_timeout_s}
+    return {
+        **dict(raw.get("transport", {})),
+        "listen": listen,
+        "ca": _in(tls_dir, CA_CERT),
+        "cert": _in(tls_dir, "coordinator.pem"),
+        "key": _in(tls_dir, "coordinator.key"),
+        "crl": _in(tls_dir, CRL_FILE),
+        **{k: v for k, v in timeouts.items() if v is not None},
+    }
+
+
 def write_federation_file(
     out: Path, raw: Mapping[str, Any], *, round_timeout_s: float = 120.0, enclave_address: str | None = None
 ) -> LocalFederation:
@@ -99,20 +125,42 @@ def write_federation_file(
     fed = {k: v for k, v in raw.items() if k != "transport"}
     if enclave_address is not None:
         fed["enclave"] = {**dict(raw.get("enclave", {})), "address": enclave_address}
-    fed["transport"] = {
-        **dict(raw.get("transport", {})),
-        "listen": "127.0.0.1:0",
-        "ca": "pki/ca.pem",
-        "cert": "pki/coordinator.pem",
-        "key": "pki/coordinator.key",
-        "crl": "pki/crl.pem",
-        "round_timeout_s": round_timeout_s,
-        "join_timeout_s": 120.0,
-    }
+    fed["transport"] = transport_section(
+        raw, listen="127.0.0.1:0", tls_dir="pki", round_timeout_s=round_timeout_s, join_timeout_s=120.0
+    )
     out.mkdir(parents=True, exist_ok=True)
     path = out / "federation.toml"
     path.write_text("# written by trustfed (local multi-process federation)\n" + to_toml(fed), encoding="utf-8")
     return LocalFederation(out, path)
+
+
+def participant_document(
+    pid: str,
+    address: str,
+    *,
+    federation_config: str,
+    tls_dir: str,
+    ledger_dir: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    retry: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One participant file's content: its id, the coordinator's address, the federation file and its TLS
+    files in ``tls_dir`` (paths relative to the participant file)."""
+    doc: dict[str, Any] = {
+        "participant": {"id": pid, "coordinator": address, "federation_config": federation_config},
+        "tls": {
+            "ca": _in(tls_dir, CA_CERT),
+            "cert": _in(tls_dir, f"{pid}.pem"),
+            "key": _in(tls_dir, f"{pid}.key"),
+            "crl": _in(tls_dir, CRL_FILE),
+        },
+        "retry": dict(retry or {"attempts": 6, "initial_backoff_s": 0.25, "max_backoff_s": 2.0}),
+    }
+    if ledger_dir is not None:
+        doc["ledger"] = {"dir": ledger_dir}
+    if data is not None:
+        doc["data"] = dict(data)
+    return doc
 
 
 def write_participant_configs(
@@ -128,20 +176,14 @@ def write_participant_configs(
     folder = fed.out / "participants"
     folder.mkdir(parents=True, exist_ok=True)
     for pid in participants:
-        doc: dict[str, Any] = {
-            "participant": {"id": pid, "coordinator": address, "federation_config": "../federation.toml"},
-            "tls": {
-                "ca": "../pki/ca.pem",
-                "cert": f"../pki/{pid}.pem",
-                "key": f"../pki/{pid}.key",
-                "crl": "../pki/crl.pem",
-            },
-            "retry": {"attempts": 6, "initial_backoff_s": 0.25, "max_backoff_s": 2.0},
-        }
-        if ledger_view:
-            doc["ledger"] = {"dir": "../ledger"}
-        if data is not None and pid in data:
-            doc["data"] = dict(data[pid])
+        doc = participant_document(
+            pid,
+            address,
+            federation_config="../federation.toml",
+            tls_dir="../pki",
+            ledger_dir="../ledger" if ledger_view else None,
+            data=None if data is None else data.get(pid),
+        )
         p = folder / f"{pid}.toml"
         p.write_text(to_toml(doc), encoding="utf-8")
         fed.participant_files[pid] = p

@@ -30,6 +30,7 @@ from trustfed.app.loading import AppIdentity
 from trustfed.config import FederationConfig
 from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.coordinator.incentives_record import IncentivesRecord, set_status_on_chain
+from trustfed.coordinator.tracking import trackers_for
 from trustfed.core.codec import ParamSpec
 from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
@@ -167,7 +168,8 @@ def recorders_for(
 ) -> list[RoundObserver]:
     """The observers that record a run of ``cfg`` in ``out_dir`` (none without a folder).
 
-    Order matters: the privacy recorder writes its lines before the ledger recorder signs them."""
+    Order matters: the privacy recorder writes its lines before the ledger recorder signs them, and the
+    trackers (``[tracking]``) read the audit-log head the ledger recorder has just written."""
     out: list[RoundObserver] = []
     if out_dir is None:
         return out
@@ -207,6 +209,8 @@ def recorders_for(
         out.append(recorder)
         if incentives is not None:
             incentives.ledger = recorder.ledger
+    if cfg.tracking.enabled:  # last: a round's audit-log head is written by the time they read it
+        out += trackers_for(cfg, out_dir)
     return out
 
 

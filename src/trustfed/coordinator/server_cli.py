@@ -2,18 +2,77 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 
 from trustfed.config import load_federation_config
+from trustfed.coordinator.board import RoundBoard
 from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 from trustfed.core.evaluation import final_headline, round_headline
+from trustfed.core.rounds import RoundRecord
+from trustfed.core.strategy import RoundPlan, RoundResult, Update
 
 app = typer.Typer(help="Run the coordinator: serve participants over mutual TLS.", invoke_without_command=True)
 console = Console()
+
+
+class JoinReport(threading.Thread):
+    """Says who has joined while the coordinator waits for its participants (a silent phase otherwise),
+    until all have or the first round starts (:meth:`finish`)."""
+
+    def __init__(self, board: RoundBoard, expected: int) -> None:
+        super().__init__(name="trustfed-joins", daemon=True)
+        self.board, self.expected = board, expected
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: list[str] = []
+
+    def report(self) -> None:
+        with self.board.cond:
+            joined = set(self.board.checked_in)
+        with self._lock:
+            for pid in sorted(joined - set(self._seen)):
+                self._seen.append(pid)
+                console.print(f"{pid} joined ({len(self._seen)}/{self.expected})", highlight=False)
+
+    def run(self) -> None:
+        while not self.stop.is_set() and len(self._seen) < self.expected:
+            self.report()
+            with self.board.cond:
+                self.board.cond.wait(0.5)
+
+    def finish(self) -> None:
+        """Report whoever joined since the last look, and stop looking."""
+        if not self.stop.is_set():
+            self.stop.set()
+            self.report()
+
+
+class FirstRoundStart:
+    """A RoundObserver that says when the first round this process runs has started: until it ends
+    (the ledger's set-up, every participant's training) nothing else is printed."""
+
+    def __init__(self, joins: JoinReport) -> None:
+        self.joins = joins
+        self.started = False
+
+    def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None:
+        self.joins.finish()
+        if not self.started:
+            self.started = True
+            n = len(plan.participants)
+            console.print(f"round {plan.round} started: {n} participant(s) training", highlight=False)
+
+    def on_round_end(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> None:
+        pass
 
 
 @app.callback(invoke_without_command=True)
@@ -43,13 +102,12 @@ def server(
     take the next plan (give them enough \\[retry] attempts to outlast the lease's ttl)."""
     import logging
 
-    import torch
-
     from trustfed.coordinator.network import GrpcTransport
     from trustfed.coordinator.run import run_coordinator, spec_for
 
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(1)
+    console.print(f"starting the coordinator: loading {config}, building the model", highlight=False)
     cfg = load_federation_config(config)
     held = None
     if lease is not None:
@@ -77,8 +135,22 @@ def server(
         f"coordinator listening on {transport.address}; waiting for {cfg.federation.participants} participants"
     )
 
-    def on_round(rec: object) -> None:
-        console.print(f"round {getattr(rec, 'round', '?')}: {round_headline(getattr(rec, 'metrics', {}))}")
+    joins = JoinReport(transport.board, cfg.federation.participants)
+    joins.start()
 
-    _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round, resume=resume, heartbeat=held)
+    def on_round(rec: RoundRecord) -> None:
+        console.print(f"round {rec.round}: {round_headline(rec.metrics)}")
+
+    try:
+        _, metrics = run_coordinator(
+            cfg,
+            transport,
+            out_dir=out,
+            on_round=on_round,
+            observers=[FirstRoundStart(joins)],
+            resume=resume,
+            heartbeat=held,
+        )
+    finally:
+        joins.stop.set()
     console.print(f"{final_headline(metrics)}; results in {out}")

@@ -10,7 +10,13 @@ from rich.console import Console
 
 from trustfed.errors import ConfigError, ConfigProblem
 
-app = typer.Typer(help="Serve a read-only web dashboard over run folders.", invoke_without_command=True)
+# A group's callback takes no options after its first argument unless asked to: without this,
+# ``trustfed dashboard runs --port 9000`` (the documented order) reads ``--port`` as a subcommand.
+app = typer.Typer(
+    help="Serve a read-only web dashboard over run folders.",
+    invoke_without_command=True,
+    context_settings={"allow_interspersed_args": True},
+)
 console = Console()
 
 
