@@ -11,3 +11,4 @@ ATTESTATION_KIND = "enclave_attestation"
 RECEIPT_KIND = "enclave_receipt"
 STATUS_KIND = "participant_status"
 APP_KIND = "app"
+BEHAVIOUR_KIND = "participant_behaviour"  # an update refused for what it carried: who, round, reason, by whom
