@@ -29,7 +29,7 @@ from trustfed.ledger.verify import verify_run
 from trustfed.participant.assembly import build_participant
 from trustfed.participant.client import ParticipantClient
 from trustfed.participant.settings import load_participant_config
-from trustfed.pki.ca import issue, load_private_key
+from trustfed.pki.ca import init_ca, issue, load_private_key
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport import federation_pb2_grpc as pb_grpc
 from trustfed.transport.envelope import Signer
@@ -160,8 +160,14 @@ def test_a_nan_update_and_a_billion_examples_are_refused_and_the_round_goes_on(t
     assert all(0 < e.body["num_examples"] <= 1_000_000 for e in entries(run, "commitment"))
     v = verify_run(run)
     assert v.ok, [str(f) for f in v.failures]
-    assert v.checked["behaviour_records"] == 2
+    assert v.checked["behaviour_records"] == 2 and v.checked["declared_counts"] == 2
     assert any("p001" in n and "non_finite" in n for n in v.notes)
+    # a coordinator that records a bound its participants' signed counts exceed is caught
+    from tests.ledger_helpers import has, resign
+
+    i = resign(run, tmp_path / "pki" / "coordinator.key", "aggregation", 1, lambda b: b.update(max_examples=10))
+    bad = verify_run(run)
+    assert has(bad.failures, file="audit.jsonl", line=i + 1, field="body.max_examples"), bad.failures
 
 
 def test_an_id_outside_the_federation_is_refused_on_every_rpc(tmp_path: Path) -> None:
@@ -308,3 +314,35 @@ def test_the_enclave_refuses_a_nan_update_and_a_billion_examples(tmp_path: Path)
     (agg,) = entries(run, "aggregation")
     assert agg.body["selected"] == ["p000", "p003"] and agg.body["metrics"]["enclave_rejected"] == 2.0
     assert json.loads((run / "metrics.json").read_text())["rounds"][0]["round"] == 1
+
+
+def test_the_registry_on_chain_decides_once_the_federation_is_registered(tmp_path: Path) -> None:
+    """After round 0 the registry on chain says who is served: active, under the certificate it registered."""
+    from cryptography import x509
+
+    from trustfed.coordinator.admission import Admission
+    from trustfed.ledger.audit import certificate_fingerprint
+    from trustfed.ledger.records import Identity, Status
+    from trustfed.transport.errors import MessageRejected
+
+    pki = tmp_path / "pki"
+    init_ca(pki)
+    for pid in ("p000", "p001"):
+        issue(pki, "participant", pid)
+    certs = {p: (pki / f"{p}.pem").read_bytes() for p in ("p000", "p001")}
+    a = Admission(["p000", "p001"])
+    a.check("p001", x509.load_pem_x509_certificate(certs["p001"]))  # roster only: admitted
+    a.set_registry(
+        [
+            Identity("p000", certificate_fingerprint(certs["p000"])[0]),
+            Identity("p001", certificate_fingerprint(certs["p001"])[0], status=Status.SUSPENDED),
+        ]
+    )
+    a.check("p000", x509.load_pem_x509_certificate(certs["p000"]))
+    with pytest.raises(MessageRejected, match="p001 is suspended") as ei:
+        a.check("p001", x509.load_pem_x509_certificate(certs["p001"]))
+    assert ei.value.reason == "not_active"
+    issue(pki, "participant", "p000")  # the CA issues p000 a second certificate
+    with pytest.raises(MessageRejected, match="other than the one registered") as ei:
+        a.check("p000", x509.load_pem_x509_certificate((pki / "p000.pem").read_bytes()))
+    assert ei.value.reason == "not_registered"
