@@ -599,3 +599,41 @@ def test_same_selection_as_flower_bulyan(seed: int, monkeypatch: pytest.MonkeyPa
     assert sorted(chosen) == list(ours.selected)
     assert [int(i) for i in ours.scores["bulyan_order"]] == chosen
     np.testing.assert_allclose(ours.params.numpy(), theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(available_aggregators()))
+def test_a_strategy_leaves_out_non_finite_updates_with_every_aggregator(name: str) -> None:
+    """One hostile or diverged update (NaN, or values whose squared norm overflows float32) must not stop
+    the round: FedAvg leaves it out, marks it, and aggregates the others with any aggregator."""
+    g = torch.zeros(6)
+    gen = torch.Generator().manual_seed(1)
+    ups = [Update(f"p{i:03d}", g + 0.1 * torch.randn(6, generator=gen), 10 + i) for i in range(9)]
+    nan = ups[2].params.clone()
+    nan[3] = float("nan")
+    ups[2] = Update("p002", nan, 12)
+    ups[5] = Update("p005", torch.full((6,), 3e19), 15)
+
+    def strategy() -> FedAvg:
+        agg = get_aggregator(name)
+        if name == "fltrust":  # scores updates against the server's own root-data update
+            agg.set_root_update(torch.full((6,), 0.05))  # type: ignore[attr-defined]
+        return FedAvg(aggregator=agg)
+
+    res = strategy().aggregate(RoundPlan(1, (), {}), g, ups)
+    assert bool(torch.isfinite(res.params).all())
+    assert not {2, 5} & set(res.aggregate.selected)
+    assert res.aggregate.scores["non_finite"].tolist() == [i in (2, 5) for i in range(9)]
+    assert res.metrics["num_non_finite"] == 2.0
+    # the others' result is what the aggregator makes of them alone
+    clean = [u for i, u in enumerate(ups) if i not in (2, 5)]
+    assert torch.equal(res.params, strategy().aggregate(RoundPlan(1, (), {}), g, clean).params)
+
+
+def test_central_dp_leaves_out_non_finite_updates() -> None:
+    from trustfed.privacy.central import DPFedAvg
+
+    g = torch.zeros(4)
+    ups = [Update(f"p{i}", g + 0.1, 10) for i in range(3)] + [Update("bad", torch.full((4,), float("inf")), 10)]
+    res = DPFedAvg(FedAvg(), noise_multiplier=0.5, clip_norm=1.0, seed=1).aggregate(RoundPlan(1, (), {}), g, ups)
+    assert bool(torch.isfinite(res.params).all()) and res.aggregate.selected == (0, 1, 2)
+    assert res.metrics["num_non_finite"] == 1.0

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trustfed.app.loading import load_app
 from trustfed.attacks.settings import AttackSettings
 from trustfed.core.aggregator import available_aggregators
-from trustfed.core.strategy import STRATEGIES
+from trustfed.core.strategy import DEFAULT_MAX_EXAMPLES, STRATEGIES
 from trustfed.data.datasets import NEEDS_PATH
 from trustfed.distributed.settings import ParticipantTrainingSettings
 from trustfed.enclave.settings import EnclaveSection
@@ -112,6 +112,12 @@ class StrategySection(_Section):
     aggregator_params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     fraction_fit: float = Field(1.0, gt=0, le=1)
     min_participants: int = Field(1, ge=1)
+    max_examples: int = Field(
+        DEFAULT_MAX_EXAMPLES,
+        ge=1,
+        le=2**40,
+        description="most examples one participant may declare for an update (FedAvg's weight); more is refused",
+    )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx only")
     server_lr: float = Field(0.1, gt=0, description="FedAdagrad/FedAdam/FedYogi only")
     beta1: float = Field(0.9, ge=0, lt=1)

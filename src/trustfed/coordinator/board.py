@@ -19,6 +19,15 @@ MAX_POLL_S = 5.0  # a long poll holds a server thread at most this long
 MAX_SECAGG_PARTICIPANTS = 4096  # bounds the maps of one secure-aggregation message
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An update the coordinator refused for what it carried (not for how it travelled): ``reason`` is
+    the code the participant was answered with (``non_finite``, ``too_many_examples``)."""
+
+    reason: str
+    detail: str
+
+
 @dataclass
 class OpenRound:
     plan: RoundPlan
@@ -27,6 +36,7 @@ class OpenRound:
     deadline: float
     updates: dict[str, Update] = field(default_factory=dict)
     commitments: dict[str, SignedCommitment] = field(default_factory=dict)  # participant-signed (ledger)
+    refused: dict[str, Refusal] = field(default_factory=dict)  # participant -> why its update was refused
     closed: bool = False
     secagg: SecAggRound | None = None  # secure aggregation: the protocol state of this round
 

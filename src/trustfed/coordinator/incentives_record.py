@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,20 @@ class IncentivesRecord:
     (``source = "coordinator"``), from the enclave's signed receipt in enclave mode
     (``"enclave receipt"``), or, when the enclave releases none (central DP) or the round was a
     secure sum (its survivors), as equal shares of the updates the aggregator used
-    (``"selection"``). Updates the aggregator left out (or the enclave rejected) are flagged. The book starts from the chain's accounts, so a resumed run goes
-    on from where the chain stands."""
+    (``"selection"``). Updates the aggregator left out (or the enclave rejected) are flagged; so is a
+    participant whose update the coordinator refused at upload for what it carried (``refusals``: it
+    takes part in the round's book with a contribution of 0). The book starts from the chain's
+    accounts, so a resumed run goes on from where the chain stands."""
 
     def __init__(
-        self, settings: IncentiveSettings, enclave: EnclaveRecord | None = None, participants: Sequence[str] = ()
+        self,
+        settings: IncentiveSettings,
+        enclave: EnclaveRecord | None = None,
+        participants: Sequence[str] = (),
+        refusals: Callable[[int], Mapping[str, object]] = lambda _rnd: {},
     ) -> None:
         self.participants = list(participants)  # who stakes before round 1
-
+        self.refusals = refusals
         self.settings = settings
         self.book = IncentiveBook(settings.policy())
         self.enclave = enclave
@@ -63,9 +69,13 @@ class IncentivesRecord:
             shares, source = selection_shares(ids, selected), "selection"
         else:
             shares, source = self._contributions(updates, result, selected)
-        for pid in ids:
+        refused = sorted(set(self.refusals(plan.round)) - set(ids))
+        shares = {**shares, **{pid: 0.0 for pid in refused}}
+        for pid in [*ids, *refused]:
             self._restore(pid)
         flagged = set(ids) - set(selected) if self.settings.flag_unselected else set()
+        flagged |= set(refused)
+        ids = [*ids, *refused]
         if self.enclave is not None and (receipt := self.enclave.strategy.last_receipt) is not None:
             flagged |= set(receipt.body.get("rejected", {})) & set(ids)
         s = self.settings

@@ -299,6 +299,7 @@ def run_local_federation(
             require_commitment=cfg.ledger.enabled,
             sealed=cfg.enclave.enabled,
             secagg=cfg.secagg if cfg.secagg.enabled else None,
+            participants=ids,
         )
         grpc_transport = transport
         write_participant_configs(fed, transport.address, ids, ledger_view=cfg.ledger.enabled, data=participant_data)

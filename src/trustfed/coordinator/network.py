@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from trustfed.coordinator.board import OpenRound, ReceiptInfo, RoundBoard
+from trustfed.coordinator.admission import Admission
+from trustfed.coordinator.board import OpenRound, ReceiptInfo, Refusal, RoundBoard
 from trustfed.coordinator.crl import CrlSource
 from trustfed.coordinator.secagg import SecAggRound
 from trustfed.coordinator.servicer import FederationServicer
@@ -68,7 +69,10 @@ class GrpcTransport:
         require_commitment: bool = False,
         sealed: bool = False,
         secagg: SecAggSettings | None = None,
+        participants: Sequence[str] | None = None,
     ) -> None:
+        """``participants``: the federation's participant ids, the only ones served from the first RPC on
+        (without them every participant certificate of the CA is, until :meth:`admit` is called)."""
         ca, cert_path, key_path = required_tls_paths(settings)
         self.settings = settings
         self.limits = settings.limits
@@ -81,6 +85,7 @@ class GrpcTransport:
             raise PkiError(f"{cert_path} is a {ident.role} certificate; the server needs one of role coordinator")
         self.crl = CrlSource(settings.crl, ca_cert)
         self.board = RoundBoard()
+        self.admission = Admission(participants)
         self.signer = Signer(ident.name, key, cert)
         self.verifier = Verifier(
             ca_cert,
@@ -98,6 +103,7 @@ class GrpcTransport:
             require_commitment=require_commitment,
             sealed=sealed,
             secagg=secagg,
+            admission=self.admission,
         )
         self.secagg = secagg
         self.secagg_survivors: dict[int, tuple[str, ...]] = {}  # round -> whose masked inputs are in the sum
@@ -123,6 +129,18 @@ class GrpcTransport:
         log.info("coordinator %s listening on %s (mutual TLS 1.3)", ident.name, self.address)
 
     # -- joining
+    def admit(self, participants: Sequence[str], max_examples: int) -> None:
+        """Serve these participants only (anyone else already checked in is dropped) and refuse updates
+        declaring more than ``max_examples`` examples."""
+        self.admission.set_roster(participants)
+        self.admission.max_examples = max_examples
+        with self.board.cond:
+            for pid in [p for p in self.board.checked_in if not self.admission.admits(p)]:
+                log.warning("%s is not a participant of this federation: dropped", pid)
+                del self.board.checked_in[pid]
+                self.board.certificates.pop(pid, None)
+            self.board.cond.notify_all()
+
     def wait_for_participants(self, expected: Sequence[str], timeout_s: float, minimum: int = 1) -> list[str]:
         """Wait until every expected participant has checked in (or ``timeout_s``); return who did."""
         end = time.monotonic() + timeout_s
@@ -191,14 +209,25 @@ class GrpcTransport:
         with self.board.cond:
             self.board.current = open_round
             self.board.cond.notify_all()
-            self._wait(open_round, lambda: selected <= set(open_round.updates) | self.board.withdrawn.keys(), deadline)
+            self._wait(open_round, lambda: selected <= self._answered(open_round), deadline)
             open_round.closed = True
             self.board.cond.notify_all()
             got = dict(open_round.updates)
-            missing = sorted(selected - set(got) - self.board.withdrawn.keys())
+            missing = sorted(selected - self._answered(open_round))
         if missing:
             log.warning("round %d: no update from %s before the deadline", plan.round, ", ".join(missing))
         return [got[pid] for pid in plan.participants if pid in got]
+
+    def _answered(self, open_round: OpenRound) -> set[str]:
+        """Who the round need not wait for any more (board lock held): uploaded, withdrew or was refused."""
+        return set(open_round.updates) | self.board.withdrawn.keys() | open_round.refused.keys()
+
+    def refusals(self, rnd: int) -> dict[str, Refusal]:
+        """The updates of round ``rnd`` refused for what they carried (participant -> why), while that round
+        is the board's current one (the recorders read it when the round ends)."""
+        with self.board.cond:
+            cur = self.board.current
+            return dict(cur.refused) if cur is not None and cur.plan.round == rnd else {}
 
     def _wait(self, open_round: OpenRound, done: Callable[[], bool], deadline: float) -> None:
         """With the board lock held: wait until ``done()`` or ``deadline`` (wall clock), or abort."""

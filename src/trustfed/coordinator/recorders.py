@@ -16,18 +16,21 @@ The privacy spend lines and the enclave's attestation and receipts become coordi
 entries (:class:`~trustfed.ledger.recorder.Attachment`), anchored on chain with the round; the
 receipt's hash goes in the chain's ``receiptHash`` slot. With ``[incentives]`` every round's
 contributions, reputation and rewards become an ``incentives`` entry and one ``applyRound``
-transaction on the Incentives contract.
+transaction on the Incentives contract. An update refused for what it carried (non-finite values, a
+declared example count over ``max_examples``), by the coordinator at upload or by the enclave, becomes a
+``participant_behaviour`` entry naming the participant and the reason, and a flag in the incentives.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trustfed.app.loading import AppIdentity
 from trustfed.config import FederationConfig
+from trustfed.coordinator.board import Refusal
 from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.coordinator.incentives_record import IncentivesRecord, set_status_on_chain
 from trustfed.coordinator.tracking import trackers_for
@@ -36,7 +39,7 @@ from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.audit import Signer, parsed_entries
 from trustfed.ledger.backends import LedgerBackend
-from trustfed.ledger.kinds import APP_KIND, PRIVACY_KIND, REFUSAL_KIND, STATUS_KIND
+from trustfed.ledger.kinds import APP_KIND, BEHAVIOUR_KIND, PRIVACY_KIND, REFUSAL_KIND, STATUS_KIND
 from trustfed.ledger.recorder import (
     Attachment,
     CommitmentSource,
@@ -63,7 +66,9 @@ class NetworkIdentities:
     coordinator: Signer
     certificates: Mapping[str, bytes]
     commitments: CommitmentSource
-    refusals: Callable[[int], Sequence[SignedRefusal]] | None = None
+    participant_refusals: Callable[[int], Sequence[SignedRefusal]] | None = None  # sent with withdrawals
+    upload_refusals: Callable[[int], Mapping[str, Refusal]] = field(default=lambda _rnd: {})  # refused at upload
+    max_examples: int | None = None  # the bound the coordinator enforced on declared counts, recorded
 
 
 class RefusalRecord:
@@ -115,6 +120,49 @@ class AppRecord:
         self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
     ) -> Sequence[Attachment]:
         return []
+
+
+def _reason_code(why: str) -> str:
+    """The reason code an enclave rejection starts with (``non_finite: ...``), else ``enclave_rejected``."""
+    head = why.split(":", 1)[0]
+    return head if head and all(c.isalpha() or c == "_" for c in head) and head.islower() else "enclave_rejected"
+
+
+class BehaviourRecord:
+    """Each update refused for what it carried, as a coordinator-signed ``participant_behaviour`` entry in
+    its round: ``{participant, reason, detail, source}``, ``source`` being ``"coordinator"`` (refused at
+    upload; the participant was answered INVALID_ARGUMENT with the reason) or ``"enclave"`` (rejected in
+    the enclave's signed receipt). ``audit verify`` checks each against the round's commitments or
+    receipt and lists them."""
+
+    def __init__(self, refusals: Callable[[int], Mapping[str, Refusal]], enclave: EnclaveRecord | None = None):
+        self.refusals = refusals
+        self.enclave = enclave
+
+    def genesis(self) -> Sequence[Attachment]:
+        return []
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        out = []
+        for pid, r in sorted(self.refusals(plan.round).items()):
+            body = {"participant": pid, "reason": r.reason, "detail": r.detail, "source": "coordinator"}
+            out.append(Attachment(BEHAVIOUR_KIND, body))
+        receipt = self.enclave.strategy.last_receipt if self.enclave is not None else None
+        if receipt is not None and receipt.round == plan.round:
+            for pid, why in sorted(dict(receipt.body.get("rejected", {})).items()):
+                body = {"participant": pid, "reason": _reason_code(str(why)), "detail": str(why), "source": "enclave"}
+                out.append(Attachment(BEHAVIOUR_KIND, body))
+        for att in out:
+            log.warning(
+                "round %d: %s's update refused by the %s (%s)",
+                plan.round,
+                att.body["participant"],
+                att.body["source"],
+                att.body["reason"],
+            )
+        return out
 
 
 class StatusRecord:
@@ -180,15 +228,17 @@ def recorders_for(
         privacy = privacy_recorder(cfg.privacy, out_dir, resume=resume)
         out += privacy
         attachments += [_PrivacySpend(p) for p in privacy]
+    refusals = network.upload_refusals if network is not None else (lambda _rnd: {})
     incentives: IncentivesRecord | None = None
     if cfg.incentives.enabled and cfg.ledger.enabled:  # scores each round before the ledger records it
-        incentives = IncentivesRecord(cfg.incentives, enclave, participant_ids)
+        incentives = IncentivesRecord(cfg.incentives, enclave, participant_ids, refusals)
         out.append(incentives)
         attachments.append(incentives)
     if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger
         attachments.append(StatusRecord())
-        if network is not None and network.refusals is not None:
-            attachments.append(RefusalRecord(network.refusals))
+        if network is not None and network.participant_refusals is not None:
+            attachments.append(RefusalRecord(network.participant_refusals))
+        attachments.append(BehaviourRecord(refusals, enclave))
         if app is not None:
             attachments.insert(0, AppRecord(app))
         if network is None:
@@ -205,6 +255,7 @@ def recorders_for(
                 network.commitments,
                 attachments,
                 resume=resume,
+                max_examples=network.max_examples,
             )
         out.append(recorder)
         if incentives is not None:

@@ -12,6 +12,7 @@ import torch
 
 from trustfed.apps.runtime import Runtime
 from trustfed.config import participant_ids
+from trustfed.coordinator.admission import RegistryAdmission
 from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.coordinator.enclave_setup import enclave_strategy
 from trustfed.coordinator.engine import Coordinator
@@ -24,7 +25,7 @@ from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec
 from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.ledger.audit import EcdsaSigner
-from trustfed.ledger.recorder import COORDINATOR_ID
+from trustfed.ledger.recorder import COORDINATOR_ID, LedgerRecorder
 from trustfed.simulation.runner import run_rounds, write_results
 from trustfed.transport.errors import TransportError
 
@@ -55,6 +56,7 @@ def run_coordinator(
     # With an enclave, central DP runs inside it (its measured config), never here on the coordinator.
     strategy = rt.base_strategy(evaluate_fn) if cfg.enclave.enabled else rt.strategy(evaluate_fn)
     expected = participant_ids(cfg.federation.participants)
+    transport.admit(expected, cfg.strategy.max_examples)  # nobody else is served, whatever its certificate
     enclave: EnclaveRecord | None = None
     if cfg.enclave.enabled:
         strategy, enclave = enclave_strategy(cfg, strategy, spec, transport.settings)
@@ -69,7 +71,9 @@ def run_coordinator(
         EcdsaSigner.load(COORDINATOR_ID, key_path),
         {COORDINATOR_ID: cert_path.read_bytes(), **certificates},
         transport.commitment_for,
-        transport.refusals_in,
+        participant_refusals=transport.refusals_in,
+        upload_refusals=transport.refusals,
+        max_examples=cfg.strategy.max_examples,
     )
     recorders = recorders_for(
         cfg, out_dir, spec, present, network=network, enclave=enclave, resume=resume, app=rt.identity
@@ -79,7 +83,11 @@ def run_coordinator(
     # it: what a restarted or standby coordinator resumes from.
     state: list[RoundObserver] = [] if out_dir is None else [CheckpointObserver(out_dir / STATE_DIR, strategy, spec)]
     # The transport publishes receipts (with Merkle proofs) last, once the round is on chain.
-    watchers: list[RoundObserver] = [*observers, *state, *recorders, transport]
+    # Once the ledger registered the federation, the registry on chain says who is served.
+    registry: list[RoundObserver] = [
+        RegistryAdmission(transport.admission, r.ledger) for r in recorders if isinstance(r, LedgerRecorder)
+    ]
+    watchers: list[RoundObserver] = [*observers, *state, *recorders, *registry, transport]
     if cfg.secagg.enabled and transport.secagg is None:
         raise TransportError("[secagg] is enabled but the transport was built without it (GrpcTransport(secagg=...))")
     min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update

@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.console import Console
 
-from trustfed.config import load_federation_config
+from trustfed.config import load_federation_config, participant_ids
 from trustfed.coordinator.board import RoundBoard
 from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 from trustfed.core.evaluation import final_headline, round_headline
@@ -130,6 +130,7 @@ def server(
         require_commitment=cfg.ledger.enabled,
         sealed=cfg.enclave.enabled,
         secagg=cfg.secagg if cfg.secagg.enabled else None,
+        participants=participant_ids(cfg.federation.participants),
     )
     console.print(
         f"coordinator listening on {transport.address}; waiting for {cfg.federation.participants} participants"

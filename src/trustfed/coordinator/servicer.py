@@ -18,9 +18,17 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from trustfed.coordinator.board import MAX_POLL_S, MAX_SECAGG_PARTICIPANTS, RoundBoard
+from trustfed.coordinator.admission import Admission
+from trustfed.coordinator.board import MAX_POLL_S, MAX_SECAGG_PARTICIPANTS, Refusal, RoundBoard
 from trustfed.coordinator.secagg import SecAggRound
-from trustfed.coordinator.uploads import received_update, signed_commitment, signed_refusal
+from trustfed.coordinator.uploads import (
+    BEHAVIOUR_REASONS,
+    check_declared_examples,
+    check_finite,
+    received_update,
+    signed_commitment,
+    signed_refusal,
+)
 from trustfed.core.codec import ParamSpec
 from trustfed.ledger.participant import SignedCommitment
 from trustfed.primitives.merkle import MerkleTree
@@ -58,6 +66,11 @@ _REJECT_CODES = {
     "not_in_roster": grpc.StatusCode.FAILED_PRECONDITION,
     "not_a_survivor": grpc.StatusCode.FAILED_PRECONDITION,
     "already_in_round": grpc.StatusCode.FAILED_PRECONDITION,
+    "already_refused": grpc.StatusCode.FAILED_PRECONDITION,
+    # what the update carries (recorded as the participant's behaviour and flagged; see uploads.py)
+    "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
+    "too_many_examples": grpc.StatusCode.INVALID_ARGUMENT,
+    # not_registered / not_active (admission.py): PERMISSION_DENIED, the default
 }
 
 
@@ -75,8 +88,10 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         require_commitment: bool = False,
         sealed: bool = False,
         secagg: SecAggSettings | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.board = board
+        self.admission = admission or Admission()  # who is served, and the bound on declared counts
         self.session = secrets.token_hex(8)  # in every plan and receipt: a participant sees a restart
         self.signer = signer
         self.verifier = verifier
@@ -122,6 +137,10 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             v = self.verifier.verify(msg, expected_type=msg_type, peer_cert=cert, role="participant")
         except MessageRejected as exc:
             self._refuse(context, exc, rpc)
+        try:  # only the federation's registered, active participants are served
+            self.admission.check(v.identity.name, cert)
+        except MessageRejected as exc:
+            self._reject(context, rpc, v.identity.name, exc.reason, exc.detail)
         with self.board.cond:
             if v.identity.name in self.board.checked_in or msg_type == "plan_request":
                 self.board.checked_in[v.identity.name] = v.identity.serial
@@ -157,6 +176,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                     and cur.plan.round > req.after_round
                     and pid in cur.plan.participants
                     and pid not in cur.updates
+                    and pid not in cur.refused
                     and not (cur.secagg is not None and cur.secagg.joined(pid))  # its keys are out: sits it out
                 ):
                     plan = pb.RoundPlan(
@@ -231,6 +251,10 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 self._reject(context, rpc, pid, "not_selected", f"{pid} is not selected for round {h.round}")
             if pid in cur.updates:
                 self._reject(context, rpc, pid, "duplicate", f"{pid} already uploaded for round {h.round}")
+            if pid in cur.refused:
+                self._reject(
+                    context, rpc, pid, "already_refused", f"the update of {pid} for round {h.round} was refused"
+                )
         if h.HasField("withdrawn_reason"):
             expect_end(parts, f"withdrawal of {pid}")
             try:  # a refusal of the round comes signed: it goes into the audit log as the participant's
@@ -265,8 +289,10 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             self._reject(
                 context, rpc, pid, "not_sealed", "this federation aggregates in an enclave: seal the update to it"
             )
-        if not (0 <= h.num_examples <= 2**40 if sealed else 0 < h.num_examples <= 2**40):
-            self._reject(context, rpc, pid, "bad_num_examples", f"num_examples {h.num_examples} out of range")
+        try:
+            check_declared_examples(h, pid, self.admission.max_examples, sealed=sealed)
+        except MessageRejected as exc:
+            self._refuse_update(context, pid, h.round, exc)
         if len(h.metrics) > 64:
             self._reject(context, rpc, pid, "too_many_metrics", f"{len(h.metrics)} metrics (at most 64)")
         if self.require_commitment and not (h.HasField("commitment") and h.HasField("commitment_signature")):
@@ -294,6 +320,11 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             return self._receive_masked(context, pid, h, buf, signed)
         update = received_update(h, pid, buf, self.spec, sealed=sealed)
         del buf
+        if not sealed:
+            try:
+                check_finite(update, h.round)
+            except MessageRejected as exc:
+                self._refuse_update(context, pid, h.round, exc)
         with self.board.cond:
             cur = self.board.current
             if cur is None or cur.plan.round != h.round or cur.closed:
@@ -304,6 +335,17 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             self.board.cond.notify_all()
         log.info("round %d: accepted update from %s (%d examples)", h.round, pid, h.num_examples)
         return self._ack(h.round, True, "accepted")
+
+    def _refuse_update(self, context: grpc.ServicerContext, pid: str, rnd: int, exc: MessageRejected) -> NoReturn:
+        """Refuse an update for what it carries: the round records it (a behaviour record and a flag against
+        ``pid``, when the run is recorded) and stops waiting for ``pid``; the others go on."""
+        if exc.reason in BEHAVIOUR_REASONS:
+            with self.board.cond:
+                cur = self.board.current
+                if cur is not None and cur.plan.round == rnd and not cur.closed:
+                    cur.refused[pid] = Refusal(exc.reason, exc.detail)
+                    self.board.cond.notify_all()
+        self._reject(context, "UploadUpdate", pid, exc.reason, exc.detail)
 
     def _secagg_state(self, rnd: int) -> SecAggRound:
         """The current round's secure-aggregation state (board lock held); refused if it is not that round."""

@@ -1,9 +1,12 @@
 """What the coordinator makes of an accepted upload: the participant-signed commitment, checked against
-the bytes that arrived, and the update itself (clear or sealed to the enclave); and of a withdrawal
-that refuses the round, the participant's signed refusal record.
+the bytes that arrived, and the update itself (clear or sealed to the enclave); of a withdrawal that
+refuses the round, the participant's signed refusal record; and the checks of what an update carries,
+which no aggregator should have to survive: a declared example count within ``[strategy] max_examples``
+(FedAvg's weight) and, for an update in the clear, finite values.
 
 All raise :class:`~trustfed.transport.errors.MessageRejected` with the reason the servicer refuses
-the upload with.
+the upload with. A sealed update's values and count are checked by the enclave, which opens it; a
+masked input's values cannot be checked by anyone (its declared count can, and is).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from trustfed.core.aggregator import unusable_rows
 from trustfed.core.codec import ParamSpec
 from trustfed.core.strategy import Update
 from trustfed.enclave.sealing import SealedUpdate
@@ -85,3 +89,30 @@ def received_update(h: pb.UpdateHeader, pid: str, buf: bytearray, spec: ParamSpe
             metrics=dict(h.metrics),  # the participant's privacy accounting, if any (its parameters stay sealed)
         )
     return Update(pid, as_vector(buf, spec), int(h.num_examples), dict(h.metrics))
+
+
+#: The refusals that are the participant's doing (what its update carries): recorded as its behaviour,
+#: flagged, answered with INVALID_ARGUMENT.
+BEHAVIOUR_REASONS = ("non_finite", "too_many_examples")
+
+
+def check_declared_examples(h: pb.UpdateHeader, pid: str, max_examples: int, *, sealed: bool) -> None:
+    """The example count a header declares: at least 1 (a sealed update's travels inside the seal, so its
+    header may say 0) and at most ``max_examples``."""
+    n = int(h.num_examples)
+    if n > max_examples:
+        raise MessageRejected(
+            "too_many_examples",
+            f"{pid} declares {n} examples for round {h.round}, more than max_examples {max_examples}",
+        )
+    if n < (0 if sealed else 1):
+        raise MessageRejected("bad_num_examples", f"num_examples {n} out of range")
+
+
+def check_finite(update: Update, rnd: int) -> None:
+    """An update in the clear must hold finite values (no NaN, no infinity, no float32 overflow)."""
+    if bool(unusable_rows(update.params[None]).any()):
+        raise MessageRejected(
+            "non_finite",
+            f"the update of {update.participant_id} for round {rnd} holds NaN or infinite values (or overflows float32)",
+        )

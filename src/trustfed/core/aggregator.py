@@ -73,6 +73,21 @@ def check_finite(updates: torch.Tensor, per_row: torch.Tensor, what: str) -> Non
     raise AggregationError(f"updates {big} are too large to aggregate: their {what} overflow float32")
 
 
+def unusable_rows(updates: torch.Tensor) -> torch.Tensor:
+    """Which updates no aggregator can use: a row holding a NaN or an infinity, or whose squared norm
+    overflows float32 (values so large that distances and sums are infinite). A bool mask ``[n]``.
+
+    Strategies leave these rows out before they aggregate (and report them) instead of failing the
+    round: one hostile or diverged participant must not stop a federation."""
+    if updates.dim() != 2:
+        raise AggregationError(f"updates must be a 2-D tensor [n, d], got shape {tuple(updates.shape)}")
+    sq = torch.linalg.vector_norm(updates, dim=1, dtype=torch.float32).square()
+    bad = ~torch.isfinite(sq)
+    if bool(bad.any()):  # the norm is NaN / inf iff a value is, or it overflowed: name the rows exactly
+        bad = bad | (~torch.isfinite(updates)).any(dim=1)
+    return bad
+
+
 _MEAN_BLOCK = 16_384  # columns converted to float64 at a time: no [n, d] float64 copy of the updates
 
 

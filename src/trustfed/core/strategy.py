@@ -6,6 +6,7 @@ Cross-cutting behaviour (DP, robustness, server optimisers) wraps or parameteris
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from abc import ABC, abstractmethod
@@ -15,10 +16,17 @@ from typing import Any, Protocol
 
 import torch
 
-from trustfed.core.aggregator import AggregateResult, Aggregator, get_aggregator
+from trustfed.core.aggregator import AggregateResult, Aggregator, get_aggregator, unusable_rows
 from trustfed.errors import AggregationError
 
+log = logging.getLogger("trustfed.core.strategy")
+
 Scalar = bool | int | float | str
+
+#: The most examples one participant may declare for one round's update (``[strategy] max_examples``):
+#: FedAvg weights updates by their declared counts, so the count a participant claims is bounded; the
+#: coordinator (and the enclave, for sealed updates) refuses an update that declares more.
+DEFAULT_MAX_EXAMPLES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,22 @@ class Strategy(ABC):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         if state:
             raise AggregationError(f"strategy {self.name} keeps no state but got {sorted(state)}")
+
+
+def usable_updates(updates: Sequence[Update], x: torch.Tensor) -> tuple[list[int], list[str]]:
+    """The indices of the updates (stacked in ``x``) an aggregator can use, and the participants left
+    out because their update holds NaN or infinite values (or overflows float32; see
+    :func:`~trustfed.core.aggregator.unusable_rows`). Every update left out is logged by name; the
+    round goes on with the others, and raises only when none is left."""
+    bad = unusable_rows(x)
+    if not bool(bad.any()):
+        return list(range(len(updates))), []
+    dropped = [updates[i].participant_id for i in bad.nonzero().flatten().tolist()]
+    keep = [i for i in range(len(updates)) if not bool(bad[i])]
+    log.warning("left out the non-finite update(s) of %s: never averaged", ", ".join(dropped))
+    if not keep:
+        raise AggregationError(f"every update holds NaN or infinite values ({', '.join(dropped)})")
+    return keep, dropped
 
 
 def stack_updates(updates: Sequence[Update], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,16 +187,33 @@ class FedAvg(Strategy):
         return RoundPlan(rnd, chosen, config)
 
     def combine(self, params: torch.Tensor, updates: Sequence[Update]) -> AggregateResult:
+        """The aggregate of the usable updates: a non-finite one is left out (never selected, its scores
+        NaN, ``scores["non_finite"]`` marks it) instead of failing the round."""
         x, w = stack_updates(updates, params.numel())
+        keep, dropped = usable_updates(updates, x)
+        if dropped:
+            x, w = x[keep], w[keep]
         if getattr(self.aggregator, "operates_on", "models") == "deltas":
             res = self.aggregator(x - params, w)
-            return AggregateResult(params + res.params, res.selected, res.scores)
-        return self.aggregator(x, w)
+            res = AggregateResult(params + res.params, res.selected, res.scores)
+        else:
+            res = self.aggregator(x, w)
+        if not dropped:
+            return res
+        n = len(updates)
+        scores = {"non_finite": torch.tensor([i not in keep for i in range(n)])}
+        for name, s in res.scores.items():
+            if s.shape == (len(keep),):
+                full = torch.full((n,), float("nan"), dtype=s.dtype if s.is_floating_point() else torch.float64)
+                full[keep] = s.to(full.dtype)
+                scores[name] = full
+        return AggregateResult(res.params, tuple(keep[i] for i in res.selected), scores)
 
     def aggregate(self, plan: RoundPlan, params: torch.Tensor, updates: Sequence[Update]) -> RoundResult:
         res = self.combine(params, updates)
         n = sum(updates[i].num_examples for i in res.selected)
-        return RoundResult(res.params, {"num_updates": float(len(updates)), "num_examples": float(n)}, res)
+        metrics = {"num_updates": float(len(updates)), "num_examples": float(n)}
+        return RoundResult(res.params, metrics | _non_finite_metric(res), res)
 
     def evaluate(self, rnd: int, params: torch.Tensor) -> dict[str, float] | None:
         return self.evaluate_fn(rnd, params) if self.evaluate_fn else None
@@ -202,6 +243,12 @@ class FedAvg(Strategy):
             "aggregator": self.aggregator.describe(),
             "local_config": dict(self.local_config),
         }
+
+
+def _non_finite_metric(res: AggregateResult) -> dict[str, float]:
+    """``num_non_finite``: how many updates were left out as non-finite (absent when none was)."""
+    mask = res.scores.get("non_finite")
+    return {} if mask is None else {"num_non_finite": float(mask.sum())}
 
 
 class FedProx(FedAvg):
@@ -273,7 +320,7 @@ class FedOpt(FedAvg):
             self.v = self.v - (1 - self.beta2) * d2 * torch.sign(self.v - d2)
         new = params.to(torch.float64) + self._step_size(plan.round) * self.m / (self.v.sqrt() + self.tau)
         n = sum(updates[i].num_examples for i in res.selected)
-        metrics = {"num_updates": float(len(updates)), "num_examples": float(n)}
+        metrics = {"num_updates": float(len(updates)), "num_examples": float(n)} | _non_finite_metric(res)
         return RoundResult(new.to(torch.float32), metrics, res)
 
     def _step_size(self, rnd: int) -> float:

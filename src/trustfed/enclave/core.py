@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from trustfed.core.aggregator import unusable_rows
 from trustfed.core.codec import ParamSpec, model_hash
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, RoundPlan, Strategy, Update
 from trustfed.enclave.attestation import SIMULATED_LABEL, AttestationBackend, SimulatedBackend
@@ -271,6 +272,13 @@ class Enclave:
             raise SealingError(f"sealed plaintext names {upd.participant_id} / round {rnd}, outside says {pid}")
         if upd.num_examples <= 0:
             raise SealingError(f"update from {pid} reports {upd.num_examples} examples")
+        if upd.num_examples > self.aggregation.max_examples:  # FedAvg's weight: a claimed count is bounded
+            raise SealingError(
+                f"too_many_examples: update from {pid} declares {upd.num_examples} examples, more than "
+                f"max_examples {self.aggregation.max_examples}"
+            )
+        if bool(unusable_rows(upd.params[None]).any()):
+            raise SealingError(f"non_finite: update from {pid} holds NaN or infinite values (or overflows float32)")
         return upd
 
     def aggregate(self, request: AggregationRequest) -> AggregationResponse:
@@ -291,6 +299,7 @@ class Enclave:
             raise EnclaveError(f"round {req.round}: the selected participants list someone twice")
         accepted: list[Update] = []
         commitments: dict[str, bytes] = {}
+        examples: dict[str, int] = {}  # each accepted update's declared count, released in the receipt
         rejected: dict[str, str] = {}
         seen: set[str] = set()
         for u in req.updates:
@@ -304,6 +313,7 @@ class Enclave:
                 seen.add(u.participant_id)
             accepted.append(upd)
             commitments[u.participant_id] = u.commitment
+            examples[u.participant_id] = int(upd.num_examples)
         if len(accepted) < self.aggregation.min_updates:
             detail = "; ".join(f"{k}: {v}" for k, v in rejected.items()) or "no updates"
             raise EnclaveError(
@@ -337,6 +347,7 @@ class Enclave:
             issued_at=float(self._clock()),
             privacy=privacy,
             contributions=self._contributions(req.params, accepted, result.params),
+            num_examples=examples,
         )
         if req.redo:
             body["redo"] = True

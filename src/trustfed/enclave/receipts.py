@@ -89,6 +89,7 @@ def make_receipt_body(
     issued_at: float,
     privacy: Mapping[str, Any] | None = None,
     contributions: Mapping[str, float] | None = None,
+    num_examples: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     simulated = backend == "simulated"
     body: dict[str, Any] = {
@@ -112,6 +113,8 @@ def make_receipt_body(
         body["privacy"] = dict(privacy)
     if contributions is not None:
         body["contributions"] = dict(sorted(contributions.items()))
+    if num_examples is not None:  # each accepted update's declared count (FedAvg's weight), within max_examples
+        body["num_examples"] = {k: int(v) for k, v in sorted(num_examples.items())}
     return body
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from trustfed.core.strategy import DEFAULT_MAX_EXAMPLES
 from trustfed.enclave.policy import AttestationPolicy, BackendName
 from trustfed.errors import ConfigError, ConfigProblem
 
@@ -77,6 +78,9 @@ class AggregationSettings(_Section):
     tau: float = Field(1e-3, gt=0)
     min_updates: int = Field(1, ge=1, description="fewest valid sealed updates a round needs")
     max_params: int = Field(100_000_000, ge=1, description="largest model (float32 values) accepted")
+    max_examples: int = Field(
+        DEFAULT_MAX_EXAMPLES, ge=1, le=2**40, description="most examples a sealed update may declare; more is refused"
+    )
     central_dp: CentralDPSettings | None = Field(None, description="DP-FedAvg around the aggregator (off: none)")
     release_contributions: bool = Field(
         False,

@@ -13,3 +13,4 @@ STATUS_KIND = "participant_status"
 APP_KIND = "app"
 LEDGER_KIND = "ledger_account"  # round 0: the chain, its contracts and the account that signs every write
 REFUSAL_KIND = "refusal"  # signed by a participant: it refused the model it was served in a round
+BEHAVIOUR_KIND = "participant_behaviour"  # an update refused for what it carried: who, round, reason, by whom

@@ -96,8 +96,10 @@ class LedgerRecorder:
         checkpoints: bool = True,
         certificates: Mapping[str, bytes] | None = None,
         attachments: Sequence[RoundAttachments] = (),
+        max_examples: int | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.max_examples = max_examples  # the bound on declared counts the coordinator enforced, if it did
         self.ledger = ledger
         self.coordinator = coordinator
         self.participant_keys = dict(participant_keys)
@@ -150,20 +152,18 @@ class LedgerRecorder:
             on_chain = self._append_attachments(audit, rnd, atts)
             receipt = next((att.receipt_hash for att in reversed(atts) if att.receipt_hash), "")
             selected = [p.participant_id for i in result.aggregate.selected for p in contributions(updates[i])]
-            audit.append(
-                "aggregation",
-                rnd,
-                {
-                    "participants": [u.participant_id for u in committed],
-                    "selected": selected,
-                    "merkle_root": root,
-                    "num_updates": len(committed),
-                    "metrics": {k: float(v) for k, v in record.metrics.items()},
-                    "model_hash": record.model_hash,
-                    "receipt_hash": receipt,
-                },
-                self.coordinator,
-            )
+            body: dict[str, Any] = {
+                "participants": [u.participant_id for u in committed],
+                "selected": selected,
+                "merkle_root": root,
+                "num_updates": len(committed),
+                "metrics": {k: float(v) for k, v in record.metrics.items()},
+                "model_hash": record.model_hash,
+                "receipt_hash": receipt,
+            }
+            if self.max_examples is not None:  # every commitment's num_examples is within it (audit verify checks)
+                body["max_examples"] = self.max_examples
+            audit.append("aggregation", rnd, body, self.coordinator)
             self._checkpoint(audit, rnd, result.params, record.model_hash)
             audit.sync()
             head = audit.head
@@ -387,6 +387,7 @@ def network_recorder(
     attachments: Sequence[RoundAttachments] = (),
     *,
     resume: bool = False,
+    max_examples: int | None = None,
 ) -> LedgerRecorder:
     """A recorder for a networked federation: nobody's private key but the coordinator's is here.
 
@@ -417,4 +418,5 @@ def network_recorder(
         checkpoints=settings.checkpoints,
         certificates=certificates,
         attachments=attachments,
+        max_examples=max_examples,
     )

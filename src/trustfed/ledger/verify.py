@@ -29,6 +29,7 @@ from trustfed.ledger.audit import (
 from trustfed.ledger.kinds import (
     APP_KIND,
     ATTESTATION_KIND,
+    BEHAVIOUR_KIND,
     INCENTIVES_KIND,
     PRIVACY_KIND,
     RECEIPT_KIND,
@@ -197,6 +198,7 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
                         )
                     f["merkle_root"], f["aggregation"] = root, loc
                     self._aggregation_names(loc, f)
+                    self._declared_counts(loc, f)
                     self._federated_evaluation(loc, f)
                 elif e.kind == ATTESTATION_KIND:
                     self._attestation(loc)
@@ -208,6 +210,8 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
                     self.privacy.append(loc)
                 elif e.kind == STATUS_KIND:
                     self._status(loc)
+                elif e.kind == BEHAVIOUR_KIND:
+                    self._behaviour(loc, plan, f)
                 elif e.kind == STAKE_KIND:
                     if rnd != 0 or "stake" in f:
                         self.fail(AUDIT_FILE, ln, rnd, "kind", "stakes are set once, before round 1")

@@ -81,11 +81,17 @@ class EnclaveChecks(VerifierState):
         except (EnclaveError, ValueError, TypeError) as exc:
             self.fail(AUDIT_FILE, ln, rnd, "body.receipt", f"unreadable receipt: {exc}")
             return
+        # the enclave aggregates the committed updates it did not reject, and may reject only committed ones
+        committed: dict[str, bytes] = f.get("commitments", {})
+        rejected = receipt.body.get("rejected", {})
+        stray = sorted(set(rejected) - set(committed)) if isinstance(rejected, dict) else ["(malformed)"]
+        if stray:
+            self.fail(AUDIT_FILE, ln, rnd, "body.receipt", f"rejects {stray}, who committed no update this round")
         verdict = verify_receipt(
             receipt,
             enclave_public_key=self.enclave.public_key,
             expected_measurements=[self.enclave.measurement],
-            commitments=f.get("commitments", {}),
+            commitments={p: c for p, c in committed.items() if p not in rejected},
             output_model_hash=str(f.get("model_hash", "")),
             rnd=rnd,
             allow_simulated=self.enclave.simulated,

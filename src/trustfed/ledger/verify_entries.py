@@ -29,6 +29,61 @@ class EntryChecks(VerifierState):
         if stray:
             self.fail(AUDIT_FILE, ln, e.round, "body.selected", f"selects {stray}, who committed no update this round")
 
+    def _declared_counts(self, loc: Located, f: dict[str, Any]) -> None:
+        """With ``max_examples`` recorded (the coordinator enforced it), every count a participant signed in
+        its commitment, and every count the enclave's receipt released, lies within it."""
+        e, ln = loc.entry, loc.line
+        bound = e.body.get("max_examples")
+        if bound is None:
+            return
+        if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
+            self.fail(AUDIT_FILE, ln, e.round, "body.max_examples", f"expected a positive integer, got {bound!r}")
+            return
+        receipt: Located | None = f.get("receipt")
+        released = (receipt.entry.body.get("receipt") or {}).get("body", {}) if receipt is not None else {}
+        counts = [("commitment", p, n) for p, n in f.get("examples", {}).items()]
+        counts += [("receipt", p, n) for p, n in dict(released.get("num_examples") or {}).items()]
+        for where, pid, n in counts:
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= bound:
+                self.fail(
+                    AUDIT_FILE, ln, e.round, "body.max_examples", f"the {where} of {pid!r} declares {n!r} examples"
+                )
+        self.checked["declared_counts"] += len(counts)
+
+    def _behaviour(self, loc: Located, plan: Located | None, f: dict[str, Any]) -> None:
+        """An update refused for what it carried: recorded by the coordinator, naming a participant the round
+        selected. Refused at upload (``source = "coordinator"``): it committed nothing this round. Rejected
+        by the enclave: the round's signed receipt rejects it."""
+        e, ln, b = loc.entry, loc.line, loc.entry.body
+        pid, reason, source = str(b.get("participant", "")), b.get("reason"), b.get("source")
+        if e.author != COORDINATOR_ID:
+            self.fail(AUDIT_FILE, ln, e.round, "author", "a behaviour record is the coordinator's")
+            return
+        if plan is None or pid not in plan.entry.body.get("participants", []):
+            self.fail(AUDIT_FILE, ln, e.round, "body.participant", f"{pid!r} was not selected in this round's plan")
+            return
+        if not isinstance(reason, str) or not reason or pid in f.get("behaviour", {}):
+            self.fail(AUDIT_FILE, ln, e.round, "body.reason", f"{pid!r}: one record with a reason code per round")
+            return
+        if source == "coordinator":
+            if pid in f.get("authors", []):
+                self.fail(AUDIT_FILE, ln, e.round, "body.source", f"{pid!r} was refused at upload, yet committed")
+                return
+        elif source == "enclave":
+            receipt: Located | None = f.get("receipt")
+            rejected = (receipt.entry.body.get("receipt") or {}).get("body", {}).get("rejected", {}) if receipt else {}
+            if pid not in rejected:
+                self.fail(
+                    AUDIT_FILE, ln, e.round, "body.source", f"the round's enclave receipt does not reject {pid!r}"
+                )
+                return
+        else:
+            self.fail(AUDIT_FILE, ln, e.round, "body.source", f"expected coordinator or enclave, got {source!r}")
+            return
+        f.setdefault("behaviour", {})[pid] = str(source)
+        self.checked["behaviour_records"] += 1
+        self.notes.append(f"round {e.round}: the update of {pid} was refused by the {source} ({reason})")
+
     def _commitment(self, loc: Located, plan: Located | None, f: dict[str, Any]) -> None:
         e, ln, b = loc.entry, loc.line, loc.entry.body
         if e.author in f.setdefault("authors", []):
@@ -49,6 +104,7 @@ class EntryChecks(VerifierState):
         if real != b.get("commitment"):
             self.fail(AUDIT_FILE, ln, e.round, "body.commitment", "is not H(round, id, H(update))")
         self.checked["commitments"] += 1
+        f.setdefault("examples", {})[e.author] = b.get("num_examples")
         self._provenance(loc, f)
         f["leaves"].append(bytes.fromhex(real))
         f.setdefault("commitments", {})[e.author] = f["leaves"][-1]  # author -> commitment, for the receipt

@@ -93,12 +93,15 @@ class IncentiveChecks(VerifierState):
             self.book = IncentiveBook(policy)
         elif policy != self.book.policy:
             self.fail(AUDIT_FILE, ln, rnd, "body.policy", "the reputation policy changed during the run")
-        participants = [str(p) for p in agg.entry.body.get("participants", [])]
+        committers = [str(p) for p in agg.entry.body.get("participants", [])]
+        # refused at upload for what their update carried: in the round's book with nothing, flagged
+        refused = sorted(p for p, source in f.get("behaviour", {}).items() if source == "coordinator")
+        participants = [*committers, *(p for p in refused if p not in committers)]
         selected = [str(p) for p in agg.entry.body.get("selected", [])]
         receipt: Located | None = f.get("receipt")
         rbody = (receipt.entry.body.get("receipt") or {}).get("body", {}) if receipt is not None else {}
         rejected = set(rbody.get("rejected", {})) & set(participants)
-        want_flagged = (set(participants) - set(selected) if flag_unselected else set()) | rejected
+        want_flagged = (set(committers) - set(selected) if flag_unselected else set()) | rejected | set(refused)
         if flagged != want_flagged:
             self.fail(
                 AUDIT_FILE, ln, rnd, "body.flagged", f"{sorted(flagged)}, the aggregation gives {sorted(want_flagged)}"

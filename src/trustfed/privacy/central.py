@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from trustfed.core.aggregator import AggregateResult
-from trustfed.core.strategy import FedAvg, RoundPlan, RoundResult, Strategy, Update, stack_updates
+from trustfed.core.strategy import FedAvg, RoundPlan, RoundResult, Strategy, Update, stack_updates, usable_updates
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyAccountant, PrivacyError
 from trustfed.secagg.updates import SecureSumUpdate
 
@@ -123,6 +123,7 @@ class DPFedAvg(Strategy):
         clip = self.clip_norm
         sensitivity = clip
         norms: torch.Tensor | None = None
+        keep = list(range(len(updates)))
         secure = updates[0] if len(updates) == 1 and isinstance(updates[0], SecureSumUpdate) else None
         if secure is not None:
             # a secure sum: each participant clipped its own delta to the plan's clip norm before masking; the
@@ -134,8 +135,9 @@ class DPFedAvg(Strategy):
             sensitivity = clip + math.sqrt(params.numel()) * secure.quantisation_step / 2
         else:
             x, _ = stack_updates(updates, params.numel())
-            clipped, norms = clip_rows(x.to(torch.float64) - params.to(torch.float64), clip)
-            summed, count = clipped.sum(0), len(updates)
+            keep, _dropped = usable_updates(updates, x)  # a non-finite update is left out, never clipped in
+            clipped, norms = clip_rows(x[keep].to(torch.float64) - params.to(torch.float64), clip)
+            summed, count = clipped.sum(0), len(keep)
         sigma_b = self.count_stddev(n)
         z_delta = delta_noise_multiplier(self.noise_multiplier, sigma_b)
         noise_std = z_delta * sensitivity
@@ -144,13 +146,13 @@ class DPFedAvg(Strategy):
         metrics: dict[str, float] = {"num_updates": float(count), "dp_clip_norm": clip, "dp_noise_std": noise_std / n}
         if norms is not None:
             unclipped = float((norms <= clip).sum())
-            metrics["dp_unclipped_fraction"] = unclipped / len(updates)
+            metrics["dp_unclipped_fraction"] = unclipped / count
             metrics["dp_update_norm_median"] = float(norms.median())
         if sigma_b is not None and norms is not None:
             b_noisy = (unclipped + float(torch.randn((), generator=gen, dtype=torch.float64)) * sigma_b) / n
             self.clip_norm = clip * math.exp(-self.clip_learning_rate * (b_noisy - self.target_quantile))
             metrics["dp_next_clip_norm"] = self.clip_norm
-        total = sum(u.num_examples for u in updates)
+        total = sum(updates[i].num_examples for i in keep)
         pseudo = Update("dp-aggregate", (params.to(torch.float64) + mean).to(torch.float32), total)
         inner = self.inner.aggregate(plan, params, [pseudo])
         q = self._sample_rate.pop(plan.round, None)
@@ -166,8 +168,14 @@ class DPFedAvg(Strategy):
                 "dp_sample_rate": q,
             }
         )
-        scores = {} if norms is None else {"update_norm": norms.to(torch.float32)}
-        return RoundResult(inner.params, metrics, AggregateResult(inner.params, tuple(range(len(updates))), scores))
+        scores: dict[str, torch.Tensor] = {}
+        if norms is not None:
+            scores["update_norm"] = torch.full((len(updates),), float("nan"))
+            scores["update_norm"][keep] = norms.to(torch.float32)
+        if len(keep) < len(updates):
+            scores["non_finite"] = torch.tensor([i not in keep for i in range(len(updates))])
+            metrics["num_non_finite"] = float(len(updates) - len(keep))
+        return RoundResult(inner.params, metrics, AggregateResult(inner.params, tuple(keep), scores))
 
     def evaluate(self, rnd: int, params: torch.Tensor) -> dict[str, float] | None:
         return self.inner.evaluate(rnd, params)

@@ -62,6 +62,7 @@ def aggregation_settings_for(
         beta2=strategy.beta2,
         tau=strategy.tau,
         min_updates=min_updates,
+        max_examples=strategy.max_examples,
         central_dp=central,
         release_contributions=contributions and central is None,
     )
