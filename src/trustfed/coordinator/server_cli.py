@@ -11,6 +11,7 @@ from rich.console import Console
 from trustfed.config import load_federation_config
 from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 from trustfed.core.evaluation import final_headline, round_headline
+from trustfed.errors import RunFinished
 
 app = typer.Typer(help="Run the coordinator: serve participants over mutual TLS.", invoke_without_command=True)
 console = Console()
@@ -40,7 +41,11 @@ def server(
     With --lease, several coordinators started the same way share OUT and the lease: one leads, the
     others wait as standbys; when the leader stops, one of them takes the lease, binds the same
     address and resumes after the last round on chain. Participants drop the round in flight and
-    take the next plan (give them enough \\[retry] attempts to outlast the lease's ttl)."""
+    take the next plan (give them enough \\[retry] attempts to outlast the lease's ttl).
+
+    A resume checks the run in OUT before it waits for participants or changes a file: a finished run
+    is refused (exit 2; a standby stands down, exit 0), and so is one whose log, ledger checkpoint or
+    coordinator state does not verify (exit 2, naming the file and the reason)."""
     import logging
 
     import torch
@@ -80,5 +85,14 @@ def server(
     def on_round(rec: object) -> None:
         console.print(f"round {getattr(rec, 'round', '?')}: {round_headline(getattr(rec, 'metrics', {}))}")
 
-    _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round, resume=resume, heartbeat=held)
+    try:
+        _, metrics = run_coordinator(cfg, transport, out_dir=out, on_round=on_round, resume=resume, heartbeat=held)
+    except RunFinished as exc:
+        if held is None:  # --resume on a finished run: refused, exit 2
+            raise
+        held.stop.set()  # a standby that finds the run finished has nothing to take over: it stands down
+        held.lease.release()
+        transport.close()
+        console.print(f"{exc}; this standby stands down", highlight=False)
+        return
     console.print(f"{final_headline(metrics)}; results in {out}")
