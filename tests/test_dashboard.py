@@ -164,3 +164,49 @@ def test_cli_refuses_a_missing_folder(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["dashboard", str(tmp_path / "absent")])
     assert r.exit_code != 0
     assert "folder does not exist" in str(r.exception) or "folder does not exist" in r.output
+
+
+def test_an_edited_metrics_file_is_flagged_and_its_figures_are_not_shown(root: Path, base: str) -> None:
+    """The headline and the round figures are the signed log's, checked as `audit verify` checks them;
+    an edited metrics.json is flagged MISMATCH with what it reports, never shown as the headline."""
+    edited = Path(shutil.copytree(root / "good", root / "edited"))
+    metrics = json.loads((edited / "metrics.json").read_text())
+    signed = metrics["final_accuracy"]
+    assert signed < 0.95
+    metrics["final_accuracy"] = 0.99
+    metrics["rounds"][0]["accuracy"] = 0.98
+    (edited / "metrics.json").write_text(json.dumps(metrics))
+    status, page = get(base + "/runs/edited")
+    assert status == 200 and "final accuracy <b>0.9900</b>" not in page
+    assert f"final accuracy <b>{signed:.4f}</b>" in page
+    assert "<td>0.9800</td>" not in page  # the rounds table shows the signed accuracy too
+    assert "MISMATCH" in page and "does not match the signed log" in page
+    good = json.loads(get(base + "/api/runs/good")[1])
+    assert good["figures"] == "verified" and good["mismatches"] == []
+    assert "verified</span> (signed log)" in get(base + "/runs/good")[1]
+    view = json.loads(get(base + "/api/runs/edited")[1])
+    assert view["figures"] == "mismatch" and view["final_accuracy"] == pytest.approx(signed)
+    assert view["rounds"][0]["accuracy"] == pytest.approx(good["rounds"][0]["accuracy"])
+    assert any(m.startswith("metrics.json final_accuracy: 0.99 is not") for m in view["mismatches"])
+    assert any(m.startswith("metrics.json rounds[0].accuracy (round 1): 0.98") for m in view["mismatches"])
+
+
+def test_figures_without_a_signed_log_are_marked_unverified(root: Path, base: str) -> None:
+    bare = Path(shutil.copytree(root / "good", root / "unrecorded"))
+    (bare / "audit.jsonl").unlink()
+    status, page = get(base + "/runs/unrecorded")
+    assert status == 200 and "UNVERIFIED" in page
+    assert json.loads(get(base + "/api/runs/unrecorded")[1])["figures"] == "unverified"
+    forged = Path(shutil.copytree(root / "good", root / "forged"))  # the log edited to agree with metrics.json
+    lines = read_lines(forged)
+    i = next(i for i, line in enumerate(lines) if '"kind":"aggregation"' in line)
+    entry = json.loads(lines[i])
+    entry["body"]["metrics"]["accuracy"] = 0.97
+    lines[i] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    write_lines(forged, lines)
+    metrics = json.loads((forged / "metrics.json").read_text())
+    metrics["rounds"][0]["accuracy"] = 0.97
+    (forged / "metrics.json").write_text(json.dumps(metrics))
+    view = json.loads(get(base + "/api/runs/forged")[1])
+    assert view["figures"] == "unverified" and view["rounds"][0]["accuracy"] == 0.97
+    assert any("the audit log does not verify" in p for p in view["problems"])

@@ -65,6 +65,17 @@ class CheckpointError(TrustFedError):
     """A checkpoint is missing, corrupt, or does not match its recorded hash."""
 
 
+class ResumeRefused(CheckpointError):
+    """A run folder cannot be resumed as it is (a file does not verify, or does not match the chain);
+    the resume changed nothing in it."""
+
+    exit_code = 2
+
+
+class RunFinished(ResumeRefused):
+    """The run in the folder is finished: a resume would only rewrite its results."""
+
+
 class ParticipantWithdrew(TrustFedError):
     """A participant declines the round and leaves the federation (for example, its privacy budget
     is spent). Transports drop it from ``available()`` for the rest of the run; the round goes on

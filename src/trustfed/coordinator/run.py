@@ -21,6 +21,7 @@ from trustfed.coordinator.incentives_record import use_reputation_selection
 from trustfed.coordinator.network import GrpcTransport, required_tls_paths
 from trustfed.coordinator.recorders import NetworkIdentities, ledger_metrics, recorders_for
 from trustfed.coordinator.resume import STATE_DIR, resume_run
+from trustfed.coordinator.resume_check import check_resume
 from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec
 from trustfed.core.rounds import RoundObserver, RoundRecord
@@ -61,6 +62,8 @@ def run_coordinator(
     if cfg.enclave.enabled:
         strategy, enclave = enclave_strategy(cfg, strategy, spec, transport.settings)
         transport.enclave_receipts = enclave.receipt_json
+    # A resume checks everything it builds on before it waits for anyone or changes a file.
+    point = check_resume(cfg, out_dir, spec, strategy.name) if resume else None
     present = transport.wait_for_participants(
         expected, transport.settings.join_timeout_s, cfg.strategy.min_participants
     )
@@ -92,7 +95,7 @@ def run_coordinator(
         raise TransportError("[secagg] is enabled but the transport was built without it (GrpcTransport(secagg=...))")
     min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update
     coord = Coordinator(strategy, transport, params, spec, min_updates=min_updates, observers=watchers)
-    resumed = resume_run(cfg, coord, out_dir, recorders, enclave) if resume else 0
+    resumed = resume_run(coord, point, recorders, enclave) if point is not None else 0
 
     def each_round(rec: RoundRecord) -> None:
         if heartbeat is not None and (heartbeat.lost.is_set() or not heartbeat.lease.renew()):
@@ -110,8 +113,9 @@ def run_coordinator(
             heartbeat.stop.set()
     if heartbeat is not None:
         heartbeat.lease.release()
-    if resumed:
+    if resumed and point is not None:
         metrics["resumed_after_round"] = resumed
+        metrics["rounds"] = [*point.history, *metrics["rounds"]]  # the whole run, earlier rounds from the log
     metrics["transport"] = {"kind": "grpc-mtls", "address": transport.address}
     metrics["app"] = rt.identity.describe()
     metrics.update(ledger_metrics(recorders))

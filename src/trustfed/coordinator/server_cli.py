@@ -17,6 +17,7 @@ from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
 from trustfed.core.evaluation import final_headline, round_headline
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
+from trustfed.errors import RunFinished
 
 app = typer.Typer(help="Run the coordinator: serve participants over mutual TLS.", invoke_without_command=True)
 console = Console()
@@ -99,7 +100,11 @@ def server(
     With --lease, several coordinators started the same way share OUT and the lease: one leads, the
     others wait as standbys; when the leader stops, one of them takes the lease, binds the same
     address and resumes after the last round on chain. Participants drop the round in flight and
-    take the next plan (give them enough \\[retry] attempts to outlast the lease's ttl)."""
+    take the next plan (give them enough \\[retry] attempts to outlast the lease's ttl).
+
+    A resume checks the run in OUT before it waits for participants or changes a file: a finished run
+    is refused (exit 2; a standby stands down, exit 0), and so is one whose log, ledger checkpoint or
+    coordinator state does not verify (exit 2, naming the file and the reason)."""
     import logging
 
     from trustfed.coordinator.network import GrpcTransport
@@ -152,6 +157,14 @@ def server(
             resume=resume,
             heartbeat=held,
         )
+    except RunFinished as exc:
+        if held is None:  # --resume on a finished run: refused, exit 2
+            raise
+        held.stop.set()  # a standby that finds the run finished has nothing to take over: it stands down
+        held.lease.release()
+        transport.close()
+        console.print(f"{exc}; this standby stands down", highlight=False)
+        return
     finally:
         joins.stop.set()
     console.print(f"{final_headline(metrics)}; results in {out}")

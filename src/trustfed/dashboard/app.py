@@ -9,7 +9,9 @@
 
 Read-only: it never writes into a run folder. Every string from a run's files is HTML-escaped, and
 pages use no scripts or external resources (``?refresh=N`` reloads a page every N seconds while a
-run is recording). A SIMULATED enclave is labelled as such on every page that shows the run.
+run is recording). A SIMULATED enclave is labelled as such on every page that shows the run. The
+figures a run page shows are the signed log's, flagged verified, MISMATCH (metrics.json reports other
+figures, listed) or UNVERIFIED (no log that verifies backs them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ th{background:#f3f3f3}.sim{background:#fff3cd;border:2px solid #e0a800;padding:.
 .ok{color:#1a7f37;font-weight:bold}.bad{color:#c62828;font-weight:bold}.muted{color:#777}
 code{font-size:.9em}
 """
+
+
+_FIGURES = {
+    "verified": '<span class="ok">verified</span> (signed log)',
+    "mismatch": '<span class="bad">MISMATCH</span>: metrics.json differs from the signed log, shown here',
+    "unverified": '<span class="bad">UNVERIFIED</span>: no signed log backs these figures',
+}
 
 
 def _e(v: Any) -> str:
@@ -109,9 +118,15 @@ def render_run(view: RunView, refresh: int = 0) -> str:
         _enclave_banner(view),
         f"<p>Status: <b>{_e(view.status)}</b> · {_e(progress)}",
         f" · final accuracy <b>{_fmt(view.final_accuracy)}</b>" if view.final_accuracy is not None else "",
+        f" {_FIGURES[view.figures]}",
         f" · model <code>{_e(view.model_hash[:16])}…</code>" if view.model_hash else "",
         f' · <a href="/runs/{_e(view.name)}/verify">verify the audit log</a></p>',
     ]
+    if view.mismatches:
+        parts.append(
+            '<h2 class="bad">metrics.json does not match the signed log</h2><p>The figures on this page are the '
+            "signed ones; metrics.json reports these others:</p>" + _table(["mismatch"], [[m] for m in view.mismatches])
+        )
     if view.problems:
         parts.append(
             "<h2>Problems</h2>"

@@ -2,7 +2,9 @@
 
 A run folder is any folder holding ``metrics.json`` (a finished run) or ``audit.jsonl`` (a recorded
 run, finished or still going: its per-round ``aggregation`` entries carry the round metrics). A file
-that cannot be read becomes a ``problems`` line naming the file; it never stops the page.
+that cannot be read becomes a ``problems`` line naming the file; it never stops the page. The figures
+shown are the signed log's, checked as ``audit verify`` checks them; those of a run without a log that
+verifies are marked unverified (:attr:`RunView.figures`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 from trustfed.errors import TrustFedError
 from trustfed.incentives.book import REPUTATION_SCALE
 from trustfed.ledger.backends import EmbeddedLedger, read_deployment
+from trustfed.ledger.recorder import AUDIT_FILE
+from trustfed.ledger.verify import signed_figures
 from trustfed.privacy.report import load_records, summarize
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -40,6 +44,11 @@ class RunView:
     incentives: list[dict[str, Any]] = field(default_factory=list)  # per round: source, rewards, flagged
     privacy: list[dict[str, Any]] = field(default_factory=list)  # per party: epsilon, budget, verified
     problems: list[str] = field(default_factory=list)
+    # "verified": every figure shown is the signed log's and metrics.json agrees with it; "mismatch": the
+    # figures shown are the signed log's, metrics.json reports others (``mismatches``); "unverified": no
+    # signed log backs the figures (an unrecorded run, or a log that does not verify)
+    figures: str = "unverified"
+    mismatches: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {k: _finite(v) for k, v in self.__dict__.items()}
@@ -86,6 +95,7 @@ def load_run(root: Path, name: str) -> RunView:
     view = RunView(name, "recording")
     entries = _audit_entries(folder, view)
     metrics_file = folder / "metrics.json"
+    m: dict[str, Any] | None = None
     if metrics_file.is_file():
         try:
             m = json.loads(metrics_file.read_text(encoding="utf-8"))
@@ -96,9 +106,11 @@ def load_run(root: Path, name: str) -> RunView:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             view.problems.append(f"metrics.json: unreadable ({exc})")
             view.status = "unreadable"
+            m = None
     if not view.rounds:
         view.rounds = _rounds_from_log(entries)
     _from_log(view, entries)
+    _signed_figures(view, folder, m)
     _ledger(view, folder)
     _privacy(view, folder)
     return view
@@ -125,6 +137,29 @@ def _from_metrics(view: RunView, m: dict[str, Any]) -> None:
     enc = m.get("enclave")
     if isinstance(enc, dict):
         view.enclave = {k: enc.get(k) for k in ("label", "backend", "measurement")}
+
+
+def _signed_figures(view: RunView, folder: Path, metrics: dict[str, Any] | None) -> None:
+    """Show the signed figures only: metrics.json is checked against the log's signed aggregation entries
+    as ``audit verify`` checks it (:func:`~trustfed.ledger.verify.signed_figures`); the headline and each
+    round's accuracy and loss are the signed ones, and whatever metrics.json reports otherwise is listed
+    as a mismatch. Without a log that verifies, the figures are marked unverified."""
+    if not (folder / AUDIT_FILE).is_file():
+        return
+    found = signed_figures(folder, metrics)
+    if found.log_failures:
+        view.problems.append(f"{found.log_failures[0]}: the audit log does not verify, so no figure here is verified")
+        return
+    for r in view.rounds:
+        signed = found.aggregations.get(r["round"], {}).get("metrics") or {}
+        r["accuracy"], r["loss"] = _num(signed.get("accuracy")), _num(signed.get("loss"))
+    last = found.aggregations.get(max(found.aggregations, default=-1), {}).get("metrics") or {}
+    view.final_accuracy = _num(last.get("accuracy"))
+    view.mismatches = [
+        f"metrics.json {where}" + (f" (round {rnd})" if rnd is not None else "") + f": {message}"
+        for rnd, where, message in found.problems
+    ]
+    view.figures = "mismatch" if view.mismatches else "verified"
 
 
 def _num(v: Any) -> float | None:

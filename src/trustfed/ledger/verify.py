@@ -10,7 +10,8 @@ round and field. The run verifies only if no failure was found.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from trustfed.ledger.kinds import (
 from trustfed.ledger.metrics_check import METRICS_FILE, metrics_problems
 from trustfed.ledger.participant import COMMITMENT_KIND
 from trustfed.ledger.recorder import AUDIT_FILE, COORDINATOR_ID
-from trustfed.ledger.verify_base import AuditReport, Located, VerifierState
+from trustfed.ledger.verify_base import CHAIN, AuditReport, Failure, Located, VerifierState
 from trustfed.ledger.verify_chain import ChainChecks
 from trustfed.ledger.verify_enclave import EnclaveChecks
 from trustfed.ledger.verify_entries import EntryChecks
@@ -52,7 +53,9 @@ from trustfed.primitives.merkle import merkle_root
 
 class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, PrivacyChecks, RefusalChecks, VerifierState):
     # ------------------------------------------------------------ 1. the log's chain and signatures
-    def check_log(self) -> None:
+    def check_log(self, upto: str | None = None) -> None:
+        """The log's hash chain and signatures; ``upto``: stop after the entry with that hash (an anchored
+        head), leaving what comes after it unread."""
         path = self.run_dir / AUDIT_FILE
         if not path.is_file():
             self.fail(AUDIT_FILE, None, None, "file", "no audit log; was the run recorded (ledger.enabled)?")
@@ -95,6 +98,8 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
             self._check_signature(lineno, e, digest)
             self.entries.append(Located(lineno, e))
             prev_hash, expect_seq = e.hash, e.seq + 1
+            if upto is not None and e.hash == upto:
+                return
 
     def _check_signature(self, lineno: int, e: AuditEntry, digest: bytes) -> None:
         if e.kind == "identity" and not self.keys and e.author == COORDINATOR_ID == e.body.get("id"):
@@ -274,3 +279,48 @@ def verify_run(run_dir: Path, rpc_url: str | None = None, participant_records: S
     v.check_privacy(facts)
     v.check_metrics_file(facts)
     return AuditReport(not v.failures, v.failures, dict(v.checked), list(v.notes))
+
+
+def verify_resume_point(run_dir: Path, ledger: Any, last: int) -> AuditReport:
+    """What a coordinator resuming after round ``last`` builds on, checked before it changes anything:
+    the log up to the head round ``last`` anchored (hash chain, signatures, every round's commitments,
+    Merkle root, checkpoint files, incentives and privacy entries) and the chain's round records against
+    it. Entries after that head (a round being recorded when the coordinator stopped) are not read: the
+    resume sets them aside. Registry statuses and incentive accounts are not compared: a coordinator
+    that stopped between a round's commitment and those transactions leaves them behind, and the
+    resume sends them; ``audit verify`` checks them on the finished run."""
+    v = _Verifier(run_dir, None)
+    rec = ledger.read_round(last)
+    if rec is None:
+        v.fail(CHAIN, None, last, "round", f"the chain says round {last} is its last but holds no record of it")
+    else:
+        v.check_log(upto=rec.log_head)
+        facts = v.check_rounds()
+        v.check_incentives(facts)
+        v.compare_rounds(ledger, facts)
+        v.check_privacy(facts)
+    return AuditReport(not v.failures, v.failures, dict(v.checked), list(v.notes))
+
+
+@dataclass(frozen=True)
+class SignedFigures:
+    """metrics.json against the signed log, for a reader that shows a run's figures (the dashboard):
+    ``aggregations`` are the bodies of the signed aggregation entries by round (empty when the log does
+    not verify), ``log_failures`` why the log did not verify, ``problems`` what metrics.json reports that
+    those entries do not back (:func:`~trustfed.ledger.metrics_check.metrics_problems`)."""
+
+    aggregations: dict[int, Mapping[str, Any]]
+    log_failures: list[Failure]
+    problems: list[tuple[int | None, str, str]]
+
+
+def signed_figures(run_dir: Path, metrics: Mapping[str, Any] | None) -> SignedFigures:
+    """The log's hash chain and signatures checked as ``audit verify`` checks them, then ``metrics``
+    (the parsed metrics.json, or None) checked against its signed aggregation entries."""
+    v = _Verifier(run_dir, None)
+    v.check_log()
+    if v.failures:
+        return SignedFigures({}, list(v.failures), [])
+    aggregations = {loc.entry.round: loc.entry.body for loc in v.entries if loc.entry.kind == "aggregation"}
+    problems = metrics_problems(metrics, aggregations) if metrics is not None else []
+    return SignedFigures(aggregations, [], problems)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from trustfed.errors import TrustFedError
@@ -11,6 +12,15 @@ from trustfed.ledger.recorder import AUDIT_FILE, LEDGER_DIR
 from trustfed.ledger.records import ZERO32, Identity, RoundCommitment
 from trustfed.ledger.verify_admin import AdminChecks
 from trustfed.ledger.verify_base import CHAIN
+
+
+def open_chain_read_only(ledger_dir: Path, deployment: dict[str, Any], rpc_url: str | None = None) -> Web3Ledger:
+    """The run's chain opened for reading only: at ``rpc_url`` (or the deployment's own) for a JSON-RPC
+    chain, else the embedded chain replayed from its journal."""
+    if rpc_url or deployment.get("backend") == "jsonrpc":
+        url = rpc_url or str(deployment.get("rpc_url", ""))
+        return JsonRpcLedger(ledger_dir, url, deploy=False, read_only=True)
+    return EmbeddedLedger(ledger_dir, read_only=True)
 
 
 class ChainChecks(AdminChecks):
@@ -25,13 +35,8 @@ class ChainChecks(AdminChecks):
         if dep is None:
             self.fail(f"{LEDGER_DIR}/deployment.json", None, None, "file", "missing: nothing to check on chain")
             return
-        ledger: Web3Ledger
         try:
-            if self.rpc_url or dep.get("backend") == "jsonrpc":
-                url = self.rpc_url or str(dep.get("rpc_url", ""))
-                ledger = JsonRpcLedger(ledger_dir, url, deploy=False, read_only=True)
-            else:
-                ledger = EmbeddedLedger(ledger_dir, read_only=True)
+            ledger = open_chain_read_only(ledger_dir, dep, self.rpc_url)
         except TrustFedError as exc:
             self.fail(f"{LEDGER_DIR}/", None, None, "chain", f"cannot open the chain: {exc}")
             return
@@ -79,6 +84,11 @@ class ChainChecks(AdminChecks):
                     f"log gives {held[0]}, {held[1]} and {held[2]}",
                 )
             self.checked["incentive_accounts"] += 1
+        self.compare_rounds(ledger, facts)
+
+    def compare_rounds(self, ledger: Any, facts: dict[int, dict[str, Any]]) -> None:
+        """Each round's on-chain record against the log and files: model hash, Merkle root, number of
+        updates, receipt hash, and the anchored log head at the round's last entry."""
         nxt = ledger.next_round()
         rounds = sorted(facts)
         hashes = {loc.entry.hash: loc for loc in self.entries}
