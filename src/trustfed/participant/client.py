@@ -87,6 +87,7 @@ class ParticipantClient:
         self.cfg = cfg
         self.pid = cfg.participant.id
         self.address = cfg.participant.coordinator
+        self.poll_wait_ms = cfg.retry.poll_wait_ms
         self.trainer = trainer
         self.provenance = dict(provenance or {})
         self.spec = spec
@@ -179,6 +180,16 @@ class ParticipantClient:
 
     def _check(self, msg: pb.SignedMessage, msg_type: str) -> Verified:
         return self.verifier.verify(msg, expected_type=msg_type, peer_cert=None, role="coordinator")
+
+    def secagg_call(self, what: str, rnd: int, req: pb.SecAggRequest, timeout: float) -> Verified:
+        """One secure-aggregation request, signed afresh on each retry; the coordinator's reply, verified."""
+
+        def call() -> pb.SignedMessage:
+            msg = self.signer.sign("secagg_request", rnd, req.SerializeToString())
+            out: pb.SignedMessage = self.stub.SecAgg(msg, timeout=timeout)
+            return out
+
+        return self._check(self._call(what, call), "secagg_reply")
 
     # -- the steps of one round
     def fetch_plan(self, after_round: int) -> pb.RoundPlan:

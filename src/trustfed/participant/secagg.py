@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,10 +26,8 @@ from trustfed.secagg.protocol import PublicKeys, SecAggClient, SecAggError, TooF
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.secagg.updates import MaskedInput, prepare_delta
 from trustfed.transport import federation_pb2 as pb
+from trustfed.transport.envelope import Signer, Verified, Verifier
 from trustfed.transport.errors import MessageRejected, TransportError
-
-if TYPE_CHECKING:
-    from trustfed.participant.client import ParticipantClient
 
 log = logging.getLogger("trustfed.participant.secagg")
 
@@ -42,11 +40,28 @@ _STEP_NAMES = {
 }
 
 
+class SecAggChannel(Protocol):
+    """What a round of secure aggregation needs from the participant's connection to the coordinator
+    (:class:`~trustfed.participant.client.ParticipantClient` provides it)."""
+
+    pid: str
+    address: str
+    relay_signer: Signer  # signs messages the coordinator relays to peers (carries the certificate)
+    verifier: Verifier
+    poll_wait_ms: int
+
+    def upload(self, rp: ReceivedPlan, update: Update, payload: bytes) -> None: ...
+
+    def secagg_call(self, what: str, rnd: int, req: pb.SecAggRequest, timeout: float) -> Verified:
+        """Sign ``req``, send it (with retries) and return the coordinator's verified reply."""
+        ...
+
+
 class SecAggParticipant:
     """One round of secure aggregation for ``client``; :meth:`run` returns whether it survived
     (its masked input is in the sum)."""
 
-    def __init__(self, client: ParticipantClient, settings: SecAggSettings, rp: ReceivedPlan) -> None:
+    def __init__(self, client: SecAggChannel, settings: SecAggSettings, rp: ReceivedPlan) -> None:
         self.client = client
         self.settings = settings
         self.rp = rp
@@ -183,7 +198,7 @@ class SecAggParticipant:
         """Submit this step's payload, then poll until the coordinator closes the step."""
         c, rnd = self.client, self.rp.round
         what = f"the secure-aggregation {_STEP_NAMES[step]} of round {rnd}"
-        req = pb.SecAggRequest(round=rnd, step=step, wait_ms=c.cfg.retry.poll_wait_ms)
+        req = pb.SecAggRequest(round=rnd, step=step, wait_ms=c.poll_wait_ms)
         if keys is not None:
             req.keys.CopyFrom(keys)
         if survivors_signed is not None:
@@ -191,15 +206,9 @@ class SecAggParticipant:
         for field, values in (("shares", shares), ("self_mask_shares", self_mask_shares), ("key_shares", key_shares)):
             for k, data in (values or {}).items():
                 getattr(req, field)[k] = data
-        timeout = c.cfg.retry.poll_wait_ms / 1000 + 15
+        timeout = c.poll_wait_ms / 1000 + 15
         while True:
-
-            def call(req: pb.SecAggRequest = req) -> pb.SignedMessage:
-                msg = c.signer.sign("secagg_request", rnd, req.SerializeToString())
-                out: pb.SignedMessage = c.stub.SecAgg(msg, timeout=timeout)
-                return out
-
-            v = c._check(c._call(what, call), "secagg_reply")
+            v = c.secagg_call(what, rnd, req, timeout)
             reply: pb.SecAggReply = pb.SecAggReply.FromString(v.body)
             if reply.round != rnd or reply.step != step or v.envelope.round != rnd:
                 raise c.verifier.reject("round_mismatch", f"{what}: the reply is for another round or step", "secagg")
@@ -209,4 +218,4 @@ class SecAggParticipant:
                 return reply
             if time.time() > self.give_up_at:
                 raise TransportError(f"{what}: no answer from {c.address} before the round's deadlines passed")
-            req = pb.SecAggRequest(round=rnd, step=step, wait_ms=c.cfg.retry.poll_wait_ms)
+            req = pb.SecAggRequest(round=rnd, step=step, wait_ms=c.poll_wait_ms)
