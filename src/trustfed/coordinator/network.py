@@ -36,12 +36,17 @@ from trustfed.secagg.protocol import SecAggError
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, mean_of_sum
 from trustfed.transport import federation_pb2_grpc as pb_grpc
+from trustfed.transport.access import CertificateCheck, PeerLimiter
 from trustfed.transport.envelope import Signer, Verifier
 from trustfed.transport.errors import TransportError
+from trustfed.transport.guard import Caller, ServerGuard
 from trustfed.transport.settings import TransportSettings
 from trustfed.transport.tls import grpc_options, server_credentials
 
 log = logging.getLogger("trustfed.coordinator.service")
+
+SMALL_REQUEST_BYTES = 64 * 1024  # a plan, model or receipt request is a signed message of a few hundred bytes
+_BULK_RPCS = frozenset({"UploadUpdate", "SecAgg"})
 
 
 def required_tls_paths(settings: TransportSettings) -> tuple[Path, Path, Path]:
@@ -101,8 +106,17 @@ class GrpcTransport:
         self.secagg = secagg
         self.secagg_survivors: dict[int, tuple[str, ...]] = {}  # round -> whose masked inputs are in the sum
         self.enclave_receipts: Callable[[int], bytes | None] = lambda _rnd: None  # set in enclave mode
+        self.peers = PeerLimiter(self.limits.max_calls_per_peer, self.limits.calls_per_s, self.limits.call_burst)
+        self.guard = ServerGuard(
+            "coordinator",
+            CertificateCheck(ca_cert, self.crl.current, default_roles=("participant",)),
+            self._request_limit,
+            self.peers,
+            log,
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="trustfed-grpc"),
+            interceptors=[self.guard],
             # no SO_REUSEPORT: a second coordinator on the same address fails to bind instead of sharing it
             options=[*grpc_options(self.limits.max_message_bytes + 64 * 1024), ("grpc.so_reuseport", 0)],
         )
@@ -120,6 +134,12 @@ class GrpcTransport:
         self._closed = False
         self.server.start()
         log.info("coordinator %s listening on %s (mutual TLS 1.3)", ident.name, self.address)
+
+    def _request_limit(self, caller: Caller, rpc: str) -> int:
+        """Uploads and secure-aggregation steps carry data; every other request is a small signed message."""
+        if rpc in _BULK_RPCS:
+            return self.limits.max_message_bytes + 64 * 1024
+        return SMALL_REQUEST_BYTES
 
     # -- joining
     def wait_for_participants(self, expected: Sequence[str], timeout_s: float, minimum: int = 1) -> list[str]:
