@@ -190,9 +190,9 @@ class Messages:
         elif family == "missigned":
             msgs[i] = self._missigned(m, method, rng)
         else:  # mutated
-            b = bytearray(m)
+            b = bytearray(m or b"\0")  # an empty message (GetPublicKey) mutates into one byte
             for _ in range(rng.randrange(1, 6)):
-                b[rng.randrange(len(b))] = rng.randrange(256) if b else 0
+                b[rng.randrange(len(b))] = rng.randrange(256)
             msgs[i] = bytes(b)
         return msgs
 
