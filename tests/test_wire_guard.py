@@ -209,3 +209,39 @@ def test_enclave_refuses_revoked_and_malformed(wire: Wire) -> None:
     bad_spec = epb.AggregateRequest(spec_json="{]", params=b"\x00").SerializeToString()
     err = _call(wire, ENC + "Aggregate", "coordinator", bad_spec)
     assert err is not None and err.code() in DOCUMENTED_STATUSES, err
+
+
+def test_a_throttled_participant_backs_off_and_retries(pki: Path) -> None:
+    """A participant over its call rate is refused RESOURCE_EXHAUSTED (rate_limited) and retries."""
+    from tests.wire_helpers import LIMITS, SPEC
+
+    from trustfed.participant.client import ParticipantClient
+    from trustfed.participant.settings import ParticipantConfig
+
+    slow = LIMITS.model_copy(update={"calls_per_s": 2.0, "call_burst": 1})
+    w = Wire.start(pki, limits=slow)
+    cfg = ParticipantConfig.model_validate(
+        {
+            "participant": {"id": "p001", "coordinator": w.transport.address, "federation_config": str(pki / "x")},
+            "tls": {"ca": str(pki / "ca.pem"), "cert": str(pki / "p001.pem"), "key": str(pki / "p001.key")},
+            "retry": {"attempts": 5, "initial_backoff_s": 0.3, "max_backoff_s": 1.0, "poll_wait_ms": 0},
+            "limits": LIMITS.model_dump(),
+        }
+    )
+    client = ParticipantClient(cfg, _NoTrainer(), SPEC)
+    try:
+        assert client.fetch_plan(0).status == pb.WAIT
+        assert client.fetch_plan(0).status == pb.WAIT  # refused once (rate_limited), then served
+    finally:
+        client.close()
+        w.close()
+
+
+class _NoTrainer:
+    participant_id = "p001"
+
+    def fit(self, params: object, plan: object) -> object:
+        raise AssertionError("not called")
+
+    def evaluate(self, params: object) -> dict[str, float]:
+        return {}

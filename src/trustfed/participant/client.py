@@ -64,6 +64,12 @@ T = TypeVar("T")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+def _throttled(code: grpc.StatusCode, detail: str) -> bool:
+    """The coordinator's per-participant limits refused the call for now (see trustfed.transport.guard):
+    back off and retry like an unreachable coordinator."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and (": too_many_calls:" in detail or ": rate_limited:" in detail)
+
+
 class ParticipantClient:
     """Runs one participant against a coordinator until the federation is done."""
 
@@ -147,7 +153,7 @@ class ParticipantClient:
                 detail = exc.details() or ""
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     raise RoundGone(f"{what}: {detail}") from None
-                if code not in _RETRYABLE:
+                if code not in _RETRYABLE and not _throttled(code, detail):
                     raise TransportError(
                         f"the coordinator at {self.address} refused {what}: {code.name}: {detail}"
                     ) from None
