@@ -38,12 +38,18 @@ from trustfed.secagg.protocol import SecAggError
 from trustfed.secagg.settings import SecAggSettings
 from trustfed.secagg.updates import SECAGG_ID, MaskedInput, SecureSumUpdate, mean_of_sum
 from trustfed.transport import federation_pb2_grpc as pb_grpc
+from trustfed.transport.access import CertificateCheck, PeerLimiter
 from trustfed.transport.envelope import Signer, Verifier
-from trustfed.transport.errors import TransportError
+from trustfed.transport.errors import MessageRejected, TransportError
+from trustfed.transport.guard import Caller, ServerGuard
+from trustfed.transport.guard import Refusal as CallRefused
 from trustfed.transport.settings import TransportSettings
 from trustfed.transport.tls import grpc_options, server_credentials
 
 log = logging.getLogger("trustfed.coordinator.service")
+
+SMALL_REQUEST_BYTES = 64 * 1024  # a plan, model or receipt request is a signed message of a few hundred bytes
+_BULK_RPCS = frozenset({"UploadUpdate", "SecAgg"})
 
 
 def required_tls_paths(settings: TransportSettings) -> tuple[Path, Path, Path]:
@@ -108,8 +114,18 @@ class GrpcTransport:
         self.secagg = secagg
         self.secagg_survivors: dict[int, tuple[str, ...]] = {}  # round -> whose masked inputs are in the sum
         self.enclave_receipts: Callable[[int], bytes | None] = lambda _rnd: None  # set in enclave mode
+        self.peers = PeerLimiter(self.limits.max_calls_per_peer, self.limits.calls_per_s, self.limits.call_burst)
+        self.certificates = CertificateCheck(ca_cert, self.crl.current, default_roles=("participant",))
+        self.guard = ServerGuard(
+            "coordinator",
+            self._authenticate,
+            self._request_limit,
+            self.peers,
+            log,
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="trustfed-grpc"),
+            interceptors=[self.guard],
             # no SO_REUSEPORT: a second coordinator on the same address fails to bind instead of sharing it
             options=[*grpc_options(self.limits.max_message_bytes + 64 * 1024), ("grpc.so_reuseport", 0)],
         )
@@ -127,6 +143,23 @@ class GrpcTransport:
         self._closed = False
         self.server.start()
         log.info("coordinator %s listening on %s (mutual TLS 1.3)", ident.name, self.address)
+
+    def _authenticate(self, context: grpc.ServicerContext, rpc: str) -> Caller:
+        """The certificate first (CA, validity, revocation, role), then membership (the roster and the
+        registry on chain): a certificate of the CA for an id outside the federation is refused before
+        any byte of its request is read."""
+        caller = self.certificates(context, rpc)
+        try:
+            self.admission.check(caller.name, self.certificates.certificate_of(context))
+        except MessageRejected as exc:
+            raise CallRefused(exc.reason, exc.detail) from None
+        return caller
+
+    def _request_limit(self, caller: Caller, rpc: str) -> int:
+        """Uploads and secure-aggregation steps carry data; every other request is a small signed message."""
+        if rpc in _BULK_RPCS:
+            return self.limits.max_message_bytes + 64 * 1024
+        return SMALL_REQUEST_BYTES
 
     # -- joining
     def admit(self, participants: Sequence[str], max_examples: int) -> None:

@@ -37,6 +37,8 @@ from trustfed.transport import federation_pb2 as pb
 from trustfed.transport import federation_pb2_grpc as pb_grpc
 from trustfed.transport.envelope import Signer, Verified, Verifier
 from trustfed.transport.errors import MessageRejected
+from trustfed.transport.guard import status_detail
+from trustfed.transport.logsafe import clean
 from trustfed.transport.settings import Limits
 from trustfed.transport.streaming import (
     StreamDeclaration,
@@ -105,7 +107,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
 
     # -- checks shared by every RPC
     def _refuse(self, context: grpc.ServicerContext, exc: MessageRejected, rpc: str) -> NoReturn:
-        _abort(context, _REJECT_CODES.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED), f"{rpc}: {exc}")
+        code = _REJECT_CODES.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED)
+        _abort(context, code, status_detail(rpc, exc.reason, exc.detail))
 
     def _peer_cert(self, context: grpc.ServicerContext, rpc: str) -> x509.Certificate:
         auth = context.auth_context()
@@ -261,9 +264,10 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                 refusal = signed_refusal(h, pid, self._peer_cert(context, rpc)) if h.HasField("refusal") else None
             except MessageRejected as exc:
                 self._reject(context, rpc, pid, exc.reason, exc.detail)
-            log.info("round %d: %s withdrew: %s", h.round, pid, h.withdrawn_reason)
+            reason = clean(h.withdrawn_reason, 200)  # the participant's own words: escaped and capped
+            log.info("round %d: %s withdrew: %s", h.round, pid, reason)
             with self.board.cond:
-                self.board.withdrawn[pid] = f"withdrew: {h.withdrawn_reason}"[:300]
+                self.board.withdrawn[pid] = f"withdrew: {reason}"
                 self.board.refusals += [refusal] if refusal is not None else []
                 self.board.cond.notify_all()
             return self._ack(h.round, True, "withdrawal recorded")

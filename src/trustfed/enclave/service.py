@@ -2,7 +2,10 @@
 
 ``trustfed enclave --config enclave.toml`` runs :func:`serve`. The server requires a client
 certificate from the federation CA; ``Aggregate`` is accepted from coordinator (or admin)
-certificates only, ``GetEvidence`` / ``GetPublicKey`` from any federation identity. The enclave's
+certificates only, ``GetEvidence`` / ``GetPublicKey`` from any federation identity, each checked from
+the TLS certificate before any byte of the request is read (:class:`~trustfed.transport.guard.ServerGuard`):
+only an ``Aggregate`` from a coordinator or admin may be ``max_message_mb`` large, every other request
+``small_message_kb``; each certificate has a few calls in flight at most. The enclave's
 certificate must carry the DNS name :data:`ENCLAVE_TLS_NAME` (``trustfed pki issue --role enclave
 --host enclave.trustfed.internal``); clients check it. TLS protects the channel; what makes the
 enclave trustworthy is attestation (the evidence binds the enclave key, not the TLS key) and the
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from trustfed.core.codec import ParamSpec, from_bytes, to_bytes
 from trustfed.enclave import enclave_pb2 as pb
@@ -36,6 +40,9 @@ from trustfed.enclave.receipts import Receipt
 from trustfed.enclave.sealing import SealedUpdate, StaticKeyring
 from trustfed.enclave.settings import EnclaveServiceConfig
 from trustfed.errors import CodecError, TrustFedError
+from trustfed.pki.ca import ROLES, PkiError, RevocationList
+from trustfed.transport.access import CertificateCheck, PeerLimiter
+from trustfed.transport.guard import Caller, ServerGuard, status_detail
 
 log = logging.getLogger("trustfed.enclave.service")
 
@@ -94,14 +101,15 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
     @staticmethod
     def _check_nonce(nonce: bytes, context: grpc.ServicerContext) -> None:
         if len(nonce) < MIN_NONCE_BYTES or len(nonce) > 1024:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nonce must be {MIN_NONCE_BYTES}..1024 bytes")
+            detail = status_detail("GetEvidence", "bad_nonce", f"nonce must be {MIN_NONCE_BYTES}..1024 bytes")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
 
     def GetEvidence(self, request: pb.EvidenceRequest, context: grpc.ServicerContext) -> pb.EvidenceReply:
         self._check_nonce(request.nonce, context)
         try:
             ev = self.enclave.evidence(bytes(request.nonce))
         except TrustFedError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, status_detail("GetEvidence", "no_evidence", str(exc)))
         return pb.EvidenceReply(evidence=ev, backend=self.enclave.backend.name, public_key=self.enclave.public_key())
 
     def GetPublicKey(self, request: pb.PublicKeyRequest, context: grpc.ServicerContext) -> pb.PublicKeyReply:
@@ -123,7 +131,7 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
             if role not in AGGREGATE_ROLES:
                 context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"Aggregate needs a coordinator certificate; the client presented role {role!r}",
+                    status_detail("Aggregate", "wrong_role", f"needs a coordinator certificate, not role {role}"),
                 )
         try:
             spec = ParamSpec.from_json(request.spec_json)
@@ -158,7 +166,9 @@ class EnclaveServicer(pb_grpc.EnclaveServicer):
                     )
                 )
         except (EnclaveError, CodecError) as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, status_detail("Aggregate", "aggregation_refused", str(exc))
+            )
         return pb.AggregateReply(
             params=to_bytes(resp.params),
             receipt=resp.receipt.to_json(),
@@ -192,21 +202,53 @@ def build_enclave(cfg: EnclaveServiceConfig) -> Enclave:
     )
 
 
+def _guard(cfg: EnclaveServiceConfig, tls: TlsMaterial, revocations: RevocationList | None) -> ServerGuard:
+    """Authenticate by certificate and role, bound each certificate's calls, size requests per role."""
+    if revocations is None and cfg.tls is not None and cfg.tls.crl is not None:
+        try:
+            revocations = RevocationList.load(cfg.tls.crl, x509.load_pem_x509_certificate(tls.ca))
+        except PkiError as exc:
+            raise EnclaveError(f"[tls].crl: {exc}") from None
+    crl = revocations or RevocationList.empty()
+    check = CertificateCheck(
+        x509.load_pem_x509_certificate(tls.ca),
+        lambda: crl,
+        default_roles=ROLES,
+        roles={"Aggregate": AGGREGATE_ROLES},
+        tls13_only=False,
+    )
+    e = cfg.enclave
+    big, small = e.max_message_mb * 1024 * 1024, e.small_message_kb * 1024
+
+    def limit(caller: Caller, rpc: str) -> int:
+        return big if rpc == "Aggregate" and caller.role in AGGREGATE_ROLES else small
+
+    peers = PeerLimiter(e.max_calls_per_peer, e.calls_per_s, e.call_burst)
+    return ServerGuard("enclave", check, limit, peers, log)
+
+
 def serve(
     cfg: EnclaveServiceConfig,
     *,
     enclave: Enclave | None = None,
     tls: TlsMaterial | None = None,
     listen: str | None = None,
+    revocations: RevocationList | None = None,
 ) -> tuple[grpc.Server, int, Enclave]:
-    """Start the service (non-blocking). Returns (server, bound port, enclave). Mutual TLS only."""
+    """Start the service (non-blocking). Returns (server, bound port, enclave). Mutual TLS only.
+
+    ``revocations``: refuse these certificates (default: the ``[tls].crl`` file, if any)."""
     enclave = enclave or build_enclave(cfg)
     if tls is None:
         if cfg.tls is None:
             raise EnclaveError("enclave.toml has no [tls] section; the service runs over mutual TLS only")
         tls = TlsMaterial.from_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
     max_bytes = cfg.enclave.max_message_mb * 1024 * 1024
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_grpc_options(max_bytes))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="trustfed-enclave"),
+        interceptors=[_guard(cfg, tls, revocations)],
+        options=_grpc_options(max_bytes),
+    )
     pb_grpc.add_EnclaveServicer_to_server(EnclaveServicer(enclave), server)  # type: ignore[no-untyped-call]
     creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True)
     address = listen or cfg.enclave.listen

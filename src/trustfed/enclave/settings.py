@@ -107,6 +107,7 @@ class TlsFiles(_Section):
     cert: Path
     key: Path
     ca: Path
+    crl: Path | None = Field(None, description="revocation list (PEM, signed by the CA): revoked callers are refused")
 
 
 class EnclaveServiceSection(_Section):
@@ -114,7 +115,11 @@ class EnclaveServiceSection(_Section):
     allow_simulated_tee: bool = False
     listen: str = "127.0.0.1:50070"
     report_data_hash: Literal["sha512", "sha256"] = "sha512"
-    max_message_mb: int = Field(512, ge=1, le=2047)
+    max_message_mb: int = Field(512, ge=1, le=2047, description="largest Aggregate request (coordinator or admin)")
+    small_message_kb: int = Field(64, ge=1, le=65536, description="largest request of any other RPC or role")
+    max_calls_per_peer: int = Field(2, ge=1, le=1024, description="calls one certificate may have in flight")
+    calls_per_s: float = Field(20.0, gt=0, description="sustained calls per second one certificate may make")
+    call_burst: int = Field(40, ge=1, description="calls one certificate may make at once above its rate")
     quote_device: Path | None = Field(None, description="override /dev/attestation or the configfs-tsm folder")
 
 
@@ -161,7 +166,7 @@ def load_enclave_config(path: str | Path, *, check_files: bool = True) -> Enclav
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(str(p), [ConfigProblem("(syntax)", f"invalid TOML: {exc}")]) from None
     base = p.parent
-    for section, keys in (("tls", ("cert", "key", "ca")), ("participants", None)):
+    for section, keys in (("tls", ("cert", "key", "ca", "crl")), ("participants", None)):
         sec = raw.get(section)
         if isinstance(sec, dict):
             for k in keys or tuple(sec):
@@ -173,7 +178,8 @@ def load_enclave_config(path: str | Path, *, check_files: bool = True) -> Enclav
     except ValidationError as exc:
         raise ConfigError(str(p), _problems(exc)) from None
     problems: list[ConfigProblem] = []
-    files = [("tls." + k, getattr(cfg.tls, k)) for k in ("cert", "key", "ca")] if cfg.tls else []
+    tls_keys = ("cert", "key", "ca", "crl")
+    files = [("tls." + k, getattr(cfg.tls, k)) for k in tls_keys if getattr(cfg.tls, k) is not None] if cfg.tls else []
     files += [(f"participants.{pid}", f) for pid, f in cfg.participants.items()]
     if check_files:
         problems += [ConfigProblem(where, "file does not exist", str(f)) for where, f in files if not f.is_file()]

@@ -49,6 +49,7 @@ from trustfed.transport import federation_pb2 as pb
 from trustfed.transport import federation_pb2_grpc as pb_grpc
 from trustfed.transport.envelope import Signer, Verified, Verifier
 from trustfed.transport.errors import MessageRejected, TransportError
+from trustfed.transport.guard import throttled
 from trustfed.transport.streaming import (
     StreamDeclaration,
     as_vector,
@@ -150,7 +151,7 @@ class ParticipantClient:
                 detail = exc.details() or ""
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     raise RoundGone(f"{what}: {detail}") from None
-                if code not in _RETRYABLE:
+                if code not in _RETRYABLE and not throttled(code, detail):
                     raise TransportError(
                         f"the coordinator at {self.address} refused {what}: {code.name}: {detail}"
                     ) from None

@@ -5,7 +5,8 @@ The signature is ECDSA P-256 / SHA-256 over a canonical, length-prefixed encodin
 how protobuf happens to serialize a header. A receiver checks, in order: the type, the body
 hash, the timestamp window, the sender's certificate (CA, validity, revocation, role), that the
 sender id is the certificate's id, the signature, and last the nonce (recorded only for messages
-that verified, so forgeries cannot fill the cache). Every rejection is logged with its reason.
+that verified, so forgeries cannot fill the cache). Every rejection is logged with its reason; the
+peer's strings in it are escaped and capped, and a flood of rejections is counted, not written.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustfed.pki.ca import Identity, PkiError, RevocationList, verify_certificate
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.errors import MessageRejected
+from trustfed.transport.logsafe import LogBudget, clean
 
 log = logging.getLogger("trustfed.transport")
 
@@ -142,17 +144,23 @@ class Verifier:
         self.nonces = NonceCache(nonce_cache_size, window_s)
         self.where = where
         self.clock = clock
+        self.log_budget = LogBudget()
 
     def reject(self, reason: str, detail: str, msg_type: str = "?", sender: str = "?") -> MessageRejected:
-        log.warning(
-            "%s rejected %s message from %s: %s (%s)",
-            self.where,
-            msg_type,
-            sender,
-            detail,
-            reason,
-            extra={"reason": reason, "msg_type": msg_type, "sender": sender},
-        )
+        """Log the rejection (peer text cleaned, within the log budget) and return it to raise."""
+        msg_type, sender, detail = clean(msg_type, 40), clean(sender, 64), clean(detail, 200)
+        write, suppressed = self.log_budget.take(reason)
+        if write:
+            log.warning(
+                "%s rejected %s message from %s: %s (%s)%s",
+                self.where,
+                msg_type,
+                sender,
+                detail,
+                reason,
+                f" [{suppressed} similar rejection(s) not logged]" if suppressed else "",
+                extra={"reason": reason, "msg_type": msg_type, "sender": sender},
+            )
         return MessageRejected(reason, detail)
 
     def verify(

@@ -24,6 +24,11 @@ class Limits(BaseModel):
     max_message_bytes: int = Field(4 * MiB, ge=64 * 1024, le=64 * MiB, description="largest single gRPC message")
     timestamp_window_s: float = Field(120.0, gt=0, le=3600, description="accepted clock difference")
     nonce_cache_size: int = Field(100_000, ge=16, le=10_000_000, description="nonces remembered against replay")
+    max_calls_per_peer: int = Field(
+        4, ge=1, le=1024, description="calls one certificate may have in flight at once (long polls included)"
+    )
+    calls_per_s: float = Field(20.0, gt=0, description="sustained calls per second one certificate may make")
+    call_burst: int = Field(40, ge=1, description="calls one certificate may make at once above its rate")
 
     @property
     def max_chunks(self) -> int:
