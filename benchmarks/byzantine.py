@@ -46,6 +46,7 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "centered_clipping": ("centered_clipping", {}),
     "cc+reject(3)": ("centered_clipping", {"reject": 3.0}),
     DEFAULT: ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99}),
+    "cc+reject+dedup+clamp": ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2}),
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
 }

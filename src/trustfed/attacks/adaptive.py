@@ -159,7 +159,7 @@ def tailored_gamma(
     craft: Callable[[torch.Tensor], torch.Tensor],
     aggregate: Aggregate,
     grid: int = 16,
-    refine: int = 8,
+    refine: int = 4,
 ) -> float:
     """Shejwalkar and Houmansadr 2021's aggregator-tailored step: the ``gamma`` (on a geometric grid from
     ``2^-4`` to ``2^(grid - 5)`` times the honest spread, then refined between its neighbours) that
