@@ -152,12 +152,13 @@ def adversarial_trainer(cfg: FederationConfig, data: FederationData, pid: str) -
     does not train; what it sends is crafted from the collected updates by the simulation's transport
     (:class:`trustfed.simulation.adversary.AttackTransport`)."""
     a = cfg.attack
-    if a.kind == "none" or pid not in malicious_participants(cfg):
+    bad = tuple(malicious_participants(cfg)) if a.kind != "none" else ()
+    if pid not in bad:
         return None
     attack = a.build()
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     _, spec = flatten(factory().state_dict())
-    shard = attack.poison_data(data.shards[pid], a.seed * 7919 + cfg.federation.seed)
+    shard = attack.poison_own_data(data.shards[pid], a.seed * 7919 + cfg.federation.seed, pid, bad)
     honest = LocalTrainer(pid, factory, spec, shard, train_config(cfg), cfg.federation.seed)
     if not attack.trains:
         return IdleTrainer(honest, num_examples=len(data.shards[pid]))

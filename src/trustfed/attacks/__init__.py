@@ -7,12 +7,17 @@ one by ``kind``, from the user's ``module`` when it is not built in. Built in:
 
 * data poisoning: label flip, scaling backdoor (trigger + boosted delta);
 * local model poisoning: sign flip, Gaussian noise, free rider;
-* omniscient model poisoning on the collected deltas: ALIE, IPM, min-max, min-sum, Fang's trimmed-mean attack.
+* omniscient model poisoning on the collected deltas: ALIE, IPM, min-max, min-sum, Fang's trimmed-mean attack;
+* adaptive (:mod:`trustfed.attacks.adaptive_attacks`): Fang's Krum attack, mimic, the aggregator-tailored
+  attack, and attacks at the edges of the default rule (clipping radius, rejection distance, copies cosine);
+* backdoors within norm bounds (:mod:`trustfed.attacks.backdoors`): constrain-and-scale, DBA, Neurotoxin.
 """
 
+from trustfed.attacks import adaptive_attacks as adaptive_attacks
+from trustfed.attacks import backdoors as backdoors
 from trustfed.attacks import builtin as builtin
 from trustfed.attacks.api import Attack, AttackContext, AttackError, Knowledge, craft_checked
-from trustfed.attacks.data_poisoning import apply_trigger, backdoor, backdoor_success, flip_labels
+from trustfed.attacks.data_poisoning import apply_trigger, apply_trigger_part, backdoor, backdoor_success, flip_labels
 from trustfed.attacks.model_poisoning import (
     LOCAL,
     OMNISCIENT_FNS,
@@ -45,6 +50,7 @@ __all__ = [
     "alie",
     "alie_z",
     "apply_trigger",
+    "apply_trigger_part",
     "attack_class",
     "available_attacks",
     "backdoor",

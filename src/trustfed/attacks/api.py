@@ -71,6 +71,12 @@ class Attack(ABC):
         """What a malicious participant trains on (default: its own data, unchanged)."""
         return data
 
+    def poison_own_data(self, data: Dataset, seed: int, participant: str, attackers: tuple[str, ...]) -> Dataset:
+        """What malicious participant ``participant`` (one of ``attackers``, sorted) trains on. The
+        default is :meth:`poison_data`; an attack whose attackers poison differently (DBA's trigger parts)
+        overrides this one."""
+        return self.poison_data(data, seed)
+
     @abstractmethod
     def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
         """The delta each participant in ``ctx.attackers`` sends this round."""

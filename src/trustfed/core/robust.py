@@ -260,6 +260,10 @@ class CenteredClipping(RobustBase):
     With ``reject > 0`` an update farther than ``reject * tau`` from ``v`` gets no weight in that
     iteration (the others' weights are renormalised) instead of being clipped to ``tau``: a far
     attacker then pulls the centre by nothing rather than by ``tau`` in its direction.
+    With ``clamp > 0`` each coordinate of the result is clamped to the range that remains after cutting
+    ``int(clamp * n)`` updates at each end in that coordinate (the trimmed mean's range): a coordinate
+    that only a minority moves (a backdoor trigger's weights, which honest data never touches) keeps the
+    majority's value there, which clipping a whole vector to a radius cannot give.
     """
 
     name = "centered_clipping"
@@ -273,6 +277,7 @@ class CenteredClipping(RobustBase):
         weighted: bool = False,
         reject: float = 0.0,
         max_cosine: float = 0.0,
+        clamp: float = 0.0,
     ) -> None:
         if tau < 0 or iters < 1 or not 0.0 <= momentum < 1.0 or not (reject == 0 or reject >= 1):
             raise AggregationError(
@@ -283,6 +288,9 @@ class CenteredClipping(RobustBase):
         if not 0.0 <= max_cosine <= 1.0:
             raise AggregationError("centered_clipping: need 0 <= max_cosine <= 1 (0 = off)")
         self.max_cosine = float(max_cosine)
+        if not 0.0 <= clamp < 0.5:
+            raise AggregationError("centered_clipping: need 0 <= clamp < 0.5 (0 = off)")
+        self.clamp = float(clamp)
         self.center: torch.Tensor | None = None
         self.buffer: torch.Tensor | None = None
 
@@ -292,6 +300,8 @@ class CenteredClipping(RobustBase):
             p["reject"] = self.reject
         if self.max_cosine:
             p["max_cosine"] = self.max_cosine
+        if self.clamp:
+            p["clamp"] = self.clamp
         return p
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
@@ -320,6 +330,10 @@ class CenteredClipping(RobustBase):
                 step = a.masked_fill(drop, 0.0)
                 step = step / step.sum()
             v = v + (step * scale) @ r
+        cut = int(self.clamp * n)
+        if cut:
+            ordered = x.sort(dim=0).values
+            v = torch.minimum(torch.maximum(v, ordered[cut]), ordered[n - 1 - cut])
         self.center = v
         out = v
         if self.momentum > 0:

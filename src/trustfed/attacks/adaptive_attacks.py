@@ -1,0 +1,215 @@
+"""The adaptive attacks, registered by name on the :class:`~trustfed.attacks.api.Attack` interface.
+
+From the literature: ``fang_krum`` (Fang et al. 2020, full knowledge), ``mimic`` (Karimireddy, He and
+Jaggi 2022), ``agr_tailored`` (Shejwalkar and Houmansadr 2021, tailored to the run's aggregator). Adapted
+to trustfed's default rule (centered clipping, ``reject``, ``max_cosine``): ``clip_radius`` (at the
+clipping radius), ``reject_edge`` (just inside the rejection distance), ``cosine_edge`` (copies just
+below the colluding-copies cosine). The maths is in :mod:`trustfed.attacks.adaptive`.
+
+Attacks aimed at centered clipping need its centre: the previous round's aggregate, which every
+participant sees as the difference of two consecutive global models (kept in ``ctx.state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from trustfed.attacks.adaptive import at_radius, fang_krum, mimic_choice, spread_copies, tailored_gamma
+from trustfed.attacks.api import Attack, AttackContext, AttackError
+from trustfed.attacks.builtin import number
+from trustfed.attacks.model_poisoning import OMNISCIENT_FNS
+from trustfed.attacks.registry import register_attack
+from trustfed.core.aggregator import Aggregator, get_aggregator
+from trustfed.core.robust import CenteredClipping
+from trustfed.errors import TrustFedError
+
+
+def previous_step(ctx: AttackContext) -> torch.Tensor:
+    """The previous round's aggregate delta (global now minus global before), where centered clipping
+    starts its centre; zero in a participant's first round or after a round it missed (it then does not
+    know it). Records this round's global model for the next call."""
+    prev = ctx.state.get("previous_global")
+    ctx.state["previous_global"] = (ctx.round, ctx.global_params.clone())
+    if prev is not None and prev[0] == ctx.round - 1 and prev[1].shape == ctx.global_params.shape:
+        step: torch.Tensor = ctx.global_params - prev[1]
+        return step
+    return torch.zeros_like(ctx.global_params)
+
+
+def _rows(ctx: AttackContext, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {pid: rows[i].to(torch.float32) for i, pid in enumerate(ctx.attackers)}
+
+
+def _cosine_below(ctx: AttackContext, given: float) -> float:
+    """The pairwise cosine the attackers keep to: ``given`` when positive, else 0.005 below the aggregator's
+    ``max_cosine``, or 0.99 when it has none."""
+    if given > 0:
+        return given
+    rule = float(ctx.aggregator.get("max_cosine", 0.0) or 0.0)
+    return rule - 0.005 if rule > 0 else 0.99
+
+
+@register_attack("fang_krum", builtin=True)
+class FangKrum(Attack):
+    """Fang et al. 2020's full-knowledge attack on Krum / Multi-Krum (see :func:`fang_krum`)."""
+
+    knowledge = "omniscient"
+
+    def __init__(self, eps: float = 1e-3) -> None:
+        self.eps = number("fang_krum", "eps", eps)
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        return _rows(ctx, fang_krum(ctx.stacked(ctx.honest), len(ctx.attackers), ctx.generator, self.eps))
+
+
+@register_attack("mimic", builtin=True)
+class Mimic(Attack):
+    """Every attacker sends the delta of one honest participant, chosen in the attackers' first round as
+    the one farthest along the honest deltas' top principal direction, and kept while it takes part."""
+
+    knowledge = "omniscient"
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        target = ctx.state.get("mimic")
+        if target not in ctx.honest:
+            target = ctx.honest[mimic_choice(ctx.stacked(ctx.honest))]
+            ctx.state["mimic"] = target
+        copy = ctx.honest_updates[target]
+        return {pid: copy.clone() for pid in ctx.attackers}
+
+
+@register_attack("clip_radius", builtin=True)
+class ClipRadius(Attack):
+    """Adapted to centered clipping: each attacker at ``radius`` times the clipping radius from the centre
+    (1: at the radius, so clipping does not shorten it), in one harmful direction (opposite the honest
+    mean), pairwise cosine at most ``max_cosine`` (0: just below the aggregator's, see :func:`at_radius`)."""
+
+    knowledge = "omniscient"
+
+    def __init__(self, radius: float = 1.0, max_cosine: float = 0.0) -> None:
+        self.radius = number("clip_radius", "radius", radius)
+        self.max_cosine = number("clip_radius", "max_cosine", max_cosine)
+        if self.radius <= 0 or not 0 <= self.max_cosine < 1:
+            raise AttackError("attack 'clip_radius': need radius > 0 and 0 <= max_cosine < 1")
+
+    def _radius(self, ctx: AttackContext) -> float:
+        return self.radius
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        centre = previous_step(ctx)
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        rows = at_radius(
+            ctx.stacked(ctx.honest),
+            centre,
+            len(ctx.attackers),
+            self._radius(ctx),
+            _cosine_below(ctx, self.max_cosine),
+            ctx.generator,
+        )
+        return _rows(ctx, rows)
+
+
+@register_attack("reject_edge", builtin=True)
+class RejectEdge(ClipRadius):
+    """Just inside centered clipping's rejection rule: as ``clip_radius`` at ``margin`` times the
+    aggregator's ``reject`` radii from the centre (its updates are clipped to the radius, never dropped)."""
+
+    def __init__(self, margin: float = 0.97, max_cosine: float = 0.0) -> None:
+        super().__init__(1.0, max_cosine)
+        self.margin = number("reject_edge", "margin", margin)
+        if not 0 < self.margin < 1:
+            raise AttackError(f"attack 'reject_edge': margin must be in (0, 1), got {self.margin}")
+
+    def _radius(self, ctx: AttackContext) -> float:
+        reject = float(ctx.aggregator.get("reject", 0.0) or 0.0)
+        return self.margin * reject if reject >= 1 else 1.0
+
+
+@register_attack("cosine_edge", builtin=True)
+class CosineEdge(Attack):
+    """Just inside the colluding-copies rule: the point of an omniscient attack (``base``: alie, ipm,
+    min_max or min_sum) sent as copies whose pairwise cosine is exactly ``max_cosine`` (0: 0.005 below the
+    aggregator's threshold), see :func:`spread_copies`."""
+
+    knowledge = "omniscient"
+
+    def __init__(self, base: str = "ipm", max_cosine: float = 0.0, epsilon: float = 0.5) -> None:
+        if base not in OMNISCIENT_FNS:
+            raise AttackError(f"attack 'cosine_edge': base must be one of {sorted(OMNISCIENT_FNS)}, got {base!r}")
+        self.base = base
+        self.max_cosine = number("cosine_edge", "max_cosine", max_cosine)
+        self.epsilon = number("cosine_edge", "epsilon", epsilon)
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        deltas = ctx.stacked(ctx.attackers + ctx.honest)
+        mask = torch.arange(deltas.shape[0]) < len(ctx.attackers)
+        point = OMNISCIENT_FNS[self.base](deltas, mask, {"epsilon": self.epsilon})[0]
+        return _rows(ctx, spread_copies(point, len(ctx.attackers), _cosine_below(ctx, self.max_cosine), ctx.generator))
+
+
+def rebuild_aggregator(desc: Mapping[str, Any]) -> Aggregator | None:
+    """A fresh aggregator from a strategy's description (``{"name": ..., params}``; a wrapper's ``inner``
+    description flattened to ``inner`` + ``inner_<param>``); None when it cannot be rebuilt (FLTrust's
+    server data, an unknown rule)."""
+    params = {k: v for k, v in desc.items() if k != "name"}
+    inner = params.pop("inner", None)
+    if isinstance(inner, Mapping):
+        params["inner"] = inner.get("name")
+        params.update({f"inner_{k}": v for k, v in inner.items() if k not in ("name", "inner")})
+    try:
+        return get_aggregator(str(desc.get("name", "mean")), **params)
+    except (TrustFedError, TypeError, ValueError):
+        return None
+
+
+@register_attack("agr_tailored", builtin=True)
+class AgrTailored(Attack):
+    """Shejwalkar and Houmansadr 2021's aggregator-tailored attack: the attackers send ``mean + gamma * p``
+    (``p`` opposite the honest mean, or ``-std`` with ``direction = "std"``), ``gamma`` chosen each round
+    by running the run's own aggregation rule (its description; centered clipping from the centre every
+    participant can infer) on candidate rounds (:func:`tailored_gamma`). Copies keep the pairwise cosine of
+    ``cosine_edge`` when the rule leaves out near-copies. Falls back to the median when the rule cannot be
+    rebuilt."""
+
+    knowledge = "omniscient"
+
+    def __init__(self, direction: str = "unit") -> None:
+        if direction not in ("unit", "std"):
+            raise AttackError(f"attack 'agr_tailored': direction must be 'unit' or 'std', got {direction!r}")
+        self.direction = direction
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        centre = previous_step(ctx)
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        honest = ctx.stacked(ctx.honest).to(torch.float64)
+        m = len(ctx.attackers)
+        p = -honest.std(dim=0, unbiased=False) if self.direction == "std" else -honest.mean(dim=0)
+        spread = float(ctx.aggregator.get("max_cosine", 0.0) or 0.0)
+        kappa = spread - 0.005 if spread > 0 else 1.0
+        seed = int(torch.randint(0, 2**31, (1,), generator=ctx.generator))
+
+        def craft_rows(point: torch.Tensor) -> torch.Tensor:  # the same spread for every candidate gamma
+            return spread_copies(point, m, kappa, torch.Generator().manual_seed(seed))
+
+        agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
+        weights = torch.ones(m + honest.shape[0])
+
+        def aggregate(rows: torch.Tensor) -> torch.Tensor:
+            if isinstance(agg, CenteredClipping):
+                agg.load_state_dict({"center": centre})
+            return agg(rows.to(torch.float32), weights).params
+
+        gamma = tailored_gamma(honest, p, craft_rows, aggregate)
+        rows = craft_rows(honest.mean(dim=0) + gamma * p / p.norm().clamp_min(1e-30))
+        return _rows(ctx, rows)
