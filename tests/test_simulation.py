@@ -75,7 +75,7 @@ def test_demo_shows_dp_the_malicious_participant_caught_the_verdict_and_the_dash
     text = " ".join((demo_run.parent / "printed.txt").read_text().split())  # rich wraps long lines
     m = json.loads((demo_run / "metrics.json").read_text())
     (bad,) = m["attack"]["malicious"]
-    assert m["config"]["privacy"]["mode"] == "local" and m["strategy"]["aggregator"]["name"] == "multi_krum"
+    assert m["config"]["privacy"]["mode"] == "local" and m["config"]["strategy"]["aggregator"] == "multi_krum"
     for step in ("PKI ready in", "enclave process serving on", "coordinator listening on", "waiting for them to join"):
         assert step in text
     assert text.index("round 1 running: 5 participants") < text.index("round 1: accuracy")
