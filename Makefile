@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
 
-.PHONY: all install demo test test-all lint typecheck bench clean etcd
+.PHONY: all install demo test test-all lint typecheck bench clean etcd chromium
 
 all: test
 
@@ -45,10 +45,19 @@ etcd:
 	      || echo "could not install etcd-server: the etcd lease tests will be skipped"; \
 	  else echo "etcd is not installed: the etcd lease tests will be skipped (apt-get install etcd-server)"; fi; }
 
-test: $(STAMP) $(NODE_STAMP) etcd lint typecheck
+# Debian's chromium and chromedriver for the dashboard's browser test (apt-get when run as root; otherwise
+# that test is skipped and says why). Never a browser downloaded by a tool: this uses the system's package.
+chromium:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get install -y -qq chromium chromium-driver || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)) >/dev/null 2>&1 \
+	      || echo "could not install chromium: the dashboard's browser test will be skipped"; \
+	  else echo "chromium is not installed: the dashboard's browser test will be skipped (apt-get install chromium chromium-driver)"; fi; }
+
+test: $(STAMP) $(NODE_STAMP) etcd chromium lint typecheck
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) $(NODE_STAMP) etcd lint typecheck
+test-all: $(STAMP) $(NODE_STAMP) etcd chromium lint typecheck
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)

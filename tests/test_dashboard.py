@@ -5,12 +5,15 @@ a run folder; strings from run files are escaped; bad files become located probl
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,14 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def base(root: Path) -> Iterator[str]:
     from trustfed.dashboard.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(root), host="127.0.0.1", port=0, log_level="warning", ws="none"))
+    with serve(create_app(root)) as url:
+        yield url
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """The app served by uvicorn on 127.0.0.1 (an ephemeral port) in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -61,11 +71,16 @@ def base(root: Path) -> Iterator[str]:
 
 
 def get(url: str) -> tuple[int, str]:
+    status, body, _ = fetch(url)
+    return status, body
+
+
+def fetch(url: str) -> tuple[int, str, dict[str, str]]:
     try:
         with urllib.request.urlopen(url, timeout=30) as r:
-            return r.status, r.read().decode()
+            return r.status, r.read().decode(), dict(r.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        return exc.code, exc.read().decode(), dict(exc.headers)
 
 
 def test_index_lists_run_folders_only(base: str) -> None:
@@ -210,3 +225,98 @@ def test_figures_without_a_signed_log_are_marked_unverified(root: Path, base: st
     view = json.loads(get(base + "/api/runs/forged")[1])
     assert view["figures"] == "unverified" and view["rounds"][0]["accuracy"] == 0.97
     assert any("the audit log does not verify" in p for p in view["problems"])
+
+
+def _row(page: str, run: str) -> str:
+    m = re.search(rf'<tr data-run="{re.escape(run)}">(.*?)</tr>', page, re.S)
+    assert m, f"no row for run {run} on the index"
+    return m.group(1)
+
+
+def test_index_shows_status_verified_accuracy_verdict_and_modes(root: Path, base: str) -> None:
+    """Trust at a glance: each run's status, its verified final accuracy, the audit's verdict and how it
+    was protected (enclave, secure aggregation, differential privacy with the epsilon spent)."""
+    view = json.loads(get(base + "/api/runs/good")[1])
+    status, page = get(base + "/")
+    assert status == 200
+    row = _row(page, "good")
+    assert "<td>finished</td>" in row and "<td>2 / 2 rounds</td>" in row
+    assert f"{view['final_accuracy']:.4f}" in row and '<span class="ok">verified</span>' in row
+    assert 'data-verdict="verified">VERIFIED<' in row
+    top = max(p["epsilon"] for p in view["privacy"])
+    assert view["modes"] == {"enclave": "off", "secagg": "off", "privacy": f"local (max epsilon {top:.2f})"}
+    assert f"<td>local (max epsilon {top:.2f})</td>" in row and row.count("<td>off</td>") == 2
+    assert view["verdict"]["state"] == "verified" and view["verdict"]["ok"]
+
+
+def test_run_page_shows_verdict_ledger_rounds_privacy_chart_and_loss(root: Path, base: str) -> None:
+    status, page = get(base + "/runs/good")
+    assert status == 200 and 'id="verdict">Audit: <span class="badge verified" data-verdict="verified">' in page
+    view = json.loads(get(base + "/api/runs/good")[1])
+    metrics = json.loads((root / "good" / "metrics.json").read_text())
+    assert [r["round"] for r in view["ledger_rounds"]] == [0, 1, 2]
+    assert view["ledger_rounds"][-1]["model_hash"] == metrics["model_hash"]
+    assert [r["updates"] for r in view["ledger_rounds"]] == [0, 3, 3]
+    ledger = page.split('id="ledger-rounds"')[1].split("</table>")[0]
+    assert ledger.count("<tr>") == 4 and f"<code>{metrics['model_hash'][:16]}…</code>" in ledger
+    chart = page.split('id="privacy-chart"')[1].split("</svg>")[0]
+    for p in view["privacy"]:
+        assert f'data-party="{p["party"]}"' in chart and f"{p['epsilon']:.2f}" in chart
+    assert page.count("<polyline") == 2 and "loss (last " in page and "accuracy (last " in page
+    assert f"loss (last {view['rounds'][-1]['loss']:.4f})" in page
+
+
+def test_pages_update_themselves_with_the_packaged_script_only(base: str) -> None:
+    status, page, headers = fetch(base + "/runs/good")
+    assert status == 200 and '<script src="/static/live.js" defer></script>' in page
+    assert 'data-src="/runs/good/live" data-every="3"' in page and "<script>" not in page
+    assert (
+        "script-src 'self'" in headers["content-security-policy"]
+        and "default-src 'none'" in headers["content-security-policy"]
+    )
+    status, js, headers = fetch(base + "/static/live.js")
+    assert status == 200 and "fetch(main.dataset.src" in js and headers["content-type"].startswith("text/javascript")
+    status, fragment = get(base + "/runs/good/live")
+    assert status == 200 and "<html" not in fragment and "Rounds on the ledger" in fragment
+    assert 'data-verdict="verified"' in fragment
+    assert get(base + "/static/app.py")[0] == 404 and get(base + "/static/..%2Fapp.py")[0] == 404
+    assert 'data-every="0"' not in get(base + "/runs/good?poll=0")[1] and "data-src" not in get(base + "/?poll=0")[1]
+    assert 'data-src="/live"' in get(base + "/")[1]
+
+
+def test_the_verdict_is_computed_once_and_an_edit_after_caching_flips_the_badge(root: Path, tmp_path: Path) -> None:
+    """The index and run pages show the cached verdict: one verification per state of the run's files.
+    An edit after caching, even one that keeps the file's size and modification time, is verified anew."""
+    from trustfed.dashboard.app import create_app
+    from trustfed.dashboard.verdicts import VerdictCache
+    from trustfed.ledger.verify import verify_run
+
+    calls: list[Path] = []
+
+    def counting(folder: Path) -> Any:
+        calls.append(folder)
+        return verify_run(folder)
+
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "good", runs / "r")
+    with serve(create_app(runs, VerdictCache(counting))) as url:
+        assert 'data-verdict="verified"' in get(url + "/runs/r")[1] and len(calls) == 1
+        assert 'data-verdict="verified"' in _row(get(url + "/")[1], "r")
+        assert 'data-verdict="verified"' in get(url + "/runs/r/live")[1]
+        assert len(calls) == 1  # cached
+        metrics = runs / "r" / "metrics.json"
+        text, st = metrics.read_text(), metrics.stat()
+        acc = repr(json.loads(text)["rounds"][0]["accuracy"])  # "0.2006...": its first decimal changed
+        forged = text.replace(acc, acc[:2] + str((int(acc[2]) + 1) % 10) + acc[3:], 1)
+        assert len(forged) == len(text) and forged != text
+        metrics.write_text(forged)
+        os.utime(metrics, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same modification time
+        page = get(url + "/runs/r")[1]
+        assert re.search(r"data-verdict=\"failed\">NOT VERIFIED: \d+ failure\(s\)", page), page.split("<main")[1][:600]
+        assert len(calls) == 2
+        assert 'data-verdict="failed"' in _row(get(url + "/")[1], "r") and len(calls) == 2
+        metrics.write_text(text)
+        assert 'data-verdict="verified"' in get(url + "/runs/r")[1] and len(calls) == 3
+        (runs / "r" / "logs").mkdir(exist_ok=True)
+        (runs / "r" / "logs" / "p000.log").write_text("a participant's log is not audited\n")
+        assert 'data-verdict="verified"' in get(url + "/runs/r")[1] and len(calls) == 3

@@ -228,7 +228,7 @@ def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from trustfed.apps.builtin_parts import build_data, model_factory, train_config
-    from trustfed.cli import app
+    from trustfed.cli import app, demo_config
     from trustfed.config import validate_federation_config
     from trustfed.core.codec import from_bytes, model_hash
     from trustfed.core.strategy import RoundPlan
@@ -245,13 +245,8 @@ def test_demo_runs_one_participant_on_two_ddp_workers(tmp_path: Path) -> None:
     assert not (out / "ddp" / "p001").exists()  # only p000 was asked to use DDP
 
     # p000's DDP update equals what the single-process LocalTrainer computes from the same start
-    cfg = validate_federation_config(
-        {
-            "federation": {"name": "digits-demo", "rounds": 1, "participants": 2, "seed": 0},
-            "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}},
-            "model": {"name": "mlp", "hidden": [128]},
-        }
-    )
+    demo = demo_config(1, 2, 0)
+    cfg = validate_federation_config({k: demo[k] for k in ("federation", "data", "model")})
     data = build_data(cfg)
     factory = model_factory(cfg, data.train.input_shape, data.train.num_classes)
     from trustfed.core.codec import ParamSpec

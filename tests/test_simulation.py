@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -49,20 +51,50 @@ def test_runs_are_reproducible() -> None:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``trustfed demo`` as a user runs it: coordinator + 5 participant processes, SIMULATED enclave, ledger."""
+    """``trustfed demo`` as a user runs it: coordinator + 5 participant processes, SIMULATED enclave, ledger,
+    DP-SGD, one malicious participant; what it printed is kept beside the run (``printed.txt``)."""
     out = tmp_path_factory.mktemp("demo") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["trustfed", "demo", "--out", str(out)])
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(sys, "argv", ["trustfed", "demo", "--out", str(out), "--port", "8123"])
         try:
             main()
         except SystemExit as exc:
             assert exc.code in (0, None)
+    (out.parent / "printed.txt").write_text(printed.getvalue())
     return out
 
 
-def test_demo_reaches_090_and_writes_its_contract(demo_run: Path) -> None:
+def test_demo_shows_dp_the_malicious_participant_caught_the_verdict_and_the_dashboard(demo_run: Path) -> None:
+    """The first demo shows everything: progress through the silent start-up and first round, DP on (the
+    epsilon each honest participant spent), one malicious participant left out by Multi-Krum in every
+    round, flagged and its reputation down, the audit's verdict and the dashboard's address."""
+    from trustfed.coordinator.run_report import reputations
+    from trustfed.privacy.report import load_records, summarize
+
+    text = " ".join((demo_run.parent / "printed.txt").read_text().split())  # rich wraps long lines
     m = json.loads((demo_run / "metrics.json").read_text())
-    assert m["final_accuracy"] >= 0.90
+    (bad,) = m["attack"]["malicious"]
+    assert m["config"]["privacy"]["mode"] == "local" and m["config"]["strategy"]["aggregator"] == "multi_krum"
+    for step in ("PKI ready in", "enclave process serving on", "coordinator listening on", "waiting for them to join"):
+        assert step in text
+    assert text.index("round 1 running: 5 participants") < text.index("round 1: accuracy")
+    entries = [json.loads(line) for line in (demo_run / "audit.jsonl").read_text().splitlines()]
+    assert [e["body"]["flagged"] for e in entries if e["kind"] == "incentives"] == [[bad]] * 10
+    rep = reputations(demo_run)
+    assert rep[bad] < 0.1 < 0.9 < min(r for pid, r in rep.items() if pid != bad)
+    assert f"malicious {bad}: flagged in 10 of 10 rounds; reputation {rep[bad]:.3f}" in text
+    spent = {s.party: s.epsilon for s in summarize(load_records(demo_run)) if s.epsilons}
+    assert set(spent) == {"p000", "p001", "p002", "p003", "p004"} - {bad}
+    assert all(f"{pid} {eps:.2f}" in text for pid, eps in spent.items())
+    assert "audit: VERIFIED" in text
+    assert f"trustfed dashboard {demo_run.parent.resolve()} --port 8123" in text
+    assert "http://127.0.0.1:8123/runs/run" in text
+
+
+def test_demo_reaches_088_and_writes_its_contract(demo_run: Path) -> None:
+    m = json.loads((demo_run / "metrics.json").read_text())
+    assert m["final_accuracy"] >= 0.88  # with DP-SGD in every participant and one of them malicious
     assert len(m["rounds"]) == 10
     assert set(m["rounds"][0]) >= {"round", "accuracy", "loss", "seconds"}
     assert m["config"]["federation"]["participants"] == 5 and "torch" in m["versions"]

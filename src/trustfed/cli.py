@@ -24,6 +24,7 @@ import trustfed
 from trustfed.config import load_federation_config, validate_federation_config
 from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.coordinator.provision import provision as provision_kits
+from trustfed.coordinator.run_report import trust_report
 from trustfed.core.evaluation import final_headline, round_headline
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
@@ -259,6 +260,45 @@ def simulate(
     _final_table(metrics, out, plot=plot)
 
 
+class FirstRoundNotice:
+    """A RoundObserver that says when the first round starts: the participants have joined, and the
+    minute of training before its result would otherwise pass in silence."""
+
+    def on_round_start(self, plan: RoundPlan, params: torch.Tensor) -> None:
+        if plan.round == 1:
+            console.print(f"round   1 running: {len(plan.participants)} participants train locally…")
+
+    def on_round_end(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> None:
+        pass
+
+
+def demo_config(rounds: int, participants: int, seed: int) -> dict[str, Any]:
+    """The demo federation: digits, an even split, FedAvg through Multi-Krum; DP-SGD in every honest
+    participant; one participant in five malicious (its updates reversed and scaled ten times); the
+    ledger and incentives on, so that the robust aggregator's verdict flags it and costs it reputation."""
+    return {
+        "federation": {"name": "digits-demo", "rounds": rounds, "participants": participants, "seed": seed},
+        "data": {"dataset": "digits", "partition": {"kind": "iid"}},
+        "model": {"name": "mlp", "hidden": [128]},
+        "training": {"local_epochs": 2, "batch_size": 32, "lr": 0.1, "momentum": 0.9},
+        # Multi-Krum keeps the n - 1 updates closest to the others: a malicious one is left out, and flagged
+        "strategy": {
+            "name": "fedavg",
+            "aggregator": "multi_krum",
+            "aggregator_params": {"num_malicious": 1},
+            "min_participants": min(2, participants),
+        },
+        # DP-SGD in each participant: every example's gradient clipped to 1, Gaussian noise of std 1
+        "privacy": {"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 20.0},
+        "attack": {"kind": "sign_flip", "fraction": 0.2, "params": {"scale": 10.0}, "seed": seed},
+        "ledger": {"enabled": True},  # audit log, checkpoints and the embedded chain in OUT
+        # contributions, reputation and rewards each round, on chain; a stake that flagged updates lose a share of
+        "incentives": {"enabled": True, "stake": 1000, "slash_fraction": 0.1},
+    }
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the run's results")] = Path("runs/demo"),
@@ -281,26 +321,24 @@ def demo(
             "updates) or secagg (secure aggregation: the coordinator recovers only the sum of masked inputs)"
         ),
     ] = "enclave",
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="the port of the dashboard command printed at the end")
+    ] = 8080,
 ) -> None:
-    """A whole federation on scikit-learn's digits: Dirichlet(0.5) split, FedAvg."""
-    raw = {
-        "federation": {"name": "digits-demo", "rounds": rounds, "participants": participants, "seed": seed},
-        "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}},
-        "model": {"name": "mlp", "hidden": [128]},
-        "training": {"local_epochs": 3, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
-        "strategy": {"name": "fedavg", "aggregator": "mean", "min_participants": min(2, participants)},
-        "ledger": {"enabled": True},  # audit log, checkpoints and the embedded chain in OUT
-        # contributions, reputation and rewards each round, on chain; a stake that flagged updates lose a share of
-        "incentives": {"enabled": True, "stake": 1000, "slash_fraction": 0.1},
-    }
+    """A whole federation on scikit-learn's digits with differential privacy on and one malicious
+    participant that the robust aggregator catches; ends with the audit's verdict and the dashboard."""
+    raw = demo_config(rounds, participants, seed)
     if confidentiality not in ("enclave", "secagg"):
         raise ConfigError(
             "--confidentiality",
             [ConfigProblem("--confidentiality", "expected enclave or secagg", repr(confidentiality))],
         )
     secagg = confidentiality == "secagg"
-    if secagg:  # pairwise masks + Shamir shares; see trustfed.secagg
+    if secagg:  # pairwise masks + Shamir shares; see trustfed.secagg (the server sees sums: no robust rule)
         raw["secagg"] = {"enabled": True, "clip": 0.5, "bits": 20, "weighted": True}  # FedAvg weights
+        raw["strategy"] = {**raw["strategy"], "aggregator": "mean", "aggregator_params": {}}
+        raw.pop("attack")
+        raw.pop("privacy")
     elif transport == "grpc":  # aggregation in a SIMULATED enclave process (software only; see trustfed.enclave)
         raw["enclave"] = {
             "enabled": True,
@@ -308,7 +346,8 @@ def demo(
             "allow_simulated_tee": True,
             "policy": {"allow_simulated_tee": True},
         }
-    if ddp_workers:  # see trustfed.distributed.participant
+    if ddp_workers:  # see trustfed.distributed.participant (DP-SGD does not run across DDP workers)
+        raw.pop("privacy", None)
         raw["participant_training"] = {
             "trainer": "ddp",
             "workers": ddp_workers,
@@ -316,10 +355,17 @@ def demo(
             "workdir": str((out / "ddp").resolve()),
         }
     cfg = validate_federation_config(raw, "demo flags")
+    bad = cfg.attack.malicious([f"p{i:03d}" for i in range(participants)])
     console.print(
-        f"[bold]trustfed demo[/bold]: {participants} participants, digits, Dirichlet(0.5), {rounds} rounds, "
-        f"seed {seed} -> {out}"
+        f"[bold]trustfed demo[/bold]: {participants} participants, digits, {rounds} rounds, seed {seed} -> {out}"
     )
+    if cfg.privacy.mode != "none":
+        console.print("differential privacy: DP-SGD in every participant (clip 1.0, noise multiplier 1.0)")
+    if bad:
+        console.print(
+            f"malicious: {', '.join(bad)} sends its update reversed and scaled x10 "
+            f"(attack {cfg.attack.kind}); the aggregator is {cfg.strategy.aggregator}"
+        )
     if (
         transport == "grpc"
     ):  # trustfed.coordinator.local_federation: OUT/pki, OUT/federation.toml, OUT/participants, OUT/logs
@@ -343,12 +389,16 @@ def demo(
             on_round=lambda rec: console.print(
                 f"round {rec.round:>3}: accuracy {rec.metrics.get('accuracy', float('nan')):.4f}  ({rec.seconds:.2f} s)"
             ),
+            observers=[FirstRoundNotice()],
+            on_progress=lambda line: console.print(line, highlight=False),
         )[1]
     elif transport == "inprocess":
         metrics = _run_with_progress(cfg, out)
     else:
         raise ConfigError("--transport", [ConfigProblem("--transport", "expected grpc or inprocess", repr(transport))])
     _final_table(metrics, out)
+    for line in trust_report(out, bad, port):
+        console.print(line, highlight=False)
 
 
 _register_components()

@@ -34,7 +34,7 @@ from trustfed.attacks.model_poisoning import (
 )
 from trustfed.attacks.registry import attack_class, available_attacks, build_attack, register_attack
 from trustfed.attacks.settings import AttackKind, AttackSettings
-from trustfed.attacks.trainers import IdleTrainer, MaliciousTrainer
+from trustfed.attacks.trainers import CraftingTrainer, IdleTrainer, MaliciousTrainer
 
 __all__ = [
     "LOCAL",
@@ -44,6 +44,7 @@ __all__ = [
     "AttackError",
     "AttackKind",
     "AttackSettings",
+    "CraftingTrainer",
     "IdleTrainer",
     "Knowledge",
     "MaliciousTrainer",

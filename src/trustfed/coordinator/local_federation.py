@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from trustfed.config import load_federation_config, participant_ids, validate_federation_config
+from trustfed.core.rounds import RoundObserver
 from trustfed.pki.ca import CA_CERT, CRL_FILE, init_ca, issue
 from trustfed.simulation.enclave import enclave_aggregation
 from trustfed.simulation.runner import write_results
@@ -273,9 +274,14 @@ def run_local_federation(
     on_round: Callable[[Any], None] | None = None,
     round_timeout_s: float = 120.0,
     participant_data: Mapping[str, Mapping[str, Any]] | None = None,
+    observers: Sequence[RoundObserver] = (),
+    on_progress: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Coordinator here, every participant a process: returns (final params, metrics).
-    ``participant_data``: each participant's own ``[data]`` (an app's federation)."""
+    ``participant_data``: each participant's own ``[data]`` (an app's federation). ``observers`` see each
+    round start and end; ``on_progress`` gets a line for each step of the start-up (the PKI, the enclave,
+    the coordinator's address, the participant processes), which otherwise passes in silence."""
+    say = on_progress or (lambda line: None)
     from trustfed.coordinator.network import GrpcTransport
     from trustfed.coordinator.run import run_coordinator, spec_for
 
@@ -284,12 +290,15 @@ def run_local_federation(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     enclave_on = bool(raw.get("enclave", {}).get("enabled"))
     fed = prepare(out, raw, ids, round_timeout_s=round_timeout_s)
+    say(f"PKI ready in {fed.out / 'pki'}: a fresh CA, the coordinator's and {n} participants' certificates")
     logs = {pid: fed.out / "logs" / f"{pid}.log" for pid in [*ids, "enclave"]}
     stop = threading.Event()
     transport: GrpcTransport | None = None
     try:
         if enclave_on:  # the enclave service is its own process; participants attest it directly
+            say("starting the enclave process")
             procs["enclave"], address = start_enclave(fed.out, raw, ids)
+            say(f"enclave process serving on {address}")
             fed = write_federation_file(fed.out, raw, round_timeout_s=round_timeout_s, enclave_address=address)
         cfg = load_federation_config(fed.federation_file)
         transport = GrpcTransport(
@@ -303,8 +312,10 @@ def run_local_federation(
         )
         grpc_transport = transport
         write_participant_configs(fed, transport.address, ids, ledger_view=cfg.ledger.enabled, data=participant_data)
+        say(f"coordinator listening on {transport.address} (mutual TLS)")
         for pid in ids:
             procs[pid] = start_participant(fed.participant_files[pid], logs[pid])
+        say(f"{n} participant processes started (logs in {fed.out / 'logs'}); waiting for them to join")
 
         def watch() -> None:
             while not stop.wait(0.5):
@@ -317,7 +328,9 @@ def run_local_federation(
         watcher = threading.Thread(target=watch, name="trustfed-watch", daemon=True)
         watcher.start()
         t0 = time.perf_counter()
-        params, metrics = run_coordinator(cfg, transport, out_dir=fed.out, on_round=on_round, write=False)
+        params, metrics = run_coordinator(
+            cfg, transport, out_dir=fed.out, on_round=on_round, observers=observers, write=False
+        )
         stop.set()
         for pid, p in procs.items():
             if pid == "enclave":
@@ -330,6 +343,7 @@ def run_local_federation(
                 ) from None
             if rc != 0:
                 raise TransportError(f"participant {pid} exited with code {rc}: {_tail(logs[pid])}")
+        metrics["attack"] = cfg.attack.record(ids)  # the attack its malicious processes ran, or "no attack"
         metrics["processes"] = {
             "participants": n,
             "enclave": enclave_on,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class RunView:
     strategy: dict[str, Any] = field(default_factory=dict)
     enclave: dict[str, Any] | None = None  # label SIMULATED / ATTESTED, backend, measurement
     participants: list[dict[str, Any]] = field(default_factory=list)  # id, role, status, reputation, balance
+    ledger_rounds: list[dict[str, Any]] = field(default_factory=list)  # round, model_hash, merkle_root, updates
+    modes: dict[str, str] = field(default_factory=dict)  # enclave, secagg, privacy: how the run was protected
     incentives: list[dict[str, Any]] = field(default_factory=list)  # per round: source, rewards, flagged
     privacy: list[dict[str, Any]] = field(default_factory=list)  # per party: epsilon, budget, verified
     problems: list[str] = field(default_factory=list)
@@ -107,13 +110,54 @@ def load_run(root: Path, name: str) -> RunView:
             view.problems.append(f"metrics.json: unreadable ({exc})")
             view.status = "unreadable"
             m = None
+    cfg = (m or {}).get("config") or _federation_file(folder, view)
+    if not view.federation:
+        view.federation = dict(cfg.get("federation") or {}) if isinstance(cfg, dict) else {}
     if not view.rounds:
         view.rounds = _rounds_from_log(entries)
     _from_log(view, entries)
     _signed_figures(view, folder, m)
     _ledger(view, folder)
     _privacy(view, folder)
+    view.modes = _modes(view, cfg if isinstance(cfg, dict) else {})
     return view
+
+
+def _federation_file(folder: Path, view: RunView) -> dict[str, Any]:
+    """The run's federation.toml (a run still recording has no metrics.json to say how it was set up)."""
+    path = folder / "federation.toml"
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        view.problems.append(f"federation.toml: unreadable ({exc})")
+        return {}
+
+
+def _modes(view: RunView, cfg: dict[str, Any]) -> dict[str, str]:
+    """How the run kept updates and data private, as its config says: the enclave (SIMULATED when its
+    backend is simulated, whatever else a file claims), secure aggregation, differential privacy (with
+    the most epsilon any party has spent)."""
+
+    def section(name: str) -> dict[str, Any]:
+        got = cfg.get(name)
+        return got if isinstance(got, dict) else {}
+
+    enclave = "off"
+    if view.enclave is not None:
+        enclave = str(view.enclave.get("label") or "on")
+    elif section("enclave").get("enabled"):
+        enclave = "SIMULATED" if section("enclave").get("backend") == "simulated" else "on"
+    privacy = str(section("privacy").get("mode") or "none") if cfg else "unknown"
+    spent = [p["epsilon"] for p in view.privacy if isinstance(p.get("epsilon"), float)]
+    if spent:
+        privacy += f" (max epsilon {max(spent):.2f})"
+    return {
+        "enclave": enclave if cfg or view.enclave is not None else "unknown",
+        "secagg": ("on" if section("secagg").get("enabled") else "off") if cfg else "unknown",
+        "privacy": privacy,
+    }
 
 
 def _from_metrics(view: RunView, m: dict[str, Any]) -> None:
@@ -251,6 +295,17 @@ def _ledger(view: RunView, folder: Path) -> None:
                     "balance": acct.balance,
                 }
             )
+        for rnd in range(ledger.next_round()):
+            rec = ledger.read_round(rnd)
+            if rec is not None:
+                view.ledger_rounds.append(
+                    {
+                        "round": rec.round,
+                        "model_hash": rec.model_hash,
+                        "merkle_root": rec.merkle_root,
+                        "updates": rec.num_updates,
+                    }
+                )
         ledger.close()
     except TrustFedError as exc:
         view.problems.append(f"ledger: cannot open the chain ({exc})")

@@ -9,6 +9,7 @@ from typing import Any
 
 from trustfed.app.api import DataSpec
 from trustfed.apps.runtime import Runtime
+from trustfed.attacks.trainers import CraftingTrainer
 from trustfed.config import load_federation_config, participant_ids
 from trustfed.enclave.errors import EnclaveError
 from trustfed.enclave.participant import AttestedEnclave, SealingTrainer
@@ -48,7 +49,7 @@ def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
         )
     data_spec = participant_data_spec(cfg, rt.builtin)
     local = rt.local_data(data_spec, pid)
-    trainer = rt.trainer(pid, local, budget_state_dir=state_dir)
+    trainer = attacking_trainer(fed, pid, rt.trainer(pid, local, budget_state_dir=state_dir))
     spec = rt.spec
     provenance = rt.provenance(data_spec, local)
     if fed.enclave.enabled:
@@ -68,6 +69,18 @@ def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
     return ParticipantClient(
         cfg, trainer, spec, chain=chain, commit=fed.ledger.enabled, secagg=secagg, provenance=provenance
     )
+
+
+def attacking_trainer(fed: Any, pid: str, trainer: Trainer) -> Trainer:
+    """With ``[attack]`` and ``pid`` among its malicious participants, the attack crafts what ``pid`` sends
+    (its trainer already trains on the data the attack poisoned): the federation's attack, run in the
+    participant's own process as the simulation runs it for that participant. Anyone else: ``trainer``."""
+    a = fed.attack
+    if a.kind == "none" or pid not in a.malicious(participant_ids(fed.federation.participants)):
+        return trainer
+    log.warning("participant %s is malicious in this federation: attack %s crafts its updates", pid, a.kind)
+    aggregator = {"name": fed.strategy.aggregator, **fed.strategy.aggregator_params}
+    return CraftingTrainer(trainer, a.build(), a.kind, a.seed * 7919 + fed.federation.seed, aggregator)
 
 
 def participant_data_spec(cfg: ParticipantConfig, builtin: bool) -> DataSpec:
