@@ -72,7 +72,7 @@ def applicants(bank: Bank, n: int, rng: np.random.Generator) -> np.ndarray:
 def risk(x: np.ndarray) -> np.ndarray:
     """The log-odds of default, up to each bank's intercept: the same law at every bank."""
     c = {name: x[:, j] for j, name in enumerate(FEATURES)}
-    return (
+    log_odds: np.ndarray = (
         2.9 * c["credit_utilisation"]
         + 1.75 * np.minimum(c["debt_to_income"], 1.5)
         + 0.7 * np.minimum(c["late_payments_12m"], 5)
@@ -83,6 +83,7 @@ def risk(x: np.ndarray) -> np.ndarray:
         + 1.45 * ((c["credit_utilisation"] > 0.85) & (c["late_payments_12m"] > 0))
         + 0.95 * (c["months_employed"] < 12)
     )
+    return log_odds
 
 
 def _intercept(score: np.ndarray, rate: float) -> float:

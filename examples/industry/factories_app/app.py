@@ -80,7 +80,7 @@ def train(m: nn.Module, d: TrainData, ctx: TrainContext) -> dict[str, float]:
     m.train()
     total = 0.0
     for _ in range(ctx.epochs):
-        for idx in torch.randperm(len(y), generator=gen).split(ctx.batch_size):
+        for idx in torch.split(torch.randperm(len(y), generator=gen), ctx.batch_size):
             loss = nn.functional.binary_cross_entropy_with_logits(m(x[idx]).squeeze(-1), y[idx], pos_weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]

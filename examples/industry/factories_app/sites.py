@@ -95,7 +95,7 @@ def _write(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
 def write_sites(folders: dict[str, Path], seed: int, scale: float = 1.0) -> dict[str, dict[str, int]]:
     """Write every factory's ``train.csv`` / ``eval.csv`` (``scale`` times the machines, at least 3)."""
-    counts = {}
+    counts: dict[str, dict[str, int]] = {}
     for i, pid in enumerate(sorted(folders)):
         f = FACTORIES[pid]
         rng = np.random.default_rng([seed, i])

@@ -102,9 +102,10 @@ class SeasonalResidual(nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Linear(width, hidden), nn.ReLU()] if hidden else []
-        self.correction = nn.Sequential(*layers, nn.Linear(hidden or width, 1))
-        nn.init.zeros_(self.correction[-1].weight)
-        nn.init.zeros_(self.correction[-1].bias)
+        head = nn.Linear(hidden or width, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        self.correction = nn.Sequential(*layers, head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = x[:, WEEK_AGO] + self.correction(x).squeeze(-1)
@@ -119,7 +120,9 @@ def model(ctx: AppContext) -> nn.Module:
 def forecast(m: nn.Module, h: Horizon) -> np.ndarray:
     """The model's forecast of every held-out hour, in MWh."""
     m.eval()
-    return (m(torch.from_numpy(h.x)).double().numpy() + 1.0) * h.level
+    relative: np.ndarray = m(torch.from_numpy(h.x)).double().numpy()
+    mwh: np.ndarray = (relative + 1.0) * h.level
+    return mwh
 
 
 def errors(actual: np.ndarray, predicted: np.ndarray, naive: np.ndarray) -> dict[str, float]:

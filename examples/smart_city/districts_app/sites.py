@@ -74,7 +74,8 @@ def weather(days: int, rng: np.random.Generator) -> np.ndarray:
     for d in range(1, days):  # a weather system lasts a few days
         systems[d] = 0.8 * systems[d - 1] + rng.normal(0.0, 1.6)
     daily = np.interp(day, np.arange(days), systems)
-    return 11 + 9 * np.sin(2 * np.pi * (day - 110) / 365) + 4 * np.sin(2 * np.pi * (t % 24 - 9) / 24) + daily
+    celsius: np.ndarray = 11 + 9 * np.sin(2 * np.pi * (day - 110) / 365) + 4 * np.sin(2 * np.pi * (t % 24 - 9) / 24)
+    return celsius + daily
 
 
 def demand(d: District, temperature: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -87,7 +88,8 @@ def demand(d: District, temperature: np.ndarray, rng: np.random.Generator) -> np
     noise = np.zeros(len(t))
     for i in range(1, len(t)):  # slowly wandering usage, a few percent
         noise[i] = 0.95 * noise[i - 1] + rng.normal(0.0, 0.012)
-    return d.level * (shape + weather_load) * np.exp(noise + rng.normal(0.0, 0.02, len(t)))
+    mwh: np.ndarray = d.level * (shape + weather_load) * np.exp(noise + rng.normal(0.0, 0.02, len(t)))
+    return mwh
 
 
 def write_sites(folders: dict[str, Path], seed: int, scale: float = 1.0) -> dict[str, dict[str, int]]:
