@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(VENV)/bin/trustfed demo --out $(OUT)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)

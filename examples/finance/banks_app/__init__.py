@@ -1,0 +1,1 @@
+"""Banks train one credit-risk model together without sharing their customers' records."""

@@ -1,0 +1,1 @@
+"""Hospitals detect malignant breast tumours together without pooling patients' records."""

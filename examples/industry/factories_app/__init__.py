@@ -1,0 +1,1 @@
+"""Factories predict machine faults together without sharing their sensor logs."""
