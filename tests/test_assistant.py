@@ -80,6 +80,18 @@ def test_federated_lora_lowers_perplexity_and_learns_tool_calls(workspace: Path)
     assert len({p["data_sha256"] for p in prov.values()}) == 3
 
 
+def test_fedadam_over_adapters(workspace: Path) -> None:
+    """A server optimiser steps on the exchanged vector (the adapters) and keeps its moments for it alone."""
+    raw = raw_config(workspace, 3)
+    raw["app"]["config"]["generate"] = 0
+    raw["strategy"].update({"name": "fedadam", "server_lr": 0.02})
+    result = run_simulation(validate_federation_config(raw))
+    fed = [r["federated_evaluation"] for r in result.metrics["rounds"]]
+    assert fed[-1]["perplexity"] < 0.5 * fed[0]["perplexity"], fed
+    avg = run_simulation(config(workspace, 3))
+    assert result.metrics["model_hash"] != avg.metrics["model_hash"]  # FedAdam's step, not FedAvg's mean
+
+
 ENCLAVE = {
     "enabled": True,
     "backend": "simulated",
