@@ -3,7 +3,7 @@
 ``[app.config]``: ``base`` (a ``save_pretrained`` folder: safetensors weights and the tokenizer),
 ``rank`` (8), ``alpha`` (16), ``frozen_a`` (true: FFA-LoRA, A frozen at its seeded initial value
 on every participant, so averaging B is exactly averaging the low-rank products B A; only B
-travels), ``length`` (96 tokens), ``generate`` (how many held-out tool calls to generate per
+travels), ``length`` (48 tokens), ``generate`` (how many held-out tool calls to generate per
 evaluation, 16).
 
 Each vendor's ``[data] path`` holds ``train.jsonl`` and ``eval.jsonl`` (one chat a line,
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trustfed.app import App, AppContext, DataSpec, LocalData, TrainContext, TrainData
 from trustfed.apps.assistant.corpus import parse_call, schema_valid
-from trustfed.apps.assistant.model import ASSISTANT, EOS, CharTokenizer, batch_of, load_base
+from trustfed.apps.assistant.model import ASSISTANT, EOS, ChatTokenizer, batch_of, load_base
 from trustfed.data.loaders import load_jsonl
 from trustfed.errors import AppError
 
@@ -69,7 +69,7 @@ def exchange(m: nn.Module) -> dict[str, torch.Tensor]:
 class Chats(TensorDataset):
     """Tokenized chats (``input_ids``, ``labels``, ``attention_mask``) and the raw records."""
 
-    def __init__(self, records: list[dict[str, Any]], tok: CharTokenizer, length: int) -> None:
+    def __init__(self, records: list[dict[str, Any]], tok: ChatTokenizer, length: int) -> None:
         self.records = records
         ids, labels, mask = batch_of([tok.chat(r["messages"]) for r in records], length)
         super().__init__(ids, labels, mask)
@@ -77,8 +77,8 @@ class Chats(TensorDataset):
 
 def data(spec: DataSpec, ctx: AppContext) -> LocalData:
     folder = spec.require_path()
-    tok = CharTokenizer.load(_base(ctx))
-    length = int(ctx.config.get("length", 96))
+    tok = ChatTokenizer.load(_base(ctx))
+    length = int(ctx.config.get("length", 48))
     files = [folder / "train.jsonl", folder / "eval.jsonl"]
     train, held_out = (load_jsonl(f, required=["messages"]) for f in files)
     return LocalData(train=Chats(train, tok, length), eval=Chats(held_out, tok, length), files=files)
@@ -120,7 +120,7 @@ def reply_loss(m: nn.Module, d: Chats) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def generate(m: nn.Module, tok: CharTokenizer, messages: list[dict[str, str]], max_new: int = 80) -> str:
+def generate(m: nn.Module, tok: ChatTokenizer, messages: list[dict[str, str]], max_new: int = 40) -> str:
     """Greedy decoding of the assistant's reply to the user's message."""
     ids, _ = tok.chat(messages[:1], reply=False)
     x = torch.tensor([ids])
@@ -134,7 +134,7 @@ def generate(m: nn.Module, tok: CharTokenizer, messages: list[dict[str, str]], m
     return tok.decode(out)
 
 
-def tool_scores(m: nn.Module, d: Chats, tok: CharTokenizer, limit: int) -> dict[str, float]:
+def tool_scores(m: nn.Module, d: Chats, tok: ChatTokenizer, limit: int) -> dict[str, float]:
     calls = [r for r in d.records if parse_call(r["messages"][1]["content"]) is not None][:limit]
     if not calls:
         return {}
@@ -151,7 +151,7 @@ def evaluate(m: nn.Module, d: TrainData, ctx: AppContext) -> dict[str, float]:
         raise AppError("the assistant app evaluates on its own Chats data")
     loss, _ = reply_loss(m, d)
     scores = {"loss": loss, "perplexity": math.exp(loss), "num_examples": float(len(d))}
-    tok = CharTokenizer.load(_base(ctx))
+    tok = ChatTokenizer.load(_base(ctx))
     scores.update(tool_scores(m, d, tok, int(ctx.config.get("generate", 16))))
     return scores
 

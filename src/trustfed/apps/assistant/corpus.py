@@ -4,6 +4,10 @@ Each vendor serves its own domain (travel, home, media), so a split by vendor is
 sees its tools far more often than the others'. Every record is ``{"messages": [{"role": "user",
 "content": ...}, {"role": "assistant", "content": ...}]}``; a tool call is the assistant's content
 ``{"tool": NAME, "arguments": {...}}`` (JSON). All of it is drawn from a seed.
+
+The base model's text (:func:`base_text`, :func:`extraction_records`) speaks of the same topics and
+writes JSON records of a sentence's words, but never names a tool nor writes a tool call: what the
+adapters must learn is which tool a request needs and the call's exact shape.
 """
 
 from __future__ import annotations
@@ -50,7 +54,22 @@ _GENERIC = [
     "the {a} {n} walks to the {p} every {d}.",
     "a {a} {n} sees the {p} on {d}.",
     "we talk about the {n} and the {p}.",
+    "in code the {n} by the {p} is named {a}_{n}.",
 ]
+_KINDS = ["walk", "see", "talk", "code"]
+_TOPICS = [
+    "the weather in {city} is mild {day}.",
+    "a flight to {to} leaves on {day}, so book early.",
+    "my alarm rings at {time} and i get up.",
+    "we play {genre} music in the city.",
+    "turn the {device} off at night, then on again.",
+    "set the time on the {device} before the day starts.",
+    "this genre of music is popular in {city}.",
+    "a good tool and a device help every day.",
+    "their arguments about the weather last all day.",
+]
+_EXTRACTED = _TOPICS[:7]  # the topics with words to extract
+_ROLE = {"city": "place", "to": "place", "day": "when", "time": "when", "genre": "thing", "device": "thing"}
 _WORDS = {
     "a": ["small", "old", "quiet", "bright", "busy"],
     "n": ["dog", "teacher", "river", "city", "garden"],
@@ -74,7 +93,7 @@ def vendor_records(rng: np.random.Generator, vendor: str, n: int, tool_share: fl
         if rng.random() < tool_share:
             tool = str(rng.choice(own)) if rng.random() < 0.8 else str(rng.choice(others))
             ask, call = tool_call(rng, tool)
-            reply = json.dumps(call, sort_keys=True, separators=(",", ":"))
+            reply = _dumps(call)
         else:
             ask, reply = _CHAT[int(rng.integers(len(_CHAT)))]
         out.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}]})
@@ -88,6 +107,40 @@ def generic_text(rng: np.random.Generator, n: int) -> list[str]:
         t = str(rng.choice(_GENERIC))
         out.append(t.format(**{k: str(rng.choice(v)) for k, v in _WORDS.items()}))
     return out
+
+
+def base_text(rng: np.random.Generator, n: int) -> list[str]:
+    """Plain sentences for the base model: generic ones and the vendors' topics, without any tool call."""
+    out = generic_text(rng, n // 2)
+    for _ in range(n - len(out)):
+        topic = str(rng.choice(_TOPICS))
+        out.append(topic.format(**{k: str(rng.choice(v)) for k, v in _VALUES.items()}))
+    return out
+
+
+def extraction_records(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+    """Chats that turn a sentence into a JSON record of its words (``{"fields": {...}, "kind": ...}``),
+    for the base model: it learns JSON and copying words from the request, but no tool, tool name,
+    argument name nor the shape of a call."""
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            i = int(rng.integers(len(_GENERIC)))
+            words = {k: str(rng.choice(v)) for k, v in _WORDS.items()}
+            record = {"fields": {"noun": words["n"], "place": words["p"]}, "kind": _KINDS[i]}
+            ask = _GENERIC[i].format(**words)
+        else:
+            topic = _EXTRACTED[int(rng.integers(len(_EXTRACTED)))]
+            values = {k: str(rng.choice(v)) for k, v in _VALUES.items()}
+            slots = [k for k in _VALUES if "{" + k + "}" in topic]
+            record = {"fields": {_ROLE[k]: values[k] for k in slots}, "kind": "note"}
+            ask = topic.format(**values)
+        out.append({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": _dumps(record)}]})
+    return out
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def parse_call(text: str) -> dict[str, Any] | None:

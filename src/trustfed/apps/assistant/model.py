@@ -1,15 +1,21 @@
 """The assistant's tokenizer and tiny causal LM: built from config, briefly pre-trained on generated
 text, saved with ``save_pretrained`` (safetensors) and loaded back the way a real model is.
 
-The tokenizer is character-level with chat markers: ``<user>`` the request, ``<assistant>`` the
-reply, ``<eos>``. Its vocabulary is saved beside the model (``trustfed_tokenizer.json``).
+The tokenizer has chat markers (``<user>`` the request, ``<assistant>`` the reply, ``<eos>``),
+every printable ASCII character, and whole pieces learnt from the base model's text (its words and
+its JSON punctuation, as a BPE vocabulary holds whole words): the longest piece wins, a character
+covers the rest, so any text encodes. Its vocabulary is saved beside the model
+(``trustfed_tokenizer.json``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,31 +23,61 @@ import numpy as np
 import torch
 from torch import nn
 
-from trustfed.apps.assistant.corpus import VENDORS, generic_text, vendor_records
+from trustfed.apps.assistant.corpus import VENDORS, base_text, extraction_records, vendor_records
 from trustfed.errors import AppError
 
 TOKENIZER_FILE = "trustfed_tokenizer.json"
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<user>", "<assistant>")
 PAD, BOS, EOS, USER, ASSISTANT = range(len(SPECIALS))
+_RUNS = re.compile(r"[a-z]+|[^a-z0-9\s]+")
 
 
 @dataclass(frozen=True)
-class CharTokenizer:
-    """Printable ASCII characters after the special tokens; anything else becomes ``?``."""
+class ChatTokenizer:
+    """Special tokens, then printable ASCII characters (anything else becomes ``?``), then pieces."""
 
     chars: str = "".join(chr(c) for c in range(32, 127))
+    pieces: tuple[str, ...] = ()
+
+    @classmethod
+    def learn(cls, texts: Iterable[str], min_count: int = 2) -> ChatTokenizer:
+        """Pieces: every run of letters or of punctuation (two characters or more) seen ``min_count`` times."""
+        counts = Counter(run for t in texts for run in _RUNS.findall(t) if len(run) > 1)
+        return cls(pieces=tuple(sorted(p for p, c in counts.items() if c >= min_count)))
 
     @property
     def vocab_size(self) -> int:
-        return len(SPECIALS) + len(self.chars)
+        return len(SPECIALS) + len(self.chars) + len(self.pieces)
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        chars = {c: i + len(SPECIALS) for i, c in enumerate(self.chars)}
+        start = len(SPECIALS) + len(self.chars)
+        return chars | {p: start + i for i, p in enumerate(self.pieces)}
+
+    @cached_property
+    def _by_first(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for p in sorted(self.pieces, key=len, reverse=True):
+            out.setdefault(p[0], []).append(p)
+        return out
 
     def encode(self, text: str) -> list[int]:
-        index = {c: i + len(SPECIALS) for i, c in enumerate(self.chars)}
-        fallback = index["?"]
-        return [index.get(c, fallback) for c in text]
+        index, fallback = self._index, self._index["?"]
+        out, i = [], 0
+        while i < len(text):
+            piece = next((p for p in self._by_first.get(text[i], ()) if text.startswith(p, i)), text[i])
+            out.append(index.get(piece, fallback))
+            i += len(piece)
+        return out
+
+    @cached_property
+    def _vocab(self) -> list[str]:
+        return [*SPECIALS, *self.chars, *self.pieces]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self.chars[i - len(SPECIALS)] for i in ids if i >= len(SPECIALS))
+        vocab = self._vocab
+        return "".join(vocab[i] for i in ids if len(SPECIALS) <= i < len(vocab))
 
     def chat(self, messages: Sequence[dict[str, str]], *, reply: bool = True) -> tuple[list[int], list[int]]:
         """The chat template: token ids and labels (-100 except on the assistant's reply and its
@@ -65,17 +101,24 @@ class CharTokenizer:
         return ids, labels
 
     def save(self, folder: Path) -> None:
-        (folder / TOKENIZER_FILE).write_text(json.dumps({"specials": SPECIALS, "chars": self.chars}), encoding="utf-8")
+        raw = {"specials": SPECIALS, "chars": self.chars, "pieces": self.pieces}
+        (folder / TOKENIZER_FILE).write_text(json.dumps(raw), encoding="utf-8")
 
     @classmethod
-    def load(cls, folder: Path) -> CharTokenizer:
+    def load(cls, folder: Path) -> ChatTokenizer:
         try:
             raw = json.loads((folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise AppError(f"{folder / TOKENIZER_FILE}: not a trustfed tokenizer ({exc})") from None
-        if list(raw.get("specials", [])) != list(SPECIALS) or not isinstance(raw.get("chars"), str):
+        pieces = raw.get("pieces", [])
+        if (
+            list(raw.get("specials", [])) != list(SPECIALS)
+            or not isinstance(raw.get("chars"), str)
+            or not isinstance(pieces, list)
+            or not all(isinstance(p, str) and p for p in pieces)
+        ):
             raise AppError(f"{folder / TOKENIZER_FILE}: unexpected tokenizer layout")
-        return cls(raw["chars"])
+        return cls(raw["chars"], tuple(pieces))
 
 
 def tiny_config(vocab_size: int, hidden: int = 128, layers: int = 3) -> Any:
@@ -112,19 +155,21 @@ def batch_of(
 
 
 def pretrain_base(
-    folder: Path, *, seed: int = 0, steps: int = 300, length: int = 64, hidden: int = 128, layers: int = 3
+    folder: Path, *, seed: int = 0, steps: int = 400, length: int = 48, hidden: int = 128, layers: int = 3
 ) -> Path:
-    """Build the tiny LM from config, pre-train it on generic text and small talk (no tool calls),
-    and save it with ``save_pretrained`` (safetensors) and the tokenizer into ``folder``."""
+    """Build the tiny LM from config, pre-train it on plain text, small talk and JSON records of
+    sentences (no tool calls), and save it with ``save_pretrained`` (safetensors) and its tokenizer
+    (learnt from the same text) into ``folder``."""
     from transformers import LlamaForCausalLM
 
-    tok = CharTokenizer()
+    rng = np.random.default_rng(seed)
+    text = base_text(rng, 300)
+    chats = [r for v in VENDORS for r in vendor_records(rng, v, 60, tool_share=0.0)] + extraction_records(rng, 1000)
+    tok = ChatTokenizer.learn([*text, *(m["content"] for r in chats for m in r["messages"])])
+    rows = [([BOS, *tok.encode(t), EOS], [-100, *tok.encode(t), EOS]) for t in text]
+    rows += [tok.chat(r["messages"]) for r in chats]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config(tok.vocab_size, hidden, layers))
-    rng = np.random.default_rng(seed)
-    rows = [([BOS, *tok.encode(t), EOS], [-100, *tok.encode(t), EOS]) for t in generic_text(rng, 400)]
-    talk = [r for v in VENDORS for r in vendor_records(rng, v, 60, tool_share=0.0)]
-    rows += [tok.chat(r["messages"]) for r in talk]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -141,7 +186,7 @@ def pretrain_base(
     return folder
 
 
-def load_base(folder: Path) -> tuple[nn.Module, CharTokenizer]:
+def load_base(folder: Path) -> tuple[nn.Module, ChatTokenizer]:
     """The base model and tokenizer from a ``save_pretrained`` folder: safetensors only, never pickle."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -150,4 +195,4 @@ def load_base(folder: Path) -> tuple[nn.Module, CharTokenizer]:
     if not (folder / "model.safetensors").is_file():
         raise AppError(f"{folder}: no model.safetensors (a save_pretrained folder with safetensors weights is needed)")
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
-    return model, CharTokenizer.load(folder)
+    return model, ChatTokenizer.load(folder)
