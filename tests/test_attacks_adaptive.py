@@ -113,6 +113,15 @@ def test_tailored_gamma_does_at_least_the_damage_of_every_grid_point() -> None:
     assert damage(gamma) > damage(0.0)
 
 
+def test_agr_tailored_against_fltrust_tailors_to_the_median_instead() -> None:
+    """FLTrust's root update is the server's data: the attack cannot rebuild the rule, so it tailors its
+    step to the median rather than stopping the run."""
+    honest = _honest()
+    assert rebuild_aggregator({"name": "fltrust", "root_size": 100}) is None
+    rows = _craft("agr_tailored", _ctx(honest, aggregator={"name": "fltrust", "root_size": 100}))
+    assert rows.shape == (len(ATTACKERS), honest.shape[1]) and bool(torch.isfinite(rows).all())
+
+
 def test_agr_tailored_moves_the_default_further_than_the_honest_mean_and_keeps_below_the_copies_cosine() -> None:
     honest = _honest()
     rows = _craft("agr_tailored", _ctx(honest))

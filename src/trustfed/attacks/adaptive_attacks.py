@@ -23,7 +23,7 @@ from trustfed.attacks.builtin import number
 from trustfed.attacks.model_poisoning import OMNISCIENT_FNS
 from trustfed.attacks.registry import register_attack
 from trustfed.core.aggregator import Aggregator, get_aggregator
-from trustfed.core.robust import CenteredClipping
+from trustfed.core.robust import CenteredClipping, FLTrust
 from trustfed.errors import TrustFedError
 
 
@@ -167,9 +167,10 @@ def rebuild_aggregator(desc: Mapping[str, Any]) -> Aggregator | None:
         params["inner"] = inner.get("name")
         params.update({f"inner_{k}": v for k, v in inner.items() if k not in ("name", "inner")})
     try:
-        return get_aggregator(str(desc.get("name", "mean")), **params)
+        agg = get_aggregator(str(desc.get("name", "mean")), **params)
     except (TrustFedError, TypeError, ValueError):
         return None
+    return None if isinstance(agg, FLTrust) else agg  # its root update is the server's data: unknown to attackers
 
 
 @register_attack("agr_tailored", builtin=True)
