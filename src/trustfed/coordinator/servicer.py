@@ -93,7 +93,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         admission: Admission | None = None,
     ) -> None:
         self.board = board
-        self.admission = admission or Admission()  # who is served, and the bound on declared counts
+        self.admission = admission or Admission()  # the bound on declared counts (membership: the guard)
         self.session = secrets.token_hex(8)  # in every plan and receipt: a participant sees a restart
         self.signer = signer
         self.verifier = verifier
@@ -140,10 +140,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             v = self.verifier.verify(msg, expected_type=msg_type, peer_cert=cert, role="participant")
         except MessageRejected as exc:
             self._refuse(context, exc, rpc)
-        try:  # only the federation's registered, active participants are served
-            self.admission.check(v.identity.name, cert)
-        except MessageRejected as exc:
-            self._reject(context, rpc, v.identity.name, exc.reason, exc.detail)
+        # membership (the roster, the registry on chain) was checked by the server guard before the body
+        # was read (GrpcTransport._authenticate): only registered, active participants get here
         with self.board.cond:
             if v.identity.name in self.board.checked_in or msg_type == "plan_request":
                 self.board.checked_in[v.identity.name] = v.identity.serial
