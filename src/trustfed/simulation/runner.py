@@ -73,7 +73,8 @@ def run_simulation(
     elif cfg.simulation.backend == "ray":
         transport = RayTransport(cfg, cfg.simulation.workers, cfg.simulation.ray_address)
     else:
-        transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids})
+        workers = cfg.simulation.workers if cfg.simulation.backend == "threads" else 1
+        transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids}, workers)
     if cfg.attack.kind != "none":  # the attack crafts the malicious updates from the collected ones
         transport = adversarial_transport(cfg, transport, strategy)
     if cfg.secagg.enabled:  # the coordinator gets the masked sum only
