@@ -6,8 +6,13 @@ on every participant, so averaging B is exactly averaging the low-rank products 
 travels), ``length`` (48 tokens), ``generate`` (how many held-out tool calls to generate per
 evaluation, 16).
 
-Each vendor's ``[data] path`` holds ``train.jsonl`` and ``eval.jsonl`` (one chat a line,
-``{"messages": [...]}``). Evaluation: held-out loss and perplexity over the assistant's replies,
+The base folder's tokenizer is trustfed's own (the tiny model's) or any Hugging Face fast tokenizer
+with a chat template (``trustfed.apps.assistant.hf_chat``): the template renders the chats and only
+the assistant's turns are trained on.
+
+Each vendor's ``[data] path`` holds its chats (``{"messages": [{"role", "content"}, ...]}``) as
+``train.jsonl`` and ``eval.jsonl`` (one chat a line), or as Hugging Face datasets saved with
+``save_to_disk``: folders ``train`` and ``eval``, or one saved ``DatasetDict`` with those splits. Evaluation: held-out loss and perplexity over the assistant's replies,
 and for the tool-call chats, the exact-match and schema-valid rates of greedily generated calls.
 """
 
@@ -24,8 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trustfed.app import App, AppContext, DataSpec, LocalData, TrainContext, TrainData
 from trustfed.apps.assistant.corpus import parse_call, schema_valid
-from trustfed.apps.assistant.model import ASSISTANT, EOS, ChatTokenizer, batch_of, load_base
-from trustfed.data.loaders import load_jsonl
+from trustfed.apps.assistant.model import ChatEncoder, batch_of, load_base, load_tokenizer
+from trustfed.data.loaders import load_hf_dataset, load_jsonl
 from trustfed.errors import AppError
 
 ADAPTER_MARK = "lora_"
@@ -69,18 +74,47 @@ def exchange(m: nn.Module) -> dict[str, torch.Tensor]:
 class Chats(TensorDataset):
     """Tokenized chats (``input_ids``, ``labels``, ``attention_mask``) and the raw records."""
 
-    def __init__(self, records: list[dict[str, Any]], tok: ChatTokenizer, length: int) -> None:
+    def __init__(self, records: list[dict[str, Any]], tok: ChatEncoder, length: int) -> None:
         self.records = records
-        ids, labels, mask = batch_of([tok.chat(r["messages"]) for r in records], length)
+        ids, labels, mask = batch_of([tok.chat(r["messages"]) for r in records], length, tok.pad_id)
         super().__init__(ids, labels, mask)
+
+
+def _check_chats(records: list[dict[str, Any]], source: Path) -> list[dict[str, Any]]:
+    for i, r in enumerate(records, 1):
+        msgs = r.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise AppError(f"{source}: chat {i}: 'messages' must be a non-empty list")
+        for j, m in enumerate(msgs, 1):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise AppError(f"{source}: chat {i}, message {j}: expected {{'role': str, 'content': str}}")
+    return records
+
+
+def _split(folder: Path, name: str) -> tuple[list[dict[str, Any]], list[Path]]:
+    """One split's chats: ``NAME.jsonl``, a saved dataset folder ``NAME``, or split ``NAME`` of a saved DatasetDict."""
+    jsonl = folder / f"{name}.jsonl"
+    if jsonl.is_file():
+        return _check_chats(load_jsonl(jsonl, required=["messages"]), jsonl), [jsonl]
+    if (folder / name).is_dir():
+        where, split = folder / name, None
+    elif (folder / "dataset_dict.json").is_file():
+        where, split = folder, name
+    else:
+        raise AppError(f"{folder}: no {name}.jsonl, no saved dataset folder {name!r} and no saved DatasetDict")
+    ds = load_hf_dataset(where, split=split).with_format(None)
+    if "messages" not in ds.column_names:
+        raise AppError(f"{where}: no 'messages' column (it has {', '.join(ds.column_names)})")
+    files = sorted(p for p in where.rglob("*") if p.is_file())
+    return _check_chats([dict(r) for r in ds], where), files
 
 
 def data(spec: DataSpec, ctx: AppContext) -> LocalData:
     folder = spec.require_path()
-    tok = ChatTokenizer.load(_base(ctx))
+    tok = load_tokenizer(_base(ctx))
     length = int(ctx.config.get("length", 48))
-    files = [folder / "train.jsonl", folder / "eval.jsonl"]
-    train, held_out = (load_jsonl(f, required=["messages"]) for f in files)
+    (train, train_files), (held_out, eval_files) = _split(folder, "train"), _split(folder, "eval")
+    files = list(dict.fromkeys([*train_files, *eval_files]))
     return LocalData(train=Chats(train, tok, length), eval=Chats(held_out, tok, length), files=files)
 
 
@@ -120,28 +154,37 @@ def reply_loss(m: nn.Module, d: Chats) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def generate(m: nn.Module, tok: ChatTokenizer, messages: list[dict[str, str]], max_new: int = 40) -> str:
-    """Greedy decoding of the assistant's reply to the user's message."""
-    ids, _ = tok.chat(messages[:1], reply=False)
+def generate(m: nn.Module, tok: ChatEncoder, messages: list[dict[str, str]], max_new: int = 40) -> str:
+    """Greedy decoding of the assistant's reply to ``messages`` (the conversation before the reply)."""
+    ids, _ = tok.chat(messages, reply=False)
     x = torch.tensor([ids])
     out: list[int] = []
     for _ in range(max_new):
         nxt = int(m(input_ids=x).logits[0, -1].argmax())
-        if nxt in (EOS, ASSISTANT):
+        if nxt in tok.stop_ids:
             break
         out.append(nxt)
         x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
     return tok.decode(out)
 
 
-def tool_scores(m: nn.Module, d: Chats, tok: ChatTokenizer, limit: int) -> dict[str, float]:
-    calls = [r for r in d.records if parse_call(r["messages"][1]["content"]) is not None][:limit]
+def final_reply(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str] | None:
+    """The conversation before its last assistant turn, and that turn's content (None: no assistant turn)."""
+    at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return (messages[: at[-1]], messages[at[-1]]["content"]) if at else None
+
+
+def tool_scores(m: nn.Module, d: Chats, tok: ChatEncoder, limit: int) -> dict[str, float]:
+    """Over the held-out chats whose last reply is a tool call: the rates of generated calls equal to it
+    and of calls valid against the tools' schema."""
+    turns = [t for t in map(final_reply, (r["messages"] for r in d.records)) if t is not None]
+    calls = [(prompt, call) for prompt, reply in turns if (call := parse_call(reply)) is not None][:limit]
     if not calls:
         return {}
     exact = valid = 0
-    for r in calls:
-        got = parse_call(generate(m, tok, r["messages"]))
-        exact += int(got == parse_call(r["messages"][1]["content"]))
+    for prompt, call in calls:
+        got = parse_call(generate(m, tok, prompt))
+        exact += int(got == call)
         valid += int(schema_valid(got))
     return {"tool_exact_match": exact / len(calls), "tool_schema_valid": valid / len(calls)}
 
@@ -151,7 +194,7 @@ def evaluate(m: nn.Module, d: TrainData, ctx: AppContext) -> dict[str, float]:
         raise AppError("the assistant app evaluates on its own Chats data")
     loss, _ = reply_loss(m, d)
     scores = {"loss": loss, "perplexity": math.exp(loss), "num_examples": float(len(d))}
-    tok = ChatTokenizer.load(_base(ctx))
+    tok = load_tokenizer(_base(ctx))
     scores.update(tool_scores(m, d, tok, int(ctx.config.get("generate", 16))))
     return scores
 

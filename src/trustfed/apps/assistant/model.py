@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ class ChatTokenizer:
         """Pieces: every run of letters or of punctuation (two characters or more) seen ``min_count`` times."""
         counts = Counter(run for t in texts for run in _RUNS.findall(t) if len(run) > 1)
         return cls(pieces=tuple(sorted(p for p, c in counts.items() if c >= min_count)))
+
+    pad_id = PAD
+    stop_ids = frozenset({EOS, ASSISTANT})
 
     @property
     def vocab_size(self) -> int:
@@ -140,10 +143,10 @@ def tiny_config(vocab_size: int, hidden: int = 128, layers: int = 3) -> Any:
 
 
 def batch_of(
-    rows: Sequence[tuple[list[int], list[int]]], length: int
+    rows: Sequence[tuple[list[int], list[int]]], length: int, pad: int = PAD
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids``, ``labels`` and ``attention_mask`` of shape ``[n, length]``."""
-    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, (x, y) in enumerate(rows):
@@ -186,13 +189,42 @@ def pretrain_base(
     return folder
 
 
-def load_base(folder: Path) -> tuple[nn.Module, ChatTokenizer]:
+def load_base(folder: Path) -> tuple[nn.Module, ChatEncoder]:
     """The base model and tokenizer from a ``save_pretrained`` folder: safetensors only, never pickle."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    if not (folder / "model.safetensors").is_file():
+    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         raise AppError(f"{folder}: no model.safetensors (a save_pretrained folder with safetensors weights is needed)")
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
-    return model, ChatTokenizer.load(folder)
+    tok = load_tokenizer(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise AppError(f"{folder}: cannot load the model: {exc}") from None
+    return model, tok
+
+
+class ChatEncoder(Protocol):
+    """What the assistant app needs of a tokenizer: a chat template with labels, decoding, padding, stops."""
+
+    pad_id: int
+
+    @property
+    def stop_ids(self) -> frozenset[int]: ...
+
+    def chat(self, messages: Sequence[dict[str, str]], *, reply: bool = True) -> tuple[list[int], list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def load_tokenizer(folder: Path) -> ChatEncoder:
+    """trustfed's own tokenizer (the tiny model's ``trustfed_tokenizer.json``) or the folder's Hugging Face
+    tokenizer with its chat template (``tokenizer.json``)."""
+    if (folder / TOKENIZER_FILE).is_file():
+        return ChatTokenizer.load(folder)
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        from trustfed.apps.assistant.hf_chat import load_hf_chat_tokenizer
+
+        return load_hf_chat_tokenizer(folder)
+    raise AppError(f"{folder}: no tokenizer ({TOKENIZER_FILE}, or a Hugging Face tokenizer.json with a chat template)")
