@@ -8,7 +8,9 @@ LoRA rank 8 with A frozen (FFA-LoRA), AdamW.
   the base model, of federated LoRA (FedAvg over the adapters) and of centralised LoRA trained on the
   union of the vendors' data for as many epochs (the same train function, one process), all scored by
   the app's own evaluation on the union of the held-out chats.
-* **Bytes**: one upload (the adapters' trainable tensors) against full fine-tuning (every parameter).
+* **Bytes**: one upload (the adapters' trainable tensors) against full fine-tuning (every parameter),
+  and one vendor's real adapter update as ``[transport] compression`` sends it (none / fp16 / int8):
+  payload bytes and the error bound its sender measures and signs.
 * **Overhead**: seconds per federated round (federated evaluation off, so the rounds do the same
   work as the loop) against the same PEFT training loop alone (the app's train function on each
   vendor's data in turn), plain and through the in-process SIMULATED enclave (sealing, attestation,
@@ -44,6 +46,7 @@ from trustfed.apps.assistant.corpus import VENDORS, write_vendor_data
 from trustfed.apps.assistant.model import pretrain_base
 from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig, participant_ids, validate_federation_config
+from trustfed.core.compression import CompressionPolicy, compress_update
 from trustfed.simulation.enclave import run_federation
 
 ENCLAVE = {
@@ -158,6 +161,27 @@ def upload_bytes(root: Path) -> dict[str, Any]:
     }
 
 
+def compressed_uploads(root: Path) -> dict[str, Any]:
+    """One vendor's adapter update after a round of local training, as each codec sends it: the payload's
+    bytes and the error its sender measures (``max_abs_error``, ``rel_l2_error``: what the commitment signs)."""
+    rt = Runtime(federation(root, 1, 1, evaluate=False))
+    params, _ = rt.initial
+    plan = rt.strategy(None).configure_round(1, params, participant_ids(len(VENDORS)))
+    pid = plan.participants[0]
+    update = rt.simulated_trainer(pid).fit(params.clone(), plan)
+    out: dict[str, Any] = {"none": {"bytes": 4 * params.numel(), "ratio": 1.0}}
+    for codec in ("fp16", "int8"):
+        sent = compress_update(update, params, CompressionPolicy(codec))
+        assert sent.compression is not None
+        out[codec] = {
+            "bytes": len(sent.payload),
+            "ratio": round(len(sent.payload) / (4 * params.numel()), 4),
+            "max_abs_error": sent.compression.max_abs_error,
+            "rel_l2_error": sent.compression.rel_l2_error,
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="hidden 64, 2 layers, fewer repeats")
@@ -176,6 +200,7 @@ def main() -> None:
         result: dict[str, Any] = {
             "model": {"hidden": hidden, "layers": layers, "pretrain_s": round(pretrain_s, 1)},
             "bytes": upload_bytes(root),
+            "compression": compressed_uploads(root),
             "quality": quality(root, rounds=6, epochs=3),
             "overhead": overhead(root, rounds=3, epochs=3, reps=reps),
             "gpu": "not measured: no GPU was lent to this run",
@@ -185,6 +210,9 @@ def main() -> None:
     print(
         f"model: hidden {hidden}, {layers} layers; upload {b['adapter_bytes']:,} B vs full {b['full_fine_tuning_bytes']:,} B ({100 * b['fraction']:.2f}%)"
     )
+    for codec, c in result["compression"].items():
+        bound = f"  max_abs_error {c['max_abs_error']:.3g}  rel_l2 {c['rel_l2_error']:.3g}" if codec != "none" else ""
+        print(f"upload {codec:<5} {c['bytes']:>10,} B ({c['ratio']:.3f}x){bound}")
     print(f"{'model':<12} {'perplexity':>10} {'exact':>6} {'schema':>7}")
     for name in ("base", "federated", "centralised"):
         s = q[name]

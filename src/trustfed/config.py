@@ -286,6 +286,7 @@ class FederationConfig(_Section):
                 )
             )
         out += self.attack.problems()
+        out += self.transport.compression_problems(secagg=self.secagg.enabled, enclave=self.enclave.enabled)
         ids = [f"p{i:03d}" for i in range(n)]
         out += self.privacy.problems(ids, self.strategy.aggregator)
         out += self.tracking.problems()

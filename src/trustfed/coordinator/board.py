@@ -67,6 +67,12 @@ class RoundBoard:
         self.provenance: dict[str, dict[str, str]] = {}
         self.refusals: list[SignedRefusal] = []  # participant-signed refusals sent with withdrawals
 
+    def model_of(self, rnd: int) -> bytes | None:
+        """The global model (float32 bytes) round ``rnd`` serves while it is the current round, else None."""
+        with self.cond:
+            cur = self.current
+            return cur.payload if cur is not None and cur.plan.round == rnd else None
+
     def check_aborted(self) -> None:
         if self.aborted is not None:
             raise TransportError(f"federation aborted: {self.aborted}")

@@ -110,6 +110,7 @@ class GrpcTransport:
             sealed=sealed,
             secagg=secagg,
             admission=self.admission,
+            compression=settings.compression_policy,
         )
         self.secagg = secagg
         self.secagg_survivors: dict[int, tuple[str, ...]] = {}  # round -> whose masked inputs are in the sum

@@ -243,7 +243,13 @@ def recorders_for(
             attachments.insert(0, AppRecord(app))
         if network is None:
             recorder = simulated_recorder(
-                cfg.ledger, out_dir, spec, list(participant_ids), attachments, provenance=provenance
+                cfg.ledger,
+                out_dir,
+                spec,
+                list(participant_ids),
+                attachments,
+                provenance=provenance,
+                compression=cfg.transport.compression_policy,
             )
         else:
             recorder = network_recorder(
@@ -256,6 +262,7 @@ def recorders_for(
                 attachments,
                 resume=resume,
                 max_examples=network.max_examples,
+                compression=cfg.transport.compression_policy,
             )
         out.append(recorder)
         if incentives is not None:

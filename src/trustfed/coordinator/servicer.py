@@ -25,11 +25,13 @@ from trustfed.coordinator.uploads import (
     BEHAVIOUR_REASONS,
     check_declared_examples,
     check_finite,
+    declared_compression,
     received_update,
     signed_commitment,
     signed_refusal,
 )
 from trustfed.core.codec import ParamSpec
+from trustfed.core.compression import CompressionPolicy
 from trustfed.ledger.participant import SignedCommitment
 from trustfed.primitives.merkle import MerkleTree
 from trustfed.secagg.settings import SecAggSettings
@@ -72,6 +74,9 @@ _REJECT_CODES = {
     # what the update carries (recorded as the participant's behaviour and flagged; see uploads.py)
     "non_finite": grpc.StatusCode.INVALID_ARGUMENT,
     "too_many_examples": grpc.StatusCode.INVALID_ARGUMENT,
+    "bad_compression": grpc.StatusCode.INVALID_ARGUMENT,
+    "error_bound_exceeded": grpc.StatusCode.INVALID_ARGUMENT,
+    "compression_mismatch": grpc.StatusCode.INVALID_ARGUMENT,  # the participant's file disagrees with ours
     # not_registered / not_active (admission.py): PERMISSION_DENIED, the default
 }
 
@@ -91,6 +96,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         sealed: bool = False,
         secagg: SecAggSettings | None = None,
         admission: Admission | None = None,
+        compression: CompressionPolicy | None = None,
     ) -> None:
         self.board = board
         self.admission = admission or Admission()  # the bound on declared counts (membership: the guard)
@@ -103,6 +109,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         self.require_commitment = require_commitment  # the ledger is on: every update carries a signed commitment
         self.sealed = sealed  # enclave mode: updates arrive sealed to the enclave; clear ones are refused
         self.secagg = secagg  # secure aggregation: masked inputs only, through the SecAgg steps
+        self.compression = compression or CompressionPolicy()  # [transport] compression: what uploads must be
         self._certs: dict[bytes, x509.Certificate] = {}
 
     # -- checks shared by every RPC
@@ -293,6 +300,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
             )
         try:
             check_declared_examples(h, pid, self.admission.max_examples, sealed=sealed)
+            record = declared_compression(h, pid, self.compression)
         except MessageRejected as exc:
             self._refuse_update(context, pid, h.round, exc)
         if len(h.metrics) > 64:
@@ -304,7 +312,8 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         decl = StreamDeclaration(h.total_bytes, h.chunk_bytes, h.num_chunks, h.model_hash)
         where = f"update from {pid} for round {h.round}"
         try:
-            check_declaration(decl, self.spec, self.limits, where, sealed=sealed)
+            size = self.compression.payload_size(self.spec.size)
+            check_declaration(decl, self.spec, self.limits, where, sealed=sealed, payload_bytes=size)
             buf = receive_payload(parts, decl, self.spec_json, where)
             expect_end(parts, where)
         except MessageRejected as exc:
@@ -312,7 +321,7 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         signed: SignedCommitment | None = None
         if h.HasField("commitment_signature"):
             try:
-                signed, provenance = signed_commitment(h, pid, bytes(buf), self._peer_cert(context, rpc))
+                signed, provenance = signed_commitment(h, pid, bytes(buf), self._peer_cert(context, rpc), record)
             except MessageRejected as exc:
                 self._reject(context, rpc, pid, exc.reason, exc.detail)
             if provenance:
@@ -320,13 +329,16 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
                     self.board.provenance[pid] = provenance
         if masked:
             return self._receive_masked(context, pid, h, buf, signed)
-        update = received_update(h, pid, buf, self.spec, sealed=sealed)
-        del buf
+        base = self.board.model_of(h.round) if record is not None else None  # what a compressed delta is to
         if not sealed:
             try:
+                update = received_update(h, pid, buf, self.spec, sealed=False, compression=record, base=base)
                 check_finite(update, h.round)
             except MessageRejected as exc:
                 self._refuse_update(context, pid, h.round, exc)
+        else:
+            update = received_update(h, pid, buf, self.spec, sealed=True)
+        del buf
         with self.board.cond:
             cur = self.board.current
             if cur is None or cur.plan.round != h.round or cur.closed:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.compression import CompressedUpdate, compression_body
 from trustfed.core.evaluation import EVAL_PREFIX
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.ledger.audit import Signer, entry_digest, parsed_entries
@@ -65,10 +66,13 @@ def commitment_body(
     num_examples: int,
     provenance: Mapping[str, str] | None = None,
     evaluation: Mapping[str, float] | None = None,
+    compression: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The entry a participant signs for its update. ``provenance``: the app code it ran and its data
     manifest (``app_sha256``, ``data_sha256``); ``evaluation``: its scores of the model it received
-    (federated evaluation). Both are left out when absent, so older bodies keep their bytes."""
+    (federated evaluation); ``compression``: the codec of the bytes it sent and the error it measured
+    (:meth:`trustfed.core.compression.CompressionRecord.to_body`; ``update_sha256`` is then the hash of
+    the compressed bytes). Each is left out when absent, so older bodies keep their bytes."""
     digest = update_hash(update_bytes)
     body: dict[str, Any] = {
         "participant": participant_id,
@@ -81,6 +85,8 @@ def commitment_body(
             body[key] = str(provenance[key])
     if evaluation:
         body["evaluation"] = {str(k): float(v) for k, v in sorted(evaluation.items())}
+    if compression:
+        body["compression"] = dict(compression)
     return body
 
 
@@ -99,15 +105,18 @@ def sign_commitment(
     num_examples: int,
     provenance: Mapping[str, str] | None = None,
     evaluation: Mapping[str, float] | None = None,
+    compression: Mapping[str, Any] | None = None,
 ) -> SignedCommitment:
-    body = commitment_body(rnd, signer.key_id, update_bytes, num_examples, provenance, evaluation)
+    body = commitment_body(rnd, signer.key_id, update_bytes, num_examples, provenance, evaluation, compression)
     sig = signer.sign(entry_digest(COMMITMENT_KIND, rnd, signer.key_id, body))
     return SignedCommitment(signer.key_id, rnd, body, sig)
 
 
 def update_bytes(update: Update) -> bytes:
     """The update exactly as it travels: its sealed bytes in enclave mode, its masked input under
-    secure aggregation, else raw float32."""
+    secure aggregation, its compressed payload with ``[transport] compression``, else raw float32."""
+    if isinstance(update, CompressedUpdate):
+        return update.payload
     sealed = getattr(update, "sealed", b"") or getattr(update, "masked", b"")
     return bytes(sealed) if sealed else to_bytes(update.params)
 
@@ -118,7 +127,13 @@ def sign_update(
     if update.participant_id != signer.key_id:
         raise LedgerError(f"key {signer.key_id!r} cannot sign the update of {update.participant_id!r}")
     return sign_commitment(
-        signer, rnd, update_bytes(update), update.num_examples, provenance, evaluation_of(update.metrics)
+        signer,
+        rnd,
+        update_bytes(update),
+        update.num_examples,
+        provenance,
+        evaluation_of(update.metrics),
+        compression_body(update),
     )
 
 

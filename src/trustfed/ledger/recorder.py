@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
+from trustfed.core.compression import CompressionPolicy
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.accounts import dev_key_notice, is_dev_account
@@ -97,8 +98,10 @@ class LedgerRecorder:
         certificates: Mapping[str, bytes] | None = None,
         attachments: Sequence[RoundAttachments] = (),
         max_examples: int | None = None,
+        compression: CompressionPolicy | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.compression = compression  # [transport] compression: declared in every aggregation entry
         self.max_examples = max_examples  # the bound on declared counts the coordinator enforced, if it did
         self.ledger = ledger
         self.coordinator = coordinator
@@ -163,6 +166,8 @@ class LedgerRecorder:
             }
             if self.max_examples is not None:  # every commitment's num_examples is within it (audit verify checks)
                 body["max_examples"] = self.max_examples
+            if self.compression is not None and self.compression.enabled:  # audit verify checks each commitment
+                body["compression"] = self.compression.declaration()
             audit.append("aggregation", rnd, body, self.coordinator)
             self._checkpoint(audit, rnd, result.params, record.model_hash)
             audit.sync()
@@ -340,6 +345,7 @@ def simulated_recorder(
     attachments: Sequence[RoundAttachments] = (),
     *,
     provenance: Mapping[str, Mapping[str, str]] | None = None,
+    compression: CompressionPolicy | None = None,
 ) -> LedgerRecorder:
     """A recorder for a simulation: every participant gets its own key (kept in RUN_DIR/keys).
 
@@ -374,6 +380,7 @@ def simulated_recorder(
         commitments,
         checkpoints=settings.checkpoints,
         attachments=attachments,
+        compression=compression,
     )
 
 
@@ -388,6 +395,7 @@ def network_recorder(
     *,
     resume: bool = False,
     max_examples: int | None = None,
+    compression: CompressionPolicy | None = None,
 ) -> LedgerRecorder:
     """A recorder for a networked federation: nobody's private key but the coordinator's is here.
 
@@ -419,4 +427,5 @@ def network_recorder(
         certificates=certificates,
         attachments=attachments,
         max_examples=max_examples,
+        compression=compression,
     )

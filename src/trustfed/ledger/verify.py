@@ -204,6 +204,7 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
                     f["merkle_root"], f["aggregation"] = root, loc
                     self._aggregation_names(loc, f)
                     self._declared_counts(loc, f)
+                    self._compression(loc, f)
                     self._federated_evaluation(loc, f)
                 elif e.kind == ATTESTATION_KIND:
                     self._attestation(loc)

@@ -1,11 +1,13 @@
-"""The audit verifier's checks of a round's entries: aggregation names, participant commitments, the
-app and its provenance, federated evaluation, participant status and checkpoints."""
+"""The audit verifier's checks of a round's entries: aggregation names, participant commitments (and the
+compression they state), the app and its provenance, federated evaluation, participant status and
+checkpoints."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from trustfed.core.compression import CompressionRecord
 from trustfed.core.evaluation import EVAL_PREFIX, FED_EVAL_PREFIX, combine
 from trustfed.errors import CheckpointError, TrustFedError
 from trustfed.ledger.checkpoint import hash_model_bytes
@@ -49,6 +51,30 @@ class EntryChecks(VerifierState):
                     AUDIT_FILE, ln, e.round, "body.max_examples", f"the {where} of {pid!r} declares {n!r} examples"
                 )
         self.checked["declared_counts"] += len(counts)
+
+    def _compression(self, loc: Located, f: dict[str, Any]) -> None:
+        """With ``compression`` declared in the aggregation (``[transport] compression``), every commitment of
+        the round states that codec and block and a measured error that is finite, >= 0 and within the
+        declared ``max_error`` if there is one; its ``update_sha256`` (recomputed into the commitment above)
+        is then the hash of the compressed bytes. Without a declaration, no commitment states compression."""
+        e, ln = loc.entry, loc.line
+        stated: dict[str, Any] = f.get("compression", {})
+        declared = e.body.get("compression")
+        if declared is None:
+            for pid in sorted(p for p, rec in stated.items() if rec is not None):
+                self.fail(AUDIT_FILE, ln, e.round, "body.compression", f"none declared, yet {pid!r} states one")
+            return
+        spec = declared if isinstance(declared, dict) else {}
+        codec, block, bound = spec.get("codec"), spec.get("block"), spec.get("max_error")
+        bad_bound = bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float) or bound <= 0)
+        if codec not in ("fp16", "int8") or not isinstance(block, int) or bad_bound:
+            self.fail(AUDIT_FILE, ln, e.round, "body.compression", f"malformed declaration {declared!r}")
+            return
+        for pid, rec in stated.items():
+            why = _record_problems(rec, codec, block, None if bound is None else float(bound))
+            if why:
+                self.fail(AUDIT_FILE, ln, e.round, "body.compression", f"the commitment of {pid!r}: {'; '.join(why)}")
+        self.checked["compression_records"] += len(stated)
 
     def _behaviour(self, loc: Located, plan: Located | None, f: dict[str, Any]) -> None:
         """An update refused for what it carried: recorded by the coordinator, naming a participant the round
@@ -105,6 +131,7 @@ class EntryChecks(VerifierState):
             self.fail(AUDIT_FILE, ln, e.round, "body.commitment", "is not H(round, id, H(update))")
         self.checked["commitments"] += 1
         f.setdefault("examples", {})[e.author] = b.get("num_examples")
+        f.setdefault("compression", {})[e.author] = b.get("compression")
         self._provenance(loc, f)
         f["leaves"].append(bytes.fromhex(real))
         f.setdefault("commitments", {})[e.author] = f["leaves"][-1]  # author -> commitment, for the receipt
@@ -211,3 +238,16 @@ class EntryChecks(VerifierState):
                 f"file hashes to {real[:16]}…, the log (line {ln}) records {recorded[:16]}…: swapped or altered",
             )
         return recorded
+
+
+def _record_problems(rec: object, codec: str, block: int, bound: float | None) -> list[str]:
+    """Why a commitment's ``compression`` entry does not meet the round's declaration (empty: it does)."""
+    keys = ("codec", "block", "max_abs_error", "rel_l2_error")
+    if not isinstance(rec, dict) or set(rec) != set(keys):
+        return [f"states no compression record with {', '.join(keys)} (got {rec!r})"]
+    err, rel = rec["max_abs_error"], rec["rel_l2_error"]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (err, rel)):
+        return ["its measured errors are not numbers"]
+    if rec["codec"] != codec or rec["block"] != block:
+        return [f"states {rec['codec']!r} in blocks of {rec['block']!r}; the round declares {codec!r} in {block}"]
+    return CompressionRecord(codec, block, float(err), float(rel)).problems(bound)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from trustfed.core.codec import ParamSpec, flatten, load_vector
+from trustfed.core.compression import CompressionPolicy, compress_update
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.data.datasets import Dataset
 from trustfed.models.training import TrainConfig, evaluate, train_epochs
@@ -90,3 +91,21 @@ class LocalTrainer:
         load_vector(self.model, params, self.spec)
         r = evaluate(self.model, self.data)
         return {"loss": r.loss, "accuracy": r.accuracy, "num_examples": float(r.num_examples)}
+
+
+class CompressingTrainer:
+    """Wraps a Trainer: every update leaves compressed (``[transport] compression``), as its delta to the
+    round's global model (:func:`trustfed.core.compression.compress_update`). Outermost, so it compresses
+    what the participant would send anyway: after DP noise (post-processing) and any attack's crafting."""
+
+    def __init__(self, inner: Trainer, policy: CompressionPolicy) -> None:
+        self.inner = inner
+        self.policy = policy
+        self.participant_id = inner.participant_id
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        base = params.detach().clone()  # the inner trainer may train in place
+        return compress_update(self.inner.fit(params, plan), base, self.policy)
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        return self.inner.evaluate(params)

@@ -19,7 +19,7 @@ from trustfed.errors import ConfigError, ConfigProblem
 from trustfed.ledger.participant import (
     ChainView,
 )
-from trustfed.models.trainer import Trainer
+from trustfed.models.trainer import CompressingTrainer, Trainer
 from trustfed.participant.client import ParticipantClient
 from trustfed.participant.settings import ParticipantConfig
 from trustfed.pki.ca import load_private_key
@@ -54,6 +54,8 @@ def build_participant(cfg: ParticipantConfig) -> ParticipantClient:
     provenance = rt.provenance(data_spec, local)
     if fed.enclave.enabled:
         trainer = _sealing_trainer(fed, cfg, trainer)
+    if fed.transport.compression != "none":  # uploads travel quantised (never with the enclave: config refuses it)
+        trainer = CompressingTrainer(trainer, fed.transport.compression_policy)
     chain: ChainView | None = None
     if fed.ledger.enabled:
         if cfg.ledger is None:

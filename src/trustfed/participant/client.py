@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from trustfed.core.codec import ParamSpec, model_hash
+from trustfed.core.compression import compression_body
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.enclave.errors import AttestationRefused
 from trustfed.enclave.receipts import Receipt, verify_receipt
@@ -56,7 +57,7 @@ from trustfed.transport.streaming import (
     check_declaration,
     expect_end,
     iter_chunks,
-    model_hasher,
+    payload_hash,
     receive_payload,
 )
 from trustfed.transport.tls import channel, diagnose_tls
@@ -285,8 +286,12 @@ class ParticipantClient:
             total_bytes=len(payload),
             chunk_bytes=c,
             num_chunks=-(-len(payload) // c),
-            model_hash=_payload_hash(self.spec_json, payload),
+            model_hash=payload_hash(self.spec_json, payload),
         )
+        compression = compression_body(update)  # the codec and measured error, signed below with the payload hash
+        if compression is not None:
+            header.compression, header.compression_block = compression["codec"], compression["block"]
+            header.max_abs_error, header.rel_l2_error = compression["max_abs_error"], compression["rel_l2_error"]
         if getattr(update, "masked", b""):  # secure aggregation: a masked input, never the update itself
             header.secagg_masked = True
         sealed = getattr(update, "sealed", b"")
@@ -304,6 +309,7 @@ class ParticipantClient:
                 update.num_examples,
                 self.provenance,
                 evaluation_of(header.metrics),
+                compression,
             )
             if sealed and sc.commitment != bytes(getattr(update, "commitment", b"")):
                 raise TransportError(f"round {rp.round}: the sealed update's commitment differs from the ledger's")
@@ -490,10 +496,3 @@ class ParticipantClient:
             after = outcome.round
             if on_round:
                 on_round(outcome)
-
-
-def _payload_hash(spec_json: str, payload: bytes) -> str:
-    """model_hash over the wire bytes (one pass, no second float32 conversion)."""
-    h = model_hasher(spec_json)
-    h.update(payload)
-    return h.hexdigest()

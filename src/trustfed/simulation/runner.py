@@ -34,7 +34,7 @@ from trustfed.primitives.atomic import atomic_write_bytes
 from trustfed.simulation.adversary import adversarial_transport, attach_root_update
 from trustfed.simulation.ray_backend import RayTransport
 from trustfed.simulation.secagg import SecAggTransport
-from trustfed.simulation.transports import InProcessTransport, MultiprocessTransport
+from trustfed.simulation.transports import CompressingTransport, InProcessTransport, MultiprocessTransport
 
 
 def versions() -> dict[str, str]:
@@ -77,6 +77,8 @@ def run_simulation(
         transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids}, workers)
     if cfg.attack.kind != "none":  # the attack crafts the malicious updates from the collected ones
         transport = adversarial_transport(cfg, transport, strategy)
+    if cfg.transport.compression != "none":  # updates cross the same codec as gRPC uploads (not with secagg)
+        transport = CompressingTransport(transport, cfg.transport.compression_policy)
     if cfg.secagg.enabled:  # the coordinator gets the masked sum only
         transport = SecAggTransport(transport, cfg.secagg, cfg.strategy.min_participants)
     provenance = {pid: simulated_provenance(rt, pid) for pid in ids} if out_dir is not None else {}

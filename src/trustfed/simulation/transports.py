@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -15,6 +16,8 @@ import torch
 from trustfed.apps.runtime import Runtime
 from trustfed.config import FederationConfig
 from trustfed.core.codec import from_bytes, to_bytes
+from trustfed.core.compression import CompressionPolicy, compress_update, restore
+from trustfed.core.rounds import Transport
 from trustfed.core.strategy import RoundPlan, Update
 from trustfed.errors import ParticipantWithdrew
 from trustfed.models.trainer import Trainer, close_trainer
@@ -167,3 +170,29 @@ class MultiprocessTransport:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self._budgets is not None:
             self._budgets.cleanup()
+
+
+class CompressingTransport:
+    """The simulation's wire under ``[transport] compression``: each participant's update leaves as the
+    payload of its delta to the round's model (:func:`~trustfed.core.compression.compress_update`, which
+    measures the error), and the coordinator's side restores it from those bytes alone, as the gRPC
+    coordinator restores an upload. The commitments then sign the payload's hash and the measured error."""
+
+    def __init__(self, inner: Transport, policy: CompressionPolicy) -> None:
+        self.inner = inner
+        self.policy = policy
+        self.sent_bytes: dict[int, int] = {}  # round -> payload bytes of all its updates
+
+    def available(self) -> Sequence[str]:
+        return self.inner.available()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
+        base = params.detach().clone()
+        sent = [compress_update(u, base, self.policy) for u in self.inner.fit(plan, params)]
+        p = self.policy
+        out: list[Update] = [dataclasses.replace(u, params=restore(base, u.payload, p.codec, p.block)) for u in sent]
+        self.sent_bytes[plan.round] = sum(len(u.payload) for u in sent)
+        return out

@@ -144,7 +144,7 @@ class ModelHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., spec_json: _Optional[str] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "participant_id", "num_examples", "metrics", "total_bytes", "chunk_bytes", "num_chunks", "model_hash", "commitment", "sealed", "withdrawn_reason", "commitment_signature", "enclave_key_id", "enclave_signature", "secagg_masked", "app_sha256", "data_sha256", "refusal", "refusal_signature")
+    __slots__ = ("round", "participant_id", "num_examples", "metrics", "total_bytes", "chunk_bytes", "num_chunks", "model_hash", "commitment", "sealed", "withdrawn_reason", "commitment_signature", "enclave_key_id", "enclave_signature", "secagg_masked", "app_sha256", "data_sha256", "refusal", "refusal_signature", "compression", "compression_block", "max_abs_error", "rel_l2_error")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,10 @@ class UpdateHeader(_message.Message):
     DATA_SHA256_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    REL_L2_ERROR_FIELD_NUMBER: _ClassVar[int]
     round: int
     participant_id: str
     num_examples: int
@@ -190,7 +194,11 @@ class UpdateHeader(_message.Message):
     data_sha256: str
     refusal: bytes
     refusal_signature: bytes
-    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ..., commitment: _Optional[bytes] = ..., sealed: _Optional[bool] = ..., withdrawn_reason: _Optional[str] = ..., commitment_signature: _Optional[bytes] = ..., enclave_key_id: _Optional[str] = ..., enclave_signature: _Optional[bytes] = ..., secagg_masked: _Optional[bool] = ..., app_sha256: _Optional[str] = ..., data_sha256: _Optional[str] = ..., refusal: _Optional[bytes] = ..., refusal_signature: _Optional[bytes] = ...) -> None: ...
+    compression: str
+    compression_block: int
+    max_abs_error: float
+    rel_l2_error: float
+    def __init__(self, round: _Optional[int] = ..., participant_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., model_hash: _Optional[str] = ..., commitment: _Optional[bytes] = ..., sealed: _Optional[bool] = ..., withdrawn_reason: _Optional[str] = ..., commitment_signature: _Optional[bytes] = ..., enclave_key_id: _Optional[str] = ..., enclave_signature: _Optional[bytes] = ..., secagg_masked: _Optional[bool] = ..., app_sha256: _Optional[str] = ..., data_sha256: _Optional[str] = ..., refusal: _Optional[bytes] = ..., refusal_signature: _Optional[bytes] = ..., compression: _Optional[str] = ..., compression_block: _Optional[int] = ..., max_abs_error: _Optional[float] = ..., rel_l2_error: _Optional[float] = ...) -> None: ...
 
 class UploadAck(_message.Message):
     __slots__ = ("accepted", "reason")

@@ -1,15 +1,20 @@
 """``[transport]`` section of the federation file: where the coordinator listens, its TLS
-identity, round deadlines and every size/count limit of the wire protocol.
+identity, round deadlines, every size/count limit of the wire protocol, and how participants
+compress their updates (``compression``: :mod:`trustfed.core.compression`).
 
-Defaults keep the in-process simulation unchanged (it never reads this section).
+The simulation reads ``compression`` only (its updates cross the same codec); defaults change nothing.
 This module must not import :mod:`trustfed.config` (it is imported by it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from trustfed.core.compression import DEFAULT_BLOCK, CompressionPolicy
+from trustfed.errors import ConfigProblem
 
 MiB = 1 << 20
 
@@ -49,6 +54,37 @@ class TransportSettings(BaseModel):
     join_timeout_s: float = Field(120.0, gt=0, description="how long the server waits for participants to check in")
     linger_s: float = Field(3.0, ge=0, description="after the last round, keep serving DONE this long")
     limits: Limits = Limits()
+    compression: Literal["none", "fp16", "int8"] = Field(
+        "none",
+        description="participants' uploads: the update's delta to the round's model as float32 ('none'), float16 "
+        "(half the bytes; a value beyond ±65504 is refused) or int8 with a float32 scale per block (about a quarter)",
+    )
+    compression_block: int = Field(DEFAULT_BLOCK, ge=64, le=1 << 20, description="int8: values per scaled block")
+    compression_max_error: float | None = Field(
+        None,
+        gt=0,
+        description="largest max_abs_error a compressed update may declare; the coordinator refuses more and "
+        "audit verify fails it",
+    )
+
+    @property
+    def compression_policy(self) -> CompressionPolicy:
+        return CompressionPolicy(self.compression, self.compression_block, self.compression_max_error)
+
+    def compression_problems(self, *, secagg: bool, enclave: bool) -> list[ConfigProblem]:
+        """Compression needs the coordinator to see each update: not under secure aggregation (it sees
+        masked field elements) nor the enclave (it sees sealed bytes)."""
+        out = []
+        if self.compression != "none":
+            for on, what in (
+                (secagg, "secagg.enabled: masked inputs are uniform field elements, which do not compress"),
+                (enclave, "enclave.enabled: the enclave opens float32 updates only"),
+            ):
+                if on:
+                    out.append(ConfigProblem("transport.compression", f"cannot be used with {what}; set 'none'"))
+        elif self.compression_max_error is not None:
+            out.append(ConfigProblem("transport.compression_max_error", "needs compression = 'fp16' or 'int8'"))
+        return out
 
     def resolved(self, base: Path) -> TransportSettings:
         """Relative paths resolve against ``base`` (the folder of the federation file)."""

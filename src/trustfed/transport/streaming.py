@@ -31,6 +31,13 @@ def model_hasher(spec_json: str) -> hashlib._Hash:
     return h
 
 
+def payload_hash(spec_json: str, payload: bytes) -> str:
+    """model_hash over the wire bytes, whatever they encode (one pass, no float32 conversion)."""
+    h = model_hasher(spec_json)
+    h.update(payload)
+    return h.hexdigest()
+
+
 def num_chunks(total_bytes: int, chunk_bytes: int) -> int:
     return -(-total_bytes // chunk_bytes)
 
@@ -57,12 +64,19 @@ SEALED_OVERHEAD_MAX = 64 * 1024 + 256
 
 
 def check_declaration(
-    decl: StreamDeclaration, spec: ParamSpec, limits: Limits, where: str, *, sealed: bool = False
+    decl: StreamDeclaration,
+    spec: ParamSpec,
+    limits: Limits,
+    where: str,
+    *,
+    sealed: bool = False,
+    payload_bytes: int | None = None,
 ) -> None:
     """Refuse a stream whose declared sizes break a limit or do not match the spec (before allocation).
 
-    ``sealed``: the payload is an update sealed to the enclave, a little larger than the spec's size."""
-    expected = 4 * spec.size
+    ``sealed``: the payload is an update sealed to the enclave, a little larger than the spec's size;
+    ``payload_bytes``: the size the payload must have instead of float32's (a compressed update)."""
+    expected = 4 * spec.size if payload_bytes is None else payload_bytes
     if sealed and expected < decl.total_bytes <= expected + SEALED_OVERHEAD_MAX:
         expected = decl.total_bytes
     if decl.total_bytes > limits.max_model_bytes:
