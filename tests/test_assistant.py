@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
+from tests.assistant_helpers import make_workspace, raw_config
 from typer.testing import CliRunner
 
 from trustfed.apps.runtime import Runtime
@@ -29,28 +28,7 @@ pytest.importorskip("peft", reason="the assistant app needs trustfed[llm] (trans
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trustfed.apps.assistant.corpus import VENDORS, write_vendor_data
-    from trustfed.apps.assistant.model import pretrain_base
-
-    root = tmp_path_factory.mktemp("assistant")
-    pretrain_base(root / "base", hidden=64, layers=2)  # small: the suite runs on 2 cores
-    rng = np.random.default_rng(0)
-    for i, vendor in enumerate(VENDORS):
-        write_vendor_data(root / f"v{i}", vendor, rng, train=96, held_out=32)
-    return root
-
-
-def raw_config(root: Path, rounds: int) -> dict[str, Any]:
-    return {
-        "federation": {"name": "assistant", "rounds": rounds, "participants": 3, "seed": 0},
-        "app": {
-            "target": "trustfed.apps.assistant.app:app",
-            "config": {"base": str(root / "base"), "generate": 8, "targets": ["q_proj", "v_proj"], "length": 48},
-        },
-        "training": {"local_epochs": 3, "batch_size": 8, "lr": 0.05},
-        "strategy": {"min_participants": 3},
-        "simulation": {"data": {f"p{i:03d}": {"path": str(root / f"v{i}")} for i in range(3)}},
-    }
+    return make_workspace(tmp_path_factory.mktemp("assistant"))
 
 
 def config(root: Path, rounds: int) -> FederationConfig:

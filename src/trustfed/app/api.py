@@ -90,6 +90,7 @@ TrainFn: TypeAlias = Callable[[nn.Module, TrainData, TrainContext], Mapping[str,
 EvaluateFn: TypeAlias = Callable[[nn.Module, TrainData, AppContext], Mapping[str, float]]
 ServerEvaluateFn: TypeAlias = Callable[[nn.Module, AppContext], Mapping[str, float]]
 ExchangeFn: TypeAlias = Callable[[nn.Module], Mapping[str, Any]]
+ExampleLossFn: TypeAlias = Callable[[nn.Module, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ class App:
     - ``exchange(model)``: the part of the model's state that travels and is aggregated (default:
       the whole state dict). A LoRA app returns its adapter tensors only; the rest of the model
       stays as every participant built it.
+    - ``example_loss(model, batch)``: one loss per example of a batch of the app's training data
+      (a tensor ``[B]``; the batch as torch's ``default_collate`` builds it from the dataset's items).
+      With it, ``[privacy] mode = "local"`` trains the app with DP-SGD (Poisson-sampled batches, each
+      example's gradient of the trainable parameters clipped, Gaussian noise, the budget enforced)
+      in place of its ``train``; without it only array data on the built-in loop can.
     """
 
     model: ModelFactory
@@ -117,3 +123,4 @@ class App:
     strategies: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     aggregators: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     exchange: ExchangeFn | None = None
+    example_loss: ExampleLossFn | None = None

@@ -95,7 +95,7 @@ class AppTrainer:
         if self.num_examples <= 0:
             raise AppError(f"participant {participant_id}: the app's data loader returned no training examples")
 
-    def _settings(self, plan: RoundPlan) -> loop.LoopSettings:
+    def round_settings(self, plan: RoundPlan) -> loop.LoopSettings:
         """This round's settings: the coordinator's per-round overrides over the configured ones."""
         c = train_config_from_plan(self.settings, plan)
         return replace(self.settings, **{f.name: getattr(c, f.name) for f in fields(TrainConfig)})
@@ -111,13 +111,26 @@ class AppTrainer:
             return got
         return loop.evaluate(self.model, data, self.settings.loss, self.settings.metrics)
 
-    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
-        load_exchanged(self.app, self.model, params, self.spec)
-        metrics: dict[str, float] = {}
+    def federated_evaluation(self, plan: RoundPlan) -> dict[str, float]:
+        """The ``eval_*`` scores of the model just received on the held-out data (every ``evaluate_every`` rounds)."""
         k = self.evaluate_every
         if k > 0 and self.data.eval is not None and (plan.round - 1) % k == 0:
-            metrics.update({EVAL_PREFIX + name: v for name, v in self._score(self.data.eval).items()})
-        s = self._settings(plan)
+            return {EVAL_PREFIX + name: v for name, v in self._score(self.data.eval).items()}
+        return {}
+
+    def update(self, plan: RoundPlan, metrics: dict[str, float]) -> Update:
+        """The update to send: the exchanged state after training, refused when it is not finite."""
+        vec, _ = flatten(exchanged_state(self.app, self.model))
+        if not bool(torch.isfinite(vec).all()):
+            raise AppError(
+                f"participant {self.participant_id}: round {plan.round}'s training produced non-finite parameters"
+            )
+        return Update(self.participant_id, vec, self.num_examples, metrics)
+
+    def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
+        load_exchanged(self.app, self.model, params, self.spec)
+        metrics = self.federated_evaluation(plan)
+        s = self.round_settings(plan)
         seed = round_seed(self.seed, plan.round, self.participant_id)
         torch.manual_seed(seed)  # dropout and other randomness inside the app's model
         if self.app.train is not None:
@@ -132,12 +145,7 @@ class AppTrainer:
             )
         else:
             metrics.update(loop.train(self.model, self.data.train, s, seed))
-        vec, _ = flatten(exchanged_state(self.app, self.model))
-        if not bool(torch.isfinite(vec).all()):
-            raise AppError(
-                f"participant {self.participant_id}: round {plan.round}'s training produced non-finite parameters"
-            )
-        return Update(self.participant_id, vec, self.num_examples, metrics)
+        return self.update(plan, metrics)
 
     def evaluate(self, params: torch.Tensor) -> dict[str, float]:
         load_exchanged(self.app, self.model, params, self.spec)

@@ -23,6 +23,7 @@ from trustfed.app.loading import AppIdentity, app_identity, load_app
 from trustfed.app.trainer import AppTrainer, exchanged_state, load_exchanged
 from trustfed.apps.builtin import builtin_app, builtin_identity, federation_data
 from trustfed.apps.builtin_parts import build_trainer, model_factory, train_config
+from trustfed.apps.private import AppDPSGDTrainer
 from trustfed.config import FederationConfig, participant_ids
 from trustfed.core.aggregator import available_aggregators, register_aggregator, registered_factory
 from trustfed.core.codec import ParamSpec, flatten
@@ -150,6 +151,21 @@ class Runtime:
             return build_trainer(cfg, federation_data(cfg), pid, budget_state_dir=budget_state_dir, spec=self.spec)
         factory = self.model_factory()
         p = cfg.privacy
+        state = BudgetStateFile.in_dir(budget_state_dir, pid) if budget_state_dir is not None else None
+        if p.mode == "local" and self.app.example_loss is not None:  # DP-SGD over the app's per-example loss
+            return AppDPSGDTrainer(
+                pid,
+                self.app,
+                self.context(pid),
+                factory,
+                self.spec,
+                local,
+                self.loop_settings(),
+                cfg.federation.seed,
+                p,
+                evaluate_every=cfg.training.evaluate_every,
+                budget_state=state,
+            )
         if p.mode == "local":
             if (
                 not isinstance(local.train, ArrayDataset)
@@ -159,7 +175,8 @@ class Runtime:
                 raise AppError(
                     f"participant {pid}: privacy.mode = 'local' (DP-SGD) clips per-example gradients of the built-in "
                     "cross-entropy loop: the app must return its training data as trustfed arrays "
-                    "(trustfed.data.datasets.Dataset) and leave train to trustfed"
+                    "(trustfed.data.datasets.Dataset) and leave train to trustfed, or declare its per-example "
+                    "loss (App(example_loss=...))"
                 )
 
             return build_private_trainer(
@@ -185,7 +202,6 @@ class Runtime:
         )
         if p.mode == "central":
             budget, delta = p.budget_for(pid)
-            state = BudgetStateFile.in_dir(budget_state_dir, pid) if budget_state_dir is not None else None
             trainer = CentralBudgetTrainer(trainer, budget, delta, p.accountant, budget_state=state)
         return trainer
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,15 @@ from trustfed.models.training import TrainConfig, evaluate
 from trustfed.privacy.accounting import AccountantName, GaussianSteps, PrivacyError
 from trustfed.privacy.budget import BudgetGuard
 from trustfed.privacy.budget_state import BudgetStateFile
-from trustfed.privacy.per_sample import ClippedGrads, LossFn, clipped_grad_sum, sum_cross_entropy
+from trustfed.privacy.per_sample import (
+    ClippedGrads,
+    ExampleLossFn,
+    LossFn,
+    clipped_example_grad_sum,
+    clipped_grad_sum,
+    sum_cross_entropy,
+    trainable_parameters,
+)
 
 
 def dp_sgd_step(
@@ -42,13 +51,60 @@ def dp_sgd_step(
 ) -> ClippedGrads:
     """One DP-SGD step: grad = (sum_i clip(g_i, C) + N(0, (sigma C)^2 I)) / expected_batch_size.
 
-    ``ClippedGrads.grads`` of the result are the noisy gradients (the parameters' ``.grad``).
+    ``ClippedGrads.grads`` of the result are the noisy gradients (the trainable parameters' ``.grad``).
 
     Dividing by the *expected* batch size (not the sampled one) keeps the sensitivity C / (qN)
     under Poisson sampling. A FedProx term, which does not depend on the data, is added after
     the noise."""
-    std = noise_multiplier * max_grad_norm / expected_batch_size
-    params = list(model.parameters())
+    scale = 1.0 / expected_batch_size
+    return noisy_step(
+        model,
+        optimizer,
+        lambda into: clipped_grad_sum(model, x, y, max_grad_norm, loss_fn, scale=scale, into=into),
+        std=noise_multiplier * max_grad_norm * scale,
+        generator=generator,
+        anchor=anchor,
+        proximal_mu=proximal_mu,
+    )
+
+
+def dp_sgd_example_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    example_loss: ExampleLossFn,
+    batch: Any,
+    size: int,
+    *,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> ClippedGrads:
+    """:func:`dp_sgd_step` for any batch of ``size`` examples: ``example_loss(batch)`` gives one loss
+    per example (``size == 0``, an empty Poisson sample, is a step on the noise alone)."""
+    scale = 1.0 / expected_batch_size
+    return noisy_step(
+        model,
+        optimizer,
+        lambda into: clipped_example_grad_sum(model, example_loss, batch, size, max_grad_norm, scale=scale, into=into),
+        std=noise_multiplier * max_grad_norm * scale,
+        generator=generator,
+    )
+
+
+def noisy_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clipped_into: Callable[[list[torch.Tensor]], ClippedGrads],
+    *,
+    std: float,
+    generator: torch.Generator,
+    anchor: list[torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
+) -> ClippedGrads:
+    """Draw N(0, std^2) into every trainable parameter's gradient, add the clipped sum
+    (``clipped_into(noise)`` accumulates it in place), then step. Frozen parameters get nothing."""
+    params = trainable_parameters(model)
     with torch.no_grad():
         # The noise is drawn first, into each parameter's .grad (reused between steps); the clipped
         # sum, already divided by the expected batch size, is then accumulated onto it.
@@ -58,7 +114,7 @@ def dp_sgd_step(
             if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous():
                 g = torch.empty_like(p, memory_format=torch.contiguous_format)
             noise.append(g.normal_(0.0, std, generator=generator))
-    cg = clipped_grad_sum(model, x, y, max_grad_norm, loss_fn, scale=1.0 / expected_batch_size, into=noise)
+    cg = clipped_into(noise)
     with torch.no_grad():
         for i, (p, g) in enumerate(zip(params, noise, strict=True)):
             if anchor is not None and proximal_mu > 0:
@@ -71,6 +127,20 @@ def dp_sgd_step(
 def steps_per_epoch(sample_rate: float) -> int:
     """Opacus' convention: an epoch is 1/q Poisson-sampled steps."""
     return max(1, round(1.0 / sample_rate))
+
+
+def local_event(
+    noise_multiplier: float, sample_rate: float | None, batch_size: int, examples: int, epochs: int
+) -> GaussianSteps:
+    """One round of DP-SGD over ``examples``: rate ``sample_rate`` (default batch_size / examples),
+    ``epochs`` epochs of 1/q steps."""
+    q = sample_rate if sample_rate is not None else min(1.0, batch_size / examples)
+    return GaussianSteps(noise_multiplier, q, epochs * steps_per_epoch(q))
+
+
+def poisson_sample(examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """The indices of one Poisson-sampled batch: each example is in it with probability ``sample_rate``."""
+    return (torch.rand(examples, generator=generator) < sample_rate).nonzero().flatten()
 
 
 class DPSGDTrainer:
@@ -111,8 +181,7 @@ class DPSGDTrainer:
         self.guard = BudgetGuard(participant_id, budget_epsilon, delta, accountant, state=budget_state)
 
     def plan_event(self, cfg: TrainConfig) -> GaussianSteps:
-        q = self.sample_rate if self.sample_rate is not None else min(1.0, cfg.batch_size / len(self.data))
-        return GaussianSteps(self.noise_multiplier, q, cfg.epochs * steps_per_epoch(q))
+        return local_event(self.noise_multiplier, self.sample_rate, cfg.batch_size, len(self.data), cfg.epochs)
 
     def fit(self, params: torch.Tensor, plan: RoundPlan) -> Update:
         cfg = train_config_from_plan(self.config, plan)
@@ -123,14 +192,15 @@ class DPSGDTrainer:
         seed = round_seed(self.seed, plan.round, self.participant_id)
         sampler = torch.Generator().manual_seed(seed)
         noise = torch.Generator().manual_seed(secrets.randbits(63) if self.secure_noise else seed ^ 0x5EED)
-        opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu > 0 else None
+        trained = trainable_parameters(self.model)
+        opt = torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        anchor = [p.detach().clone() for p in trained] if cfg.proximal_mu > 0 else None
         x = torch.from_numpy(self.data.x)
         y = torch.from_numpy(self.data.y)
         n = len(y)
         total, seen, clipped, examples = 0.0, 0, 0, 0
         for _ in range(event.steps):
-            idx = (torch.rand(n, generator=sampler) < event.sample_rate).nonzero().flatten()
+            idx = poisson_sample(n, event.sample_rate, sampler)
             cg = dp_sgd_step(
                 self.model,
                 opt,

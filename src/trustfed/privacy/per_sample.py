@@ -13,12 +13,18 @@ from those two tensors directly:
 
 Any other module that owns parameters falls back to ``torch.func`` (``vmap`` over ``grad``),
 which is exact but slower. The oracle these are tested against is one backward pass per example.
+
+Only *trainable* parameters (``requires_grad``) are clipped, noised and stepped: a frozen base model
+(and LoRA's frozen A) takes no part, and its layers are not even hooked. Models whose batches are not
+one ``(x, y)`` pair (a language model's ``input_ids`` / ``labels`` / ``attention_mask``) use
+:func:`clipped_example_grad_sum` with a function that returns one loss per example.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,8 @@ from torch.nn.grad import conv2d_weight
 from trustfed.privacy.accounting import PrivacyError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: One loss per example of a batch: ``batch -> tensor [B]`` (the batch as the data yields it).
+ExampleLossFn = Callable[[Any], torch.Tensor]
 
 
 def sum_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,12 +44,17 @@ def sum_cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ClippedGrads:
-    """``grads[k]``: sum over the batch of the clipped per-example gradients of parameter ``k``
-    (``model.parameters()`` order); ``norms``: per-example gradient norms before clipping."""
+    """``grads[k]``: sum over the batch of the clipped per-example gradients of trainable parameter
+    ``k`` (:func:`trainable_parameters` order); ``norms``: per-example gradient norms before clipping."""
 
     grads: list[torch.Tensor]
     norms: torch.Tensor
     loss: float
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters DP-SGD clips, noises and steps: those that require a gradient."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -80,34 +93,93 @@ def clipped_grad_sum(
 ) -> ClippedGrads:
     """Clip every example's gradient to ``max_norm`` and sum them. ``loss_fn`` must sum over the batch.
 
-    The sums are multiplied by ``scale``. With ``into`` (one tensor per parameter, e.g. freshly
+    The sums are multiplied by ``scale``. With ``into`` (one tensor per trainable parameter, e.g. freshly
     drawn noise) they are added to those tensors in place, and ``grads`` are those tensors: on the
     fast path the addition happens inside the same matrix product that forms the sum."""
-    params = list(model.parameters())
-    if into is not None and [t.shape for t in into] != [p.shape for p in params]:
-        raise PrivacyError("clipped_grad_sum: `into` needs one tensor shaped like each model parameter")
-    grads = into if into is not None else [torch.zeros_like(p) for p in params]
+    grads = _slots(model, into)
     if len(x) == 0:
         return ClippedGrads(grads, torch.zeros(0), 0.0)
     if fast_path_supported(model):
-        return _bookkeeping(model, x, y, max_norm, loss_fn, scale, grads)
+        return _bookkeeping(model, lambda: loss_fn(model(x), y), len(x), max_norm, scale, grads)
     cg = _vmap(model, x, y, max_norm, loss_fn)
     for t, g in zip(grads, cg.grads, strict=True):
         t.add_(g, alpha=scale)
     return ClippedGrads(grads, cg.norms, cg.loss)
 
 
+def clipped_example_grad_sum(
+    model: nn.Module,
+    example_loss: ExampleLossFn,
+    batch: Any,
+    size: int,
+    max_norm: float,
+    *,
+    scale: float = 1.0,
+    into: list[torch.Tensor] | None = None,
+) -> ClippedGrads:
+    """:func:`clipped_grad_sum` for any batch: ``example_loss(batch)`` returns one loss per example
+    (``[size]``), and each example's gradient is that loss's. ``batch``: tensors whose first dimension
+    is the example, alone or in tuples, lists and dicts. Without the fast path each example gets its
+    own backward pass (exact, slower)."""
+    grads = _slots(model, into)
+    if size == 0:
+        return ClippedGrads(grads, torch.zeros(0), 0.0)
+
+    def total() -> torch.Tensor:
+        losses = example_loss(batch)
+        if losses.shape != (size,):
+            raise PrivacyError(f"the per-example loss returned shape {tuple(losses.shape)} for {size} examples")
+        return losses.sum()
+
+    if fast_path_supported(model):
+        return _bookkeeping(model, total, size, max_norm, scale, grads)
+    params = trainable_parameters(model)
+    per, losses = [], 0.0
+    for i in range(size):
+        loss = example_loss(example_of(batch, i)).sum()
+        per.append(torch.autograd.grad(loss, params))
+        losses += float(loss.detach())
+    norms = torch.stack([torch.sqrt(sum(((g.float() ** 2).sum() for g in gs), torch.zeros(()))) for gs in per])
+    c = clip_factors(norms, max_norm) * scale
+    with torch.no_grad():
+        for k, t in enumerate(grads):
+            t.add_(sum((c[i] * per[i][k] for i in range(size)), torch.zeros_like(t)))
+    return ClippedGrads(grads, norms, losses)
+
+
+def example_of(batch: Any, i: int) -> Any:
+    """Example ``i`` of a batch, as a batch of one."""
+    if isinstance(batch, torch.Tensor):
+        return batch[i : i + 1]
+    if isinstance(batch, tuple | list):
+        return type(batch)(example_of(t, i) for t in batch)
+    if isinstance(batch, Mapping):
+        return {k: example_of(v, i) for k, v in batch.items()}
+    raise PrivacyError(f"cannot take one example of a {type(batch).__name__} batch: use tensors, tuples or dicts")
+
+
+def _slots(model: nn.Module, into: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    params = trainable_parameters(model)
+    if into is not None and [t.shape for t in into] != [p.shape for p in params]:
+        raise PrivacyError("clipped_grad_sum: `into` needs one tensor shaped like each trainable parameter")
+    return into if into is not None else [torch.zeros_like(p) for p in params]
+
+
 def _bookkeeping(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    batch_loss: Callable[[], torch.Tensor],
+    b: int,
     max_norm: float,
-    loss_fn: LossFn,
     scale: float,
     grads: list[torch.Tensor],
 ) -> ClippedGrads:
-    """Adds ``scale`` times the clipped sums onto ``grads`` (one tensor per parameter)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and any(True for _ in m.parameters())]
+    """Adds ``scale`` times the clipped sums onto ``grads`` (one tensor per trainable parameter).
+    ``batch_loss()`` runs the forward pass over ``b`` examples and returns the sum of their losses."""
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
     inputs: dict[nn.Module, torch.Tensor] = {}
     outputs: dict[nn.Module, torch.Tensor] = {}
 
@@ -121,58 +193,69 @@ def _bookkeeping(
 
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        loss = loss_fn(model(x), y)
+        loss = batch_loss()
     finally:
         for h in handles:
             h.remove()
     used = [m for m in layers if m in outputs]
+    for m in used:
+        if inputs[m].shape[0] != b:
+            raise PrivacyError(
+                f"module {type(m).__name__} sees {inputs[m].shape[0]} rows for {b} examples; per-example "
+                "clipping needs the example as the first dimension of every layer's input"
+            )
     out_grads = torch.autograd.grad(loss, [outputs[m] for m in used])
-    b = len(x)
     norms2 = torch.zeros(b, dtype=torch.float32)
     # Per layer: either the factors (a, g) of a rank-1 per-example gradient, or materialised ones.
     factored: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-    material: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    material: dict[nn.Module, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     for m, g in zip(used, out_grads, strict=True):
         a = inputs[m]
-        bias = getattr(m, "bias", None)
+        w_on = m.weight.requires_grad
+        bias = m.bias if m.bias is not None and m.bias.requires_grad else None
         if isinstance(m, nn.Linear) and a.dim() == 2:
             gg = torch.linalg.vector_norm(g, dim=1).square_()
-            norms2 += torch.linalg.vector_norm(a, dim=1).square_().mul_(gg)
+            if w_on:
+                norms2 += torch.linalg.vector_norm(a, dim=1).square_().mul_(gg)
             if bias is not None:
                 norms2 += gg
             factored[m] = (a, g)
             continue
+        gw: torch.Tensor | None
         if isinstance(m, nn.Linear):
             a3 = a.reshape(b, -1, a.shape[-1])
             g3 = g.reshape(b, -1, g.shape[-1])
-            gw = torch.einsum("bto,bti->boi", g3, a3)
+            gw = torch.einsum("bto,bti->boi", g3, a3) if w_on else None
             gb = g3.sum(1) if bias is not None else None
         else:
             assert isinstance(m, nn.Conv2d)
-            gw = _conv2d_per_example_weight_grads(m, a, g)
+            gw = _conv2d_per_example_weight_grads(m, a, g) if w_on else None
             gb = g.sum((2, 3)) if bias is not None else None
-        norms2 += (gw * gw).reshape(b, -1).sum(1)
+        if gw is not None:
+            norms2 += (gw * gw).reshape(b, -1).sum(1).float()
         if gb is not None:
-            norms2 += (gb * gb).sum(1)
+            norms2 += (gb * gb).sum(1).float()
         material[m] = (gw, gb)
     norms = norms2.sqrt()
     c = clip_factors(norms, max_norm)
     cs = c * scale if scale != 1.0 else c
-    slot = {id(p): t for p, t in zip(model.parameters(), grads, strict=True)}
+    slot = {id(p): t for p, t in zip(trainable_parameters(model), grads, strict=True)}
     for m in used:
         w = m.weight
-        bias = getattr(m, "bias", None)
+        bias = m.bias if m.bias is not None and m.bias.requires_grad else None
         if m in factored:
             a, g = factored[m]
-            gc = g * cs[:, None]
-            slot[id(w)].addmm_(gc.t(), a)  # the accumulation rides on the GEMM
+            gc = g * cs[:, None].to(g.dtype)
+            if w.requires_grad:
+                slot[id(w)].addmm_(gc.t(), a)  # the accumulation rides on the GEMM
             if bias is not None:
                 slot[id(bias)].add_(gc.sum(0))
         else:
             gw, gb = material[m]
-            slot[id(w)].add_(torch.einsum("b,bo...->o...", cs, gw).reshape(w.shape))
+            if gw is not None:
+                slot[id(w)].add_(torch.einsum("b,bo...->o...", cs.to(gw.dtype), gw).reshape(w.shape))
             if bias is not None and gb is not None:
-                slot[id(bias)].add_(cs @ gb)
+                slot[id(bias)].add_(cs.to(gb.dtype) @ gb)
     return ClippedGrads(grads, norms.detach(), float(loss.detach()))
 
 
@@ -197,12 +280,13 @@ def _conv2d_per_example_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Ten
 def _vmap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: float, loss_fn: LossFn) -> ClippedGrads:
     from torch.func import functional_call, grad, vmap
 
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: t.detach() for n, t in model.named_buffers()}
 
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        out = functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
         return loss_fn(out, yi.unsqueeze(0))
 
     per = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)

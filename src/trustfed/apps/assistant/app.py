@@ -14,6 +14,10 @@ Each vendor's ``[data] path`` holds its chats (``{"messages": [{"role", "content
 ``train.jsonl`` and ``eval.jsonl`` (one chat a line), or as Hugging Face datasets saved with
 ``save_to_disk``: folders ``train`` and ``eval``, or one saved ``DatasetDict`` with those splits. Evaluation: held-out loss and perplexity over the assistant's replies,
 and for the tool-call chats, the exact-match and schema-valid rates of greedily generated calls.
+
+With ``[privacy] mode = "local"`` the app trains with DP-SGD on the adapters (:func:`example_loss`:
+one loss per chat, the mean over its reply tokens; trustfed's loop with ``[training]``'s optimiser
+replaces :func:`train`), see :mod:`trustfed.apps.private`.
 """
 
 from __future__ import annotations
@@ -138,17 +142,33 @@ def train(m: nn.Module, d: TrainData, ctx: TrainContext) -> dict[str, float]:
     return {"train_loss": total / max(seen, 1)}
 
 
+def token_nll(m: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's negative log-likelihood of the next token ``[B, T-1]`` and where it counts
+    (a reply token: its label is not -100)."""
+    ids, labels, mask = batch
+    logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return nll.masked_fill(~keep, 0.0), keep
+
+
+def example_loss(m: nn.Module, batch: Any) -> torch.Tensor:
+    """One loss per chat (DP-SGD clips each chat's gradient): the mean negative log-likelihood of its
+    reply tokens, so a chat weighs the same whatever its length (0 for a chat with no reply token)."""
+    nll, keep = token_nll(m, batch)
+    return nll.sum(1) / keep.sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def reply_loss(m: nn.Module, d: Chats) -> tuple[float, int]:
     """Mean negative log-likelihood per reply token, and the token count."""
     m.eval()
     nll, tokens = 0.0, 0
-    for ids, labels, mask in DataLoader(d, batch_size=64):
-        logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
-        keep = target != -100
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        nll -= float(logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].sum())
+    for batch in DataLoader(d, batch_size=64):
+        got, keep = token_nll(m, batch)
+        nll += float(got.sum())
         tokens += int(keep.sum())
     return nll / max(tokens, 1), tokens
 
@@ -199,4 +219,4 @@ def evaluate(m: nn.Module, d: TrainData, ctx: AppContext) -> dict[str, float]:
     return scores
 
 
-app = App(model=model, data=data, train=train, evaluate=evaluate, exchange=exchange)
+app = App(model=model, data=data, train=train, evaluate=evaluate, exchange=exchange, example_loss=example_loss)
