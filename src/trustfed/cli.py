@@ -210,12 +210,15 @@ def _final_table(metrics: dict[str, Any], out: Path, *, plot: bool = True) -> No
 @app.command("new")
 def new(
     folder: Annotated[Path, typer.Argument(help="the new project's folder (must not exist, or be empty)")],
-    template: Annotated[str, typer.Option(help="tabular | vision | text")] = "tabular",
+    template: Annotated[str, typer.Option(help="tabular | vision | text | assistant")] = "tabular",
     sites: Annotated[int, typer.Option(help="how many sites (participants), each with its own data folder")] = 3,
     seed: Annotated[int, typer.Option(min=0, help="seed of the generated sample data")] = 0,
 ) -> None:
     """Write a ready federation project: the app module, the federation file, one participant file and
-    data folder per site (generated samples), a README and a test."""
+    data folder per site (generated samples), a README and a test (assistant: and a tiny pre-trained
+    base language model)."""
+    if template == "assistant":
+        console.print("pre-training the assistant's tiny base model into base/ (seconds to a minute)…", highlight=False)
     fed = new_project(folder, template, sites=sites, seed=seed)
     console.print(f"[green]created[/green] {folder} ({template}, {sites} sites). Next:")
     console.print(f"  cd {folder} && trustfed simulate --config {fed.name} --out runs/sim", highlight=False)

@@ -1,8 +1,11 @@
-"""``trustfed new DIR --template tabular|vision|text``: a ready federation project.
+"""``trustfed new DIR --template tabular|vision|text|assistant``: a ready federation project.
 
 A project holds the app module (the organisation's own code: model, data loader), the federation
 file, one participant file per site pointing at that site's own data folder, small generated sample
 data, a README and a test. ``trustfed simulate`` and ``trustfed server`` / ``client`` run it as written.
+The assistant template also holds its base language model: ``trustfed new`` pre-trains a tiny one
+(:func:`trustfed.apps.assistant.model.pretrain_base`, saved with safetensors into ``base/``), since
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,17 +17,32 @@ from pathlib import Path
 import numpy as np
 
 from trustfed.errors import ConfigError, ConfigProblem
-from trustfed.templates import samples
+from trustfed.templates import assistant_project, samples
 
 TEMPLATES = {
     "tabular": "hospitals predict patients' risk class from a table (CSV) each keeps",
     "vision": "sites classify handwritten digits from image folders each keeps",
     "text": "assistant vendors classify user requests (JSON lines) each keeps",
+    "assistant": "assistant vendors fine-tune one tool-calling language model with LoRA on the chats each keeps",
 }
+_LOOP = """[training]                             # the built-in training loop (the app may bring its own train)
+local_epochs = 2
+batch_size = 32
+lr = {lr}
+optimizer = "adam"
+loss = "cross_entropy"
+metrics = ["accuracy"]
+evaluate_every = 1                     # each site scores the global model on its own eval data"""
 _SETTINGS = {
-    "tabular": {"rounds": 10, "epochs": 2, "lr": 0.01, "config": "hidden = 32"},
-    "vision": {"rounds": 10, "epochs": 2, "lr": 0.005, "config": "size = 8\nchannels = 16"},
-    "text": {"rounds": 10, "epochs": 2, "lr": 0.02, "config": "vocab = 4096\ndim = 32\nlength = 16"},
+    "tabular": {"rounds": "10", "config": "hidden = 32", "training": _LOOP.format(lr=0.01)},
+    "vision": {"rounds": "10", "config": "size = 8\nchannels = 16", "training": _LOOP.format(lr=0.005)},
+    "text": {"rounds": "10", "config": "vocab = 4096\ndim = 32\nlength = 16", "training": _LOOP.format(lr=0.02)},
+    "assistant": {
+        "rounds": "6",
+        "config": assistant_project.APP_CONFIG,
+        "training": assistant_project.TRAINING,
+        "privacy": assistant_project.PRIVACY,
+    },
 }
 
 
@@ -55,19 +73,12 @@ target = "{package}.app:app"
 [app.config]                           # handed to the app as ctx.config
 {s["config"]}
 
-[training]                             # the built-in training loop (the app may bring its own train)
-local_epochs = {s["epochs"]}
-batch_size = 32
-lr = {s["lr"]}
-optimizer = "adam"
-loss = "cross_entropy"
-metrics = ["accuracy"]
-evaluate_every = 1                     # each site scores the global model on its own eval data
+{s["training"]}
 
 [strategy]
 name = "fedavg"
 min_participants = {min(2, sites)}
-
+{s.get("privacy", "")}
 # In simulation each virtual participant reads the folder its real site would.
 {sim}
 [transport]                            # `trustfed server`: mutual TLS with the certificates in pki/
@@ -107,7 +118,7 @@ A trustfed federation project (template `{template}`): {TEMPLATES[template]}.
 - `federation.toml`: rounds, training, strategy; `[app.config]` is handed to the app.
 - `sites/<id>/participant.toml` and `sites/<id>/data/`: each site's own file and data (generated samples).
 - `tests/test_project.py`: runs the federation at small size (`pytest tests`).
-
+{assistant_project.README if template == "assistant" else ""}
 ## Run it on this machine
 ```bash
 trustfed simulate --config federation.toml --out runs/sim
@@ -153,12 +164,17 @@ def test_federation_runs(tmp_path: Path) -> None:
 '''
 
 
-def new_project(folder: Path, template: str, *, sites: int = 3, seed: int = 0, scale: int = 1) -> Path:
+def new_project(
+    folder: Path, template: str, *, sites: int = 3, seed: int = 0, scale: int = 1, base_steps: int | None = None
+) -> Path:
     """Write a project of ``template`` into ``folder`` (which must not exist or be empty); returns
-    its federation file. ``scale`` multiplies the generated sample sizes."""
+    its federation file. ``scale`` multiplies the generated sample sizes; ``base_steps``: the
+    assistant's base model pre-training steps (default :data:`assistant_project.BASE_STEPS`)."""
     problems = []
     if template not in TEMPLATES:
         problems.append(ConfigProblem("--template", f"expected one of {', '.join(TEMPLATES)}", repr(template)))
+    elif template == "assistant":
+        problems += assistant_project.missing_extras()
     if not 2 <= sites <= 20:
         problems.append(ConfigProblem("--sites", "expected 2 to 20 sites", str(sites)))
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -182,8 +198,12 @@ def new_project(folder: Path, template: str, *, sites: int = 3, seed: int = 0, s
             samples.write_tabular(site / "data", rng, i, scale)
         elif template == "text":
             samples.write_text(site / "data", rng, i, scale)
+        elif template == "assistant":
+            assistant_project.write_chats(site / "data", rng, i, scale)
     if template == "vision":
         samples.write_vision(data_dirs, rng, scale)
+    if template == "assistant":
+        assistant_project.write_base(folder / "base", seed, base_steps)
     fed = folder / "federation.toml"
     fed.write_text(_federation_file(name, template, package, sites), encoding="utf-8")
     (folder / "README.md").write_text(_readme(name, template, package, sites), encoding="utf-8")
