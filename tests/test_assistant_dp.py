@@ -181,3 +181,25 @@ def test_an_app_without_a_per_example_loss_is_refused(workspace: Path) -> None:
     rt.app = dataclasses.replace(rt.app, example_loss=None)
     with pytest.raises(AppError, match=r"participant p000: privacy.mode = 'local' \(DP-SGD\).*example_loss"):
         rt.simulated_trainer("p000")
+
+
+@pytest.mark.slow  # three participant processes that load transformers and peft: over a minute on 2 cores
+def test_assistant_under_local_dp_over_grpc_with_the_ledger(workspace: Path, tmp_path: Path) -> None:
+    """The deployment path: each vendor a `trustfed client` process keeping its spend in its budget
+    state file; p001's budget holds one round, so it withdraws from round 2 on; the signed spend
+    entries verify."""
+    from trustfed.coordinator.local_federation import run_local_federation
+
+    raw = dp_config(workspace, 2, {"noise_multiplier": 1.0, "budgets": {"p001": {"epsilon": 5.5}}})
+    del raw["simulation"]
+    raw["ledger"] = {"enabled": True}
+    out = tmp_path / "run"
+    data = {f"p{i:03d}": {"path": str(workspace / f"v{i}")} for i in range(3)}
+    run_local_federation(raw, out, round_timeout_s=300, participant_data=data)
+    recs = load_records(out)
+    trained = sorted((r["party"], r["round"]) for r in recs if r["kind"] == "participant")
+    assert trained == [("p000", 1), ("p000", 2), ("p001", 1), ("p002", 1), ("p002", 2)]
+    assert [r["round"] for r in recs if r["kind"] == "absent"] == [2]
+    assert all(s.verified for s in summarize(recs))
+    r = CliRunner().invoke(cli_app, ["audit", "verify", str(out)])
+    assert r.exit_code == 0 and "VERIFIED" in r.output, r.output
