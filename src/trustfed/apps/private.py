@@ -38,6 +38,8 @@ from trustfed.privacy.dpsgd import dp_sgd_example_step, local_event, poisson_sam
 from trustfed.privacy.per_sample import trainable_parameters
 from trustfed.privacy.settings import PrivacySettings
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 
 class AppDPSGDTrainer(AppTrainer):
     """A participant that trains an app's model with DP-SGD over its ``example_loss`` and enforces
@@ -74,6 +76,12 @@ class AppDPSGDTrainer(AppTrainer):
         self.guard = BudgetGuard(participant_id, budget, delta, privacy.accountant, state=budget_state)
         if not trainable_parameters(self.model):
             raise AppError(f"participant {participant_id}: the app's model has no trainable parameters")
+        mixing = [n for n, m in self.model.named_modules() if isinstance(m, _BATCH_NORMS)]
+        if mixing:
+            raise AppError(
+                f"participant {participant_id}: {mixing[0]!r} is a BatchNorm, which mixes the examples of a batch, "
+                "so no example's gradient is its own; use GroupNorm or LayerNorm for DP-SGD"
+            )
 
     def plan_event(self, s: loop.LoopSettings) -> GaussianSteps:
         return local_event(
