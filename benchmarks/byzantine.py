@@ -92,11 +92,13 @@ ADAPTIVE_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "neurotoxin": ("neurotoxin", {}),
 }
 BACKDOORS = {"scaling_backdoor", "constrain_scale", "dba", "neurotoxin"}  # kinds whose success is measured
-# Not in the default grid (--attacks NAME): colluders that add independent noise to their copies.
+# Not in the default grid (--attacks NAME): colluders that add independent noise to their copies, and the
+# attack at the history guard's edge (for the rows with suspension).
 EXTRA_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "ipm_jitter": ("ipm", {"epsilon": 0.5, "jitter": 1.0}),
     "alie_jitter": ("alie", {"jitter": 1.0}),
     "min_max_jitter": ("min_max", {"jitter": 1.0}),
+    "history_edge": ("history_edge", {}),  # at the radius, just above the history guard's threshold
 }
 ALL_ATTACKS = {**ATTACKS, **ADAPTIVE_ATTACKS, **EXTRA_ATTACKS}
 
