@@ -37,6 +37,7 @@ from trustfed.simulation import run_simulation
 
 DEFAULT = "cc+reject+dedup+clamp"  # the default robust configuration (see docs/robust.md)
 GUARDED = "cc+clamp+suspend"  # the default rule inside the history guard
+GUARDED0 = "cc+clamp+suspend(0)"  # the same, suspending at a mean cosine below 0 (not -0.2)
 DEFAULT_RULE = ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2})
 F = 4  # malicious participants assumed by Krum-family rules (20% of 20)
 
@@ -57,11 +58,13 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
     GUARDED: DEFAULT_RULE,
+    GUARDED0: DEFAULT_RULE,
 }
 # Rows that also set [strategy] keys besides the aggregator: the default rule with persistent opposers
 # suspended (trustfed.core.history_guard).
 STRATEGY_KEYS: dict[str, dict[str, Any]] = {
     GUARDED: {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}},
+    GUARDED0: {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}},
 }
 ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from trustfed.cli import app
 from trustfed.config import validate_federation_config
+from trustfed.coordinator.state import CoordinatorState, load_state, save_state
+from trustfed.core.codec import ParamSpec, TensorSpec
 from trustfed.core.history_guard import HistoryGuard, SuspensionRule
 from trustfed.core.strategy import FedAvg, Update
 from trustfed.errors import AggregationError, ConfigError
@@ -102,6 +104,17 @@ def test_state_round_trips_and_is_checked() -> None:
         back.load_state_dict({**state, "other": torch.zeros(1)})
     with pytest.raises(AggregationError, match=r"\[10, 2\]"):
         _guard(rounds=2).load_state_dict(state)
+
+
+def test_a_coordinator_checkpoint_keeps_the_suspensions(tmp_path: Path) -> None:
+    guard = _guard(rounds=3)
+    _run(guard, 4, {"p003": set(range(1, 5))})
+    spec = ParamSpec((TensorSpec("w", (DIM,), "float32"),))
+    folder = save_state(tmp_path, CoordinatorState(4, torch.zeros(DIM), spec, guard.name, guard.state_dict()))
+    back = _guard(rounds=3)
+    back.load_state_dict(load_state(folder).strategy_state)
+    assert back.suspended == guard.suspended and set(back.scores) == set(guard.scores)
+    assert "p003" not in back.configure_round(5, torch.zeros(DIM), IDS).participants
 
 
 def test_the_rule_is_checked() -> None:
