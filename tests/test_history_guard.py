@@ -190,8 +190,18 @@ def test_audit_verify_fails_a_suspension_left_unflagged(run: Path) -> None:
     assert any(f.field == "body.flagged" and f.round == 3 for f in verify_run(run).failures)
 
 
-def test_the_config_refuses_the_guard_where_updates_are_not_in_the_clear() -> None:
-    raw = _raw(secagg={"enabled": True})
+@pytest.mark.parametrize(
+    ("section", "where"),
+    [
+        ({"secagg": {"enabled": True}}, "secagg.enabled"),
+        ({"enclave": {"enabled": True}}, "enclave.enabled"),
+        ({"privacy": {"mode": "central"}}, "privacy.mode"),
+    ],
+)
+def test_the_config_refuses_the_guard_where_updates_are_not_in_the_clear(section: dict[str, Any], where: str) -> None:
+    raw = _raw(**section)
     raw["strategy"] = {**raw["strategy"], "aggregator": "mean", "aggregator_params": {}}
-    with pytest.raises(ConfigError, match="suspension"):
+    with pytest.raises(ConfigError, match=rf"{where}: strategy.suspension scores"):
         validate_federation_config(raw, "test")
+    raw["strategy"]["suspension"] = {"enabled": False}
+    validate_federation_config(raw, "test")  # without the guard the same file is fine

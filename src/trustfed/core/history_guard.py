@@ -6,8 +6,8 @@ centre a little each round add up. What gives them away is persistence: the same
 updates that point against the aggregate in every round, while an honest participant on skewed data
 points somewhat along it. Measured on non-IID MNIST-5k (20 participants, 4 attackers, seeds 0-3,
 docs/robust.md): an honest participant's cosine to the robust aggregate went down to -0.16 in single
-rounds, but its mean over 3 rounds stayed above +0.006; the attackers at the default rule's edges sat
-below -0.83 in each of their first 3 rounds.
+rounds, its mean over 3 rounds no lower than +0.006; the attackers at the clipping radius sat below
+-0.83 in each of their first 3 rounds.
 
 :class:`HistoryGuard` wraps a FedAvg-family strategy. After each round it scores every update by the
 cosine of its delta (``update - global``) to the round's aggregate delta and keeps each participant's
