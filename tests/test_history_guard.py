@@ -205,3 +205,36 @@ def test_the_config_refuses_the_guard_where_updates_are_not_in_the_clear(section
         validate_federation_config(raw, "test")
     raw["strategy"]["suspension"] = {"enabled": False}
     validate_federation_config(raw, "test")  # without the guard the same file is fine
+
+
+class _Opposed:
+    """Wraps an honest participant's trainer: trains, then sends its delta reversed, every round."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.participant_id = inner.participant_id
+
+    def fit(self, params: torch.Tensor, plan: Any) -> Update:
+        u = self.inner.fit(params, plan)
+        return Update(u.participant_id, (params - (u.params - params)).contiguous(), u.num_examples, dict(u.metrics))
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, float]:
+        return dict(self.inner.evaluate(params))
+
+
+def test_a_networked_coordinator_suspends_records_and_verifies(tmp_path: Path) -> None:
+    from tests.test_hostile_uploads import raw, run_federation
+
+    r = raw(ledger={"enabled": True}, incentives={"enabled": True})
+    r["federation"]["rounds"] = 4
+    r["strategy"] = {**r["strategy"], "suspension": {"enabled": True, "rounds": 2}}
+    errors, metrics, run = run_federation(tmp_path, r, {}, wrap={"p002": _Opposed})
+    assert errors == {}  # the suspended participant is simply not selected again
+    assert set(metrics["suspensions"]) == {"p002"} and metrics["suspensions"]["p002"]["round"] == 2
+    assert [("p002" in rnd["participants"]) for rnd in metrics["rounds"]] == [True, True, False, False]
+    behaviour = [e for e in map(json.loads, read_lines(run)) if e["kind"] == "participant_behaviour"]
+    assert [(e["round"], e["body"]["participant"], e["body"]["source"]) for e in behaviour] == [
+        (2, "p002", "suspension")
+    ]
+    report = verify_run(run)
+    assert report.ok, [str(f) for f in report.failures]
