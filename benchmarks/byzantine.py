@@ -36,6 +36,9 @@ from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 
 DEFAULT = "cc+reject+dedup+clamp"  # the default robust configuration (see docs/robust.md)
+GUARDED = "cc+clamp+suspend"  # the default rule inside the history guard
+GUARDED0 = "cc+clamp+suspend(0)"  # the same, suspending at a mean cosine below 0 (not -0.2)
+DEFAULT_RULE = ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2})
 F = 4  # malicious participants assumed by Krum-family rules (20% of 20)
 
 AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,9 +54,17 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "centered_clipping": ("centered_clipping", {}),
     "cc+reject(3)": ("centered_clipping", {"reject": 3.0}),
     "cc+reject+dedup": ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99}),  # the default before clamp
-    DEFAULT: ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2}),
+    DEFAULT: DEFAULT_RULE,
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
+    GUARDED: DEFAULT_RULE,
+    GUARDED0: DEFAULT_RULE,
+}
+# Rows that also set [strategy] keys besides the aggregator: the default rule with persistent opposers
+# suspended (trustfed.core.history_guard).
+STRATEGY_KEYS: dict[str, dict[str, Any]] = {
+    GUARDED: {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}},
+    GUARDED0: {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}},
 }
 ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),
@@ -84,18 +95,19 @@ ADAPTIVE_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "neurotoxin": ("neurotoxin", {}),
 }
 BACKDOORS = {"scaling_backdoor", "constrain_scale", "dba", "neurotoxin"}  # kinds whose success is measured
-# Not in the default grid (--attacks NAME): colluders that add independent noise to their copies.
+# Not in the default grid (--attacks NAME): colluders that add independent noise to their copies, and the
+# attack at the history guard's edge (for the rows with suspension).
 EXTRA_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "ipm_jitter": ("ipm", {"epsilon": 0.5, "jitter": 1.0}),
     "alie_jitter": ("alie", {"jitter": 1.0}),
     "min_max_jitter": ("min_max", {"jitter": 1.0}),
+    "history_edge": ("history_edge", {}),  # at the radius, just above the history guard's threshold
 }
 ALL_ATTACKS = {**ATTACKS, **ADAPTIVE_ATTACKS, **EXTRA_ATTACKS}
 
 
-def config(
-    args: argparse.Namespace, seed: int, agg: str, agg_params: dict[str, Any], kind: str, params: dict[str, Any]
-) -> Any:
+def config(args: argparse.Namespace, seed: int, row: str, kind: str, params: dict[str, Any]) -> Any:
+    agg, agg_params = AGGREGATORS[row]
     raw = {
         "federation": {
             "name": "byzantine",
@@ -106,18 +118,21 @@ def config(
         "data": {"dataset": args.dataset, "partition": {"kind": "dirichlet", "alpha": 0.5}},
         "model": {"name": "mlp", "hidden": [64]},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
-        "strategy": {"aggregator": agg, "aggregator_params": agg_params},
+        "strategy": {"aggregator": agg, "aggregator_params": agg_params, **STRATEGY_KEYS.get(row, {})},
         "attack": {"kind": kind, "fraction": args.fraction, "params": params, "seed": seed},
     }
     return validate_federation_config(raw)
 
 
-def run_cell(args: argparse.Namespace, seed: int, row: str, col: str) -> tuple[float, float, float | None]:
-    """One simulation: test accuracy after the last round, seconds, and the backdoor success rate."""
+Cell = tuple[float, float, float | None, dict[str, Any] | None]
+
+
+def run_cell(args: argparse.Namespace, seed: int, row: str, col: str) -> Cell:
+    """One simulation: test accuracy after the last round, seconds, the backdoor success rate, and (rows
+    with suspension) who was suspended in which round, split into malicious and honest ones."""
     torch.set_num_threads(1)
-    agg, agg_params = AGGREGATORS[row]
     kind, params = ALL_ATTACKS[col]
-    cfg = config(args, seed, agg, agg_params, kind, params)
+    cfg = config(args, seed, row, kind, params)
     t0 = time.perf_counter()
     res = run_simulation(cfg)
     acc = float(res.metrics["final_accuracy"])
@@ -137,8 +152,18 @@ def run_cell(args: argparse.Namespace, seed: int, row: str, col: str) -> tuple[f
 
         asr = backdoor_success(predict, data.test, params)
     shown = f"  backdoor {asr:.2f}" if asr is not None else ""
+    sus = None
+    if "suspensions" in res.metrics:
+        bad = set(res.metrics["attack"].get("malicious", []))
+        got = {p: int(v["round"]) for p, v in res.metrics["suspensions"].items()}
+        sus = {
+            "malicious": {p: r for p, r in got.items() if p in bad},
+            "honest": {p: r for p, r in got.items() if p not in bad},
+            "malicious_total": len(bad),
+        }
+        shown += f"  suspended {len(sus['malicious'])}/{len(bad)} malicious, {len(sus['honest'])} honest"
     print(f"seed {seed} {row:18s} {col:17s} acc {acc:.3f}{shown}  ({secs:.1f}s)", flush=True)
-    return acc, secs, asr
+    return acc, secs, asr, sus
 
 
 def heatmap(table: dict[str, dict[str, float]], path: Path, title: str, label: str, good_high: bool = True) -> None:
@@ -233,10 +258,13 @@ def main() -> None:
     acc: dict[int, dict[str, dict[str, float]]] = {s: {r: {} for r in aggs} for s in seeds}
     asr: dict[int, dict[str, dict[str, float]]] = {s: {r: {} for r in aggs} for s in seeds}
     seconds: dict[int, dict[str, dict[str, float]]] = {s: {r: {} for r in aggs} for s in seeds}
-    for (seed, row, col), (a, secs, b) in zip(cells, results, strict=True):
+    suspensions: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
+    for (seed, row, col), (a, secs, b, sus) in zip(cells, results, strict=True):
         acc[seed][row][col], seconds[seed][row][col] = a, secs
         if b is not None:
             asr[seed][row][col] = b
+        if sus is not None:
+            suspensions[seed].setdefault(row, {})[col] = sus
     summary = summarise(seeds, aggs, acc, asr)
     worst_acc = {r: {c: min(acc[s][r][c] for s in seeds) for c in atts} for r in aggs}
     print(f"\nworst over seeds {seeds}")
@@ -258,10 +286,18 @@ def main() -> None:
             "seeds": seeds,
             "default_robust": DEFAULT,
         },
-        "aggregators": {r: {"name": AGGREGATORS[r][0], "params": AGGREGATORS[r][1]} for r in aggs},
+        "aggregators": {
+            r: {"name": AGGREGATORS[r][0], "params": AGGREGATORS[r][1], **STRATEGY_KEYS.get(r, {})} for r in aggs
+        },
         "attacks": {c: {"kind": ALL_ATTACKS[c][0], "params": ALL_ATTACKS[c][1]} for c in atts},
         "accuracy": acc,
         "backdoor_success": asr,
+        "suspensions": suspensions,
+        "false_suspensions": {
+            r: {str(s): sum(len(v["honest"]) for v in suspensions[s].get(r, {}).values()) for s in seeds}
+            for r in aggs
+            if any(r in suspensions[s] for s in seeds)
+        },
         "summary": summary,
         "seconds": seconds,
         "total_seconds": time.perf_counter() - t_all,

@@ -161,6 +161,21 @@ def test_at_radius_attacks_sit_at_their_distance_in_a_harmful_direction_below_th
     assert set(range(4)) <= set(res.selected)  # neither left out as copies nor rejected as far
 
 
+@pytest.mark.parametrize("target", [-0.1, 0.2])
+def test_history_edge_sits_at_the_radius_just_above_its_cosine_to_the_honest_mean(target: float) -> None:
+    honest = _honest()
+    glob, centre, state = _centre_and_state(honest)
+    rows = _craft("history_edge", _ctx(honest, rnd=2, glob=glob, state=state), target=target)
+    c = centre.double()
+    tau = float((honest.double() - c).norm(dim=1).median())
+    assert torch.allclose((rows - c).norm(dim=1), torch.full((4,), tau, dtype=torch.float64), rtol=1e-4)
+    u = honest.double().mean(0)
+    cos = rows @ u / (rows.norm(dim=1) * u.norm())
+    assert target - 1e-6 <= float(cos.min()) < target + 0.01  # just inside (float32 rows), not far inside
+    plain = _craft("clip_radius", _ctx(honest, rnd=2, glob=glob, state=dict(state)))
+    assert float((plain @ u / (plain.norm(dim=1) * u.norm())).max()) < target  # clip_radius is below it
+
+
 def test_cosine_edge_copies_sit_exactly_at_the_chosen_cosine_and_the_default_keeps_them() -> None:
     honest = _honest()
     rows = _craft("cosine_edge", _ctx(honest))
@@ -231,6 +246,7 @@ NEW_KINDS = [
     "clip_radius",
     "reject_edge",
     "cosine_edge",
+    "history_edge",
     "constrain_scale",
     "dba",
     "neurotoxin",

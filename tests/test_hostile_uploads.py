@@ -77,7 +77,12 @@ def billion_examples(u: Update) -> Update:
 
 
 def run_federation(
-    tmp_path: Path, r: dict[str, Any], poisons: dict[str, Callable[[Update], Update]], *, enclave: bool = False
+    tmp_path: Path,
+    r: dict[str, Any],
+    poisons: dict[str, Callable[[Update], Update]],
+    *,
+    enclave: bool = False,
+    wrap: dict[str, Callable[[Any], Any]] | None = None,
 ) -> tuple[dict[str, BaseException], Any, Path]:
     """The coordinator here over gRPC (recorded in ``tmp_path``, where the participants read the chain), every participant a thread built from
     its own config as ``trustfed client`` builds it; the ``poisons`` participants turn hostile. Returns each
@@ -111,6 +116,8 @@ def run_federation(
                     sealing.inner = Hostile(sealing.inner, poisons[pid])
                 else:
                     client.trainer = Hostile(client.trainer, poisons[pid])
+            if wrap and pid in wrap:  # a trainer of the caller's own (sees the global model too)
+                client.trainer = wrap[pid](client.trainer)
             try:
                 client.run()
             except BaseException as exc:  # recorded and asserted by the caller

@@ -106,6 +106,17 @@ class AppSection(_Section):
     config: dict[str, Any] = Field(default_factory=dict, description="free-form values handed to the app")
 
 
+class SuspensionSection(_Section):
+    """``[strategy.suspension]``: suspend participants whose updates oppose the aggregate round after round
+    (:class:`trustfed.core.history_guard.HistoryGuard`)."""
+
+    enabled: bool = False
+    min_cosine: float = Field(
+        -0.2, ge=-1, le=1, description="suspend when the mean cosine to the aggregate over `rounds` is below this"
+    )
+    rounds: int = Field(3, ge=1, le=1000, description="how many of a participant's last rounds the mean is over")
+
+
 class StrategySection(_Section):
     name: str = Field("fedavg", description="fedavg | fedprox | fedadagrad | fedadam | fedyogi, or the app's own")
     aggregator: str = "mean"
@@ -128,6 +139,7 @@ class StrategySection(_Section):
         description="FedAdagrad/FedAdam/FedYogi: 'reddi' (second moment starts at tau^2, no bias correction) or "
         "'flower' (Flower's numbers: starts at 0, FedAdam bias-corrected)",
     )
+    suspension: SuspensionSection = SuspensionSection()
 
 
 class SimulationSection(_Section):
@@ -253,6 +265,21 @@ class FederationConfig(_Section):
                             "central DP with fixed clipping and unweighted sums only, each participant clipping its own delta)",
                         )
                     )
+        if self.strategy.suspension.enabled:
+            clash = {
+                "secagg.enabled": self.secagg.enabled,
+                "enclave.enabled": self.enclave.enabled,
+                "privacy.mode": self.privacy.mode == "central",
+            }
+            out += [
+                ConfigProblem(
+                    where,
+                    "strategy.suspension scores each participant's update in the clear; it runs without secure "
+                    "aggregation, the enclave and central DP",
+                )
+                for where, bad in clash.items()
+                if bad
+            ]
         if self.strategy.fedopt_convention != "reddi" and self.enclave.enabled:
             out.append(
                 ConfigProblem(

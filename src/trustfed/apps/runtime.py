@@ -27,6 +27,7 @@ from trustfed.apps.private import AppDPSGDTrainer
 from trustfed.config import FederationConfig, participant_ids
 from trustfed.core.aggregator import available_aggregators, register_aggregator, registered_factory
 from trustfed.core.codec import ParamSpec, flatten
+from trustfed.core.history_guard import HistoryGuard, SuspensionRule
 from trustfed.core.strategy import STRATEGIES, FedAvg, FedOpt, FedProx, Strategy
 from trustfed.data.datasets import Dataset as ArrayDataset
 from trustfed.data.manifest import data_manifest, manifest_hash
@@ -272,6 +273,9 @@ class Runtime:
 
     def strategy(self, evaluate_fn: EvaluateFn | None) -> Strategy:
         inner = self.base_strategy(evaluate_fn)
+        sus = self.cfg.strategy.suspension
+        if sus.enabled:  # the config refuses it with central DP, secure aggregation and the enclave
+            return HistoryGuard(inner, SuspensionRule(sus.min_cosine, sus.rounds))
         if self.cfg.privacy.mode == "central":
             return build_central_strategy(self.cfg.privacy, inner, self.cfg.federation.seed)
         return inner

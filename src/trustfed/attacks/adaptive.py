@@ -9,6 +9,8 @@ default rule (centered clipping with far-update rejection and a colluding-copies
   participant farthest along the honest updates' top principal direction);
 * :func:`at_radius`: updates at a chosen distance from the centre of centered clipping, in one harmful
   direction, pairwise cosine below the colluding-copies threshold;
+* :func:`at_cosine`: as :func:`at_radius`, turned just enough to keep a chosen cosine to the honest
+  mean (an attacker that knows a history rule on that cosine);
 * :func:`spread_copies`: one crafted vector made into ``m`` copies whose pairwise cosine is exactly a
   chosen value (just below a duplicate rule's threshold);
 * :func:`tailored_gamma`: Shejwalkar and Houmansadr 2021's aggregator-tailored search: the step along
@@ -73,16 +75,17 @@ def at_radius(
     radius: float,
     max_cosine: float,
     gen: torch.Generator,
+    direction: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``m`` deltas at distance ``radius * tau`` from ``centre`` (``tau`` the median distance of the honest
     deltas from it: centered clipping's radius), each ``centre + radius * tau * (a p + b e_i)`` with ``p``
-    the unit direction opposite the honest mean and ``e_i`` orthonormal, orthogonal to ``p`` and the
-    centre; ``a`` (``a^2 + b^2 = 1``) is the largest whose pairwise cosine stays at or below ``max_cosine``
-    (bisection), so a rule that leaves out near-copies does not see them."""
+    the unit ``direction`` (default: opposite the honest mean) and ``e_i`` orthonormal, orthogonal to
+    ``p`` and the centre; ``a`` (``a^2 + b^2 = 1``) is the largest whose pairwise cosine stays at or below
+    ``max_cosine`` (bisection), so a rule that leaves out near-copies does not see them."""
     h = honest.to(torch.float64)
     c = centre.to(torch.float64)
     tau = float(torch.linalg.vector_norm(h - c, dim=1).median())
-    p = -_unit(h.mean(dim=0))
+    p = _unit(direction.to(torch.float64)) if direction is not None else -_unit(h.mean(dim=0))
     against = torch.stack([p, c]) if float(c.norm()) > 0 else p[None, :]
     e = _orthonormal(m, against, gen)
 
@@ -104,6 +107,44 @@ def at_radius(
             mid = (lo + hi) / 2.0
             lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return rows(lo).to(honest.dtype)
+
+
+def at_cosine(
+    honest: torch.Tensor,
+    centre: torch.Tensor,
+    m: int,
+    radius: float,
+    max_cosine: float,
+    gen: torch.Generator,
+    target: float,
+) -> torch.Tensor:
+    """As :func:`at_radius`, the harmful direction turned toward a random direction ``w`` orthogonal to the
+    honest mean ``u`` (``p = -cos(t) u + sin(t) w``) just enough that every row's cosine to ``u`` is at least
+    ``target`` (bisection on ``t`` in ``[0, pi/2]``): an attacker that knows a rule on the cosine to the
+    aggregate, and stays just inside it. ``t = 0`` (:func:`at_radius`'s rows) when those already are."""
+    h = honest.to(torch.float64)
+    u = _unit(h.mean(dim=0))
+    c = centre.to(torch.float64)
+    against = torch.stack([u, c]) if float(c.norm()) > 0 else u[None, :]
+    w = _orthonormal(1, against, gen)[0]
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+
+    def rows(t: float) -> torch.Tensor:
+        p = -math.cos(t) * u + math.sin(t) * w
+        return at_radius(h, c, m, radius, max_cosine, torch.Generator().manual_seed(seed), p)
+
+    def ok(t: float) -> bool:
+        r = rows(t)
+        cos = (r @ u) / torch.linalg.vector_norm(r, dim=1).clamp_min(1e-30)
+        return float(cos.min()) >= target
+
+    lo, hi = 0.0, math.pi / 2
+    if ok(lo):
+        return rows(lo).to(honest.dtype)
+    for _ in range(40):
+        mid = (lo + hi) / 2.0
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return rows(hi).to(honest.dtype)
 
 
 def krum_selects_crafted(honest: torch.Tensor, crafted: torch.Tensor, f: int) -> bool:

@@ -4,7 +4,8 @@ From the literature: ``fang_krum`` (Fang et al. 2020, full knowledge), ``mimic``
 Jaggi 2022), ``agr_tailored`` (Shejwalkar and Houmansadr 2021, tailored to the run's aggregator). Adapted
 to trustfed's default rule (centered clipping, ``reject``, ``max_cosine``): ``clip_radius`` (at the
 clipping radius), ``reject_edge`` (just inside the rejection distance), ``cosine_edge`` (copies just
-below the colluding-copies cosine). The maths is in :mod:`trustfed.attacks.adaptive`.
+below the colluding-copies cosine); ``history_edge`` (at the radius, just above the history guard's
+cosine threshold). The maths is in :mod:`trustfed.attacks.adaptive`.
 
 Attacks aimed at centered clipping need its centre: the previous round's aggregate, which every
 participant sees as the difference of two consecutive global models (kept in ``ctx.state``).
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from trustfed.attacks.adaptive import at_radius, fang_krum, mimic_choice, spread_copies, tailored_gamma
+from trustfed.attacks.adaptive import at_cosine, at_radius, fang_krum, mimic_choice, spread_copies, tailored_gamma
 from trustfed.attacks.api import Attack, AttackContext, AttackError
 from trustfed.attacks.builtin import number
 from trustfed.attacks.model_poisoning import OMNISCIENT_FNS
@@ -131,6 +132,28 @@ class RejectEdge(ClipRadius):
     def _radius(self, ctx: AttackContext) -> float:
         reject = float(ctx.aggregator.get("reject", 0.0) or 0.0)
         return self.margin * reject if reject >= 1 else 1.0
+
+
+@register_attack("history_edge", builtin=True)
+class HistoryEdge(ClipRadius):
+    """Adapted to the history guard (``[strategy.suspension]``): as ``clip_radius``, its direction turned
+    just enough that each row's cosine to the honest mean is at least ``target`` (default -0.1: 0.1 above
+    the guard's default ``min_cosine``), see :func:`at_cosine`. Opposes the federation every round while
+    staying above the suspension threshold."""
+
+    def __init__(self, radius: float = 1.0, max_cosine: float = 0.0, target: float = -0.1) -> None:
+        super().__init__(radius, max_cosine)
+        self.target = number("history_edge", "target", target)
+        if not -1 <= self.target <= 1:
+            raise AttackError(f"attack 'history_edge': target must be in [-1, 1], got {self.target}")
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        centre = previous_step(ctx)
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        honest = ctx.stacked(ctx.honest)
+        cos = _cosine_below(ctx, self.max_cosine)
+        return _rows(ctx, at_cosine(honest, centre, len(ctx.attackers), self.radius, cos, ctx.generator, self.target))
 
 
 @register_attack("cosine_edge", builtin=True)

@@ -35,7 +35,8 @@ class IncentivesRecord:
     secure sum (its survivors), as equal shares of the updates the aggregator used
     (``"selection"``). Updates the aggregator left out (or the enclave rejected) are flagged; so is a
     participant whose update the coordinator refused at upload for what it carried (``refusals``: it
-    takes part in the round's book with a contribution of 0). The book starts from the chain's
+    takes part in the round's book with a contribution of 0), and so is one the history guard suspends in
+    the round (``suspended``). The book starts from the chain's
     accounts, so a resumed run goes on from where the chain stands."""
 
     def __init__(
@@ -44,9 +45,11 @@ class IncentivesRecord:
         enclave: EnclaveRecord | None = None,
         participants: Sequence[str] = (),
         refusals: Callable[[int], Mapping[str, object]] = lambda _rnd: {},
+        suspended: Callable[[int], Sequence[str]] | None = None,
     ) -> None:
         self.participants = list(participants)  # who stakes before round 1
         self.refusals = refusals
+        self.suspended_by_guard = suspended  # the history guard's suspensions of a round: flagged
         self.settings = settings
         self.book = IncentiveBook(settings.policy())
         self.enclave = enclave
@@ -75,6 +78,8 @@ class IncentivesRecord:
             self._restore(pid)
         flagged = set(ids) - set(selected) if self.settings.flag_unselected else set()
         flagged |= set(refused)
+        if self.suspended_by_guard is not None:
+            flagged |= set(self.suspended_by_guard(plan.round)) & set(ids)
         ids = [*ids, *refused]
         if self.enclave is not None and (receipt := self.enclave.strategy.last_receipt) is not None:
             flagged |= set(receipt.body.get("rejected", {})) & set(ids)

@@ -18,7 +18,8 @@ receipt's hash goes in the chain's ``receiptHash`` slot. With ``[incentives]`` e
 contributions, reputation and rewards become an ``incentives`` entry and one ``applyRound``
 transaction on the Incentives contract. An update refused for what it carried (non-finite values, a
 declared example count over ``max_examples``), by the coordinator at upload or by the enclave, becomes a
-``participant_behaviour`` entry naming the participant and the reason, and a flag in the incentives.
+``participant_behaviour`` entry naming the participant and the reason, and a flag in the incentives; so
+does a participant the history guard (``[strategy.suspension]``) suspends.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.coordinator.incentives_record import IncentivesRecord, set_status_on_chain
 from trustfed.coordinator.tracking import trackers_for
 from trustfed.core.codec import ParamSpec
+from trustfed.core.history_guard import SUSPENSION_REASON, HistoryGuard
 from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.audit import Signer, parsed_entries
@@ -165,6 +167,39 @@ class BehaviourRecord:
         return out
 
 
+class SuspensionRecord:
+    """Each participant the history guard suspended, as a coordinator-signed ``participant_behaviour``
+    entry in the round it was suspended in: ``{participant, reason, detail, source = "suspension", score,
+    rounds, min_cosine}``. ``audit verify`` checks that it committed that round and that no later round
+    selects it; with ``[incentives]`` the participant is flagged in that round's incentives entry."""
+
+    def __init__(self, guard: HistoryGuard) -> None:
+        self.guard = guard
+
+    def genesis(self) -> Sequence[Attachment]:
+        return []
+
+    def for_round(
+        self, plan: RoundPlan, updates: Sequence[Update], result: RoundResult, record: RoundRecord
+    ) -> Sequence[Attachment]:
+        rule = self.guard.rule
+        return [
+            Attachment(
+                BEHAVIOUR_KIND,
+                {
+                    "participant": s.participant,
+                    "reason": SUSPENSION_REASON,
+                    "detail": s.detail(rule),
+                    "source": "suspension",
+                    "score": s.score,
+                    "rounds": s.rounds,
+                    "min_cosine": rule.min_cosine,
+                },
+            )
+            for s in self.guard.suspended_in(plan.round)
+        ]
+
+
 class StatusRecord:
     """A participant that left the federation (withdrew, was revoked, its host was lost) gets a signed
     ``participant_status`` entry in the round it left ({participant, status, reason}) and its status
@@ -213,8 +248,10 @@ def recorders_for(
     resume: bool = False,
     provenance: Mapping[str, Mapping[str, str]] | None = None,
     app: AppIdentity | None = None,
+    guard: HistoryGuard | None = None,
 ) -> list[RoundObserver]:
-    """The observers that record a run of ``cfg`` in ``out_dir`` (none without a folder).
+    """The observers that record a run of ``cfg`` in ``out_dir`` (none without a folder). ``guard``: the
+    run's history guard, whose suspensions are recorded and flagged.
 
     Order matters: the privacy recorder writes its lines before the ledger recorder signs them, and the
     trackers (``[tracking]``) read the audit-log head the ledger recorder has just written."""
@@ -231,7 +268,8 @@ def recorders_for(
     refusals = network.upload_refusals if network is not None else (lambda _rnd: {})
     incentives: IncentivesRecord | None = None
     if cfg.incentives.enabled and cfg.ledger.enabled:  # scores each round before the ledger records it
-        incentives = IncentivesRecord(cfg.incentives, enclave, participant_ids, refusals)
+        suspended = (lambda rnd: [s.participant for s in guard.suspended_in(rnd)]) if guard is not None else None
+        incentives = IncentivesRecord(cfg.incentives, enclave, participant_ids, refusals, suspended)
         out.append(incentives)
         attachments.append(incentives)
     if cfg.ledger.enabled:  # audit log + checkpoints + chain, all in trustfed.ledger
@@ -239,6 +277,8 @@ def recorders_for(
         if network is not None and network.participant_refusals is not None:
             attachments.append(RefusalRecord(network.participant_refusals))
         attachments.append(BehaviourRecord(refusals, enclave))
+        if guard is not None:
+            attachments.append(SuspensionRecord(guard))
         if app is not None:
             attachments.insert(0, AppRecord(app))
         if network is None:

@@ -24,6 +24,7 @@ from trustfed.coordinator.resume import STATE_DIR, resume_run
 from trustfed.coordinator.resume_check import check_resume
 from trustfed.coordinator.state import CheckpointObserver
 from trustfed.core.codec import ParamSpec
+from trustfed.core.history_guard import HistoryGuard
 from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.ledger.audit import EcdsaSigner
 from trustfed.ledger.recorder import COORDINATOR_ID, LedgerRecorder
@@ -79,7 +80,15 @@ def run_coordinator(
         max_examples=cfg.strategy.max_examples,
     )
     recorders = recorders_for(
-        cfg, out_dir, spec, present, network=network, enclave=enclave, resume=resume, app=rt.identity
+        cfg,
+        out_dir,
+        spec,
+        present,
+        network=network,
+        enclave=enclave,
+        resume=resume,
+        app=rt.identity,
+        guard=strategy if isinstance(strategy, HistoryGuard) else None,
     )
     use_reputation_selection(cfg, strategy, recorders)
     # Coordinator state (model + server-side strategy state) after every round, before the ledger records

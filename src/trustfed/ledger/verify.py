@@ -172,6 +172,14 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
                 if e.kind == "round_plan":
                     plan = f["plan"] = loc
                     for pid in e.body.get("participants", []):
+                        if pid in self.held_out:
+                            self.fail(
+                                AUDIT_FILE,
+                                ln,
+                                rnd,
+                                "body.participants",
+                                f"selects {pid!r}, suspended for persistent opposition in round {self.held_out[pid]}",
+                            )
                         if pid in self.left and self.left[pid][1] < rnd:
                             self.fail(
                                 AUDIT_FILE,

@@ -71,6 +71,7 @@ class VerifierState:
         self.book: IncentiveBook | None = None  # reputation and balances recomputed from the log
         self.left: dict[str, tuple[str, int]] = {}  # participant -> (status, round) from participant_status entries
         self.suspensions: dict[str, int] = {}  # participant -> the round a logged entry suspended it in
+        self.held_out: dict[str, int] = {}  # participant -> the round the history guard suspended it in
         self._due: set[str] = set()  # the suspensions the recomputed reputations call for, so far
         self.app_code: str | None = None  # the app entry's code hash: what every participant must have run
 

@@ -79,7 +79,8 @@ class EntryChecks(VerifierState):
     def _behaviour(self, loc: Located, plan: Located | None, f: dict[str, Any]) -> None:
         """An update refused for what it carried: recorded by the coordinator, naming a participant the round
         selected. Refused at upload (``source = "coordinator"``): it committed nothing this round. Rejected
-        by the enclave: the round's signed receipt rejects it."""
+        by the enclave: the round's signed receipt rejects it. Suspended by the history guard
+        (``source = "suspension"``): it committed this round, and no later round may select it."""
         e, ln, b = loc.entry, loc.line, loc.entry.body
         pid, reason, source = str(b.get("participant", "")), b.get("reason"), b.get("source")
         if e.author != COORDINATOR_ID:
@@ -95,6 +96,13 @@ class EntryChecks(VerifierState):
             if pid in f.get("authors", []):
                 self.fail(AUDIT_FILE, ln, e.round, "body.source", f"{pid!r} was refused at upload, yet committed")
                 return
+        elif source == "suspension":  # the history guard: scored its update this round, then suspended it
+            if pid not in f.get("authors", []):
+                self.fail(
+                    AUDIT_FILE, ln, e.round, "body.source", f"{pid!r} is suspended for an update it never committed"
+                )
+                return
+            self.held_out[pid] = e.round
         elif source == "enclave":
             receipt: Located | None = f.get("receipt")
             rejected = (receipt.entry.body.get("receipt") or {}).get("body", {}).get("rejected", {}) if receipt else {}
@@ -104,11 +112,16 @@ class EntryChecks(VerifierState):
                 )
                 return
         else:
-            self.fail(AUDIT_FILE, ln, e.round, "body.source", f"expected coordinator or enclave, got {source!r}")
+            self.fail(
+                AUDIT_FILE, ln, e.round, "body.source", f"expected coordinator, suspension or enclave, got {source!r}"
+            )
             return
         f.setdefault("behaviour", {})[pid] = str(source)
         self.checked["behaviour_records"] += 1
-        self.notes.append(f"round {e.round}: the update of {pid} was refused by the {source} ({reason})")
+        if source == "suspension":
+            self.notes.append(f"round {e.round}: {pid} was suspended ({reason})")
+        else:
+            self.notes.append(f"round {e.round}: the update of {pid} was refused by the {source} ({reason})")
 
     def _commitment(self, loc: Located, plan: Located | None, f: dict[str, Any]) -> None:
         e, ln, b = loc.entry, loc.line, loc.entry.body

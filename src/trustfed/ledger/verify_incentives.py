@@ -101,7 +101,9 @@ class IncentiveChecks(VerifierState):
         receipt: Located | None = f.get("receipt")
         rbody = (receipt.entry.body.get("receipt") or {}).get("body", {}) if receipt is not None else {}
         rejected = set(rbody.get("rejected", {})) & set(participants)
+        suspended = {p for p, source in f.get("behaviour", {}).items() if source == "suspension"}
         want_flagged = (set(committers) - set(selected) if flag_unselected else set()) | rejected | set(refused)
+        want_flagged |= suspended & set(committers)
         if flagged != want_flagged:
             self.fail(
                 AUDIT_FILE, ln, rnd, "body.flagged", f"{sorted(flagged)}, the aggregation gives {sorted(want_flagged)}"

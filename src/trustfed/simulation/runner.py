@@ -28,6 +28,7 @@ from trustfed.coordinator.incentives_record import use_reputation_selection
 from trustfed.coordinator.recorders import ledger_metrics, recorders_for
 from trustfed.core.codec import ParamSpec, model_hash, to_bytes
 from trustfed.core.evaluation import FED_EVAL_PREFIX
+from trustfed.core.history_guard import HistoryGuard
 from trustfed.core.rounds import RoundObserver, RoundRecord, Transport
 from trustfed.core.strategy import Strategy
 from trustfed.primitives.atomic import atomic_write_bytes
@@ -83,7 +84,9 @@ def run_simulation(
         transport = SecAggTransport(transport, cfg.secagg, cfg.strategy.min_participants)
     provenance = {pid: simulated_provenance(rt, pid) for pid in ids} if out_dir is not None else {}
     # privacy spend + ledger (audit log, checkpoints, chain): the same recorders as the networked coordinator
-    watchers = [*observers, *recorders_for(cfg, out_dir, spec, ids, provenance=provenance, app=rt.identity)]
+    guard = strategy if isinstance(strategy, HistoryGuard) else None  # its suspensions are recorded
+    recorded = recorders_for(cfg, out_dir, spec, ids, provenance=provenance, app=rt.identity, guard=guard)
+    watchers = [*observers, *recorded]
     use_reputation_selection(cfg, strategy, watchers)
     min_updates = 1 if cfg.secagg.enabled else cfg.strategy.min_participants  # secagg: one summed update
     coord = Coordinator(strategy, transport, params, spec, min_updates=min_updates, observers=watchers)
@@ -143,7 +146,7 @@ def run_rounds(
         last = {"accuracy": final.get("accuracy", float("nan")), "loss": final.get("loss", float("nan"))}
     else:
         last = rounds[-1]
-    return {
+    out = {
         "final_accuracy": last["accuracy"],
         "final_loss": last["loss"],
         "rounds": rounds,
@@ -153,6 +156,12 @@ def run_rounds(
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
+    if isinstance(strategy, HistoryGuard):  # who it suspended: round and mean cosine
+        out["suspensions"] = {
+            pid: {"round": s.round, "score": s.score, "rounds": s.rounds}
+            for pid, s in sorted(strategy.suspended.items())
+        }
+    return out
 
 
 def federated_entry(metrics: dict[str, float]) -> dict[str, Any]:
