@@ -87,7 +87,13 @@ ENCLAVE = {
 
 @pytest.mark.parametrize(
     ("privacy", "secagg", "enclave"),
-    [(None, None, None), (CENTRAL_DP, None, None), (None, SECAGG, None), (CENTRAL_DP, None, ENCLAVE)],
+    [
+        (None, None, None),
+        # central DP alone and secure aggregation: 30 s each on 2 cores; `make test-all` runs them
+        pytest.param(CENTRAL_DP, None, None, marks=pytest.mark.slow),
+        pytest.param(None, SECAGG, None, marks=pytest.mark.slow),
+        (CENTRAL_DP, None, ENCLAVE),
+    ],
     ids=["plain", "central-dp", "secagg", "enclave-central-dp"],
 )
 def test_standby_takes_over_a_recorded_run_and_participants_follow(
