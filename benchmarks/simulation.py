@@ -2,8 +2,7 @@
 
     .venv/bin/python benchmarks/simulation.py [--workload digits-mlp|mnist5k-cnn-100] [--repeats 1] [--quick]
         [--participants N] [--rounds R] [--workers 2] [--out FILE] [--verbose]
-        [--sides plain,plain-1thread,trustfed,trustfed-threads,trustfed-plot,trustfed-multiprocess,trustfed-ray,flower]
-        [--threads T]
+        [--sides plain,trustfed,trustfed-plot,trustfed-multiprocess,trustfed-ray,flower] [--threads T]
 
 Workload ``digits-mlp`` (the default; ``results/simulation.json``), every run inside this process:
 scikit-learn's digits, trustfed's own IID split into N shards (``trustfed.apps.builtin_parts.build_data``)
@@ -34,23 +33,18 @@ wall clock from spawn to exit, CPU seconds, and the peak memory of its process t
 sampled; the largest process's exact peak RSS; see ``process_run.py``). The sides:
 
 - ``plain``: ``fedavg_plain.py``, a sequential PyTorch loop over trustfed's data, model and train
-  functions (no framework: selection, seeds and the weighted mean written out), torch's default threads;
-- ``plain-1thread``: the same loop with one torch thread (OMP_NUM_THREADS=1), shown for reference: on a
-  small CNN with batches of 32, torch's intra-op threads gain little and lose much when cores are busy;
-- ``trustfed-threads``: ``python -m trustfed.cli simulate --config F --out D --backend threads --no-plot``:
-  a round's participants train at once on ``workers`` threads of one torch thread each (Flower gets
-  ``workers`` Ray actors of one CPU each): the reference for the targets (within 1.1x the plain loop;
-  4x faster than Flower at a quarter of its memory);
-- ``trustfed``: the same command with the default in-process backend (one participant after another);
-- ``trustfed-plot``: the in-process run drawing ``metrics.png`` too (the command's default);
+  functions (no framework: selection, seeds and the weighted mean written out);
+- ``trustfed``: ``python -m trustfed.cli simulate --config F --out D --no-plot`` (in-process backend):
+  the reference for the targets (within 1.1x the plain loop; 4x faster than Flower at a quarter of
+  its memory);
+- ``trustfed-plot``: the same, drawing ``metrics.png`` too (the command's default);
 - ``trustfed-multiprocess`` / ``trustfed-ray``: ``--backend multiprocess|ray`` with ``workers``;
 - ``flower``: ``fedavg_flower.py``, Flower's simulation (Ray, ``workers`` CPUs) training the same
   participants each round with the same function.
 
 All sides train the same shards from the same initial weights with the same seeds, so their final models
 agree (max abs difference vs the plain loop: 0 for trustfed's in-process run; float32 rounding for the
-runs that train with one torch thread (a convolution's sums split differently) and for Flower, whose
-FedAvg sums in float32 in arrival order). Flower also scores the
+multi-process runs and Flower, whose FedAvg sums in float32 in arrival order). Flower also scores the
 initial model (round 0). One untimed process first reads every side's libraries into the page cache; the
 sides rotate (a different one first in each repeat); ratios are taken per repeat (runs next to each other,
 under similar load) and reported as median (min-max). ``--threads`` sets OMP_NUM_THREADS for every side
@@ -411,28 +405,9 @@ def run_digits(args: argparse.Namespace) -> None:
 
 
 # --- the process workload: every side a fresh process, timed whole --------------------------------------
-SIDES = (
-    "plain",
-    "plain-1thread",
-    "trustfed",
-    "trustfed-threads",
-    "trustfed-plot",
-    "trustfed-multiprocess",
-    "trustfed-ray",
-    "flower",
-)
-DEFAULT_SIDES = (
-    "plain",
-    "plain-1thread",
-    "trustfed",
-    "trustfed-threads",
-    "trustfed-plot",
-    "trustfed-multiprocess",
-    "flower",
-)
-# `trustfed simulate --backend threads --no-plot`: a round's participants train on `workers` threads of one
-# torch thread each, as Flower's `workers` Ray actors do: the side the targets are about
-REFERENCE = "trustfed-threads"
+SIDES = ("plain", "trustfed", "trustfed-plot", "trustfed-multiprocess", "trustfed-ray", "flower")
+DEFAULT_SIDES = ("plain", "trustfed", "trustfed-plot", "trustfed-multiprocess", "flower")
+REFERENCE = "trustfed"  # `trustfed simulate --no-plot`, in-process: the side the targets are about
 
 
 def federation_toml(w: dict[str, Any], workers: int) -> str:
@@ -456,13 +431,13 @@ def federation_toml(w: dict[str, Any], workers: int) -> str:
 
 
 def side_command(side: str, toml: Path, w: dict[str, Any], workers: int, out: Path) -> list[str]:
-    if side in ("plain", "plain-1thread"):
+    if side == "plain":
         return [sys.executable, str(HERE / "fedavg_plain.py"), "--workload", json.dumps(w), "--out", str(out)]
     if side == "flower":
         script = str(HERE / "fedavg_flower.py")
         return [sys.executable, script, "--workload", json.dumps(w), "--workers", str(workers), "--out", str(out)]
     cmd = [sys.executable, "-m", "trustfed.cli", "simulate", "--config", str(toml), "--out", str(out)]
-    if side in ("trustfed-threads", "trustfed-multiprocess", "trustfed-ray"):
+    if side in ("trustfed-multiprocess", "trustfed-ray"):
         cmd += ["--backend", side.removeprefix("trustfed-")]
     return cmd if side == "trustfed-plot" else [*cmd, "--no-plot"]
 
@@ -473,8 +448,6 @@ def side_env(side: str, threads: int | None) -> dict[str, str]:
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", FLWR_TELEMETRY_ENABLED="0")
     paths = [str(HERE.parent / "src"), *([str(HERE)] if side == "flower" else [])]
     env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
-    if side == "plain-1thread":  # the plain loop with one torch thread, for reference
-        threads = 1
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env

@@ -35,25 +35,6 @@ def test_multiprocess_matches_in_process() -> None:
     assert [r["participants"] for r in a.metrics["rounds"]] == [r["participants"] for r in b.metrics["rounds"]]
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
-def test_threads_backend_gives_exactly_the_sequential_one_thread_run(model: str) -> None:
-    """Participants training on 3 threads at once give bit for bit the run of one participant after
-    another with one torch thread: each update is computed alone, and they are taken in plan order."""
-    raw = small(federation={"rounds": 3, "participants": 6, "seed": 2}, model={"name": model})
-    threaded = run_simulation(validate_federation_config({**raw, "simulation": {"backend": "threads", "workers": 3}}))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        sequential = run_simulation(validate_federation_config(raw))
-    finally:
-        torch.set_num_threads(before)
-    assert threaded.metrics["model_hash"] == sequential.metrics["model_hash"]
-    assert [r["participants"] for r in threaded.metrics["rounds"]] == [
-        r["participants"] for r in sequential.metrics["rounds"]
-    ]
-    assert torch.get_num_threads() == before  # the workers' one-thread setting stays in the workers
-
-
 @pytest.mark.parametrize("name", ["fedprox", "fedadam", "fedyogi", "fedadagrad"])
 def test_every_strategy_learns(name: str) -> None:
     lr = 0.1 if name == "fedadagrad" else 0.03  # Adagrad's accumulator shrinks steps faster
@@ -222,14 +203,13 @@ def test_malformed_attestation_record_is_a_located_failure(demo_run: Path, tmp_p
     assert sum(f.field == "kind" and "without an attested enclave" in f.message for f in verdict.failures) == 10
 
 
-@pytest.mark.parametrize("backend", ["multiprocess", "threads"])
-def test_parallel_dp_run_matches_in_process_and_a_spent_budget_leaves_mid_run(tmp_path: Path, backend: str) -> None:
-    """Local DP-SGD on the multiprocess backend (the budgets live in per-participant state files shared by
-    the workers) and on threads: the run, and p002 leaving once its budget is spent, is the same as in process."""
+def test_multiprocess_dp_run_matches_in_process_and_a_spent_budget_leaves_mid_run(tmp_path: Path) -> None:
+    """Local DP-SGD on the multiprocess backend: the budgets live in per-participant state files shared by
+    the workers, so the run (and p002 leaving once its budget is spent) is the same as in process."""
     privacy = {"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budgets": {"p002": {"epsilon": 3.5}}}
     a = run_simulation(validate_federation_config(small(privacy=privacy)), tmp_path / "a")
     b = run_simulation(
-        validate_federation_config(small(privacy=privacy, simulation={"backend": backend, "workers": 2})),
+        validate_federation_config(small(privacy=privacy, simulation={"backend": "multiprocess", "workers": 2})),
         tmp_path / "b",
     )
     rounds = [r["participants"] for r in b.metrics["rounds"]]

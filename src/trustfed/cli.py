@@ -250,9 +250,7 @@ def provision(
 def simulate(
     config: Annotated[Path, typer.Option("--config", "-c", help="federation TOML file")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for metrics.json and the plot")],
-    backend: Annotated[
-        str | None, typer.Option(help="override simulation.backend: inprocess|threads|multiprocess|ray")
-    ] = None,
+    backend: Annotated[str | None, typer.Option(help="override simulation.backend: inprocess|multiprocess|ray")] = None,
     plot: Annotated[bool, typer.Option(help="also draw DIR/metrics.png (matplotlib adds about a second)")] = True,
 ) -> None:
     """Run N virtual participants on this machine and write DIR/metrics.json and a plot."""

@@ -143,8 +143,8 @@ class StrategySection(_Section):
 
 
 class SimulationSection(_Section):
-    backend: Literal["inprocess", "threads", "multiprocess", "ray"] = "inprocess"
-    workers: int = Field(2, ge=1, le=256, description="threads (threads), processes (multiprocess) or Ray actors (ray)")
+    backend: Literal["inprocess", "multiprocess", "ray"] = "inprocess"
+    workers: int = Field(2, ge=1, le=256, description="processes (multiprocess) or Ray actors (ray)")
     ray_address: str | None = Field(
         None,
         min_length=1,

@@ -74,8 +74,7 @@ def run_simulation(
     elif cfg.simulation.backend == "ray":
         transport = RayTransport(cfg, cfg.simulation.workers, cfg.simulation.ray_address)
     else:
-        workers = cfg.simulation.workers if cfg.simulation.backend == "threads" else 1
-        transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids}, workers)
+        transport = InProcessTransport({pid: rt.simulated_trainer(pid) for pid in ids})
     if cfg.attack.kind != "none":  # the attack crafts the malicious updates from the collected ones
         transport = adversarial_transport(cfg, transport, strategy)
     if cfg.transport.compression != "none":  # updates cross the same codec as gRPC uploads (not with secagg)

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,50 +26,26 @@ log = logging.getLogger("trustfed.simulation")
 
 
 class InProcessTransport:
-    """Participants are objects in this process. With ``workers`` = 1 they train one after another;
-    with more, a round's participants train concurrently on ``workers`` threads, each running torch
-    with one intra-op thread (torch releases the GIL in its kernels). Each participant's result is then
-    exactly what it computes alone with one torch thread, whatever the scheduling, and the updates are
-    returned in the plan's order."""
+    """Participants are objects in this process; they train one after another."""
 
-    def __init__(self, trainers: Mapping[str, Trainer], workers: int = 1) -> None:
+    def __init__(self, trainers: Mapping[str, Trainer]) -> None:
         self.trainers = dict(trainers)
         self.departures: dict[str, str] = {}  # participant -> why it left
-        self._pool = (
-            ThreadPoolExecutor(
-                workers, thread_name_prefix="trustfed-train", initializer=torch.set_num_threads, initargs=(1,)
-            )
-            if workers > 1
-            else None
-        )
 
     def available(self) -> Sequence[str]:
         return sorted(self.trainers)
 
-    def _fit_one(self, pid: str, plan: RoundPlan, params: torch.Tensor) -> Update | ParticipantWithdrew:
-        try:
-            return self.trainers[pid].fit(params.clone(), plan)
-        except ParticipantWithdrew as exc:
-            return exc
-
     def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
-        pids = list(plan.participants)
-        if self._pool is None:
-            results = [self._fit_one(pid, plan, params) for pid in pids]
-        else:
-            results = list(self._pool.map(lambda pid: self._fit_one(pid, plan, params), pids))
         out = []
-        for pid, result in zip(pids, results, strict=True):
-            if isinstance(result, ParticipantWithdrew):
-                note_withdrawal(self.departures, plan.round, result)
+        for pid in plan.participants:
+            try:
+                out.append(self.trainers[pid].fit(params.clone(), plan))
+            except ParticipantWithdrew as exc:
+                note_withdrawal(self.departures, plan.round, exc)
                 close_trainer(self.trainers.pop(pid))
-            else:
-                out.append(result)
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
         for trainer in self.trainers.values():  # e.g. a DDP trainer's persistent worker processes
             close_trainer(trainer)
 
