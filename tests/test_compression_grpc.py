@@ -6,18 +6,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.participant_threads import run_with_participants
 from tests.test_hostile_uploads import BEHAVIOUR_KIND, Hostile, entries
 
 from trustfed.config import load_federation_config
 from trustfed.coordinator.local_federation import prepare, write_participant_configs
 from trustfed.coordinator.network import GrpcTransport
-from trustfed.coordinator.run import run_coordinator, spec_for
+from trustfed.coordinator.run import spec_for
 from trustfed.core.compression import CompressedUpdate
 from trustfed.core.strategy import Update
 from trustfed.ledger.verify import verify_run
@@ -77,30 +77,16 @@ def run_federation(
     cfg = load_federation_config(fed.federation_file)
     transport = GrpcTransport(cfg.transport.resolved(tmp_path), spec_for(cfg), max_workers=24, require_commitment=True)
     write_participant_configs(fed, transport.address, ids, ledger_view=True)
-    errors: dict[str, BaseException] = {}
     sent = {pid: Sent() for pid in ids}
 
-    def participant(pid: str) -> None:
+    def client_of(pid: str) -> ParticipantClient:
         client: ParticipantClient = build_participant(load_participant_config(fed.participant_files[pid]))
         client.stub = CountingStub(client.stub, sent[pid])
         if pid in poisons:
             client.trainer = Hostile(client.trainer, poisons[pid])
-        try:
-            client.run()
-        except BaseException as exc:  # asserted by the caller
-            errors[pid] = exc
-        finally:
-            client.close()
+        return client
 
-    threads = [threading.Thread(target=participant, args=(pid,)) for pid in ids]
-    for th in threads:
-        th.start()
-    try:
-        _, metrics = run_coordinator(cfg, transport, out_dir=tmp_path)
-    finally:
-        transport.close()
-        for th in threads:
-            th.join(60)
+    errors, (_, metrics) = run_with_participants(cfg, transport, ids, client_of, out_dir=tmp_path)
     return errors, sent, metrics
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from tests.participant_threads import run_with_participants
 
 from trustfed.config import load_federation_config
 from trustfed.coordinator.local_federation import prepare, write_participant_configs
@@ -106,9 +107,8 @@ def run_federation(
             secagg=cfg.secagg if cfg.secagg.enabled else None,
         )
         write_participant_configs(fed, transport.address, IDS, ledger_view=cfg.ledger.enabled)
-        errors: dict[str, BaseException] = {}
 
-        def participant(pid: str) -> None:
+        def client_of(pid: str) -> ParticipantClient:
             client = build_participant(load_participant_config(fed.participant_files[pid]))
             if pid in poisons:
                 if enclave:  # poison under the seal: the coordinator never sees it, the enclave does
@@ -118,22 +118,9 @@ def run_federation(
                     client.trainer = Hostile(client.trainer, poisons[pid])
             if wrap and pid in wrap:  # a trainer of the caller's own (sees the global model too)
                 client.trainer = wrap[pid](client.trainer)
-            try:
-                client.run()
-            except BaseException as exc:  # recorded and asserted by the caller
-                errors[pid] = exc
-            finally:
-                client.close()
+            return client
 
-        threads = [threading.Thread(target=participant, args=(pid,)) for pid in IDS]
-        for th in threads:
-            th.start()
-        try:
-            _, metrics = run_coordinator(cfg, transport, out_dir=tmp_path)
-        finally:
-            transport.close()
-            for th in threads:
-                th.join(60)
+        errors, (_, metrics) = run_with_participants(cfg, transport, IDS, client_of, out_dir=tmp_path)
         return errors, metrics, tmp_path
     finally:
         for p in procs:

@@ -8,7 +8,6 @@ records it also fails on the one left out of the log.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,20 @@ from typing import Any
 import grpc
 import pytest
 from tests.ledger_helpers import has, read_lines
+from tests.participant_threads import run_with_participants
 from typer.testing import CliRunner
 
 from trustfed.config import load_federation_config
 from trustfed.coordinator.local_federation import prepare, write_participant_configs
 from trustfed.coordinator.network import GrpcTransport
-from trustfed.coordinator.run import run_coordinator, spec_for
+from trustfed.coordinator.run import spec_for
 from trustfed.coordinator.servicer import FederationServicer
 from trustfed.ledger.audit import parse_entry
 from trustfed.ledger.audit_cli import app as audit_app
 from trustfed.ledger.refusals import read_refusals
 from trustfed.ledger.verify import verify_run
 from trustfed.participant.assembly import build_participant
+from trustfed.participant.client import ParticipantClient
 from trustfed.participant.settings import load_participant_config
 from trustfed.transport import federation_pb2 as pb
 from trustfed.transport.streaming import iter_chunks, model_hasher
@@ -104,27 +105,14 @@ def test_a_split_view_is_recorded_and_fails_the_audit(tmp_path: Path, monkeypatc
     transport = GrpcTransport(cfg.transport.resolved(tmp_path), spec_for(cfg), max_workers=16, require_commitment=True)
     write_participant_configs(fed, transport.address, IDS, ledger_view=True)
     refusals: dict[str, str | None] = {}
-    errors: dict[str, BaseException] = {}
 
-    def participant(pid: str) -> None:
-        client = build_participant(load_participant_config(fed.participant_files[pid]))
-        try:
-            client.run()
-            refusals[pid] = client.refusal
-        except BaseException as exc:  # asserted below
-            errors[pid] = exc
-        finally:
-            client.close()
+    def keep_refusal(pid: str, client: ParticipantClient) -> None:
+        refusals[pid] = client.refusal
 
-    threads = [threading.Thread(target=participant, args=(pid,)) for pid in IDS]
-    for th in threads:
-        th.start()
-    try:
-        _, metrics = run_coordinator(cfg, transport, out_dir=tmp_path)
-    finally:
-        transport.close()
-        for th in threads:
-            th.join(60)
+    def client_of(pid: str) -> ParticipantClient:
+        return build_participant(load_participant_config(fed.participant_files[pid]))
+
+    errors, (_, metrics) = run_with_participants(cfg, transport, IDS, client_of, after=keep_refusal, out_dir=tmp_path)
     assert not errors, errors
     assert metrics["rounds"][0]["updated_by"] == ["p000", "p001"]
     assert {pid for pid, why in refusals.items() if why} == VICTIMS

@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tests.participant_threads import run_with_participants
 
 from trustfed.apps.builtin_parts import build_data, build_trainer, model_factory
 from trustfed.config import load_federation_config, validate_federation_config
 from trustfed.coordinator.local_federation import prepare, run_local_federation, write_participant_configs
 from trustfed.coordinator.network import GrpcTransport
-from trustfed.coordinator.run import run_coordinator, spec_for
+from trustfed.coordinator.run import spec_for
 from trustfed.coordinator.secagg import SHARE_CIPHERTEXT_BYTES, SecAggRound
 from trustfed.core.codec import flatten
 from trustfed.core.strategy import RoundPlan
@@ -110,27 +111,14 @@ def test_a_participant_lost_after_masking_is_left_out_of_the_sum(
         real_upload(self, y, num_examples)
 
     monkeypatch.setattr(SecAggParticipant, "upload_masked", upload)
-    errors: dict[str, BaseException] = {}
     seen = Seen()
 
-    def participant(pid: str) -> None:
-        client = build_participant(load_participant_config(fed.participant_files[pid]))
-        try:
-            client.run()
-        except BaseException as exc:  # recorded and asserted below
-            errors[pid] = exc
-        finally:
-            client.close()
+    def client_of(pid: str) -> ParticipantClient:
+        return build_participant(load_participant_config(fed.participant_files[pid]))
 
-    threads = [threading.Thread(target=participant, args=(pid,)) for pid in ids]
-    for th in threads:
-        th.start()
-    try:
-        params, _ = run_coordinator(cfg, transport, write=False, observers=[seen])
-    finally:
-        transport.close()
-        for th in threads:
-            th.join(30)
+    errors, (params, _) = run_with_participants(
+        cfg, transport, ids, client_of, join_s=30, write=False, observers=[seen]
+    )
     assert set(errors) == {"p003"} and isinstance(errors["p003"], Lost)
     assert seen.updates == [[("secagg", {"secagg_survivors": 3.0, "secagg_dropped": 1.0})]]
     # the three survivors' unweighted mean, trained here in the clear from the model the coordinator sent

@@ -71,7 +71,11 @@ def _cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Module:
         shape = (1, side, side)
     if len(shape) != 3 or shape[1] != shape[2]:
         raise TrustFedError(f"cnn needs square images [C, H, W]; got {shape}")
-    return _Reshape(shape, SmallCNN(shape[0], num_classes, shape[1], tuple(kw.get("channels", (16, 32)))))
+    model = _Reshape(shape, SmallCNN(shape[0], num_classes, shape[1], tuple(kw.get("channels", (16, 32)))))
+    # Channels-last weights: oneDNN's convolutions for them are about twice as fast on CPU for this
+    # small CNN (evaluation and training alike). The parameters' values, their order in the state dict
+    # and every flattened vector are unchanged; only their strides in memory differ.
+    return model.to(memory_format=torch.channels_last)
 
 
 class _Reshape(nn.Module):
