@@ -131,6 +131,7 @@ def _run_with_progress(cfg: Any, out: Path, *, plot: bool = True) -> dict[str, A
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=console,
+        auto_refresh=console.is_terminal,  # redrawn ten times a second on a terminal only; a pipe gets the rounds
     ) as progress:
         task = progress.add_task("rounds", total=cfg.federation.rounds, status="starting: data and model")
 
