@@ -156,3 +156,8 @@ def test_assistant_lora_lowers_perplexity(tmp_path: Path) -> None:
     base, final = figures["base"], figures["final"]
     assert final["perplexity"] < 0.5 * base["perplexity"], (base, final)
     assert figures["exchanged_values"] <= 0.02 * figures["base_parameters"]  # only the adapters travel
+    # the report: the vendors' evaluation round by round, each vendor's DP-SGD spend, the audit verdict
+    assert [r["model_round"] for r in figures["per_round"]] == list(range(len(metrics["rounds"])))
+    assert sorted(figures["privacy"]) == ["p000", "p001", "p002"]
+    assert all(0 < s["epsilon"] <= 8.0 and s["verified"] for s in figures["privacy"].values()), figures["privacy"]
+    assert figures["audit"]["verdict"] == "VERIFIED" and figures["audit"]["checks"] > 0

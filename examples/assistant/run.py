@@ -2,9 +2,12 @@
 
 Pre-trains the tiny base model (``trustfed.apps.assistant.model.pretrain_base``: generic text and
 small talk, no tool calls; saved with safetensors into ``[app.config] base``), writes each vendor's
-chats (``trustfed.apps.assistant.corpus``), runs the federation through ``trustfed simulate``, then
-scores the base model and the final adapters on every vendor's held-out chats: perplexity of the
-replies, and the exact-match and schema-valid rates of generated tool calls. Needs trustfed[llm].
+chats (``trustfed.apps.assistant.corpus``), runs the federation through ``trustfed simulate`` (DP-SGD
+on the adapters in every vendor, the embedded ledger), then reports: the base model and the final
+adapters scored on every vendor's held-out chats (perplexity of the replies, the exact-match and
+schema-valid rates of generated tool calls), the vendors' federated evaluation round by round, each
+vendor's privacy spend (epsilon at the federation's delta, recomputed from the recorded mechanisms)
+and the audit verdict (``trustfed audit verify`` on the run folder). Needs trustfed[llm].
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
 
+import json  # noqa: E402
 import math  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scenario  # noqa: E402
@@ -23,6 +28,8 @@ import scenario  # noqa: E402
 from trustfed.apps.assistant.app import evaluate  # noqa: E402
 from trustfed.apps.assistant.corpus import VENDORS, write_vendor_data  # noqa: E402
 from trustfed.apps.assistant.model import pretrain_base  # noqa: E402
+from trustfed.ledger.verify import verify_run  # noqa: E402
+from trustfed.privacy.report import load_records, summarize  # noqa: E402
 
 # The base model and the vendors' chats: full size (docs/llm.md) and test size.
 SIZES = {
@@ -45,6 +52,17 @@ def pooled(m: object, held: dict[str, object], ctx: object) -> dict[str, float]:
     return out
 
 
+def per_round(metrics: dict[str, Any]) -> list[dict[str, float]]:
+    """The vendors' federated evaluation of each round's model (example-weighted over the vendors)."""
+    keys = ("perplexity", "tool_exact_match", "tool_schema_valid")
+    rows = []
+    for r in metrics["rounds"]:
+        fed = r.get("federated_evaluation")
+        if fed:
+            rows.append({"model_round": fed["model_round"], **{k: round(fed[k], 4) for k in keys if k in fed}})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     plan = scenario.plan("assistant", HERE, argv)
     size = SIZES[plan.small]
@@ -63,10 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     held = scenario.held_out(rt)
     ctx = rt.context()
     base = rt.model_factory()()  # the adapters' B starts at zero: the base model itself
+    audit = verify_run(plan.out)
     figures = {
         "vendors": dict(zip(sorted(plan.sites), VENDORS, strict=True)),
         "base": pooled(base, held, ctx),
         "final": pooled(model, held, ctx),
+        "per_round": per_round(json.loads((plan.out / "metrics.json").read_text(encoding="utf-8"))),
+        "privacy": {
+            s.party: {"epsilon": round(s.epsilon, 3), "delta": s.delta, "rounds": len(s.rounds), "verified": s.verified}
+            for s in summarize(load_records(plan.out))
+        },
+        "audit": {"verdict": "VERIFIED" if audit.ok else "FAILED", "checks": sum(audit.checked.values())},
         "exchanged_values": rt.spec.size,
         "base_parameters": sum(v.numel() for k, v in base.state_dict().items() if "lora_" not in k),
     }

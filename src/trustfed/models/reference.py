@@ -75,7 +75,8 @@ def _cnn(input_shape: Sequence[int], num_classes: int, **kw: Any) -> nn.Module:
     # Channels-last weights: oneDNN's convolutions for them are about twice as fast on CPU for this
     # small CNN (evaluation and training alike). The parameters' values, their order in the state dict
     # and every flattened vector are unchanged; only their strides in memory differ.
-    return model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # in place; torch's stub omits the keyword
+    return model
 
 
 class _Reshape(nn.Module):
