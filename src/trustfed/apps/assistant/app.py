@@ -51,7 +51,7 @@ def model(ctx: AppContext) -> nn.Module:
     """The base model with LoRA adapters on the attention projections (``[app.config] targets``)."""
     from peft import LoraConfig, get_peft_model
 
-    base, _ = load_base(_base(ctx))
+    base = load_base(_base(ctx))
     cfg = LoraConfig(
         r=int(ctx.config.get("rank", 8)),
         lora_alpha=int(ctx.config.get("alpha", 16)),

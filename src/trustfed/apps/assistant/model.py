@@ -189,20 +189,21 @@ def pretrain_base(
     return folder
 
 
-def load_base(folder: Path) -> tuple[nn.Module, ChatEncoder]:
-    """The base model and tokenizer from a ``save_pretrained`` folder: safetensors only, never pickle."""
+def load_base(folder: Path) -> nn.Module:
+    """The base model from a ``save_pretrained`` folder: safetensors only, never pickle. The folder must
+    hold a tokenizer too (checked here, loaded by :func:`load_tokenizer` where chats are encoded)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         raise AppError(f"{folder}: no model.safetensors (a save_pretrained folder with safetensors weights is needed)")
-    tok = load_tokenizer(folder)
+    tokenizer_kind(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise AppError(f"{folder}: cannot load the model: {exc}") from None
-    return model, tok
+    return model
 
 
 class ChatEncoder(Protocol):
@@ -218,13 +219,20 @@ class ChatEncoder(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
-def load_tokenizer(folder: Path) -> ChatEncoder:
-    """trustfed's own tokenizer (the tiny model's ``trustfed_tokenizer.json``) or the folder's Hugging Face
-    tokenizer with its chat template (``tokenizer.json``)."""
+def tokenizer_kind(folder: Path) -> str:
+    """Which tokenizer the folder holds: ``"trustfed"`` (the tiny model's ``trustfed_tokenizer.json``) or
+    ``"hugging_face"`` (``tokenizer.json`` / ``tokenizer_config.json``)."""
     if (folder / TOKENIZER_FILE).is_file():
-        return ChatTokenizer.load(folder)
+        return "trustfed"
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        from trustfed.apps.assistant.hf_chat import load_hf_chat_tokenizer
-
-        return load_hf_chat_tokenizer(folder)
+        return "hugging_face"
     raise AppError(f"{folder}: no tokenizer ({TOKENIZER_FILE}, or a Hugging Face tokenizer.json with a chat template)")
+
+
+def load_tokenizer(folder: Path) -> ChatEncoder:
+    """trustfed's own tokenizer or the folder's Hugging Face tokenizer with its chat template."""
+    if tokenizer_kind(folder) == "trustfed":
+        return ChatTokenizer.load(folder)
+    from trustfed.apps.assistant.hf_chat import load_hf_chat_tokenizer
+
+    return load_hf_chat_tokenizer(folder)
