@@ -17,6 +17,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e ".[all,dev]"
+	$(PY) -m compileall -q src >/dev/null  # bytecode, as a wheel install has it (an editable one does not)
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,7 @@ traceback; see :class:`trustfed.errors.TrustFedError`.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -77,8 +78,6 @@ def _root(
 
 
 def _register_components() -> None:
-    import importlib
-
     for name, module in COMPONENT_APPS:
         sub = importlib.import_module(module).app
         app.add_typer(sub, name=name)

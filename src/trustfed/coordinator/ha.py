@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 from trustfed.coordinator.engine import Coordinator, History, RoundCallback
 from trustfed.coordinator.state import latest_state, resume
@@ -116,15 +117,12 @@ class Lease(Protocol):
 
     @property
     def path(self) -> Any: ...
-
     def read(self) -> LeaseRecord | None: ...
 
     def try_acquire(self) -> bool: ...
-
     def renew(self) -> bool: ...
 
     def release(self) -> None: ...
-
     def wait(self, poll: float = 0.5, timeout: float | None = None, sleep: Callable[[float], None] = ...) -> None: ...
 
 
@@ -188,7 +186,6 @@ class EtcdLease:
     ``url`` is ``etcd://HOST:PORT/KEY`` (etcd's HTTP JSON gateway)."""
 
     def __init__(self, url: str, holder: str, ttl: float) -> None:
-        from urllib.parse import urlparse
 
         u = urlparse(url)
         if u.scheme != "etcd" or not u.hostname or not u.port or len(u.path) <= 1:

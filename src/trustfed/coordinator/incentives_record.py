@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trustfed.config import FederationConfig
 from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.core.rounds import RoundRecord
@@ -93,7 +95,6 @@ class IncentivesRecord:
     def _contributions(
         self, updates: Sequence[Update], result: RoundResult, selected: Sequence[str]
     ) -> tuple[dict[str, float], str]:
-        import torch
 
         ids = [u.participant_id for u in updates]
         if self.enclave is not None:

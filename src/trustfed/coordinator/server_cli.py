@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,8 +108,6 @@ def server(
     A resume checks the run in OUT before it waits for participants or changes a file: a finished run
     is refused (exit 2; a standby stands down, exit 0), and so is one whose log, ledger checkpoint or
     coordinator state does not verify (exit 2, naming the file and the reason)."""
-    import logging
-
     from trustfed.coordinator.network import GrpcTransport
     from trustfed.coordinator.run import run_coordinator, spec_for
 
@@ -116,9 +117,6 @@ def server(
     cfg = load_federation_config(config)
     held = None
     if lease is not None:
-        import os
-        import socket
-
         taken = open_lease(lease, f"{socket.gethostname()}:{os.getpid()}", lease_ttl)
         console.print(f"waiting for the lease {lease} (standby until the leader stops)")
         taken.wait(poll=min(0.5, lease_ttl / 4))

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import NoReturn
 
 import grpc
+import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -376,7 +377,6 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         buf: bytearray,
         signed: SignedCommitment | None,
     ) -> pb.SignedMessage:
-        import numpy as np
 
         y = np.frombuffer(bytes(buf), dtype="<u4").astype(np.uint32)
         with self.board.cond:

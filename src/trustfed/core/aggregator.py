@@ -8,6 +8,7 @@ one: ``aggregator = "multi_krum"``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -31,7 +32,6 @@ class Aggregator(Protocol):
     name: str
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult: ...
-
     def describe(self) -> dict[str, Any]:
         """Name and parameters, as recorded in receipts and the audit log."""
         ...
@@ -135,7 +135,6 @@ def register_aggregator(name: str) -> Callable[[F], F]:
 
 def _load_builtin() -> None:
     # Robust aggregators live in their own module; import lazily to register them.
-    import importlib
 
     for mod in ("trustfed.core.robust", "trustfed.core.robust_wrappers"):
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -106,8 +107,6 @@ def launch_training(
     timeout: float | None = None,
 ) -> dict[str, object]:
     """Run ``trustfed train`` for a validated :class:`TrainRunConfig`; returns its metrics.json."""
-    import json
-
     if not isinstance(cfg, TrainRunConfig):
         raise TypeError("launch_training needs a TrainRunConfig")
     run_dir = cfg.run.out

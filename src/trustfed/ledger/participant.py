@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,8 +219,6 @@ class ChainView:
 
     def backend(self) -> LedgerBackend:
         """The chain as of now (opened on first use; the embedded journal is replayed up to its end)."""
-        import time
-
         if self._ledger is None:
             end = time.monotonic() + self.wait_s
             while not (self.ledger_dir / DEPLOYMENT_FILE).is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,8 +17,6 @@ def revert_reason(exc: Exception, abi_sets: Sequence[list[dict[str, Any]]]) -> s
     if isinstance(raw, str) and raw.startswith("0x"):
         data = bytes.fromhex(raw[2:])
     elif exc.args and isinstance(exc.args[0], str) and "execution reverted: b" in exc.args[0]:
-        import ast
-
         try:
             lit = ast.literal_eval(exc.args[0].split("execution reverted: ", 1)[1])
             data = lit if isinstance(lit, bytes) else None

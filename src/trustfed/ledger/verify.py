@@ -9,6 +9,7 @@ round and field. The run verifies only if no failure was found.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -260,8 +261,6 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
     # ------------------------------------------------------------ metrics.json
     def check_metrics_file(self, facts: dict[int, dict[str, Any]]) -> None:
         """The figures metrics.json reports must be the signed ones (a run without the file is fine)."""
-        import json
-
         path = self.run_dir / METRICS_FILE
         if not path.is_file():
             return

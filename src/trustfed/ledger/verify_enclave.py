@@ -3,6 +3,8 @@ enclave-signed receipt."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from trustfed.enclave.attestation import SIMULATED_LABEL, verify_evidence
@@ -19,9 +21,6 @@ class EnclaveChecks(VerifierState):
     # ------------------------------------------------------------ enclave attestation and receipts
     def _attestation(self, loc: Located) -> None:
         """Re-verify the enclave evidence the coordinator recorded, as of when it verified it."""
-        import base64
-        import binascii
-
         e, ln, b = loc.entry, loc.line, loc.entry.body
         if self.enclave is not None:
             self.fail(AUDIT_FILE, ln, e.round, "kind", "a second enclave attestation in one run")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from trustfed.participant.settings import load_participant_config
@@ -18,10 +20,6 @@ def client(
     threads: Annotated[int, typer.Option(min=1, help="torch threads for local training")] = 1,
 ) -> None:
     """Pull rounds from the coordinator, train on local data, upload signed updates."""
-    import logging
-
-    import torch
-
     from trustfed.participant.assembly import build_participant
 
     logging.getLogger("trustfed").setLevel(logging.INFO)

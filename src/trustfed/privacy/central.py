@@ -21,6 +21,7 @@ Adaptive clipping: the fraction of updates with norm <= C is released with Gauss
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -211,7 +212,5 @@ class DPFedAvg(Strategy):
             ]
 
     def _round_seed(self, rnd: int) -> int:
-        import hashlib
-
         d = hashlib.sha256(f"{self.seed}:central-dp:{rnd}".encode()).digest()
         return int.from_bytes(d[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
