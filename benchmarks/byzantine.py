@@ -35,10 +35,16 @@ from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 
-DEFAULT = "cc+reject+dedup+clamp"  # the default robust configuration (see docs/robust.md)
-GUARDED = "cc+clamp+suspend"  # the default rule inside the history guard
-GUARDED0 = "cc+clamp+suspend(0)"  # the same, suspending at a mean cosine below 0 (not -0.2)
-DEFAULT_RULE = ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2})
+DEFAULT = "ccw+reject+dedup+clamp"  # the default robust configuration (see docs/robust.md)
+GUARDED = "ccw+clamp+suspend"  # the default rule inside the history guard
+GUARDED0 = "ccw+clamp+suspend(0)"  # the same, suspending at a mean cosine below 0 (not -0.2)
+DEFAULT_RULE = (
+    "centered_clipping",
+    {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2, "weighted": True, "weight_cap": 1.0},
+)
+# The default before the example counts were weighed in (capped at the median count): unweighted.
+UNWEIGHTED = "cc+reject+dedup+clamp"
+UNWEIGHTED_RULE = ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2})
 F = 4  # malicious participants assumed by Krum-family rules (20% of 20)
 
 AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -54,17 +60,22 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "centered_clipping": ("centered_clipping", {}),
     "cc+reject(3)": ("centered_clipping", {"reject": 3.0}),
     "cc+reject+dedup": ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99}),  # the default before clamp
+    UNWEIGHTED: UNWEIGHTED_RULE,
     DEFAULT: DEFAULT_RULE,
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
     GUARDED: DEFAULT_RULE,
     GUARDED0: DEFAULT_RULE,
+    "cc+clamp+suspend": UNWEIGHTED_RULE,
+    "cc+clamp+suspend(0)": UNWEIGHTED_RULE,
 }
 # Rows that also set [strategy] keys besides the aggregator: the default rule with persistent opposers
 # suspended (trustfed.core.history_guard).
 STRATEGY_KEYS: dict[str, dict[str, Any]] = {
     GUARDED: {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}},
     GUARDED0: {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}},
+    "cc+clamp+suspend": {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}},
+    "cc+clamp+suspend(0)": {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}},
 }
 ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),

@@ -300,6 +300,43 @@ def test_centered_clipping_with_rejection_matches_oracle(n: int, d: int, reject:
     assert agg.describe()["reject"] == reject
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(3, 12), st.integers(1, 16), st.floats(1.0, 1e6), st.integers(0, 2**31 - 1))
+def test_centered_clipping_weight_cap_makes_a_larger_claim_worthless(n: int, d: int, boost: float, seed: int) -> None:
+    """With weighted = true and weight_cap = 1, a participant that already claims at least the median
+    count gains nothing by claiming more (the median does not move, its count is capped at it)."""
+    x, _ = _data(seed, n, d, outliers=n // 4)
+    w = np.random.default_rng(seed).integers(1, 500, size=n).astype(np.float32)
+    i = int(np.argmax(w))
+    inflated = w.copy()
+    inflated[i] = w[i] * boost
+    params = {"iters": 3, "reject": 3.0, "clamp": 0.2, "weighted": True, "weight_cap": 1.0}
+    honest = get_aggregator("centered_clipping", **params)(_t(x), _t(w)).params
+    lying = get_aggregator("centered_clipping", **params)(_t(x), _t(inflated)).params
+    torch.testing.assert_close(lying, honest, rtol=0, atol=0)
+
+
+def test_centered_clipping_weight_cap_with_equal_counts_is_the_unweighted_rule() -> None:
+    x, _ = _data(7, 10, 6, outliers=2)
+    w = np.full(10, 37.0, dtype=np.float32)
+    capped = get_aggregator("centered_clipping", iters=3, weighted=True, weight_cap=1.0)
+    plain = get_aggregator("centered_clipping", iters=3)
+    torch.testing.assert_close(capped(_t(x), _t(w)).params, plain(_t(x), _t(w)).params)
+    assert capped.describe()["weight_cap"] == 1.0
+    claims = w.copy()
+    claims[0] = 1e6  # without the cap, one claim of a million examples moves the result; with it, not
+
+    def once(claimed: np.ndarray, **params: float | bool) -> torch.Tensor:  # a fresh rule: it keeps a centre
+        return get_aggregator("centered_clipping", iters=3, **params)(_t(x), _t(claimed)).params
+
+    assert not torch.allclose(once(claims, weighted=True), once(w, weighted=True))
+    torch.testing.assert_close(once(claims, weighted=True, weight_cap=1.0), once(w))
+    with pytest.raises(AggregationError, match="weight_cap"):
+        get_aggregator("centered_clipping", weight_cap=1.0)  # needs weighted = true
+    with pytest.raises(AggregationError, match="weight_cap"):
+        get_aggregator("centered_clipping", weighted=True, weight_cap=-1.0)
+
+
 def test_centered_clipping_rejection_ignores_a_far_update_that_plain_clipping_follows() -> None:
     x = np.array([[1.0, 0.0], [1.2, 0.0], [0.8, 0.0], [-50.0, 0.0]], dtype=np.float32)
     w = np.ones(4, dtype=np.float32)

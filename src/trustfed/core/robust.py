@@ -264,6 +264,9 @@ class CenteredClipping(RobustBase):
     ``int(clamp * n)`` updates at each end in that coordinate (the trimmed mean's range): a coordinate
     that only a minority moves (a backdoor trigger's weights, which honest data never touches) keeps the
     majority's value there, which clipping a whole vector to a radius cannot give.
+    With ``weighted`` the updates count by their example counts; ``weight_cap > 0`` then caps each count
+    at ``weight_cap`` times the round's median positive count, so a participant claiming more examples than that
+    counts as that many (a claim cannot buy more than ``weight_cap`` median participants' say).
     """
 
     name = "centered_clipping"
@@ -278,7 +281,11 @@ class CenteredClipping(RobustBase):
         reject: float = 0.0,
         max_cosine: float = 0.0,
         clamp: float = 0.0,
+        weight_cap: float = 0.0,
     ) -> None:
+        if weight_cap < 0 or (weight_cap > 0 and not weighted):
+            raise AggregationError("centered_clipping: need weight_cap >= 0 (0 = off), and weighted = true with it")
+        self.weight_cap = float(weight_cap)
         if tau < 0 or iters < 1 or not 0.0 <= momentum < 1.0 or not (reject == 0 or reject >= 1):
             raise AggregationError(
                 "centered_clipping: need tau >= 0, iters >= 1, 0 <= momentum < 1, reject = 0 or reject >= 1"
@@ -302,12 +309,16 @@ class CenteredClipping(RobustBase):
             p["max_cosine"] = self.max_cosine
         if self.clamp:
             p["clamp"] = self.clamp
+        if self.weight_cap:
+            p["weight_cap"] = self.weight_cap
         return p
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
         check_inputs(updates, weights)
         x = updates.to(torch.float64)
         a = unit_weights(weights, self.weighted).to(torch.float64)
+        if self.weight_cap:  # the median of the positive counts (their sum is positive, checked above)
+            a = a.clamp_max(self.weight_cap * median_distance(a[a > 0]))
         a = a / a.sum()
         d = x.shape[1]
         v = self.center.clone() if self.center is not None and self.center.numel() == d else torch.zeros(d).double()
