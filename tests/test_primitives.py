@@ -314,6 +314,34 @@ def test_atomic_write_modes(tmp_path: Path) -> None:
         atomic_write_bytes(tmp_path / "missing" / "f", b"x")
 
 
+def test_publish_folder_syncs_every_file_then_moves_over_the_old_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    final = tmp_path / "ckpt"
+    final.mkdir()
+    (final / "old").write_bytes(b"old")
+    tmp = tmp_path / ".ckpt.tmp"
+    tmp.mkdir()
+    (tmp / "a").write_bytes(b"a")
+    (tmp / "b").write_bytes(b"b")
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync-folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        calls.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic.publish_folder(tmp, final)
+    assert calls == ["fsync-file", "fsync-file", "fsync-folder", "replace", "fsync-folder"]
+    assert sorted(p.name for p in final.iterdir()) == ["a", "b"] and not tmp.exists()
+
+
 # ---------------------------------------------------------------- verdict
 def test_verdict_is_ok_only_without_reasons() -> None:
     assert Verdict.of([]).ok and Verdict.of([], {"entries": 2}).claims == {"entries": 2}

@@ -27,7 +27,7 @@ from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Strategy, Update
 from trustfed.errors import CheckpointError
-from trustfed.primitives.atomic import fsync_folder
+from trustfed.primitives.atomic import publish_folder
 
 FORMAT = "trustfed-coordinator-checkpoint-v1"
 _DTYPES = {"float32": "<f4", "float64": "<f8", "int64": "<i8"}
@@ -80,14 +80,7 @@ def save_state(root: Path, state: CoordinatorState, keep: int = 3) -> Path:
         "files": files,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_folder(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_folder(root)
+    publish_folder(tmp, final)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final

@@ -32,7 +32,7 @@ import torch
 from trustfed.core.codec import ParamSpec, from_bytes, model_hash, to_bytes
 from trustfed.errors import CheckpointError, CodecError
 from trustfed.ledger.audit import AuditLog, EcdsaSigner
-from trustfed.primitives.atomic import atomic_write_bytes, fsync_folder
+from trustfed.primitives.atomic import publish_folder
 from trustfed.primitives.canonical import canonical_json
 from trustfed.primitives.verdict import Verdict
 
@@ -158,14 +158,11 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    atomic_write_bytes(tmp / "model.f32", to_bytes(model))
-    atomic_write_bytes(tmp / "model.spec.json", model_spec.to_json().encode())
-    atomic_write_bytes(tmp / "optim.f32", to_bytes(optim))
-    atomic_write_bytes(tmp / "optim.spec.json", optim_spec.to_json().encode())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_folder(final.parent)
+    (tmp / "model.f32").write_bytes(to_bytes(model))
+    (tmp / "model.spec.json").write_bytes(model_spec.to_json().encode())
+    (tmp / "optim.f32").write_bytes(to_bytes(optim))
+    (tmp / "optim.spec.json").write_bytes(optim_spec.to_json().encode())
+    publish_folder(tmp, final)  # every file fsynced, then the move
     return Checkpoint(step, final, model_hash(model, model_spec), model_hash(optim, optim_spec))
 
 

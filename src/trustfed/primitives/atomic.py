@@ -5,6 +5,8 @@ stays on one file system), flushes and fsyncs it, renames it over the destinatio
 ``os.replace`` and then fsyncs the folder, so the rename itself is on disk when the call returns. If
 anything fails before the rename, the temporary file is removed and the destination is untouched.
 
+:func:`publish_folder` does the same for a folder written in full beside its destination.
+
 Temporary names are ``.<name>.<random>.tmp`` and are created exclusively, so two processes writing
 the same file never share one. ``mode`` is the new file's permission bits before the umask, as for
 ``open()`` (``0o600`` for a private key); it is set when the file is created, with no window.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 DEFAULT_MODE = 0o666
@@ -50,3 +53,20 @@ def atomic_write_text(
 ) -> None:
     """:func:`atomic_write_bytes` of ``text`` encoded with ``encoding``."""
     atomic_write_bytes(path, text.encode(encoding), mode=mode)
+
+
+def publish_folder(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Make the finished folder ``tmp`` durable (each file in it, then its entries) and move it to
+    ``final`` in the same parent folder, replacing a folder there; then make the move durable. A reader
+    that opens ``final`` finds a complete folder; a crash between removing an old ``final`` and the move
+    leaves the complete ``tmp`` beside it."""
+    src, dest = Path(tmp), Path(final)
+    for f in src.iterdir():
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_folder(src)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(src, dest)
+    fsync_folder(dest.parent)
