@@ -286,7 +286,8 @@ def test_atomic_write_keeps_the_old_file_when_it_fails_midway(
     assert folder_syncs == []
 
 
-def test_atomic_write_fsyncs_file_then_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The fsyncs (of files and of folders) and renames the atomic module makes, in order."""
     calls: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -300,6 +301,11 @@ def test_atomic_write_fsyncs_file_then_folder(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(atomic.os, "fsync", fsync)
     monkeypatch.setattr(atomic.os, "replace", replace)
+    return calls
+
+
+def test_atomic_write_fsyncs_file_then_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _record_syncs(monkeypatch)
     atomic_write_bytes(tmp_path / "f", b"x")
     assert calls == ["fsync-file", "replace", "fsync-folder"]
 
@@ -324,19 +330,7 @@ def test_publish_folder_syncs_every_file_then_moves_over_the_old_folder(
     tmp.mkdir()
     (tmp / "a").write_bytes(b"a")
     (tmp / "b").write_bytes(b"b")
-    calls: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        calls.append("fsync-folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any) -> None:
-        calls.append("replace")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(atomic.os, "fsync", fsync)
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    calls = _record_syncs(monkeypatch)
     atomic.publish_folder(tmp, final)
     assert calls == ["fsync-file", "fsync-file", "fsync-folder", "replace", "fsync-folder"]
     assert sorted(p.name for p in final.iterdir()) == ["a", "b"] and not tmp.exists()
