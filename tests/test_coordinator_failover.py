@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from process_helpers import free_port
 from trustfed.config import participant_ids, validate_federation_config
 from trustfed.coordinator.local_federation import (
     prepare,
@@ -39,12 +39,6 @@ RAW: dict[str, Any] = {
     "ledger": {"enabled": True},
     "incentives": {"enabled": True},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _server(fed_file: Path, out: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -117,7 +111,7 @@ def test_standby_takes_over_a_recorded_run_and_participants_follow(
         enclave_proc, address = start_enclave(out, raw, ids)
         procs.append(enclave_proc)
         fed = write_federation_file(out, raw, round_timeout_s=60, enclave_address=address)
-    port = _free_port()
+    port = free_port()
     write_participant_configs(fed, f"127.0.0.1:{port}", ids, ledger_view=True)
     for f in fed.participant_files.values():  # outlast the lease ttl and the standby's start
         f.write_text(
@@ -190,7 +184,7 @@ def test_a_participant_revoked_mid_run_is_marked_revoked_on_chain(tmp_path: Path
     out = tmp_path / "run"
     ids = participant_ids(3)
     fed = prepare(out, raw, ids, round_timeout_s=20)
-    port = _free_port()
+    port = free_port()
     write_participant_configs(fed, f"127.0.0.1:{port}", ids)
     logs = out / "logs"
     server = _server(fed.federation_file, out, port, logs / "server.log")

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from process_helpers import free_port
 from trustfed.config import participant_ids, validate_federation_config
 from trustfed.coordinator.local_federation import (
     LocalFederation,
@@ -67,12 +67,6 @@ def _copy(src: Path, dest: Path) -> Path:
     return Path(shutil.copytree(src, dest))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _server(run: Path, *args: str, port: int = 0) -> subprocess.Popen[bytes]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "trustfed.cli", "server", "--config", str(run / "federation.toml"), "--out", str(run)]
@@ -94,7 +88,7 @@ def _hashes(run: Path) -> dict[str, str]:
 def resumed(stopped: Path) -> Path:
     """The stopped run resumed by ``trustfed server --resume`` with three new participant processes."""
     run = _copy(stopped, stopped.parent / "resumed")
-    port = _free_port()
+    port = free_port()
     ids = participant_ids(3)
     fed = LocalFederation(run, run / "federation.toml")
     write_participant_configs(fed, f"127.0.0.1:{port}", ids)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from cryptography import x509
 
 import trustfed
+from process_helpers import free_port
 from trustfed.config import load_federation_config
 from trustfed.coordinator.provision import provision
 from trustfed.errors import ConfigError
@@ -210,15 +210,9 @@ def _check_tracking(run: Path) -> None:
     assert found.data.tags["audit_head"] == head
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_provisioned_federation_runs_from_its_kits(tmp_path: Path) -> None:
     out = tmp_path / "kits"
-    provision(_project(tmp_path, port=_free_port()), out)
+    provision(_project(tmp_path, port=free_port()), out)
     moved = tmp_path / "elsewhere" / "beta"
     shutil.move(out / "beta", moved)  # a kit works wherever it is copied to
     kits = {name: (out / name, None) for name in ("alpha", "gamma", "coordinator")}

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from process_helpers import free_port
 from trustfed.config import load_federation_config
 from trustfed.coordinator.local_federation import run_local_federation
 from trustfed.ledger.audit import parse_entry
@@ -90,6 +93,66 @@ def test_tabular_project_over_grpc_with_enclave_and_ledger(tmp_path: Path) -> No
     assert math.isfinite(written["rounds"][-1]["federated_evaluation"]["accuracy"])
     verdict = verify_run(out)
     assert verdict.ok, verdict.failures
+
+
+@pytest.mark.slow
+def test_tabular_project_as_its_readme_says_server_and_clients_then_audit(tmp_path: Path) -> None:
+    """The generated README's commands, as written (two rounds, a free port): the PKI, `trustfed server`,
+    one `trustfed client` per site checking every model against the run's chain, `trustfed audit verify`."""
+    folder = tmp_path / "clinic"
+    new_project(folder, "tabular")
+    port = str(free_port())
+    fed = folder / "federation.toml"
+    fed.write_text(fed.read_text().replace("rounds = 10", "rounds = 2").replace("50051", port))
+    sites = sorted(p.name for p in (folder / "sites").iterdir())
+    for pid in sites:
+        part = folder / "sites" / pid / "participant.toml"
+        part.write_text(part.read_text().replace("50051", port))
+
+    def cli(*args: str) -> list[str]:
+        return [sys.executable, "-m", "trustfed.cli", *args]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cli(*args), cwd=folder, capture_output=True, text=True, timeout=120)
+
+    assert run("pki", "init", "--out", "pki").returncode == 0
+    assert (
+        run(
+            "pki", "issue", "--ca", "pki", "--role", "coordinator", "--name", "coordinator", "--host", "127.0.0.1"
+        ).returncode
+        == 0
+    )
+    for pid in sites:
+        assert run("pki", "issue", "--ca", "pki", "--role", "participant", "--name", pid).returncode == 0
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ["server", *sites]}
+    procs = {
+        "server": subprocess.Popen(
+            cli("server", "--config", "federation.toml", "--out", "runs/live"),
+            cwd=folder,
+            stdout=logs["server"],
+            stderr=subprocess.STDOUT,
+        )
+    }
+    for pid in sites:
+        procs[pid] = subprocess.Popen(
+            cli("client", "--config", f"sites/{pid}/participant.toml"),
+            cwd=folder,
+            stdout=logs[pid],
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        codes = {name: p.wait(timeout=300) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+        for f in logs.values():
+            f.close()
+    text = {name: (tmp_path / f"{name}.log").read_text() for name in logs}
+    assert codes == dict.fromkeys(logs, 0), text
+    for pid in sites:  # each site checked the models it trained on against the chain
+        assert "round 2 model" in text[pid] and "matches the chain" in text[pid], text[pid]
+    audit = run("audit", "verify", "runs/live")
+    assert audit.returncode == 0 and audit.stdout.startswith("VERIFIED"), audit.stdout + audit.stderr
 
 
 def test_the_wheel_ships_the_templates_and_examples(tmp_path: Path) -> None:

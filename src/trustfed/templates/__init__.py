@@ -87,6 +87,9 @@ ca = "pki/ca.pem"
 cert = "pki/coordinator.pem"
 key = "pki/coordinator.key"
 crl = "pki/crl.pem"
+
+[ledger]                               # every round in a signed audit log and on an embedded EVM chain
+enabled = true                         # (OUT/ledger): `trustfed audit verify OUT` re-checks the run
 """
 
 
@@ -105,6 +108,9 @@ crl = "../../pki/crl.pem"
 
 [data]                                 # handed to the app's data loader (trustfed.app.DataSpec)
 path = "data"
+
+[ledger]                               # check every model received, and the inclusion of this site's
+dir = "../../runs/live/ledger"         # commitments, against the run's chain (the coordinator's OUT/ledger)
 """
 
 
@@ -133,8 +139,11 @@ trustfed pki issue --ca pki --role coordinator --name coordinator --host 127.0.0
 for id in {ids}; do trustfed pki issue --ca pki --role participant --name $id; done
 trustfed server --config federation.toml --out runs/live &
 for id in {ids}; do trustfed client --config sites/$id/participant.toml & done; wait
+trustfed audit verify runs/live      # signatures, hash chain, commitments, Merkle roots, the chain: VERIFIED
 ```
 Each site then copies only its own key, certificate and participant file; its data never leaves `sites/<id>/data/`.
+Each site checks every model it receives against the run's chain (`[ledger] dir` in its participant
+file: here the coordinator's `runs/live/ledger`; across machines, a copy of it or a JSON-RPC node).
 
 ## Bring your own data
 Point `[data] path` in a site's participant file at its folder; add keys there for the loader
