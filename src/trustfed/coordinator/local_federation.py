@@ -24,7 +24,10 @@ from typing import Any
 import torch
 
 from trustfed.config import load_federation_config, participant_ids, validate_federation_config
+from trustfed.coordinator.network import GrpcTransport
+from trustfed.coordinator.run import run_coordinator, spec_for
 from trustfed.core.rounds import RoundObserver
+from trustfed.enclave.service import ENCLAVE_TLS_NAME
 from trustfed.pki.ca import CA_CERT, CRL_FILE, init_ca, issue
 from trustfed.simulation.enclave import enclave_aggregation
 from trustfed.simulation.runner import write_results
@@ -210,8 +213,6 @@ def start_enclave(
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from trustfed.enclave.service import ENCLAVE_TLS_NAME
-
     cfg = validate_federation_config(dict(raw), "demo flags")
     pki, folder = out / "pki", out / "enclave"
     folder.mkdir(parents=True, exist_ok=True)
@@ -282,8 +283,6 @@ def run_local_federation(
     round start and end; ``on_progress`` gets a line for each step of the start-up (the PKI, the enclave,
     the coordinator's address, the participant processes), which otherwise passes in silence."""
     say = on_progress or (lambda line: None)
-    from trustfed.coordinator.network import GrpcTransport
-    from trustfed.coordinator.run import run_coordinator, spec_for
 
     n = int(raw["federation"]["participants"])
     ids = participant_ids(n)

@@ -17,6 +17,8 @@ from rich.console import Console
 from trustfed.config import load_federation_config, participant_ids
 from trustfed.coordinator.board import RoundBoard
 from trustfed.coordinator.ha import LeaseHeartbeat, open_lease
+from trustfed.coordinator.network import GrpcTransport
+from trustfed.coordinator.run import run_coordinator, spec_for
 from trustfed.core.evaluation import final_headline, round_headline
 from trustfed.core.rounds import RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
@@ -108,9 +110,6 @@ def server(
     A resume checks the run in OUT before it waits for participants or changes a file: a finished run
     is refused (exit 2; a standby stands down, exit 0), and so is one whose log, ledger checkpoint or
     coordinator state does not verify (exit 2, naming the file and the reason)."""
-    from trustfed.coordinator.network import GrpcTransport
-    from trustfed.coordinator.run import run_coordinator, spec_for
-
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(1)
     console.print(f"starting the coordinator: loading {config}, building the model", highlight=False)

@@ -16,6 +16,7 @@ import typer
 
 from trustfed.enclave.measurement import measure as _measure
 from trustfed.enclave.receipts import Receipt, receipt_hash, verify_receipt
+from trustfed.enclave.service import serve
 from trustfed.enclave.settings import load_enclave_config
 
 app = typer.Typer(
@@ -37,7 +38,6 @@ def main(
     if config is None:
         typer.echo(ctx.get_help())
         raise typer.Exit(2)
-    from trustfed.enclave.service import serve
 
     cfg = load_enclave_config(config)
     server, port, enclave = serve(cfg, listen=listen)

@@ -9,6 +9,7 @@ from typing import Annotated
 import torch
 import typer
 
+from trustfed.participant.assembly import build_participant
 from trustfed.participant.settings import load_participant_config
 
 app = typer.Typer(help="Run one participant against a coordinator.", invoke_without_command=True)
@@ -20,8 +21,6 @@ def client(
     threads: Annotated[int, typer.Option(min=1, help="torch threads for local training")] = 1,
 ) -> None:
     """Pull rounds from the coordinator, train on local data, upload signed updates."""
-    from trustfed.participant.assembly import build_participant
-
     logging.getLogger("trustfed").setLevel(logging.INFO)
     torch.set_num_threads(threads)
     cfg = load_participant_config(config)
