@@ -80,6 +80,12 @@ def test_config_check_cli_exit_codes(
         ("[federation\nrounds = 1", "invalid TOML"),
         ("[strategy]\nmin_participants = 9\n[federation]\nparticipants = 3", "strategy.min_participants"),
         ("[strategy]\naggregator = 'nope'", "unknown aggregator"),
+        (  # a built-in aggregator's parameters are checked when the file is, not when the run starts
+            "[strategy]\naggregator = 'centered_clipping'\naggregator_params = { weight_cap = 1.0 }",
+            r"strategy\.aggregator_params: centered_clipping: need weight_cap",
+        ),
+        ("[strategy]\naggregator = 'centered_clipping'\naggregator_params = { rejct = 3.0 }", "rejct"),
+        ("[strategy]\naggregator = 'trimmed_mean'\naggregator_params = { beta = 0.7 }", "strategy.aggregator_params"),
         ("[data]\ndataset = 'cifar10'", "needs a folder"),
         ("[model]\nhidden = [0]", "hidden widths"),
     ],

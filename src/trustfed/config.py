@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trustfed.app.loading import load_app
 from trustfed.attacks.settings import AttackSettings
-from trustfed.core.aggregator import available_aggregators
+from trustfed.core.aggregator import available_aggregators, get_aggregator
 from trustfed.core.strategy import DEFAULT_MAX_EXAMPLES, STRATEGIES
 from trustfed.data.datasets import NEEDS_PATH
 from trustfed.distributed.settings import ParticipantTrainingSettings
 from trustfed.enclave.settings import EnclaveSection
-from trustfed.errors import AppError, ConfigError, ConfigProblem
+from trustfed.errors import AggregationError, AppError, ConfigError, ConfigProblem
 from trustfed.incentives.settings import IncentiveSettings
 from trustfed.ledger.settings import LedgerSettings
 from trustfed.privacy.settings import PrivacySettings
@@ -235,6 +235,11 @@ class FederationConfig(_Section):
                     repr(self.strategy.aggregator),
                 )
             )
+        elif self.strategy.aggregator in available_aggregators():  # built in: its parameters are checked now
+            try:
+                get_aggregator(self.strategy.aggregator, **self.strategy.aggregator_params)
+            except (AggregationError, ValueError) as exc:
+                out.append(ConfigProblem("strategy.aggregator_params", str(exc), repr(self.strategy.aggregator_params)))
         strategies = [*STRATEGIES, *app_strategies]
         if self.strategy.name not in strategies:
             out.append(
