@@ -70,12 +70,14 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "cc+clamp+suspend(0)": UNWEIGHTED_RULE,
 }
 # Rows that also set [strategy] keys besides the aggregator: the default rule with persistent opposers
-# suspended (trustfed.core.history_guard).
+# suspended (trustfed.core.history_guard), at the guard's default threshold and at 0.
+SUSPEND = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}}
+SUSPEND0 = {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}}
 STRATEGY_KEYS: dict[str, dict[str, Any]] = {
-    GUARDED: {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}},
-    GUARDED0: {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}},
-    "cc+clamp+suspend": {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}},
-    "cc+clamp+suspend(0)": {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}},
+    GUARDED: SUSPEND,
+    GUARDED0: SUSPEND0,
+    "cc+clamp+suspend": SUSPEND,
+    "cc+clamp+suspend(0)": SUSPEND0,
 }
 ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}),

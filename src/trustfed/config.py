@@ -226,7 +226,8 @@ class FederationConfig(_Section):
                 )
             )
         app_aggregators, app_strategies = self._app_names()
-        aggregators = [*available_aggregators(), *app_aggregators]
+        builtin = available_aggregators()
+        aggregators = [*builtin, *app_aggregators]
         if self.strategy.aggregator not in aggregators:
             out.append(
                 ConfigProblem(
@@ -235,7 +236,7 @@ class FederationConfig(_Section):
                     repr(self.strategy.aggregator),
                 )
             )
-        elif self.strategy.aggregator in available_aggregators():  # built in: its parameters are checked now
+        elif self.strategy.aggregator in builtin:  # built in: its parameters are checked now
             try:
                 get_aggregator(self.strategy.aggregator, **self.strategy.aggregator_params)
             except (AggregationError, ValueError) as exc:

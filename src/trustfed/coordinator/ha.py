@@ -117,12 +117,15 @@ class Lease(Protocol):
 
     @property
     def path(self) -> Any: ...
+
     def read(self) -> LeaseRecord | None: ...
 
     def try_acquire(self) -> bool: ...
+
     def renew(self) -> bool: ...
 
     def release(self) -> None: ...
+
     def wait(self, poll: float = 0.5, timeout: float | None = None, sleep: Callable[[float], None] = ...) -> None: ...
 
 
@@ -186,7 +189,6 @@ class EtcdLease:
     ``url`` is ``etcd://HOST:PORT/KEY`` (etcd's HTTP JSON gateway)."""
 
     def __init__(self, url: str, holder: str, ttl: float) -> None:
-
         u = urlparse(url)
         if u.scheme != "etcd" or not u.hostname or not u.port or len(u.path) <= 1:
             raise TrustFedError(f"lease URL {url!r} must look like etcd://HOST:PORT/KEY")

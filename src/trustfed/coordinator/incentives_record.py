@@ -95,7 +95,6 @@ class IncentivesRecord:
     def _contributions(
         self, updates: Sequence[Update], result: RoundResult, selected: Sequence[str]
     ) -> tuple[dict[str, float], str]:
-
         ids = [u.participant_id for u in updates]
         if self.enclave is not None:
             receipt = self.enclave.strategy.last_receipt

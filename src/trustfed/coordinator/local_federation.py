@@ -283,7 +283,6 @@ def run_local_federation(
     round start and end; ``on_progress`` gets a line for each step of the start-up (the PKI, the enclave,
     the coordinator's address, the participant processes), which otherwise passes in silence."""
     say = on_progress or (lambda line: None)
-
     n = int(raw["federation"]["participants"])
     ids = participant_ids(n)
     procs: dict[str, subprocess.Popen[bytes]] = {}

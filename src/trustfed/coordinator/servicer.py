@@ -377,7 +377,6 @@ class FederationServicer(pb_grpc.FederationServicer):  # type: ignore[misc]
         buf: bytearray,
         signed: SignedCommitment | None,
     ) -> pb.SignedMessage:
-
         y = np.frombuffer(bytes(buf), dtype="<u4").astype(np.uint32)
         with self.board.cond:
             try:

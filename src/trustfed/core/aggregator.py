@@ -32,6 +32,7 @@ class Aggregator(Protocol):
     name: str
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult: ...
+
     def describe(self) -> dict[str, Any]:
         """Name and parameters, as recorded in receipts and the audit log."""
         ...
@@ -135,7 +136,6 @@ def register_aggregator(name: str) -> Callable[[F], F]:
 
 def _load_builtin() -> None:
     # Robust aggregators live in their own module; import lazily to register them.
-
     for mod in ("trustfed.core.robust", "trustfed.core.robust_wrappers"):
         try:
             importlib.import_module(mod)
