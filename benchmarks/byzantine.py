@@ -35,10 +35,19 @@ from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 
-DEFAULT = "ccw+reject+dedup+clamp"  # the default robust configuration (see docs/robust.md)
-GUARDED = "ccw+clamp+suspend"  # the default rule inside the history guard
-GUARDED0 = "ccw+clamp+suspend(0)"  # the same, suspending at a mean cosine below 0 (not -0.2)
+DEFAULT = "cc95+guard (default)"  # the default robust configuration (see docs/robust.md)
 DEFAULT_RULE = (
+    "centered_clipping",
+    {"reject": 3.0, "max_cosine": 0.95, "clamp": 0.2, "weighted": True, "weight_cap": 1.0},
+)
+# Its history guard: suspended for opposing the aggregate, or for updates that do not follow from their last.
+GUARD = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3, "min_consistency": 0.3}}
+# The default before the guard and the tighter copies cosine: the rule alone (max_cosine 0.99), and inside
+# the guard without its consistency rule at two thresholds.
+PREVIOUS = "ccw+reject+dedup+clamp"
+GUARDED = "ccw+clamp+suspend"
+GUARDED0 = "ccw+clamp+suspend(0)"
+PREVIOUS_RULE = (
     "centered_clipping",
     {"reject": 3.0, "max_cosine": 0.99, "clamp": 0.2, "weighted": True, "weight_cap": 1.0},
 )
@@ -61,19 +70,21 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "cc+reject(3)": ("centered_clipping", {"reject": 3.0}),
     "cc+reject+dedup": ("centered_clipping", {"reject": 3.0, "max_cosine": 0.99}),  # the default before clamp
     UNWEIGHTED: UNWEIGHTED_RULE,
+    PREVIOUS: PREVIOUS_RULE,
     DEFAULT: DEFAULT_RULE,
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
-    GUARDED: DEFAULT_RULE,
-    GUARDED0: DEFAULT_RULE,
+    GUARDED: PREVIOUS_RULE,
+    GUARDED0: PREVIOUS_RULE,
     "cc+clamp+suspend": UNWEIGHTED_RULE,
     "cc+clamp+suspend(0)": UNWEIGHTED_RULE,
 }
-# Rows that also set [strategy] keys besides the aggregator: the default rule with persistent opposers
-# suspended (trustfed.core.history_guard), at the guard's default threshold and at 0.
+# Rows that also set [strategy] keys besides the aggregator (trustfed.core.history_guard): the default, and
+# the previous rule with persistent opposers suspended at the guard's default threshold and at 0.
 SUSPEND = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}}
 SUSPEND0 = {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}}
 STRATEGY_KEYS: dict[str, dict[str, Any]] = {
+    DEFAULT: GUARD,
     GUARDED: SUSPEND,
     GUARDED0: SUSPEND0,
     "cc+clamp+suspend": SUSPEND,
@@ -106,15 +117,16 @@ ADAPTIVE_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "constrain_scale": ("constrain_scale", {}),
     "dba": ("dba", {}),
     "neurotoxin": ("neurotoxin", {}),
+    "history_edge": ("history_edge", {}),  # at the radius, just above the guard's opposition threshold
+    "consistency_edge": ("consistency_edge", {}),  # the same, and just above its consistency threshold
+    "guard_edge": ("guard_edge", {}),  # just above both, its cosine to the aggregate computed by the rule
 }
 BACKDOORS = {"scaling_backdoor", "constrain_scale", "dba", "neurotoxin"}  # kinds whose success is measured
-# Not in the default grid (--attacks NAME): colluders that add independent noise to their copies, and the
-# attack at the history guard's edge (for the rows with suspension).
+# Not in the default grid (--attacks NAME): colluders that add independent noise to their copies.
 EXTRA_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "ipm_jitter": ("ipm", {"epsilon": 0.5, "jitter": 1.0}),
     "alie_jitter": ("alie", {"jitter": 1.0}),
     "min_max_jitter": ("min_max", {"jitter": 1.0}),
-    "history_edge": ("history_edge", {}),  # at the radius, just above the history guard's threshold
 }
 ALL_ATTACKS = {**ATTACKS, **ADAPTIVE_ATTACKS, **EXTRA_ATTACKS}
 

@@ -179,6 +179,10 @@ def test_anomaly_scores_and_monitor_flag_the_attacker() -> None:
     assert len(mon.history) == 10 and all(len(v) == 2 for v in mon.history.values())
     worst = sorted(mon.history, key=lambda p: mon.mean(p, "distance"))[-2:]
     assert set(worst) == bad
+    first, second = ({p: v[r]["consistency"] for p, v in mon.history.items()} for r in (0, 1))
+    assert all(c != c for c in first.values())  # no update before the first: NaN
+    # fresh noise every round does not follow from the last; honest training on the same data does
+    assert max(second[p] for p in bad) < 0.2 < min(c for p, c in second.items() if p not in bad)
 
 
 def test_gaussian_noise_breaks_fedavg_but_not_median_or_centered_clipping() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -176,6 +177,46 @@ def test_history_edge_sits_at_the_radius_just_above_its_cosine_to_the_honest_mea
     assert float((plain @ u / (plain.norm(dim=1) * u.norm())).max()) < target  # clip_radius is below it
 
 
+@pytest.mark.parametrize("consistency", [0.4, 0.8])
+def test_consistency_edge_keeps_each_attacker_just_consistent_with_its_last_delta(consistency: float) -> None:
+    state: dict[str, Any] = {}
+    globs = [torch.zeros(200)]
+    rounds = []
+    for rnd in range(1, 6):
+        h = _honest(seed=rnd)  # each round's honest deltas
+        rows = _craft("consistency_edge", _ctx(h, rnd=rnd, glob=globs[-1], state=state), consistency=consistency)
+        c = (globs[-1] - globs[-2]).double() if rnd > 1 else torch.zeros(200, dtype=torch.float64)  # the centre
+        tau = float((h.double() - c).norm(dim=1).median())
+        assert torch.allclose((rows - c).norm(dim=1), torch.full((4,), tau, dtype=torch.float64), rtol=1e-4)
+        u = h.double().mean(0)
+        assert float((rows @ u / (rows.norm(dim=1) * u.norm())).min()) >= -0.1 - 1e-6  # history_edge's target
+        rounds.append(rows)
+        globs.append(globs[-1] + 0.5 * h.mean(0))  # the next global model
+    step = [
+        float(pairwise_cosine(torch.cat([a, b]))[range(4), range(4, 8)].min()) for a, b in itertools.pairwise(rounds)
+    ]
+    assert min(step) >= consistency - 1e-6  # consistent enough for a rule below it
+    assert max(step) < 0.99  # the direction still turns every round
+
+
+def test_guard_edge_sits_at_the_radius_just_above_the_guards_floor_and_pushes_harder_than_history_edge() -> None:
+    honest = _honest()
+    rules = {**DEFAULT_RULES, "clamp": 0.2}
+    glob, centre, state = _centre_and_state(honest)
+    rows = _craft("guard_edge", _ctx(honest, rnd=2, glob=glob, state=state, aggregator=rules))
+    c = centre.double()
+    tau = float((honest.double() - c).norm(dim=1).median())
+    assert torch.allclose((rows - c).norm(dim=1), torch.full((4,), tau, dtype=torch.float64), rtol=1e-4)
+    agg = _aggregate(rows, honest, rules, c).params.double()
+    to_agg = rows @ agg / (rows.norm(dim=1) * agg.norm())
+    assert -0.15 - 1e-3 <= float(to_agg.min()) < -0.15 + 0.02  # just above the guard's -0.2 (+ margin 0.05)
+    assert float(pairwise_cosine(rows).fill_diagonal_(0).max()) <= 0.985 + 1e-9
+    u = honest.double().mean(0)
+    push = (rows - c) @ u / u.norm()
+    edge = _craft("history_edge", _ctx(honest, rnd=2, glob=glob, state=dict(state), aggregator=rules))
+    assert float(push.max()) < float(((edge - c) @ u / u.norm()).min())  # more against the honest mean
+
+
 def test_cosine_edge_copies_sit_exactly_at_the_chosen_cosine_and_the_default_keeps_them() -> None:
     honest = _honest()
     rows = _craft("cosine_edge", _ctx(honest))
@@ -247,6 +288,8 @@ NEW_KINDS = [
     "reject_edge",
     "cosine_edge",
     "history_edge",
+    "consistency_edge",
+    "guard_edge",
     "constrain_scale",
     "dba",
     "neurotoxin",

@@ -27,32 +27,47 @@ IDS = [f"p{i:03d}" for i in range(10)]
 DIM = 40
 
 
-def _guard(rounds: int = 3, aggregator: str = "centered_clipping") -> HistoryGuard:
-    return HistoryGuard(FedAvg(aggregator=aggregator), SuspensionRule(rounds=rounds))
+def _guard(rounds: int = 3, aggregator: str = "centered_clipping", min_consistency: float = -1.0) -> HistoryGuard:
+    return HistoryGuard(FedAvg(aggregator=aggregator), SuspensionRule(rounds=rounds, min_consistency=min_consistency))
 
 
 def _round_updates(
-    rnd: int, params: torch.Tensor, chosen: tuple[str, ...], opposed: dict[str, set[int]]
+    rnd: int,
+    params: torch.Tensor,
+    chosen: tuple[str, ...],
+    opposed: dict[str, set[int]],
+    erratic: dict[str, str] | None = None,
 ) -> list[Update]:
     """Honest deltas: a shared direction plus their own noise; ``opposed[pid]``: the rounds ``pid`` sends
-    the shared direction reversed (at the honest norm)."""
+    the shared direction reversed (at the honest norm). ``erratic[pid]``: ``"fresh"`` sends the shared
+    direction plus a large new random push every round, ``"zero"`` sends no change (a free rider)."""
     g = torch.Generator().manual_seed(rnd)
     common = torch.ones(DIM) / DIM**0.5
     out = []
-    for pid in chosen:
-        noise = 0.8 * torch.randn(DIM, generator=g) / DIM**0.5
+    for i, pid in enumerate(chosen):
+        own = torch.Generator().manual_seed(1000 + int(pid[1:]))  # the same data every round
+        noise = 0.8 * torch.randn(DIM, generator=own) / DIM**0.5 + 0.2 * torch.randn(DIM, generator=g) / DIM**0.5
         delta = -common + 0.1 * noise if rnd in opposed.get(pid, set()) else common + noise
+        kind = (erratic or {}).get(pid)
+        if kind == "fresh":
+            delta = (
+                0.5 * common + 2.0 * torch.randn(DIM, generator=torch.Generator().manual_seed(97 * rnd + i)) / DIM**0.5
+            )
+        elif kind == "zero":
+            delta = torch.zeros(DIM)
         out.append(Update(pid, params + 0.01 * delta, 10))
     return out
 
 
-def _run(guard: HistoryGuard, rounds: int, opposed: dict[str, set[int]]) -> list[tuple[str, ...]]:
+def _run(
+    guard: HistoryGuard, rounds: int, opposed: dict[str, set[int]], erratic: dict[str, str] | None = None
+) -> list[tuple[str, ...]]:
     params = torch.zeros(DIM)
     chosen_per_round = []
     for rnd in range(1, rounds + 1):
         plan = guard.configure_round(rnd, params, IDS)
         chosen_per_round.append(plan.participants)
-        res = guard.aggregate(plan, params, _round_updates(rnd, params, plan.participants, opposed))
+        res = guard.aggregate(plan, params, _round_updates(rnd, params, plan.participants, opposed, erratic))
         params = res.params
     return chosen_per_round
 
@@ -92,6 +107,24 @@ def test_a_late_update_from_a_suspended_participant_is_refused_and_the_selection
     assert res.metrics["num_suspended"] == 1.0
 
 
+def test_participants_whose_updates_do_not_follow_from_their_last_are_suspended_for_inconsistency() -> None:
+    erratic = {"p002": "fresh", "p006": "zero"}
+    guard = _guard(rounds=3, min_consistency=0.3)
+    chosen = _run(guard, 6, {}, erratic)
+    assert set(guard.suspended) == {"p002", "p006"}
+    for pid in ("p002", "p006"):
+        s = guard.suspended[pid]
+        assert (s.round, s.rounds, s.reason) == (4, 3, "inconsistent_updates")  # 3 scores need 4 updates
+        assert s.score < 0.3 and "to its update before is below 0.3" in s.detail(guard.rule)
+    assert [("p002" in c) for c in chosen] == [True] * 4 + [False] * 2
+    honest = [min(h) for p, h in guard.consistency.items() if p not in erratic]
+    assert min(honest) > 0.5  # the same data every round: consecutive updates agree
+    assert min(guard.scores["p002"]) > -0.2  # it never opposed the aggregate: only the new rule sees it
+    off = _guard(rounds=3)  # min_consistency -1 (the default): off, and no deltas kept
+    _run(off, 6, {}, erratic)
+    assert off.suspended == {} and off.previous == {} and off.consistency == {}
+
+
 def test_state_round_trips_and_is_checked() -> None:
     guard = _guard(rounds=3)
     _run(guard, 4, {"p003": set(range(1, 5))})
@@ -104,6 +137,30 @@ def test_state_round_trips_and_is_checked() -> None:
         back.load_state_dict({**state, "other": torch.zeros(1)})
     with pytest.raises(AggregationError, match=r"\[10, 2\]"):
         _guard(rounds=2).load_state_dict(state)
+
+
+def test_the_consistency_state_round_trips_and_older_states_still_load() -> None:
+    guard = _guard(rounds=3, min_consistency=0.3)
+    _run(guard, 5, {}, {"p002": "fresh"})
+    state = guard.state_dict()
+    assert state["guard.previous"].shape == (len(IDS), DIM)
+    back = _guard(rounds=3, min_consistency=0.3)
+    back.load_state_dict(state)
+    assert back.suspended == guard.suspended and back.suspended["p002"].reason == "inconsistent_updates"
+    assert {p: list(h) for p, h in back.consistency.items()} == {p: list(h) for p, h in guard.consistency.items()}
+    assert all(torch.equal(back.previous[p], guard.previous[p]) for p in guard.previous)
+    # the next round scores the same way after a resume as without one
+    params = torch.zeros(DIM)
+    for g in (guard, back):
+        plan = g.configure_round(6, params, IDS)
+        g.aggregate(plan, params, _round_updates(6, params, plan.participants, {}))
+    assert {p: list(h) for p, h in back.consistency.items()} == {p: list(h) for p, h in guard.consistency.items()}
+    old = {k: v for k, v in state.items() if k not in ("guard.consistency", "guard.reason", "guard.previous")}
+    older = _guard(rounds=3)
+    older.load_state_dict(old)  # a checkpoint written before the consistency rule existed
+    assert set(older.suspended) == {"p002"} and older.previous == {}
+    with pytest.raises(AggregationError, match="reason outside"):
+        back.load_state_dict({**state, "guard.reason": torch.full((len(IDS),), 7, dtype=torch.int64)})
 
 
 def test_a_coordinator_checkpoint_keeps_the_suspensions(tmp_path: Path) -> None:
@@ -122,6 +179,12 @@ def test_the_rule_is_checked() -> None:
         SuspensionRule(rounds=0)
     with pytest.raises(AggregationError, match="min_cosine"):
         SuspensionRule(min_cosine=2.0)
+    with pytest.raises(AggregationError, match="min_consistency"):
+        SuspensionRule(min_consistency=-1.5)
+    raw = _raw()
+    raw["strategy"] = {**raw["strategy"], "suspension": {"enabled": True, "min_consistency": 1.5}}
+    with pytest.raises(ConfigError, match=r"strategy\.suspension\.min_consistency"):
+        validate_federation_config(raw, "test")
 
 
 def _raw(**over: Any) -> dict[str, Any]:
@@ -177,11 +240,28 @@ def test_the_suspension_is_recorded_flagged_and_verified(run: Path) -> None:
     assert r.exit_code == 0, r.output
 
 
+def test_attackers_that_change_direction_every_round_are_suspended_for_inconsistency(tmp_path: Path) -> None:
+    raw = _raw(attack={"kind": "history_edge", "fraction": 0.2, "seed": 0})
+    raw["federation"] = {**raw["federation"], "rounds": 5}
+    raw["strategy"] = {**raw["strategy"], "suspension": {"enabled": True, "min_consistency": 0.3}}
+    cfg = validate_federation_config(raw, "test")
+    bad = set(cfg.attack.malicious([f"p{i:03d}" for i in range(20)]))
+    run_simulation(cfg, tmp_path / "run", plot=False)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["suspensions"]) == bad  # nobody honest
+    assert {(v["round"], v["reason"]) for v in metrics["suspensions"].values()} == {(4, "inconsistent_updates")}
+    behaviour = [e for e in map(json.loads, read_lines(tmp_path / "run")) if e["kind"] == "participant_behaviour"]
+    assert {e["body"]["participant"] for e in behaviour} == bad
+    assert all(e["body"]["reason"] == "inconsistent_updates" and e["body"]["min_consistency"] == 0.3 for e in behaviour)
+    report = verify_run(tmp_path / "run")
+    assert report.ok, report.failures
+
+
 def test_audit_verify_fails_a_log_that_selects_a_suspended_participant_again(run: Path) -> None:
     pid = json.loads(read_lines(run)[find(read_lines(run), "participant_behaviour", 3)])["body"]["participant"]
     resign(run, run / "keys" / "coordinator.pem", "round_plan", 4, lambda b: b["participants"].append(pid))
     failures = verify_run(run).failures
-    assert any(f.field == "body.participants" and "persistent opposition" in f.message for f in failures)
+    assert any(f.field == "body.participants" and "suspended by the history guard" in f.message for f in failures)
 
 
 def test_audit_verify_fails_a_suspension_left_unflagged(run: Path) -> None:

@@ -115,6 +115,13 @@ class SuspensionSection(_Section):
         -0.2, ge=-1, le=1, description="suspend when the mean cosine to the aggregate over `rounds` is below this"
     )
     rounds: int = Field(3, ge=1, le=1000, description="how many of a participant's last rounds the mean is over")
+    min_consistency: float = Field(
+        -1.0,
+        ge=-1,
+        le=1,
+        description="suspend when the mean cosine of its last `rounds` updates to its update before is below this"
+        " (-1: off)",
+    )
 
 
 class StrategySection(_Section):

@@ -42,6 +42,13 @@ def _orthonormal(m: int, against: torch.Tensor, gen: torch.Generator) -> torch.T
     return rows
 
 
+def orthogonal_part(v: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
+    """The unit part of ``v`` orthogonal to every row of ``against`` (float64)."""
+    q, _ = torch.linalg.qr(against.T.to(torch.float64))
+    v64 = v.to(torch.float64)
+    return _unit(v64 - q @ (q.T @ v64))
+
+
 def _unit(v: torch.Tensor) -> torch.Tensor:
     out: torch.Tensor = v / v.norm().clamp_min(1e-30)
     return out
@@ -92,12 +99,16 @@ def at_radius(
     def rows(a: float) -> torch.Tensor:
         return c[None, :] + radius * tau * (a * p[None, :] + math.sqrt(max(0.0, 1.0 - a * a)) * e)
 
+    # Every pair of rows has one cosine (the e_i are orthonormal and orthogonal to p and c):
+    # (|c|^2 + 2 R a c.p + R^2 a^2) / (|c|^2 + 2 R a c.p + R^2), R = radius * tau.
+    big_r, cc, cp = radius * tau, float(c @ c), float(c @ p)
+
     def ok(a: float) -> bool:
         if m <= 1:
             return True
-        cos = pairwise_cosine(rows(a))
-        cos.fill_diagonal_(-1.0)
-        return float(cos.max()) <= max_cosine
+        common = cc + 2.0 * big_r * a * cp
+        den = common + big_r * big_r
+        return den <= 0 or (common + big_r * big_r * a * a) / den <= max_cosine
 
     lo, hi = 0.0, 1.0
     if ok(hi):
@@ -117,16 +128,18 @@ def at_cosine(
     max_cosine: float,
     gen: torch.Generator,
     target: float,
+    toward: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """As :func:`at_radius`, the harmful direction turned toward a random direction ``w`` orthogonal to the
-    honest mean ``u`` (``p = -cos(t) u + sin(t) w``) just enough that every row's cosine to ``u`` is at least
+    """As :func:`at_radius`, the harmful direction turned toward a direction ``w`` orthogonal to the honest
+    mean ``u`` (``p = -cos(t) u + sin(t) w``) just enough that every row's cosine to ``u`` is at least
     ``target`` (bisection on ``t`` in ``[0, pi/2]``): an attacker that knows a rule on the cosine to the
-    aggregate, and stays just inside it. ``t = 0`` (:func:`at_radius`'s rows) when those already are."""
+    aggregate, and stays just inside it. ``t = 0`` (:func:`at_radius`'s rows) when those already are.
+    ``w`` is ``toward`` made orthogonal to ``u`` and the centre, or a random such direction."""
     h = honest.to(torch.float64)
     u = _unit(h.mean(dim=0))
     c = centre.to(torch.float64)
     against = torch.stack([u, c]) if float(c.norm()) > 0 else u[None, :]
-    w = _orthonormal(1, against, gen)[0]
+    w = _orthonormal(1, against, gen)[0] if toward is None else orthogonal_part(toward, against)
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
 
     def rows(t: float) -> torch.Tensor:
@@ -226,3 +239,49 @@ def tailored_gamma(
         lo, hi = (lo, b) if damage(a) >= damage(b) else (a, hi)
     mid = (lo + hi) / 2.0
     return mid if damage(mid) >= scores[best] else gammas[best]
+
+
+def turned_rows(
+    centre: torch.Tensor,
+    u: torch.Tensor,
+    w: torch.Tensor,
+    spread: torch.Tensor,
+    radius: float,
+    max_cosine: float,
+    t: float,
+) -> torch.Tensor:
+    """Rows ``centre + radius (a p + b e_i)``, ``p = -cos(t) u + sin(t) w`` (``t = 0``: against the unit
+    ``u``; ``pi / 2``: along the unit ``w``, orthogonal to it), ``e_i`` the rows of ``spread`` (orthonormal,
+    orthogonal to ``u``, ``w`` and the centre), ``a`` the largest (``a^2 + b^2 = 1``) whose pairwise cosine
+    stays at or below ``max_cosine`` (closed form of the cosine, bisection on ``a``)."""
+    c = centre.to(torch.float64)
+    p = -math.cos(t) * u + math.sin(t) * w
+    cc, cp, r2 = float(c @ c), float(c @ p), radius * radius
+
+    def ok(a: float) -> bool:
+        common = cc + 2.0 * radius * a * cp
+        den = common + r2
+        return spread.shape[0] <= 1 or den <= 0 or (common + r2 * a * a) / den <= max_cosine
+
+    lo, hi = 0.0, 1.0
+    if ok(hi):
+        lo = hi
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2.0
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return c[None, :] + radius * (lo * p[None, :] + math.sqrt(max(0.0, 1.0 - lo * lo)) * spread)
+
+
+def least_turn(
+    rows_at: Callable[[float], torch.Tensor], score: Callable[[torch.Tensor], float], floor: float
+) -> torch.Tensor:
+    """``rows_at(t)`` for the smallest ``t`` in ``[0, pi]`` whose ``score`` is at least ``floor`` (bisection,
+    12 steps; ``score`` is taken to grow with ``t``): the most harmful rows a score rule lets through."""
+    if score(rows_at(0.0)) >= floor:
+        return rows_at(0.0)
+    lo, hi = 0.0, math.pi
+    for _ in range(12):
+        mid = (lo + hi) / 2.0
+        lo, hi = (lo, mid) if score(rows_at(mid)) >= floor else (mid, hi)
+    return rows_at(hi)

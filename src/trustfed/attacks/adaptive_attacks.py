@@ -5,7 +5,9 @@ Jaggi 2022), ``agr_tailored`` (Shejwalkar and Houmansadr 2021, tailored to the r
 to trustfed's default rule (centered clipping, ``reject``, ``max_cosine``): ``clip_radius`` (at the
 clipping radius), ``reject_edge`` (just inside the rejection distance), ``cosine_edge`` (copies just
 below the colluding-copies cosine); ``history_edge`` (at the radius, just above the history guard's
-cosine threshold). The maths is in :mod:`trustfed.attacks.adaptive`.
+cosine threshold), ``consistency_edge`` (the same, and just above its consistency threshold),
+``guard_edge`` (at the radius, its cosine to the round's aggregate, computed by the run's rule, just above
+the guard's threshold, and consistent from round to round). The maths is in :mod:`trustfed.attacks.adaptive`.
 
 Attacks aimed at centered clipping need its centre: the previous round's aggregate, which every
 participant sees as the difference of two consecutive global models (kept in ``ctx.state``).
@@ -13,12 +15,24 @@ participant sees as the difference of two consecutive global models (kept in ``c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from trustfed.attacks.adaptive import at_cosine, at_radius, fang_krum, mimic_choice, spread_copies, tailored_gamma
+from trustfed.attacks.adaptive import (
+    at_cosine,
+    at_radius,
+    fang_krum,
+    least_turn,
+    mimic_choice,
+    orthogonal_part,
+    pairwise_cosine,
+    spread_copies,
+    tailored_gamma,
+    turned_rows,
+)
 from trustfed.attacks.api import Attack, AttackContext, AttackError
 from trustfed.attacks.builtin import number
 from trustfed.attacks.model_poisoning import OMNISCIENT_FNS
@@ -154,6 +168,138 @@ class HistoryEdge(ClipRadius):
         honest = ctx.stacked(ctx.honest)
         cos = _cosine_below(ctx, self.max_cosine)
         return _rows(ctx, at_cosine(honest, centre, len(ctx.attackers), self.radius, cos, ctx.generator, self.target))
+
+
+@register_attack("consistency_edge", builtin=True)
+class ConsistencyEdge(HistoryEdge):
+    """Adapted to both rules of the history guard: as ``history_edge`` (at the radius, cosine to the honest
+    mean at least ``target``), its direction turned from round to round only as far as keeps each
+    attacker's delta at cosine ``consistency`` or more to its delta of the round before (default 0.4: 0.1
+    above the guard's ``min_consistency`` of the default robust configuration). Each round: a fresh random
+    direction mixed with the last one, the least of the last one that keeps the cosine (bisection)."""
+
+    def __init__(
+        self, radius: float = 1.0, max_cosine: float = 0.0, target: float = -0.1, consistency: float = 0.4
+    ) -> None:
+        super().__init__(radius, max_cosine, target)
+        self.consistency = number("consistency_edge", "consistency", consistency)
+        if not -1 <= self.consistency <= 1:
+            raise AttackError(f"attack 'consistency_edge': consistency must be in [-1, 1], got {self.consistency}")
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        centre = previous_step(ctx)
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        honest = ctx.stacked(ctx.honest)
+        cos = _cosine_below(ctx, self.max_cosine)
+        seed = ctx.state.setdefault("spread_seed", int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
+        fresh = torch.randn(honest.shape[1], generator=ctx.generator, dtype=torch.float64)
+        fresh = fresh / fresh.norm().clamp_min(1e-30)
+        last_w: torch.Tensor | None = ctx.state.get("direction")
+        last: dict[str, torch.Tensor] = ctx.state.get("rows", {})
+
+        def rows(mix: float) -> tuple[torch.Tensor, torch.Tensor]:
+            w = fresh if last_w is None else mix * last_w + math.sqrt(1.0 - mix * mix) * fresh
+            gen = torch.Generator().manual_seed(seed)  # the same spread every round
+            return w, at_cosine(honest, centre, len(ctx.attackers), self.radius, cos, gen, self.target, w)
+
+        def consistent(r: torch.Tensor) -> bool:
+            before = [last[p] for p in ctx.attackers if p in last]
+            if len(before) < len(ctx.attackers):
+                return True
+            both = torch.cat([r.to(torch.float64), torch.stack(before).to(torch.float64)])
+            k = len(ctx.attackers)
+            return float(pairwise_cosine(both)[range(k), range(k, 2 * k)].min()) >= self.consistency
+
+        w, out = rows(0.0)
+        if not consistent(out):
+            lo, hi = 0.0, 1.0
+            w, out = rows(hi)
+            for _ in range(12):
+                mid = (lo + hi) / 2.0
+                w_mid, out_mid = rows(mid)
+                if consistent(out_mid):
+                    hi, w, out = mid, w_mid, out_mid
+                else:
+                    lo = mid
+        ctx.state["direction"] = w / w.norm().clamp_min(1e-30)
+        ctx.state["rows"] = {p: out[i].clone() for i, p in enumerate(ctx.attackers)}
+        return _rows(ctx, out)
+
+
+@register_attack("guard_edge", builtin=True)
+class GuardEdge(Attack):
+    """Adapted to the history guard with full knowledge of the round: at the clipping radius, turned from
+    "against the honest mean" toward a direction ``w`` orthogonal to it only as far as keeps every row's
+    cosine to the round's aggregate (the run's rule rebuilt from its description and run on the candidate
+    round, centered clipping from the centre every participant can infer) at ``min_cosine + margin`` (the
+    guard suspends below ``min_cosine``); ``w`` mixes the last round's with a fresh random one, as little
+    of the last as keeps each row's cosine to its row of the round before at ``consistency`` or more.
+    Pairwise cosine just below the rule's ``max_cosine``. The rows carry the centre (the previous
+    aggregate): so they point along the aggregate enough for the guard while their push opposes it."""
+
+    knowledge = "omniscient"
+
+    def __init__(
+        self, min_cosine: float = -0.2, margin: float = 0.05, consistency: float = 0.4, radius: float = 1.0
+    ) -> None:
+        self.floor = number("guard_edge", "min_cosine", min_cosine) + number("guard_edge", "margin", margin)
+        self.consistency = number("guard_edge", "consistency", consistency)
+        self.radius = number("guard_edge", "radius", radius)
+        if self.radius <= 0 or not -1 <= self.consistency <= 1:
+            raise AttackError("attack 'guard_edge': need radius > 0 and -1 <= consistency <= 1")
+
+    def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
+        c = previous_step(ctx).to(torch.float64)
+        if not ctx.honest:
+            return dict(ctx.own_updates)
+        honest = ctx.stacked(ctx.honest).to(torch.float64)
+        m, d = len(ctx.attackers), honest.shape[1]
+        u = honest.mean(dim=0)
+        u = u / u.norm().clamp_min(1e-30)
+        big_r = self.radius * float((honest - c).norm(dim=1).median())
+        kappa = _cosine_below(ctx, 0.0)
+        seed = ctx.state.setdefault("spread_seed", int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
+        raw = torch.randn((d, m), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        fresh = torch.randn(d, generator=ctx.generator, dtype=torch.float64)
+        fresh = fresh / fresh.norm().clamp_min(1e-30)
+        last_w: torch.Tensor | None = ctx.state.get("direction")
+        last: torch.Tensor | None = ctx.state.get("rows")
+        agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
+        weights = torch.ones(m + honest.shape[0])
+        anchors = torch.stack([u, c]) if float(c.norm()) > 0 else u[None, :]
+
+        def to_aggregate(rows: torch.Tensor) -> float:  # the least cosine of a row to the round's aggregate
+            if isinstance(agg, CenteredClipping):
+                agg.load_state_dict({"center": c})
+            a = agg(torch.cat([rows, honest]).to(torch.float32), weights).params.to(torch.float64)
+            return float(((rows @ a) / (rows.norm(dim=1) * a.norm()).clamp_min(1e-30)).min())
+
+        def with_mix(mix: float) -> tuple[torch.Tensor, torch.Tensor]:
+            w = orthogonal_part(fresh if last_w is None else mix * last_w + math.sqrt(1.0 - mix * mix) * fresh, anchors)
+            q, _ = torch.linalg.qr(torch.cat([torch.cat([anchors, w[None, :]]).T, raw], dim=1))
+            spread = q[:, anchors.shape[0] + 1 :].T  # orthonormal, orthogonal to u, w and the centre
+            rows = least_turn(lambda t: turned_rows(c, u, w, spread, big_r, kappa, t), to_aggregate, self.floor)
+            return w, rows
+
+        def consistent(rows: torch.Tensor) -> bool:
+            if last is None or last.shape != rows.shape:
+                return True
+            return float(pairwise_cosine(torch.cat([rows, last]))[range(m), range(m, 2 * m)].min()) >= self.consistency
+
+        w, rows = with_mix(0.0)
+        if not consistent(rows):
+            lo, hi = 0.0, 1.0
+            w, rows = with_mix(hi)
+            for _ in range(7):
+                mid = (lo + hi) / 2.0
+                w_mid, rows_mid = with_mix(mid)
+                if consistent(rows_mid):
+                    hi, w, rows = mid, w_mid, rows_mid
+                else:
+                    lo = mid
+        ctx.state["direction"], ctx.state["rows"] = w, rows
+        return _rows(ctx, rows)
 
 
 @register_attack("cosine_edge", builtin=True)

@@ -36,7 +36,7 @@ from trustfed.coordinator.enclave_record import EnclaveRecord
 from trustfed.coordinator.incentives_record import IncentivesRecord, set_status_on_chain
 from trustfed.coordinator.tracking import trackers_for
 from trustfed.core.codec import ParamSpec
-from trustfed.core.history_guard import SUSPENSION_REASON, HistoryGuard
+from trustfed.core.history_guard import HistoryGuard
 from trustfed.core.rounds import RoundObserver, RoundRecord
 from trustfed.core.strategy import RoundPlan, RoundResult, Update
 from trustfed.ledger.audit import Signer, parsed_entries
@@ -170,7 +170,7 @@ class BehaviourRecord:
 class SuspensionRecord:
     """Each participant the history guard suspended, as a coordinator-signed ``participant_behaviour``
     entry in the round it was suspended in: ``{participant, reason, detail, source = "suspension", score,
-    rounds, min_cosine}``. ``audit verify`` checks that it committed that round and that no later round
+    rounds, min_cosine, min_consistency}`` (``reason``: ``persistent_opposition`` or ``inconsistent_updates``). ``audit verify`` checks that it committed that round and that no later round
     selects it; with ``[incentives]`` the participant is flagged in that round's incentives entry."""
 
     def __init__(self, guard: HistoryGuard) -> None:
@@ -188,12 +188,13 @@ class SuspensionRecord:
                 BEHAVIOUR_KIND,
                 {
                     "participant": s.participant,
-                    "reason": SUSPENSION_REASON,
+                    "reason": s.reason,
                     "detail": s.detail(rule),
                     "source": "suspension",
                     "score": s.score,
                     "rounds": s.rounds,
                     "min_cosine": rule.min_cosine,
+                    "min_consistency": rule.min_consistency,
                 },
             )
             for s in self.guard.suspended_in(plan.round)

@@ -5,7 +5,9 @@ Scores compare each participant's delta (``update - global``) with the round's a
 * ``norm``: ``|delta_i|``;
 * ``distance``: ``|delta_i - delta_agg|``;
 * ``cosine``: ``cos(delta_i, delta_agg)`` (0 when either is zero);
-* ``*_z``: robust z-scores of norm and distance over the round (``(s - median) / (1.4826 * MAD)``).
+* ``*_z``: robust z-scores of norm and distance over the round (``(s - median) / (1.4826 * MAD)``);
+* ``consistency`` (:class:`AnomalyMonitor` only): ``cos(delta_i, delta_i before)``, the participant's own
+  previous delta (NaN for its first), what the history guard's ``min_consistency`` is compared with.
 
 :class:`AnomalyMonitor` is a coordinator RoundObserver that keeps these per participant and round.
 Pure: no I/O.
@@ -54,6 +56,7 @@ class AnomalyMonitor:
 
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     _global: torch.Tensor | None = None
+    _previous: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def on_round_start(self, plan: Any, params: torch.Tensor) -> None:
         self._global = params.detach().clone()
@@ -68,6 +71,10 @@ class AnomalyMonitor:
         for i, u in enumerate(updates):
             row = {"round": float(plan.round), "selected": float(i in selected)}
             row.update({k: float(v[i]) for k, v in scores.items()})
+            before = self._previous.get(u.participant_id)
+            same = before is not None and before.shape == deltas[i].shape
+            row["consistency"] = float(anomaly_scores(deltas[i : i + 1], before)["cosine"][0]) if same else float("nan")
+            self._previous[u.participant_id] = deltas[i].clone()
             self.history.setdefault(u.participant_id, []).append(row)
 
     def mean(self, participant_id: str, key: str) -> float:

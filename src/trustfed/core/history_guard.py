@@ -15,6 +15,15 @@ last ``rounds`` scores. A participant whose mean over its last ``rounds`` scores
 ``min_cosine`` is suspended: never selected again, and its update refused if one still arrives.
 :meth:`HistoryGuard.suspended_in` tells the recorders who was suspended in a round, and why.
 
+A second rule (``min_consistency``, off unless set above -1) follows each participant's own updates: an
+honest participant trains on the same data every round, so its delta points much as its delta of the
+round before did (FLDetector's observation, Zhang et al. 2022: honest updates are predictable from the
+participant's previous ones). Measured on the same setup: the mean over 3 rounds of that cosine was at
+least +0.44 for every honest participant; attackers that push in a fresh direction every round
+(``history_edge``) stayed below +0.21, free riders (zero deltas, cosine 0) at 0. A participant whose mean
+over its last ``rounds`` consistency scores is below ``min_consistency`` is suspended, with the reason
+``inconsistent_updates``. It keeps each participant's last delta (``n x d`` float32, also in the state).
+
 Fail-safe: suspensions never reach half of the participants the guard has scored (the rule assumes an
 honest majority; with more, it would be the honest ones who look opposed). Pure: tensors and plain
 values, no I/O.
@@ -37,39 +46,53 @@ from trustfed.errors import AggregationError
 
 log = logging.getLogger("trustfed.core.history_guard")
 
-#: The reason code of a suspension in the audit log's ``participant_behaviour`` entry.
+#: The reason codes of a suspension in the audit log's ``participant_behaviour`` entry: its updates opposed
+#: the aggregate, or they did not follow from one round to the next.
 SUSPENSION_REASON = "persistent_opposition"
+INCONSISTENCY_REASON = "inconsistent_updates"
+REASONS = (SUSPENSION_REASON, INCONSISTENCY_REASON)
 
 
 @dataclass(frozen=True)
 class SuspensionRule:
     """Suspend a participant once the mean cosine of its last ``rounds`` deltas to the rounds' aggregate
-    deltas is below ``min_cosine``; never suspend half of the scored participants or more."""
+    deltas is below ``min_cosine``, or (``min_consistency > -1``) once the mean cosine of each of its last
+    ``rounds`` deltas to its own delta before is below ``min_consistency``; never suspend half of the
+    scored participants or more."""
 
     min_cosine: float = -0.2
     rounds: int = 3
+    min_consistency: float = -1.0  # -1: off (no mean of cosines is below -1)
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.min_cosine <= 1.0:
             raise AggregationError(f"suspension min_cosine must be in [-1, 1], got {self.min_cosine}")
+        if not -1.0 <= self.min_consistency <= 1.0:
+            raise AggregationError(f"suspension min_consistency must be in [-1, 1], got {self.min_consistency}")
         if self.rounds < 1:
             raise AggregationError(f"suspension rounds must be >= 1, got {self.rounds}")
 
 
 @dataclass(frozen=True)
 class Suspension:
-    """Who was suspended, in which round, with which mean cosine over how many rounds."""
+    """Who was suspended, in which round, why (one of :data:`REASONS`), with which mean cosine over how
+    many rounds."""
 
     participant: str
     round: int
     score: float
     rounds: int
+    reason: str = SUSPENSION_REASON
+
+    def threshold(self, rule: SuspensionRule) -> float:
+        return rule.min_cosine if self.reason == SUSPENSION_REASON else rule.min_consistency
 
     def detail(self, rule: SuspensionRule) -> str:
-        return (
-            f"mean cosine {self.score:.4f} to the aggregate over its last {self.rounds} rounds is below "
-            f"{rule.min_cosine}: suspended, not selected again"
-        )
+        if self.reason == INCONSISTENCY_REASON:
+            what = f"mean cosine {self.score:.4f} of its last {self.rounds} updates to its update before"
+        else:
+            what = f"mean cosine {self.score:.4f} to the aggregate over its last {self.rounds} rounds"
+        return f"{what} is below {self.threshold(rule)}: suspended, not selected again"
 
 
 def opposition_scores(params: torch.Tensor, updates: Sequence[Update], aggregate: torch.Tensor) -> dict[str, float]:
@@ -82,6 +105,25 @@ def opposition_scores(params: torch.Tensor, updates: Sequence[Update], aggregate
     return {u.participant_id: float(c) for u, c in zip(updates, cos.tolist(), strict=True) if c == c}
 
 
+def consistency_scores(
+    params: torch.Tensor, updates: Sequence[Update], previous: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Each finite update's cosine to the same participant's previous delta (0 when either is zero; no score
+    for a participant's first update), and the deltas to keep as the next round's ``previous`` (float32)."""
+    scores: dict[str, float] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    g = params.to(torch.float64)
+    for u in updates:
+        d = u.params.to(torch.float64) - g
+        if not bool(torch.isfinite(d).all()):
+            continue
+        before = previous.get(u.participant_id)
+        if before is not None and before.shape == d.shape:
+            scores[u.participant_id] = float(anomaly_scores(d[None, :], before.to(torch.float64))["cosine"][0])
+        deltas[u.participant_id] = d.to(torch.float32)
+    return scores, deltas
+
+
 class HistoryGuard(Strategy):
     """``inner`` (a FedAvg-family strategy) whose participants are scored every round and suspended by
     ``rule`` when they persistently oppose the aggregate (see the module docstring)."""
@@ -92,7 +134,13 @@ class HistoryGuard(Strategy):
         self.inner = inner
         self.rule = rule or SuspensionRule()
         self.scores: dict[str, deque[float]] = {}
+        self.consistency: dict[str, deque[float]] = {}
+        self.previous: dict[str, torch.Tensor] = {}  # each participant's last delta (the consistency rule)
         self.suspended: dict[str, Suspension] = {}
+
+    @property
+    def checks_consistency(self) -> bool:
+        return self.rule.min_consistency > -1.0
 
     def configure_round(self, rnd: int, params: torch.Tensor, available: Sequence[str]) -> RoundPlan:
         return self.inner.configure_round(rnd, params, [p for p in available if p not in self.suspended])
@@ -106,33 +154,42 @@ class HistoryGuard(Strategy):
             raise AggregationError(f"round {plan.round}: every update comes from a suspended participant")
         kept = [updates[i] for i in keep]
         res = self.inner.aggregate(plan, params, kept)
-        self._score(plan.round, opposition_scores(params, kept, res.params))
+        consistency: dict[str, float] = {}
+        if self.checks_consistency:
+            consistency, deltas = consistency_scores(params, kept, self.previous)
+            self.previous.update(deltas)
+        self._score(plan.round, opposition_scores(params, kept, res.params), consistency)
         agg = _remap(res.aggregate, keep, len(updates))
         metrics = {**res.metrics, "num_suspended": float(len(self.suspended))}
         return RoundResult(res.params, metrics, agg)
 
-    def _score(self, rnd: int, scores: Mapping[str, float]) -> None:
+    def _score(self, rnd: int, scores: Mapping[str, float], consistency: Mapping[str, float]) -> None:
         k = self.rule.rounds
         for pid, s in scores.items():
             self.scores.setdefault(pid, deque(maxlen=k)).append(s)
-        due = sorted(
-            (sum(h) / k, pid)
-            for pid, h in self.scores.items()
-            if pid not in self.suspended and len(h) == k and sum(h) / k < self.rule.min_cosine
-        )
-        for score, pid in due:  # the most opposed first, while fewer than half are suspended
+        for pid, s in consistency.items():
+            self.consistency.setdefault(pid, deque(maxlen=k)).append(s)
+        due: dict[str, tuple[float, float, str]] = {}  # margin below, mean, reason; opposition wins a tie
+        for reason, history, threshold in (
+            (INCONSISTENCY_REASON, self.consistency, self.rule.min_consistency),
+            (SUSPENSION_REASON, self.scores, self.rule.min_cosine),
+        ):
+            for pid, h in history.items():
+                if pid not in self.suspended and len(h) == k and sum(h) / k < threshold:
+                    due[pid] = (sum(h) / k - threshold, sum(h) / k, reason)
+        for pid, (_, mean, reason) in sorted(due.items(), key=lambda kv: (kv[1][0], kv[0])):  # farthest below first
             if 2 * (len(self.suspended) + 1) >= len(self.scores):
                 log.warning(
-                    "round %d: %s's mean cosine %.4f is below %s, but suspending it would reach half of the %d "
-                    "participants scored: not suspended",
+                    "round %d: %s's mean %s score %.4f is below its threshold, but suspending it would reach half "
+                    "of the %d participants scored: not suspended",
                     rnd,
                     pid,
-                    score,
-                    self.rule.min_cosine,
+                    "consistency" if reason == INCONSISTENCY_REASON else "opposition",
+                    mean,
                     len(self.scores),
                 )
                 continue
-            self.suspended[pid] = Suspension(pid, rnd, score, k)
+            self.suspended[pid] = Suspension(pid, rnd, mean, k, reason)
             log.warning("round %d: %s suspended (%s)", rnd, pid, self.suspended[pid].detail(self.rule))
 
     def suspended_in(self, rnd: int) -> list[Suspension]:
@@ -147,30 +204,44 @@ class HistoryGuard(Strategy):
             "name": self.name,
             "inner": self.inner.describe(),
             "min_cosine": self.rule.min_cosine,
+            "min_consistency": self.rule.min_consistency,
             "rounds": self.rule.rounds,
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The inner strategy's state under ``inner.``; the scores and suspensions under ``guard.``:
-        ``ids`` (the participants' UTF-8 ids joined by newlines, one byte per value), ``scores``
-        ``[n, rounds]`` (NaN where fewer rounds are in), ``since`` (the round each was suspended in; 0:
-        not suspended) and ``suspended_score``."""
+        ``ids`` (the participants' UTF-8 ids joined by newlines, one byte per value), ``scores`` and
+        ``consistency`` ``[n, rounds]`` (NaN where fewer rounds are in), ``since`` (the round each was
+        suspended in; 0: not suspended), ``suspended_score``, ``reason`` (an index into :data:`REASONS`) and,
+        with the consistency rule, ``previous`` ``[n, d]`` (each one's last delta; NaN: none yet)."""
         out = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
-        ids = sorted(set(self.scores) | set(self.suspended))
+        ids = sorted(set(self.scores) | set(self.suspended) | set(self.consistency) | set(self.previous))
         if not ids:
             return out
+        sus = [self.suspended.get(pid) for pid in ids]
+        out["guard.ids"] = torch.tensor(list("\n".join(ids).encode("utf-8")), dtype=torch.int64)
+        out["guard.scores"] = self._history(ids, self.scores)
+        out["guard.consistency"] = self._history(ids, self.consistency)
+        out["guard.since"] = torch.tensor([s.round if s else 0 for s in sus], dtype=torch.int64)
+        out["guard.suspended_score"] = torch.tensor([s.score if s else 0.0 for s in sus], dtype=torch.float64)
+        out["guard.reason"] = torch.tensor([REASONS.index(s.reason) if s else 0 for s in sus], dtype=torch.int64)
+        if self.previous:
+            d = next(iter(self.previous.values())).numel()
+            prev = torch.full((len(ids), d), float("nan"), dtype=torch.float32)
+            for i, pid in enumerate(ids):
+                if pid in self.previous and self.previous[pid].numel() == d:
+                    prev[i] = self.previous[pid]
+            out["guard.previous"] = prev
+        return out
+
+    def _history(self, ids: Sequence[str], held: Mapping[str, deque[float]]) -> torch.Tensor:
         k = self.rule.rounds
         scores = torch.full((len(ids), k), float("nan"), dtype=torch.float64)
         for i, pid in enumerate(ids):
-            h = list(self.scores.get(pid, ()))
+            h = list(held.get(pid, ()))
             if h:
                 scores[i, k - len(h) :] = torch.tensor(h, dtype=torch.float64)
-        sus = [self.suspended.get(pid) for pid in ids]
-        out["guard.ids"] = torch.tensor(list("\n".join(ids).encode("utf-8")), dtype=torch.int64)
-        out["guard.scores"] = scores
-        out["guard.since"] = torch.tensor([s.round if s else 0 for s in sus], dtype=torch.int64)
-        out["guard.suspended_score"] = torch.tensor([s.score if s else 0.0 for s in sus], dtype=torch.float64)
-        return out
+        return scores
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         own = {k: v for k, v in state.items() if k.startswith("guard.")}
@@ -178,25 +249,45 @@ class HistoryGuard(Strategy):
         if unknown:
             raise AggregationError(f"strategy {self.name} got unknown state keys {unknown}")
         self.inner.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("inner.")})
-        self.scores, self.suspended = {}, {}
+        self.scores, self.consistency, self.previous, self.suspended = {}, {}, {}, {}
         if not own:
             return
         need = {"guard.ids", "guard.scores", "guard.since", "guard.suspended_score"}
-        if set(own) != need:
-            raise AggregationError(f"strategy {self.name} state needs {sorted(need)}, got {sorted(own)}")
-        ids = bytes(own["guard.ids"].tolist()).decode("utf-8").split("\n")
-        scores, since, score = own["guard.scores"], own["guard.since"], own["guard.suspended_score"]
-        if scores.shape != (len(ids), self.rule.rounds) or since.shape != (len(ids),) or score.shape != (len(ids),):
+        optional = {"guard.consistency", "guard.reason", "guard.previous"}  # not in checkpoints before them
+        if not need <= set(own) <= need | optional:
             raise AggregationError(
-                f"strategy {self.name} state holds {len(ids)} participants but scores {tuple(scores.shape)}, "
-                f"since {tuple(since.shape)}; expected [{len(ids)}, {self.rule.rounds}] and [{len(ids)}]"
+                f"strategy {self.name} state needs {sorted(need)} (and may hold {sorted(optional)}), got {sorted(own)}"
             )
+        ids = bytes(own["guard.ids"].tolist()).decode("utf-8").split("\n")
+        n, k = len(ids), self.rule.rounds
+        scores, since, score = own["guard.scores"], own["guard.since"], own["guard.suspended_score"]
+        consistency = own.get("guard.consistency", torch.full((n, k), float("nan"), dtype=torch.float64))
+        reason = own.get("guard.reason", torch.zeros(n, dtype=torch.int64))
+        prev = own.get("guard.previous")
+        if (
+            scores.shape != (n, k)
+            or consistency.shape != (n, k)
+            or since.shape != (n,)
+            or score.shape != (n,)
+            or reason.shape != (n,)
+            or (prev is not None and (prev.dim() != 2 or prev.shape[0] != n))
+        ):
+            raise AggregationError(
+                f"strategy {self.name} state holds {n} participants but scores {tuple(scores.shape)}, consistency "
+                f"{tuple(consistency.shape)}, since {tuple(since.shape)}, reason {tuple(reason.shape)}; expected "
+                f"[{n}, {k}] and [{n}]"
+            )
+        if bool(((reason < 0) | (reason >= len(REASONS))).any()):
+            raise AggregationError(f"strategy {self.name} state has a suspension reason outside 0..{len(REASONS) - 1}")
         for i, pid in enumerate(ids):
-            h = [float(v) for v in scores[i].tolist() if v == v]
-            if h:
-                self.scores[pid] = deque(h, maxlen=self.rule.rounds)
+            for held, row in ((self.scores, scores[i]), (self.consistency, consistency[i])):
+                h = [float(v) for v in row.tolist() if v == v]
+                if h:
+                    held[pid] = deque(h, maxlen=k)
+            if prev is not None and bool(torch.isfinite(prev[i]).all()):
+                self.previous[pid] = prev[i].to(torch.float32).clone()
             if int(since[i]) > 0:
-                self.suspended[pid] = Suspension(pid, int(since[i]), float(score[i]), self.rule.rounds)
+                self.suspended[pid] = Suspension(pid, int(since[i]), float(score[i]), k, REASONS[int(reason[i])])
 
 
 def _remap(res: AggregateResult, keep: Sequence[int], n: int) -> AggregateResult:

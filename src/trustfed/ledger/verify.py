@@ -179,7 +179,7 @@ class _Verifier(EnclaveChecks, EntryChecks, IncentiveChecks, ChainChecks, Privac
                                 ln,
                                 rnd,
                                 "body.participants",
-                                f"selects {pid!r}, suspended for persistent opposition in round {self.held_out[pid]}",
+                                f"selects {pid!r}, suspended by the history guard in round {self.held_out[pid]}",
                             )
                         if pid in self.left and self.left[pid][1] < rnd:
                             self.fail(

@@ -155,9 +155,9 @@ def run_rounds(
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
-    if isinstance(strategy, HistoryGuard):  # who it suspended: round and mean cosine
+    if isinstance(strategy, HistoryGuard):  # who it suspended: round, why, and the mean score
         out["suspensions"] = {
-            pid: {"round": s.round, "score": s.score, "rounds": s.rounds}
+            pid: {"round": s.round, "reason": s.reason, "score": s.score, "rounds": s.rounds}
             for pid, s in sorted(strategy.suspended.items())
         }
     return out
