@@ -72,8 +72,9 @@ class AnomalyMonitor:
             row = {"round": float(plan.round), "selected": float(i in selected)}
             row.update({k: float(v[i]) for k, v in scores.items()})
             before = self._previous.get(u.participant_id)
-            same = before is not None and before.shape == deltas[i].shape
-            row["consistency"] = float(anomaly_scores(deltas[i : i + 1], before)["cosine"][0]) if same else float("nan")
+            row["consistency"] = float("nan")  # no update before this one
+            if before is not None and before.shape == deltas[i].shape:
+                row["consistency"] = float(anomaly_scores(deltas[i : i + 1], before)["cosine"][0])
             self._previous[u.participant_id] = deltas[i].clone()
             self.history.setdefault(u.participant_id, []).append(row)
 
