@@ -99,9 +99,14 @@ def at_radius(
     def rows(a: float) -> torch.Tensor:
         return c[None, :] + radius * tau * (a * p[None, :] + math.sqrt(max(0.0, 1.0 - a * a)) * e)
 
-    # Every pair of rows has one cosine (the e_i are orthonormal and orthogonal to p and c):
-    # (|c|^2 + 2 R a c.p + R^2 a^2) / (|c|^2 + 2 R a c.p + R^2), R = radius * tau.
-    big_r, cc, cp = radius * tau, float(c @ c), float(c @ p)
+    return rows(_share(float(c @ c), float(c @ p), radius * tau, m, max_cosine)).to(honest.dtype)
+
+
+def _share(cc: float, cp: float, big_r: float, m: int, max_cosine: float) -> float:
+    """The largest ``a`` in ``[0, 1]`` (``a^2 + b^2 = 1``) whose ``m`` rows ``c + R (a p + b e_i)`` keep a
+    pairwise cosine at or below ``max_cosine`` (bisection). Every pair has one cosine when the ``e_i`` are
+    orthonormal and orthogonal to the unit ``p`` and to ``c``: ``(|c|^2 + 2 R a c.p + R^2 a^2) /
+    (|c|^2 + 2 R a c.p + R^2)``, ``cc = |c|^2``, ``cp = c.p``."""
 
     def ok(a: float) -> bool:
         if m <= 1:
@@ -112,12 +117,11 @@ def at_radius(
 
     lo, hi = 0.0, 1.0
     if ok(hi):
-        lo = hi
-    else:
-        for _ in range(40):
-            mid = (lo + hi) / 2.0
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return rows(lo).to(honest.dtype)
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def at_cosine(
@@ -256,21 +260,8 @@ def turned_rows(
     stays at or below ``max_cosine`` (closed form of the cosine, bisection on ``a``)."""
     c = centre.to(torch.float64)
     p = -math.cos(t) * u + math.sin(t) * w
-    cc, cp, r2 = float(c @ c), float(c @ p), radius * radius
-
-    def ok(a: float) -> bool:
-        common = cc + 2.0 * radius * a * cp
-        den = common + r2
-        return spread.shape[0] <= 1 or den <= 0 or (common + r2 * a * a) / den <= max_cosine
-
-    lo, hi = 0.0, 1.0
-    if ok(hi):
-        lo = hi
-    else:
-        for _ in range(40):
-            mid = (lo + hi) / 2.0
-            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return c[None, :] + radius * (lo * p[None, :] + math.sqrt(max(0.0, 1.0 - lo * lo)) * spread)
+    a = _share(float(c @ c), float(c @ p), radius, spread.shape[0], max_cosine)
+    return c[None, :] + radius * (a * p[None, :] + math.sqrt(max(0.0, 1.0 - a * a)) * spread)
 
 
 def least_turn(

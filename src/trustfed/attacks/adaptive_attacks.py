@@ -16,7 +16,7 @@ participant sees as the difference of two consecutive global models (kept in ``c
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from trustfed.attacks.adaptive import (
     tailored_gamma,
     turned_rows,
 )
-from trustfed.attacks.api import Attack, AttackContext, AttackError
+from trustfed.attacks.api import Attack, AttackContext, AttackError, Scalar
 from trustfed.attacks.builtin import number
 from trustfed.attacks.model_poisoning import OMNISCIENT_FNS
 from trustfed.attacks.registry import register_attack
@@ -56,6 +56,14 @@ def previous_step(ctx: AttackContext) -> torch.Tensor:
 
 def _rows(ctx: AttackContext, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     return {pid: rows[i].to(torch.float32) for i, pid in enumerate(ctx.attackers)}
+
+
+def _cosine_param(attack: str, key: str, value: Scalar) -> float:
+    """A parameter that is a cosine: a number in ``[-1, 1]``, or an :class:`AttackError` naming it."""
+    v = number(attack, key, value)
+    if not -1 <= v <= 1:
+        raise AttackError(f"attack '{attack}': {key} must be in [-1, 1], got {v}")
+    return v
 
 
 def _cosine_below(ctx: AttackContext, given: float) -> float:
@@ -157,9 +165,7 @@ class HistoryEdge(ClipRadius):
 
     def __init__(self, radius: float = 1.0, max_cosine: float = 0.0, target: float = -0.1) -> None:
         super().__init__(radius, max_cosine)
-        self.target = number("history_edge", "target", target)
-        if not -1 <= self.target <= 1:
-            raise AttackError(f"attack 'history_edge': target must be in [-1, 1], got {self.target}")
+        self.target = _cosine_param("history_edge", "target", target)
 
     def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
         centre = previous_step(ctx)
@@ -168,6 +174,29 @@ class HistoryEdge(ClipRadius):
         honest = ctx.stacked(ctx.honest)
         cos = _cosine_below(ctx, self.max_cosine)
         return _rows(ctx, at_cosine(honest, centre, len(ctx.attackers), self.radius, cos, ctx.generator, self.target))
+
+
+def least_mix(
+    with_mix: Callable[[float], tuple[torch.Tensor, torch.Tensor]],
+    consistent: Callable[[torch.Tensor], bool],
+    steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``with_mix(mix)`` (a direction and its rows) for the least ``mix`` in ``[0, 1]`` of the last round's
+    direction whose rows are ``consistent`` with the last round's (bisection, ``steps`` steps; 1 when none
+    is): as fresh a direction as a consistency rule lets through."""
+    out = with_mix(0.0)
+    if consistent(out[1]):
+        return out
+    lo, hi = 0.0, 1.0
+    out = with_mix(hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2.0
+        cand = with_mix(mid)
+        if consistent(cand[1]):
+            hi, out = mid, cand
+        else:
+            lo = mid
+    return out
 
 
 @register_attack("consistency_edge", builtin=True)
@@ -182,9 +211,7 @@ class ConsistencyEdge(HistoryEdge):
         self, radius: float = 1.0, max_cosine: float = 0.0, target: float = -0.1, consistency: float = 0.4
     ) -> None:
         super().__init__(radius, max_cosine, target)
-        self.consistency = number("consistency_edge", "consistency", consistency)
-        if not -1 <= self.consistency <= 1:
-            raise AttackError(f"attack 'consistency_edge': consistency must be in [-1, 1], got {self.consistency}")
+        self.consistency = _cosine_param("consistency_edge", "consistency", consistency)
 
     def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
         centre = previous_step(ctx)
@@ -211,17 +238,7 @@ class ConsistencyEdge(HistoryEdge):
             k = len(ctx.attackers)
             return float(pairwise_cosine(both)[range(k), range(k, 2 * k)].min()) >= self.consistency
 
-        w, out = rows(0.0)
-        if not consistent(out):
-            lo, hi = 0.0, 1.0
-            w, out = rows(hi)
-            for _ in range(12):
-                mid = (lo + hi) / 2.0
-                w_mid, out_mid = rows(mid)
-                if consistent(out_mid):
-                    hi, w, out = mid, w_mid, out_mid
-                else:
-                    lo = mid
+        w, out = least_mix(rows, consistent, 12)
         ctx.state["direction"] = w / w.norm().clamp_min(1e-30)
         ctx.state["rows"] = {p: out[i].clone() for i, p in enumerate(ctx.attackers)}
         return _rows(ctx, out)
@@ -244,10 +261,10 @@ class GuardEdge(Attack):
         self, min_cosine: float = -0.2, margin: float = 0.05, consistency: float = 0.4, radius: float = 1.0
     ) -> None:
         self.floor = number("guard_edge", "min_cosine", min_cosine) + number("guard_edge", "margin", margin)
-        self.consistency = number("guard_edge", "consistency", consistency)
+        self.consistency = _cosine_param("guard_edge", "consistency", consistency)
         self.radius = number("guard_edge", "radius", radius)
-        if self.radius <= 0 or not -1 <= self.consistency <= 1:
-            raise AttackError("attack 'guard_edge': need radius > 0 and -1 <= consistency <= 1")
+        if self.radius <= 0:
+            raise AttackError(f"attack 'guard_edge': radius must be > 0, got {self.radius}")
 
     def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
         c = previous_step(ctx).to(torch.float64)
@@ -287,17 +304,7 @@ class GuardEdge(Attack):
                 return True
             return float(pairwise_cosine(torch.cat([rows, last]))[range(m), range(m, 2 * m)].min()) >= self.consistency
 
-        w, rows = with_mix(0.0)
-        if not consistent(rows):
-            lo, hi = 0.0, 1.0
-            w, rows = with_mix(hi)
-            for _ in range(7):
-                mid = (lo + hi) / 2.0
-                w_mid, rows_mid = with_mix(mid)
-                if consistent(rows_mid):
-                    hi, w, rows = mid, w_mid, rows_mid
-                else:
-                    lo = mid
+        w, rows = least_mix(with_mix, consistent, 7)
         ctx.state["direction"], ctx.state["rows"] = w, rows
         return _rows(ctx, rows)
 
