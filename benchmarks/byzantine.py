@@ -185,6 +185,7 @@ def run_cell(args: argparse.Namespace, seed: int, row: str, col: str) -> Cell:
             "malicious": {p: r for p, r in got.items() if p in bad},
             "honest": {p: r for p, r in got.items() if p not in bad},
             "malicious_total": len(bad),
+            "reasons": {p: str(v.get("reason", "")) for p, v in res.metrics["suspensions"].items()},
         }
         shown += f"  suspended {len(sus['malicious'])}/{len(bad)} malicious, {len(sus['honest'])} honest"
     print(f"seed {seed} {row:18s} {col:17s} acc {acc:.3f}{shown}  ({secs:.1f}s)", flush=True)
