@@ -170,7 +170,8 @@ class BehaviourRecord:
 class SuspensionRecord:
     """Each participant the history guard suspended, as a coordinator-signed ``participant_behaviour``
     entry in the round it was suspended in: ``{participant, reason, detail, source = "suspension", score,
-    rounds, min_cosine, min_consistency}`` (``reason``: ``persistent_opposition`` or ``inconsistent_updates``). ``audit verify`` checks that it committed that round and that no later round
+    rounds, min_cosine, min_consistency}`` (``reason``: ``persistent_opposition`` or
+    ``inconsistent_updates``). ``audit verify`` checks that it committed that round and that no later round
     selects it; with ``[incentives]`` the participant is flagged in that round's incentives entry."""
 
     def __init__(self, guard: HistoryGuard) -> None:

@@ -34,6 +34,15 @@ def robust_z(s: torch.Tensor) -> torch.Tensor:
     return (s - med) / mad
 
 
+def cosines(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``cos(x_i, r)`` for each row of ``x`` ``[n, d]`` against ``r`` ``[d]`` (float64; 0 when either is
+    zero)."""
+    x64, r64 = x.to(torch.float64), r.to(torch.float64)
+    denom = torch.linalg.vector_norm(x64, dim=1) * torch.linalg.vector_norm(r64)
+    cos: torch.Tensor = torch.where(denom > 0, (x64 @ r64) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    return cos
+
+
 def anomaly_scores(deltas: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
     """Scores of each row of ``deltas`` ``[n, d]`` against the ``reference`` delta ``[d]`` (float64)."""
     if deltas.dim() != 2 or reference.shape != (deltas.shape[1],):
@@ -43,11 +52,14 @@ def anomaly_scores(deltas: torch.Tensor, reference: torch.Tensor) -> dict[str, t
     x = deltas.to(torch.float64)
     r = reference.to(torch.float64)
     norm = torch.linalg.vector_norm(x, dim=1)
-    rn = torch.linalg.vector_norm(r)
     dist = torch.linalg.vector_norm(x - r, dim=1)
-    denom = norm * rn
-    cos = torch.where(denom > 0, (x @ r) / denom.clamp_min(1e-300), torch.zeros_like(norm))
-    return {"norm": norm, "distance": dist, "cosine": cos, "norm_z": robust_z(norm), "distance_z": robust_z(dist)}
+    return {
+        "norm": norm,
+        "distance": dist,
+        "cosine": cosines(x, r),
+        "norm_z": robust_z(norm),
+        "distance_z": robust_z(dist),
+    }
 
 
 @dataclass
@@ -74,7 +86,7 @@ class AnomalyMonitor:
             before = self._previous.get(u.participant_id)
             row["consistency"] = float("nan")  # no update before this one
             if before is not None and before.shape == deltas[i].shape:
-                row["consistency"] = float(anomaly_scores(deltas[i : i + 1], before)["cosine"][0])
+                row["consistency"] = float(cosines(deltas[i : i + 1], before)[0])
             self._previous[u.participant_id] = deltas[i].clone()
             self.history.setdefault(u.participant_id, []).append(row)
 

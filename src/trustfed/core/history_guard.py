@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from trustfed.core.aggregator import AggregateResult
-from trustfed.core.anomaly import anomaly_scores
+from trustfed.core.anomaly import cosines
 from trustfed.core.strategy import FedAvg, RoundPlan, RoundResult, Strategy, Update
 from trustfed.errors import AggregationError
 
@@ -95,33 +95,29 @@ class Suspension:
         return f"{what} is below {self.threshold(rule)}: suspended, not selected again"
 
 
-def opposition_scores(params: torch.Tensor, updates: Sequence[Update], aggregate: torch.Tensor) -> dict[str, float]:
-    """Each finite update's cosine to the round's aggregate delta (both from the global ``params``);
-    updates with NaN or infinite values get no score (the strategy already leaves them out)."""
-    if not updates:
-        return {}
-    deltas = torch.stack([u.params for u in updates]).to(torch.float64) - params.to(torch.float64)
-    cos = anomaly_scores(deltas, aggregate.to(torch.float64) - params.to(torch.float64))["cosine"]
-    return {u.participant_id: float(c) for u, c in zip(updates, cos.tolist(), strict=True) if c == c}
+def opposition_scores(ids: Sequence[str], deltas: torch.Tensor, aggregate: torch.Tensor) -> dict[str, float]:
+    """Each finite update's cosine to the round's aggregate delta (``deltas`` ``[n, d]`` and ``aggregate``
+    both from the global model); updates with NaN or infinite values get no score (the strategy already
+    leaves them out)."""
+    cos = cosines(deltas, aggregate).tolist()
+    return {pid: float(c) for pid, c in zip(ids, cos, strict=True) if c == c}
 
 
 def consistency_scores(
-    params: torch.Tensor, updates: Sequence[Update], previous: Mapping[str, torch.Tensor]
+    ids: Sequence[str], deltas: torch.Tensor, previous: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Each finite update's cosine to the same participant's previous delta (0 when either is zero; no score
     for a participant's first update), and the deltas to keep as the next round's ``previous`` (float32)."""
     scores: dict[str, float] = {}
-    deltas: dict[str, torch.Tensor] = {}
-    g = params.to(torch.float64)
-    for u in updates:
-        d = u.params.to(torch.float64) - g
+    kept: dict[str, torch.Tensor] = {}
+    for pid, d in zip(ids, deltas, strict=True):
         if not bool(torch.isfinite(d).all()):
             continue
-        before = previous.get(u.participant_id)
+        before = previous.get(pid)
         if before is not None and before.shape == d.shape:
-            scores[u.participant_id] = float(anomaly_scores(d[None, :], before.to(torch.float64))["cosine"][0])
-        deltas[u.participant_id] = d.to(torch.float32)
-    return scores, deltas
+            scores[pid] = float(cosines(d[None, :], before)[0])
+        kept[pid] = d.to(torch.float32)
+    return scores, kept
 
 
 class HistoryGuard(Strategy):
@@ -154,11 +150,14 @@ class HistoryGuard(Strategy):
             raise AggregationError(f"round {plan.round}: every update comes from a suspended participant")
         kept = [updates[i] for i in keep]
         res = self.inner.aggregate(plan, params, kept)
+        g = params.to(torch.float64)
+        ids = [u.participant_id for u in kept]
+        deltas = torch.stack([u.params for u in kept]).to(torch.float64) - g  # once, for both scores
         consistency: dict[str, float] = {}
         if self.checks_consistency:
-            consistency, deltas = consistency_scores(params, kept, self.previous)
-            self.previous.update(deltas)
-        self._score(plan.round, opposition_scores(params, kept, res.params), consistency)
+            consistency, last = consistency_scores(ids, deltas, self.previous)
+            self.previous.update(last)
+        self._score(plan.round, opposition_scores(ids, deltas, res.params.to(torch.float64) - g), consistency)
         agg = _remap(res.aggregate, keep, len(updates))
         metrics = {**res.metrics, "num_suspended": float(len(self.suspended))}
         return RoundResult(res.params, metrics, agg)
