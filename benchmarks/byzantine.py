@@ -35,8 +35,14 @@ from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 
-DEFAULT = "cc95+guard (default)"  # the default robust configuration (see docs/robust.md)
+DEFAULT = "cc95+lift+guard (default)"  # the default robust configuration (see docs/robust.md)
 DEFAULT_RULE = (
+    "centered_clipping",
+    {"reject": 3.0, "max_cosine": 0.95, "clamp": 0.2, "weighted": True, "weight_cap": 1.0, "lift": 0.35},
+)
+# The default before the lift: the same rule and guard without it.
+UNLIFTED = "cc95+guard"
+UNLIFTED_RULE = (
     "centered_clipping",
     {"reject": 3.0, "max_cosine": 0.95, "clamp": 0.2, "weighted": True, "weight_cap": 1.0},
 )
@@ -72,6 +78,7 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     UNWEIGHTED: UNWEIGHTED_RULE,
     PREVIOUS: PREVIOUS_RULE,
     DEFAULT: DEFAULT_RULE,
+    UNLIFTED: UNLIFTED_RULE,
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
     GUARDED: PREVIOUS_RULE,
@@ -85,6 +92,7 @@ SUSPEND = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}}
 SUSPEND0 = {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}}
 STRATEGY_KEYS: dict[str, dict[str, Any]] = {
     DEFAULT: GUARD,
+    UNLIFTED: GUARD,
     GUARDED: SUSPEND,
     GUARDED0: SUSPEND0,
     "cc+clamp+suspend": SUSPEND,
@@ -120,6 +128,7 @@ ADAPTIVE_ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
     "history_edge": ("history_edge", {}),  # at the radius, just above the guard's opposition threshold
     "consistency_edge": ("consistency_edge", {}),  # the same, and just above its consistency threshold
     "guard_edge": ("guard_edge", {}),  # just above both, its cosine to the aggregate computed by the rule
+    "lift_edge": ("lift_edge", {}),  # as guard_edge, pushing only where the rule's lift does not reach
 }
 BACKDOORS = {"scaling_backdoor", "constrain_scale", "dba", "neurotoxin"}  # kinds whose success is measured
 # Not in the default grid (--attacks NAME): colluders that add independent noise to their copies.

@@ -15,6 +15,7 @@ from trustfed.attacks.adaptive import fang_krum, pairwise_cosine, spread_copies,
 from trustfed.attacks.adaptive_attacks import rebuild_aggregator
 from trustfed.config import validate_federation_config
 from trustfed.core import get_aggregator
+from trustfed.core.robust_kernels import lift_rows
 from trustfed.data.datasets import Dataset
 from trustfed.models.trainer import LocalTrainer
 from trustfed.simulation import run_simulation
@@ -217,6 +218,24 @@ def test_guard_edge_sits_at_the_radius_just_above_the_guards_floor_and_pushes_ha
     assert float(push.max()) < float(((edge - c) @ u / u.norm()).min())  # more against the honest mean
 
 
+def test_lift_edge_pushes_only_orthogonal_to_the_lifted_consensus_and_at_the_radius() -> None:
+    honest = _honest()
+    rules = {**DEFAULT_RULES, "clamp": 0.2, "lift": 0.35}
+    glob, centre, state = _centre_and_state(honest)
+    rows = _craft("lift_edge", _ctx(honest, rnd=2, glob=glob, state=state, aggregator=rules))
+    c = centre.double()
+    tau = float((honest.double() - c).norm(dim=1).median())
+    assert torch.allclose((rows - c).norm(dim=1), torch.full((4,), tau, dtype=torch.float64), rtol=1e-4)
+    lifted = lift_rows(honest.double(), 0.35).mean(0)
+    v = lifted / lifted.norm()
+    assert torch.allclose((rows - c) @ v, torch.zeros(4, dtype=torch.float64), atol=1e-6 * tau)
+    mean = honest.double().mean(0)
+    residual = mean - (mean @ v) * v
+    assert float(((rows - c) @ residual).max()) < 0  # against the part of the honest mean the lift leaves
+    agg = _aggregate(rows, honest, rules, c).params.double()
+    assert float((rows @ agg / (rows.norm(dim=1) * agg.norm())).min()) >= -0.15 - 1e-3  # the guard's floor
+
+
 def test_cosine_edge_copies_sit_exactly_at_the_chosen_cosine_and_the_default_keeps_them() -> None:
     honest = _honest()
     rows = _craft("cosine_edge", _ctx(honest))
@@ -290,6 +309,7 @@ NEW_KINDS = [
     "history_edge",
     "consistency_edge",
     "guard_edge",
+    "lift_edge",
     "constrain_scale",
     "dba",
     "neurotoxin",

@@ -7,7 +7,8 @@ clipping radius), ``reject_edge`` (just inside the rejection distance), ``cosine
 below the colluding-copies cosine); ``history_edge`` (at the radius, just above the history guard's
 cosine threshold), ``consistency_edge`` (the same, and just above its consistency threshold),
 ``guard_edge`` (at the radius, its cosine to the round's aggregate, computed by the run's rule, just above
-the guard's threshold, and consistent from round to round). The maths is in :mod:`trustfed.attacks.adaptive`.
+the guard's threshold, and consistent from round to round), ``lift_edge`` (the same, pushing only where
+centered clipping's ``lift`` does not reach). The maths is in :mod:`trustfed.attacks.adaptive`.
 
 Attacks aimed at centered clipping need its centre: the previous round's aggregate, which every
 participant sees as the difference of two consecutive global models (kept in ``ctx.state``).
@@ -39,6 +40,7 @@ from trustfed.attacks.model_poisoning import OMNISCIENT_FNS
 from trustfed.attacks.registry import register_attack
 from trustfed.core.aggregator import Aggregator, get_aggregator
 from trustfed.core.robust import CenteredClipping, FLTrust
+from trustfed.core.robust_kernels import lift_rows
 from trustfed.errors import TrustFedError
 
 
@@ -266,14 +268,19 @@ class GuardEdge(Attack):
         if self.radius <= 0:
             raise AttackError(f"attack 'guard_edge': radius must be > 0, got {self.radius}")
 
+    def _against(self, ctx: AttackContext, honest: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The unit direction the rows push against (the honest mean), and unit directions they leave
+        alone (none)."""
+        u = honest.mean(dim=0)
+        return u / u.norm().clamp_min(1e-30), []
+
     def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
         c = previous_step(ctx).to(torch.float64)
         if not ctx.honest:
             return dict(ctx.own_updates)
         honest = ctx.stacked(ctx.honest).to(torch.float64)
         m, d = len(ctx.attackers), honest.shape[1]
-        u = honest.mean(dim=0)
-        u = u / u.norm().clamp_min(1e-30)
+        u, kept = self._against(ctx, honest)
         big_r = self.radius * float((honest - c).norm(dim=1).median())
         kappa = _cosine_below(ctx, 0.0)
         seed = ctx.state.setdefault("spread_seed", int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
@@ -284,7 +291,7 @@ class GuardEdge(Attack):
         last: torch.Tensor | None = ctx.state.get("rows")
         agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
         weights = torch.ones(m + honest.shape[0])
-        anchors = torch.stack([u, c]) if float(c.norm()) > 0 else u[None, :]
+        anchors = torch.stack([u, *kept, c]) if float(c.norm()) > 0 else torch.stack([u, *kept])
 
         def to_aggregate(rows: torch.Tensor) -> float:  # the least cosine of a row to the round's aggregate
             if isinstance(agg, CenteredClipping):
@@ -307,6 +314,22 @@ class GuardEdge(Attack):
         w, rows = least_mix(with_mix, consistent, 7)
         ctx.state["direction"], ctx.state["rows"] = w, rows
         return _rows(ctx, rows)
+
+
+@register_attack("lift_edge", builtin=True)
+class LiftEdge(GuardEdge):
+    """Adapted to centered clipping's ``lift`` as well as to the history guard: as ``guard_edge``, but it
+    pushes against the part of the honest mean that the lift does not protect, the part orthogonal to the
+    consensus direction (the honest rows' own, lifted at the rule's ``lift``, 0.35 when it has none: see
+    :func:`~trustfed.core.robust_kernels.lift_rows`), and leaves that direction alone, where the lift would
+    undo its pull."""
+
+    def _against(self, ctx: AttackContext, honest: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        mean = honest.mean(dim=0)
+        lifted = lift_rows(honest, float(ctx.aggregator.get("lift", 0.0) or 0.35)).mean(dim=0)
+        v = lifted / lifted.norm().clamp_min(1e-30)
+        u = mean - (mean @ v) * v
+        return u / u.norm().clamp_min(1e-30), [v]
 
 
 @register_attack("cosine_edge", builtin=True)

@@ -44,6 +44,7 @@ from trustfed.core.robust_kernels import (
     check_f,
     coordinate_median,
     krum_scores,
+    lift_rows,
     median_distance,
     pairwise_sq_distances,
     trimmed_mean,
@@ -267,6 +268,9 @@ class CenteredClipping(RobustBase):
     With ``weighted`` the updates count by their example counts; ``weight_cap > 0`` then caps each count
     at ``weight_cap`` times the round's median positive count, so a participant claiming more examples than that
     counts as that many (a claim cannot buy more than ``weight_cap`` median participants' say).
+    With ``lift > 0`` every update's component along the round's consensus direction is first raised to at
+    least the ``int(lift * n)``-th lowest (:func:`lift_rows`): the harm a clipped attacker does comes from
+    pulling against the direction the majority moves, and this bounds that pull by the majority's own.
     """
 
     name = "centered_clipping"
@@ -282,7 +286,11 @@ class CenteredClipping(RobustBase):
         max_cosine: float = 0.0,
         clamp: float = 0.0,
         weight_cap: float = 0.0,
+        lift: float = 0.0,
     ) -> None:
+        if not 0.0 <= lift < 1.0:
+            raise AggregationError("centered_clipping: need 0 <= lift < 1 (0 = off)")
+        self.lift = float(lift)
         if weight_cap < 0 or (weight_cap > 0 and not weighted):
             raise AggregationError("centered_clipping: need weight_cap >= 0 (0 = off), and weighted = true with it")
         self.weight_cap = float(weight_cap)
@@ -311,11 +319,15 @@ class CenteredClipping(RobustBase):
             p["clamp"] = self.clamp
         if self.weight_cap:
             p["weight_cap"] = self.weight_cap
+        if self.lift:
+            p["lift"] = self.lift
         return p
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
         check_inputs(updates, weights)
-        x = updates.to(torch.float64)
+        sent = x = updates.to(torch.float64)
+        if self.lift:  # the clipping runs on the lifted rows; the copies check and the clamp on those sent
+            x = lift_rows(sent, self.lift)
         a = unit_weights(weights, self.weighted).to(torch.float64)
         if self.weight_cap:  # the median of the positive counts (their sum is positive, checked above)
             a = a.clamp_max(self.weight_cap * median_distance(a[a > 0]))
@@ -324,7 +336,7 @@ class CenteredClipping(RobustBase):
         v = self.center.clone() if self.center is not None and self.center.numel() == d else torch.zeros(d).double()
         n = x.shape[0]
         scale = torch.ones(n, dtype=torch.float64)
-        twins = self._near_duplicates(x) if self.max_cosine else torch.zeros(n, dtype=torch.bool)
+        twins = self._near_duplicates(sent) if self.max_cosine else torch.zeros(n, dtype=torch.bool)
         for _ in range(self.iters):
             r = x - v
             norms = torch.linalg.vector_norm(r, dim=1)
@@ -343,7 +355,7 @@ class CenteredClipping(RobustBase):
             v = v + (step * scale) @ r
         cut = int(self.clamp * n)
         if cut:
-            ordered = x.sort(dim=0).values
+            ordered = sent.sort(dim=0).values
             v = torch.minimum(torch.maximum(v, ordered[cut]), ordered[n - 1 - cut])
         self.center = v
         out = v
