@@ -326,8 +326,10 @@ class CenteredClipping(RobustBase):
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
         check_inputs(updates, weights)
         sent = x = updates.to(torch.float64)
+        cut = int(self.clamp * sent.shape[0])
+        ordered = sent.sort(dim=0).values if cut or self.lift else None  # one sort for the clamp and the lift
         if self.lift:  # the clipping runs on the lifted rows; the copies check and the clamp on those sent
-            x = lift_rows(sent, self.lift)
+            x = lift_rows(sent, self.lift, ordered=ordered)
         a = unit_weights(weights, self.weighted).to(torch.float64)
         if self.weight_cap:  # the median of the positive counts (their sum is positive, checked above)
             a = a.clamp_max(self.weight_cap * median_distance(a[a > 0]))
@@ -353,9 +355,7 @@ class CenteredClipping(RobustBase):
                 step = a.masked_fill(drop, 0.0)
                 step = step / step.sum()
             v = v + (step * scale) @ r
-        cut = int(self.clamp * n)
-        if cut:
-            ordered = sent.sort(dim=0).values
+        if cut and ordered is not None:
             v = torch.minimum(torch.maximum(v, ordered[cut]), ordered[n - 1 - cut])
         self.center = v
         out = v

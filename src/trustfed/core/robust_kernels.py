@@ -241,25 +241,28 @@ def median_distance(norms: torch.Tensor) -> float:
     return float(np.median(norms.detach().cpu().numpy()))
 
 
-def consensus_direction(x: torch.Tensor, trim: float = 0.2) -> torch.Tensor:
+def consensus_direction(x: torch.Tensor, trim: float = 0.2, ordered: torch.Tensor | None = None) -> torch.Tensor:
     """The unit direction of the coordinate-wise trimmed mean of the rows of ``x`` (``int(trim * n)`` cut at
-    each end of every coordinate; zero when that mean is zero): where the round's majority moves."""
+    each end of every coordinate; zero when that mean is zero): where the round's majority moves.
+    ``ordered``: ``x`` already sorted in each coordinate, when the caller has it."""
     n = x.shape[0]
     cut = min(int(trim * n), (n - 1) // 2)
-    ref = x.sort(dim=0).values[cut : n - cut].mean(dim=0)
+    ranked = x.sort(dim=0).values if ordered is None else ordered
+    ref = ranked[cut : n - cut].mean(dim=0)
     norm = float(ref.norm())
     return ref / norm if norm > 0 else torch.zeros_like(ref)
 
 
-def lift_rows(x: torch.Tensor, quantile: float, steps: int = 3) -> torch.Tensor:
+def lift_rows(x: torch.Tensor, quantile: float, steps: int = 3, ordered: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` with every row's component along the round's consensus direction raised to at least the
     ``int(quantile * n)``-th lowest of them, its other components kept: no row pulls against where the
     majority moves by more than that share of the rows do. The direction starts at
     :func:`consensus_direction` and then follows the mean of the lifted rows (``steps`` lifts), so that a
-    minority pulling together cannot turn it away from the majority's."""
+    minority pulling together cannot turn it away from the majority's. ``ordered``: ``x`` sorted in each
+    coordinate, when the caller has it (see :func:`consensus_direction`)."""
     n = x.shape[0]
     k = min(int(quantile * n), n - 1)
-    u = consensus_direction(x)
+    u = consensus_direction(x, ordered=ordered)
     for _ in range(steps):
         proj = x @ u
         x = x + (proj.sort().values[k] - proj).clamp_min(0.0)[:, None] * u[None, :]
