@@ -35,17 +35,14 @@ from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten, load_vector
 from trustfed.simulation import run_simulation
 
-DEFAULT = "cc95+lift+guard (default)"  # the default robust configuration (see docs/robust.md)
-DEFAULT_RULE = (
-    "centered_clipping",
-    {"reject": 3.0, "max_cosine": 0.95, "clamp": 0.2, "weighted": True, "weight_cap": 1.0, "lift": 0.35},
-)
 # The default before the lift: the same rule and guard without it.
 UNLIFTED = "cc95+guard"
 UNLIFTED_RULE = (
     "centered_clipping",
     {"reject": 3.0, "max_cosine": 0.95, "clamp": 0.2, "weighted": True, "weight_cap": 1.0},
 )
+DEFAULT = "cc95+lift+guard (default)"  # the default robust configuration (see docs/robust.md)
+DEFAULT_RULE = ("centered_clipping", {**UNLIFTED_RULE[1], "lift": 0.35})
 # Its history guard: suspended for opposing the aggregate, or for updates that do not follow from their last.
 GUARD = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3, "min_consistency": 0.3}}
 # The default before the guard and the tighter copies cosine: the rule alone (max_cosine 0.99), and inside
