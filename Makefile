@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
+# test processes for make test (pytest-xdist; each test file runs whole on one of them); 0 runs in-process
+TEST_JOBS ?= 2
 
 .PHONY: all install demo test test-all lint typecheck bench clean etcd chromium
 
@@ -56,10 +58,10 @@ chromium:
 	  else echo "chromium is not installed: the dashboard's browser test will be skipped (apt-get install chromium chromium-driver)"; fi; }
 
 test: $(STAMP) $(NODE_STAMP) etcd chromium lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 test-all: $(STAMP) $(NODE_STAMP) etcd chromium lint typecheck
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "slow or not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/aggregators.py
