@@ -46,10 +46,11 @@ def orthogonal_part(v: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
     """The unit part of ``v`` orthogonal to every row of ``against`` (float64)."""
     q, _ = torch.linalg.qr(against.T.to(torch.float64))
     v64 = v.to(torch.float64)
-    return _unit(v64 - q @ (q.T @ v64))
+    return unit(v64 - q @ (q.T @ v64))
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
+def unit(v: torch.Tensor) -> torch.Tensor:
+    """``v`` scaled to length 1 (zero stays zero)."""
     out: torch.Tensor = v / v.norm().clamp_min(1e-30)
     return out
 
@@ -92,7 +93,7 @@ def at_radius(
     h = honest.to(torch.float64)
     c = centre.to(torch.float64)
     tau = float(torch.linalg.vector_norm(h - c, dim=1).median())
-    p = _unit(direction.to(torch.float64)) if direction is not None else -_unit(h.mean(dim=0))
+    p = unit(direction.to(torch.float64)) if direction is not None else -unit(h.mean(dim=0))
     against = torch.stack([p, c]) if float(c.norm()) > 0 else p[None, :]
     e = _orthonormal(m, against, gen)
 
@@ -140,7 +141,7 @@ def at_cosine(
     aggregate, and stays just inside it. ``t = 0`` (:func:`at_radius`'s rows) when those already are.
     ``w`` is ``toward`` made orthogonal to ``u`` and the centre, or a random such direction."""
     h = honest.to(torch.float64)
-    u = _unit(h.mean(dim=0))
+    u = unit(h.mean(dim=0))
     c = centre.to(torch.float64)
     against = torch.stack([u, c]) if float(c.norm()) > 0 else u[None, :]
     w = _orthonormal(1, against, gen)[0] if toward is None else orthogonal_part(toward, against)
@@ -226,10 +227,10 @@ def tailored_gamma(
     h = honest.to(torch.float64)
     mu = h.mean(dim=0)
     spread = float(torch.linalg.vector_norm(h - mu, dim=1).median()) or 1.0
-    unit = _unit(direction.to(torch.float64))
+    along = unit(direction.to(torch.float64))
 
     def damage(gamma: float) -> float:
-        rows = craft(mu + gamma * unit)
+        rows = craft(mu + gamma * along)
         out = aggregate(torch.cat([rows.to(torch.float64), h]))
         return float((out.to(torch.float64) - mu).norm())
 

@@ -33,6 +33,7 @@ from trustfed.attacks.adaptive import (
     spread_copies,
     tailored_gamma,
     turned_rows,
+    unit,
 )
 from trustfed.attacks.api import Attack, AttackContext, AttackError, Scalar
 from trustfed.attacks.builtin import number
@@ -223,7 +224,7 @@ class ConsistencyEdge(HistoryEdge):
         cos = _cosine_below(ctx, self.max_cosine)
         seed = ctx.state.setdefault("spread_seed", int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
         fresh = torch.randn(honest.shape[1], generator=ctx.generator, dtype=torch.float64)
-        fresh = fresh / fresh.norm().clamp_min(1e-30)
+        fresh = unit(fresh)
         last_w: torch.Tensor | None = ctx.state.get("direction")
         last: dict[str, torch.Tensor] = ctx.state.get("rows", {})
 
@@ -241,7 +242,7 @@ class ConsistencyEdge(HistoryEdge):
             return float(pairwise_cosine(both)[range(k), range(k, 2 * k)].min()) >= self.consistency
 
         w, out = least_mix(rows, consistent, 12)
-        ctx.state["direction"] = w / w.norm().clamp_min(1e-30)
+        ctx.state["direction"] = unit(w)
         ctx.state["rows"] = {p: out[i].clone() for i, p in enumerate(ctx.attackers)}
         return _rows(ctx, out)
 
@@ -271,8 +272,7 @@ class GuardEdge(Attack):
     def _against(self, ctx: AttackContext, honest: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The unit direction the rows push against (the honest mean), and unit directions they leave
         alone (none)."""
-        u = honest.mean(dim=0)
-        return u / u.norm().clamp_min(1e-30), []
+        return unit(honest.mean(dim=0)), []
 
     def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
         c = previous_step(ctx).to(torch.float64)
@@ -286,7 +286,7 @@ class GuardEdge(Attack):
         seed = ctx.state.setdefault("spread_seed", int(torch.randint(0, 2**62, (1,), generator=ctx.generator)))
         raw = torch.randn((d, m), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         fresh = torch.randn(d, generator=ctx.generator, dtype=torch.float64)
-        fresh = fresh / fresh.norm().clamp_min(1e-30)
+        fresh = unit(fresh)
         last_w: torch.Tensor | None = ctx.state.get("direction")
         last: torch.Tensor | None = ctx.state.get("rows")
         agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
@@ -326,10 +326,8 @@ class LiftEdge(GuardEdge):
 
     def _against(self, ctx: AttackContext, honest: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         mean = honest.mean(dim=0)
-        lifted = lift_rows(honest, float(ctx.aggregator.get("lift", 0.0) or 0.35)).mean(dim=0)
-        v = lifted / lifted.norm().clamp_min(1e-30)
-        u = mean - (mean @ v) * v
-        return u / u.norm().clamp_min(1e-30), [v]
+        v = unit(lift_rows(honest, float(ctx.aggregator.get("lift", 0.0) or 0.35)).mean(dim=0))
+        return unit(mean - (mean @ v) * v), [v]
 
 
 @register_attack("cosine_edge", builtin=True)
@@ -411,5 +409,5 @@ class AgrTailored(Attack):
             return agg(rows.to(torch.float32), weights).params
 
         gamma = tailored_gamma(honest, p, craft_rows, aggregate)
-        rows = craft_rows(honest.mean(dim=0) + gamma * p / p.norm().clamp_min(1e-30))
+        rows = craft_rows(honest.mean(dim=0) + gamma * unit(p))
         return _rows(ctx, rows)
