@@ -155,7 +155,13 @@ def config(args: argparse.Namespace, seed: int, row: str, kind: str, params: dic
         "model": {"name": "mlp", "hidden": [64]},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "strategy": {"aggregator": agg, "aggregator_params": agg_params, **STRATEGY_KEYS.get(row, {})},
-        "attack": {"kind": kind, "fraction": args.fraction, "params": params, "seed": seed},
+        "attack": {
+            "kind": kind,
+            "fraction": args.fraction,
+            "params": params,
+            "seed": seed,
+            **({"claim": args.claim} if args.claim else {}),
+        },
     }
     return validate_federation_config(raw)
 
@@ -271,6 +277,7 @@ def main() -> None:
     ap.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated row names")
     ap.add_argument("--attacks", default=",".join({**ATTACKS, **ADAPTIVE_ATTACKS}), help="comma-separated columns")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--claim", type=int, default=0, help="examples every attacker claims (0: its own count)")
     ap.add_argument("--jobs", type=int, default=1, help="simulations run at once, one process each")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "byzantine.json")
     args = ap.parse_args()
@@ -321,6 +328,7 @@ def main() -> None:
             "local_epochs": 1,
             "model": "mlp [64]",
             "seeds": seeds,
+            "attackers_claim": args.claim or "own count",
             "default_robust": DEFAULT,
         },
         "aggregators": {

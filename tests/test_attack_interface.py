@@ -18,6 +18,7 @@ from trustfed.attacks import Attack, AttackContext, AttackError, AttackSettings,
 from trustfed.attacks.api import craft_checked
 from trustfed.config import validate_federation_config
 from trustfed.core import FedAvg, RoundPlan, Update, get_aggregator
+from trustfed.errors import ConfigError
 from trustfed.simulation import run_simulation
 from trustfed.simulation.adversary import AttackTransport
 
@@ -191,6 +192,24 @@ def test_the_context_carries_round_model_ids_state_generator_and_aggregator() ->
     for ups in rounds:  # the attackers' updates are replaced, the honest ones and the counts kept
         assert [float(u.params[0]) for u in ups] == [1.0, -7.0, 3.0, -7.0]
         assert [u.num_examples for u in ups] == [10, 11, 12, 13]
+
+
+def test_the_context_carries_the_claimed_counts_and_claim_overrides_the_attackers() -> None:
+    spy = _Spy()
+    _run(spy, rounds=1)
+    assert dict(spy.seen[0].counts) == {"a": 10, "b": 11, "c": 12, "d": 13}
+    assert spy.seen[0].claimed(("d", "a", "x")).tolist() == [13.0, 10.0, 1.0]  # 1 where not known
+    claiming = _Spy()
+    t = AttackTransport(_Fixed(), claiming, "spy", ["b", "d"], claim=1000)
+    ups = t.fit(RoundPlan(1, ("a", "b", "c", "d"), {}), torch.zeros(3))
+    assert dict(claiming.seen[0].counts) == {"a": 10, "b": 1000, "c": 12, "d": 1000}
+    assert [u.num_examples for u in ups] == [10, 1000, 12, 1000]  # what the strategy sees
+
+
+@pytest.mark.parametrize("bad", [0, -5, "many"])
+def test_claim_is_checked_where_it_is_set(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"attack\.claim"):
+        validate_federation_config({"attack": {"kind": "sign_flip", "claim": bad}})
 
 
 def test_an_attack_that_knows_only_its_own_updates_sees_no_honest_update() -> None:

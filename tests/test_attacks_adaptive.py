@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -15,6 +16,7 @@ from trustfed.attacks.adaptive import fang_krum, pairwise_cosine, spread_copies,
 from trustfed.attacks.adaptive_attacks import rebuild_aggregator
 from trustfed.config import validate_federation_config
 from trustfed.core import get_aggregator
+from trustfed.core.robust import CenteredClipping
 from trustfed.core.robust_kernels import lift_rows
 from trustfed.data.datasets import Dataset
 from trustfed.models.trainer import LocalTrainer
@@ -216,6 +218,23 @@ def test_guard_edge_sits_at_the_radius_just_above_the_guards_floor_and_pushes_ha
     push = (rows - c) @ u / u.norm()
     edge = _craft("history_edge", _ctx(honest, rnd=2, glob=glob, state=dict(state), aggregator=rules))
     assert float(push.max()) < float(((edge - c) @ u / u.norm()).min())  # more against the honest mean
+
+
+def test_guard_edge_keeps_the_floor_against_the_rule_as_it_weighs_the_claimed_counts() -> None:
+    honest = _honest()
+    rules = {**DEFAULT_RULES, "clamp": 0.2, "weighted": True, "weight_cap": 1.0, "lift": 0.35, "across": 1.0}
+    glob, centre, state = _centre_and_state(honest)
+    counts = {p: 1000 for p in ATTACKERS} | {p: 20 + 40 * i for i, p in enumerate(HONEST)}  # skewed shards
+    ctx = _ctx(honest, rnd=2, glob=glob, state=state, aggregator=rules)
+    ctx = dataclasses.replace(ctx, counts=counts)
+    rows = _craft("guard_edge", ctx)
+    agg = rebuild_aggregator(rules)
+    assert isinstance(agg, CenteredClipping)
+    agg.load_state_dict({"center": centre.to(torch.float64)})
+    weights = torch.tensor([float(counts[p]) for p in ATTACKERS + HONEST])
+    out = agg(torch.cat([rows.float(), honest]), weights).params.double()
+    to_agg = rows @ out / (rows.norm(dim=1) * out.norm())
+    assert -0.15 - 1e-3 <= float(to_agg.min()) < -0.15 + 0.02  # at the floor of the rule as it really weighs
 
 
 def test_lift_edge_pushes_only_orthogonal_to_the_lifted_consensus_and_at_the_radius() -> None:

@@ -290,7 +290,7 @@ class GuardEdge(Attack):
         last_w: torch.Tensor | None = ctx.state.get("direction")
         last: torch.Tensor | None = ctx.state.get("rows")
         agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
-        weights = torch.ones(m + honest.shape[0])
+        weights = ctx.claimed(ctx.attackers + ctx.honest)  # as the rule weighs the rows (attackers first)
         anchors = torch.stack([u, *kept, c]) if float(c.norm()) > 0 else torch.stack([u, *kept])
 
         def to_aggregate(rows: torch.Tensor) -> float:  # the least cosine of a row to the round's aggregate
@@ -401,7 +401,7 @@ class AgrTailored(Attack):
             return spread_copies(point, m, kappa, torch.Generator().manual_seed(seed))
 
         agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
-        weights = torch.ones(m + honest.shape[0])
+        weights = ctx.claimed(ctx.attackers + ctx.honest)  # as the rule weighs the rows (attackers first)
 
         def aggregate(rows: torch.Tensor) -> torch.Tensor:
             if isinstance(agg, CenteredClipping):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -41,7 +41,9 @@ class AttackContext:
 
     ``honest_updates`` is empty unless the attack's ``knowledge`` is ``"omniscient"``. ``state`` is the
     same dict every round of a run (the attack's memory); ``aggregator`` is the strategy's description
-    of its aggregation rule (``{"name": "median", ...}``), for attacks that adapt to it.
+    of its aggregation rule (``{"name": "median", ...}``), for attacks that adapt to it. ``counts``: the
+    example counts the round's participants claim (the attackers' as they will be sent), which rules
+    that weigh updates by their counts see; empty when not known.
     """
 
     round: int
@@ -53,11 +55,16 @@ class AttackContext:
     honest_updates: Mapping[str, torch.Tensor]
     state: dict[str, Any]
     aggregator: Mapping[str, Any]
+    counts: Mapping[str, int] = field(default_factory=dict)
 
     def stacked(self, ids: tuple[str, ...]) -> torch.Tensor:
         """The deltas of ``ids`` (attackers' or, when known, honest participants') as rows ``[len(ids), d]``."""
         known = {**self.honest_updates, **self.own_updates}
         return torch.stack([known[p] for p in ids])
+
+    def claimed(self, ids: tuple[str, ...]) -> torch.Tensor:
+        """The example counts ``ids`` claim, as the aggregation weights ``[len(ids)]`` (1 where unknown)."""
+        return torch.tensor([float(self.counts.get(p, 1)) for p in ids])
 
 
 class Attack(ABC):

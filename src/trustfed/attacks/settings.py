@@ -26,7 +26,8 @@ _DOTTED = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 class AttackSettings(BaseModel):
     """``kind`` of attack, ``fraction`` of participants that are malicious, attack ``params``, ``seed``;
-    ``module`` (and ``path``) when the attack is the user's own."""
+    ``module`` (and ``path``) when the attack is the user's own; ``claim``: the example count every
+    attacker claims (simulation: rules that weigh updates by their counts see it; default its own)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -36,6 +37,9 @@ class AttackSettings(BaseModel):
     fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of participants that are malicious")
     params: dict[str, float | int | bool | str] = Field(default_factory=dict)
     seed: int = Field(0, ge=0, description="chooses the malicious participants and the attack's randomness")
+    claim: int | None = Field(
+        None, ge=1, description="examples every attacker claims (default: its own count; rules weighing counts see it)"
+    )
 
     def malicious(self, participant_ids: list[str]) -> list[str]:
         """The malicious participants: ``round(fraction * n)`` of them, a seeded sample."""
@@ -87,5 +91,6 @@ class AttackSettings(BaseModel):
             "params": dict(self.params),
             "fraction": self.fraction,
             "seed": self.seed,
+            "claim": self.claim,
             "malicious": self.malicious(participant_ids),
         }

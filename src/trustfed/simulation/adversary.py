@@ -33,7 +33,8 @@ class AttackTransport:
     every update of the round is in: the attack gets a typed :class:`AttackContext` (the round, the global
     model, a generator seeded from the run and the round, the attackers and honest participants of the
     round, their deltas as its ``knowledge`` allows, the state it keeps across rounds, the aggregator's
-    description) and returns the attackers' deltas."""
+    description, the example counts claimed) and returns the attackers' deltas. With ``claim`` every
+    attacker claims that many examples instead of its own count."""
 
     def __init__(
         self,
@@ -43,8 +44,10 @@ class AttackTransport:
         malicious: Sequence[str],
         seed: int = 0,
         aggregator: Mapping[str, Any] | None = None,
+        claim: int | None = None,
     ) -> None:
         self.inner = inner
+        self.claim = claim  # the example count every attacker claims (None: its own)
         self.attack = attack
         self.kind = kind
         self.malicious = frozenset(malicious)
@@ -62,6 +65,12 @@ class AttackTransport:
             return updates
         honest = tuple(u.participant_id for u in updates if u.participant_id not in self.malicious)
         deltas = {u.participant_id: u.params - params for u in updates}
+        counts = {
+            u.participant_id: self.claim
+            if self.claim is not None and u.participant_id in self.malicious
+            else u.num_examples
+            for u in updates
+        }
         ctx = AttackContext(
             round=plan.round,
             global_params=params.clone(),
@@ -72,10 +81,16 @@ class AttackTransport:
             honest_updates={p: deltas[p] for p in honest} if self.attack.knowledge == "omniscient" else {},
             state=self.state,
             aggregator=self.aggregator,
+            counts=counts,
         )
         crafted = craft_checked(self.attack, self.kind, ctx)
         return [
-            Update(u.participant_id, (params + crafted[u.participant_id]).contiguous(), u.num_examples, u.metrics)
+            Update(
+                u.participant_id,
+                (params + crafted[u.participant_id]).contiguous(),
+                counts[u.participant_id],
+                u.metrics,
+            )
             if u.participant_id in crafted
             else u
             for u in updates
@@ -111,6 +126,7 @@ def adversarial_transport(cfg: FederationConfig, transport: Transport, strategy:
         bad,
         seed=cfg.attack.seed * 7919 + cfg.federation.seed,
         aggregator=aggregator_description(strategy) if strategy is not None else None,
+        claim=cfg.attack.claim,
     )
 
 
