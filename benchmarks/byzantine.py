@@ -41,11 +41,8 @@ UNLIFTED_RULE = (
     "centered_clipping",
     {"reject": 3.0, "max_cosine": 0.95, "clamp": 0.2, "weighted": True, "weight_cap": 1.0},
 )
-# The default before parts across the consensus direction were clipped first: the lift alone.
-LIFTED = "cc95+lift+guard"
-LIFTED_RULE = ("centered_clipping", {**UNLIFTED_RULE[1], "lift": 0.35})
-DEFAULT = "cc95+lift+across+guard (default)"  # the default robust configuration (see docs/robust.md)
-DEFAULT_RULE = ("centered_clipping", {**LIFTED_RULE[1], "across": 1.0})
+DEFAULT = "cc95+lift+guard (default)"  # the default robust configuration (see docs/robust.md)
+DEFAULT_RULE = ("centered_clipping", {**UNLIFTED_RULE[1], "lift": 0.35})
 # Its history guard: suspended for opposing the aggregate, or for updates that do not follow from their last.
 GUARD = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3, "min_consistency": 0.3}}
 # The default before the guard and the tighter copies cosine: the rule alone (max_cosine 0.99), and inside
@@ -78,7 +75,6 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     UNWEIGHTED: UNWEIGHTED_RULE,
     PREVIOUS: PREVIOUS_RULE,
     DEFAULT: DEFAULT_RULE,
-    LIFTED: LIFTED_RULE,
     UNLIFTED: UNLIFTED_RULE,
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
@@ -93,7 +89,6 @@ SUSPEND = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}}
 SUSPEND0 = {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}}
 STRATEGY_KEYS: dict[str, dict[str, Any]] = {
     DEFAULT: GUARD,
-    LIFTED: GUARD,
     UNLIFTED: GUARD,
     GUARDED: SUSPEND,
     GUARDED0: SUSPEND0,

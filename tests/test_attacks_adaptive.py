@@ -222,7 +222,7 @@ def test_guard_edge_sits_at_the_radius_just_above_the_guards_floor_and_pushes_ha
 
 def test_guard_edge_keeps_the_floor_against_the_rule_as_it_weighs_the_claimed_counts() -> None:
     honest = _honest()
-    rules = {**DEFAULT_RULES, "clamp": 0.2, "weighted": True, "weight_cap": 1.0, "lift": 0.35, "across": 1.0}
+    rules = {**DEFAULT_RULES, "clamp": 0.2, "weighted": True, "weight_cap": 1.0, "lift": 0.35}
     glob, centre, state = _centre_and_state(honest)
     counts = {p: 1000 for p in ATTACKERS} | {p: 20 + 40 * i for i, p in enumerate(HONEST)}  # skewed shards
     ctx = _ctx(honest, rnd=2, glob=glob, state=state, aggregator=rules)

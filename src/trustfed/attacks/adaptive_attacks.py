@@ -252,9 +252,10 @@ class GuardEdge(Attack):
     """Adapted to the history guard with full knowledge of the round: at the clipping radius, turned from
     "against the honest mean" toward a direction ``w`` orthogonal to it only as far as keeps every row's
     cosine to the round's aggregate (the run's rule rebuilt from its description and run on the candidate
-    round, centered clipping from the centre every participant can infer) at ``min_cosine + margin`` (the
-    guard suspends below ``min_cosine``); ``w`` mixes the last round's with a fresh random one, as little
-    of the last as keeps each row's cosine to its row of the round before at ``consistency`` or more.
+    round with the counts claimed as weights, centered clipping from the centre every participant can
+    infer) at ``min_cosine + margin`` (the guard suspends below ``min_cosine``); ``w`` mixes the last
+    round's with a fresh random one, as little of the last as keeps each row's cosine to its row of the
+    round before at ``consistency`` or more.
     Pairwise cosine just below the rule's ``max_cosine``. The rows carry the centre (the previous
     aggregate): so they point along the aggregate enough for the guard while their push opposes it."""
 
@@ -374,8 +375,8 @@ def rebuild_aggregator(desc: Mapping[str, Any]) -> Aggregator | None:
 class AgrTailored(Attack):
     """Shejwalkar and Houmansadr 2021's aggregator-tailored attack: the attackers send ``mean + gamma * p``
     (``p`` opposite the honest mean, or ``-std`` with ``direction = "std"``), ``gamma`` chosen each round
-    by running the run's own aggregation rule (its description; centered clipping from the centre every
-    participant can infer) on candidate rounds (:func:`tailored_gamma`). Copies keep the pairwise cosine of
+    by running the run's own aggregation rule (its description, the counts claimed as weights; centered
+    clipping from the centre every participant can infer) on candidate rounds (:func:`tailored_gamma`). Copies keep the pairwise cosine of
     ``cosine_edge`` when the rule leaves out near-copies. Falls back to the median when the rule cannot be
     rebuilt."""
 

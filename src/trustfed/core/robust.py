@@ -42,10 +42,9 @@ from trustfed.core.robust_kernels import (
     CHUNK,
     RobustBase,
     check_f,
-    clip_across,
     coordinate_median,
     krum_scores,
-    lift_with_direction,
+    lift_rows,
     median_distance,
     pairwise_sq_distances,
     trimmed_mean,
@@ -272,11 +271,6 @@ class CenteredClipping(RobustBase):
     With ``lift > 0`` every update's component along the round's consensus direction is first raised to at
     least the ``int(lift * n)``-th lowest (:func:`lift_rows`): the harm a clipped attacker does comes from
     pulling against the direction the majority moves, and this bounds that pull by the majority's own.
-    With ``across > 0`` (needs ``lift``) each iteration first shortens every update's part orthogonal to
-    that consensus direction (measured from the current centre) to at most ``across`` times the median
-    of those parts (:func:`clip_across`), and clips the result to the radius as before: a clipped attacker
-    that the lift has raised along the direction can still push across it by the whole radius, and where
-    the direction is off the honest one part of that push lands against the honest mean.
     """
 
     name = "centered_clipping"
@@ -293,14 +287,10 @@ class CenteredClipping(RobustBase):
         clamp: float = 0.0,
         weight_cap: float = 0.0,
         lift: float = 0.0,
-        across: float = 0.0,
     ) -> None:
         if not 0.0 <= lift < 1.0:
             raise AggregationError("centered_clipping: need 0 <= lift < 1 (0 = off)")
         self.lift = float(lift)
-        if across < 0 or (across > 0 and not lift):
-            raise AggregationError("centered_clipping: need across >= 0 (0 = off), and lift > 0 with it")
-        self.across = float(across)
         if weight_cap < 0 or (weight_cap > 0 and not weighted):
             raise AggregationError("centered_clipping: need weight_cap >= 0 (0 = off), and weighted = true with it")
         self.weight_cap = float(weight_cap)
@@ -331,8 +321,6 @@ class CenteredClipping(RobustBase):
             p["weight_cap"] = self.weight_cap
         if self.lift:
             p["lift"] = self.lift
-        if self.across:
-            p["across"] = self.across
         return p
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor) -> AggregateResult:
@@ -340,9 +328,8 @@ class CenteredClipping(RobustBase):
         sent = x = updates.to(torch.float64)
         cut = int(self.clamp * sent.shape[0])
         ordered = sent.sort(dim=0).values if cut or self.lift else None  # one sort for the clamp and the lift
-        direction = None
         if self.lift:  # the clipping runs on the lifted rows; the copies check and the clamp on those sent
-            x, direction = lift_with_direction(sent, self.lift, ordered=ordered)
+            x = lift_rows(sent, self.lift, ordered=ordered)
         a = unit_weights(weights, self.weighted).to(torch.float64)
         if self.weight_cap:  # the median of the positive counts (their sum is positive, checked above)
             a = a.clamp_max(self.weight_cap * median_distance(a[a > 0]))
@@ -352,11 +339,8 @@ class CenteredClipping(RobustBase):
         n = x.shape[0]
         scale = torch.ones(n, dtype=torch.float64)
         twins = self._near_duplicates(sent) if self.max_cosine else torch.zeros(n, dtype=torch.bool)
-        across = self.across > 0 and direction is not None and float(direction.norm()) > 0
         for _ in range(self.iters):
             r = x - v
-            if across and direction is not None:
-                r = clip_across(r, direction, self.across, ~twins)
             norms = torch.linalg.vector_norm(r, dim=1)
             tau = self.tau if self.tau > 0 else median_distance(norms[~twins])
             scale = torch.where(norms > tau, tau / norms.clamp_min(1e-30), torch.ones_like(norms))

@@ -260,13 +260,6 @@ def lift_rows(x: torch.Tensor, quantile: float, steps: int = 3, ordered: torch.T
     :func:`consensus_direction` and then follows the mean of the lifted rows (``steps`` lifts), so that a
     minority pulling together cannot turn it away from the majority's. ``ordered``: ``x`` sorted in each
     coordinate, when the caller has it (see :func:`consensus_direction`)."""
-    return lift_with_direction(x, quantile, steps, ordered)[0]
-
-
-def lift_with_direction(
-    x: torch.Tensor, quantile: float, steps: int = 3, ordered: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`lift_rows` and the unit consensus direction it ended on (zero when the rows' mean is)."""
     n = x.shape[0]
     k = min(int(quantile * n), n - 1)
     u = consensus_direction(x, ordered=ordered)
@@ -277,20 +270,7 @@ def lift_with_direction(
         if float(m.norm()) == 0:
             break
         u = m / m.norm()
-    return x, u
-
-
-def clip_across(r: torch.Tensor, u: torch.Tensor, bound: float, rows: torch.Tensor) -> torch.Tensor:
-    """``r`` with each row's part orthogonal to the unit ``u`` shortened to at most ``bound`` times the
-    median length of that part over ``rows`` (a boolean mask: the rows that set the median); the part
-    along ``u`` kept."""
-    along = r @ u
-    across = r - along[:, None] * u[None, :]
-    lengths = torch.linalg.vector_norm(across, dim=1)
-    limit = bound * median_distance(lengths[rows])
-    across = across * (limit / lengths.clamp_min(1e-30)).clamp(max=1.0)[:, None]
-    out: torch.Tensor = along[:, None] * u[None, :] + across
-    return out
+    return x
 
 
 # --------------------------------------------------------------------------- aggregators
