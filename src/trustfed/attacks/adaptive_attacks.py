@@ -290,14 +290,11 @@ class GuardEdge(Attack):
         fresh = unit(fresh)
         last_w: torch.Tensor | None = ctx.state.get("direction")
         last: torch.Tensor | None = ctx.state.get("rows")
-        agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
-        weights = ctx.claimed(ctx.attackers + ctx.honest)  # as the rule weighs the rows (attackers first)
+        aggregate = round_rule(ctx, c)
         anchors = torch.stack([u, *kept, c]) if float(c.norm()) > 0 else torch.stack([u, *kept])
 
         def to_aggregate(rows: torch.Tensor) -> float:  # the least cosine of a row to the round's aggregate
-            if isinstance(agg, CenteredClipping):
-                agg.load_state_dict({"center": c})
-            a = agg(torch.cat([rows, honest]).to(torch.float32), weights).params.to(torch.float64)
+            a = aggregate(torch.cat([rows, honest])).to(torch.float64)
             return float(((rows @ a) / (rows.norm(dim=1) * a.norm()).clamp_min(1e-30)).min())
 
         def with_mix(mix: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,14 +368,28 @@ def rebuild_aggregator(desc: Mapping[str, Any]) -> Aggregator | None:
     return None if isinstance(agg, FLTrust) else agg  # its root update is the server's data: unknown to attackers
 
 
+def round_rule(ctx: AttackContext, centre: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The run's aggregation rule as the attackers can rebuild it (:func:`rebuild_aggregator`; the median
+    when it cannot be), run on a candidate round's rows (the attackers' first, then the honest ones) as the
+    coordinator would: weighing the counts claimed, centered clipping from ``centre`` (the previous
+    aggregate, which every participant can infer)."""
+    agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
+    weights = ctx.claimed(ctx.attackers + ctx.honest)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        if isinstance(agg, CenteredClipping):
+            agg.load_state_dict({"center": centre})
+        return agg(rows.to(torch.float32), weights).params
+
+    return run
+
+
 @register_attack("agr_tailored", builtin=True)
 class AgrTailored(Attack):
     """Shejwalkar and Houmansadr 2021's aggregator-tailored attack: the attackers send ``mean + gamma * p``
     (``p`` opposite the honest mean, or ``-std`` with ``direction = "std"``), ``gamma`` chosen each round
-    by running the run's own aggregation rule (its description, the counts claimed as weights; centered
-    clipping from the centre every participant can infer) on candidate rounds (:func:`tailored_gamma`). Copies keep the pairwise cosine of
-    ``cosine_edge`` when the rule leaves out near-copies. Falls back to the median when the rule cannot be
-    rebuilt."""
+    by running the run's own aggregation rule on candidate rounds (:func:`round_rule`, :func:`tailored_gamma`).
+    Copies keep the pairwise cosine of ``cosine_edge`` when the rule leaves out near-copies."""
 
     knowledge = "omniscient"
 
@@ -401,14 +412,6 @@ class AgrTailored(Attack):
         def craft_rows(point: torch.Tensor) -> torch.Tensor:  # the same spread for every candidate gamma
             return spread_copies(point, m, kappa, torch.Generator().manual_seed(seed))
 
-        agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
-        weights = ctx.claimed(ctx.attackers + ctx.honest)  # as the rule weighs the rows (attackers first)
-
-        def aggregate(rows: torch.Tensor) -> torch.Tensor:
-            if isinstance(agg, CenteredClipping):
-                agg.load_state_dict({"center": centre})
-            return agg(rows.to(torch.float32), weights).params
-
-        gamma = tailored_gamma(honest, p, craft_rows, aggregate)
+        gamma = tailored_gamma(honest, p, craft_rows, round_rule(ctx, centre))
         rows = craft_rows(honest.mean(dim=0) + gamma * unit(p))
         return _rows(ctx, rows)
