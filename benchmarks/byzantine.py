@@ -45,6 +45,9 @@ DEFAULT = "cc95+lift+guard (default)"  # the default robust configuration (see d
 DEFAULT_RULE = ("centered_clipping", {**UNLIFTED_RULE[1], "lift": 0.35})
 # Its history guard: suspended for opposing the aggregate, or for updates that do not follow from their last.
 GUARD = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3, "min_consistency": 0.3}}
+# The same rule inside the guard that compares each update with the trimmed mean of the rows the rule kept.
+TRIMMED_GUARD = "cc95+lift+guard(tm)"
+GUARD_TM = {"suspension": {**GUARD["suspension"], "reference": "trimmed_mean", "trim": 0.2}}
 # The default before the guard and the tighter copies cosine: the rule alone (max_cosine 0.99), and inside
 # the guard without its consistency rule at two thresholds.
 PREVIOUS = "ccw+reject+dedup+clamp"
@@ -75,6 +78,7 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any]]] = {
     UNWEIGHTED: UNWEIGHTED_RULE,
     PREVIOUS: PREVIOUS_RULE,
     DEFAULT: DEFAULT_RULE,
+    TRIMMED_GUARD: DEFAULT_RULE,
     UNLIFTED: UNLIFTED_RULE,
     "bucketing+cc": ("bucketing", {"bucket_size": 2, "inner": "centered_clipping"}),
     "krum_filter+cc": ("krum_filter", {"fraction": 0.2, "inner": "centered_clipping"}),
@@ -89,6 +93,7 @@ SUSPEND = {"suspension": {"enabled": True, "min_cosine": -0.2, "rounds": 3}}
 SUSPEND0 = {"suspension": {"enabled": True, "min_cosine": 0.0, "rounds": 3}}
 STRATEGY_KEYS: dict[str, dict[str, Any]] = {
     DEFAULT: GUARD,
+    TRIMMED_GUARD: GUARD_TM,
     UNLIFTED: GUARD,
     GUARDED: SUSPEND,
     GUARDED0: SUSPEND0,

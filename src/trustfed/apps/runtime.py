@@ -275,7 +275,8 @@ class Runtime:
         inner = self.base_strategy(evaluate_fn)
         sus = self.cfg.strategy.suspension
         if sus.enabled:  # the config refuses it with central DP, secure aggregation and the enclave
-            return HistoryGuard(inner, SuspensionRule(sus.min_cosine, sus.rounds, sus.min_consistency))
+            rule = SuspensionRule(sus.min_cosine, sus.rounds, sus.min_consistency, sus.reference, sus.trim)
+            return HistoryGuard(inner, rule)
         if self.cfg.privacy.mode == "central":
             return build_central_strategy(self.cfg.privacy, inner, self.cfg.federation.seed)
         return inner

@@ -39,7 +39,8 @@ from trustfed.attacks.api import Attack, AttackContext, AttackError, Scalar
 from trustfed.attacks.builtin import number
 from trustfed.attacks.model_poisoning import OMNISCIENT_FNS
 from trustfed.attacks.registry import register_attack
-from trustfed.core.aggregator import Aggregator, get_aggregator
+from trustfed.core.aggregator import AggregateResult, Aggregator, get_aggregator
+from trustfed.core.history_guard import trimmed_reference
 from trustfed.core.robust import CenteredClipping, FLTrust
 from trustfed.core.robust_kernels import lift_rows
 from trustfed.errors import TrustFedError
@@ -251,21 +252,28 @@ class ConsistencyEdge(HistoryEdge):
 class GuardEdge(Attack):
     """Adapted to the history guard with full knowledge of the round: at the clipping radius, turned from
     "against the honest mean" toward a direction ``w`` orthogonal to it only as far as keeps every row's
-    cosine to the round's aggregate (the run's rule rebuilt from its description and run on the candidate
-    round with the counts claimed as weights, centered clipping from the centre every participant can
-    infer) at ``min_cosine + margin`` (the guard suspends below ``min_cosine``); ``w`` mixes the last
+    cosine to what the guard compares it with (:func:`guard_reference`: the round's aggregate, the run's
+    rule rebuilt from its description and run on the candidate round with the counts claimed as weights,
+    centered clipping from the centre every participant can infer; or the candidate round's trimmed mean)
+    at ``min_cosine + margin`` (the guard suspends below ``min_cosine``); ``w`` mixes the last
     round's with a fresh random one, as little of the last as keeps each row's cosine to its row of the
-    round before at ``consistency`` or more.
+    round before at ``consistency`` or more. Unless given, ``min_cosine`` is the guard's (``ctx.guard``;
+    -0.2 without one) and ``consistency`` 0.1 above the guard's ``min_consistency`` (0.4 without a guard).
     Pairwise cosine just below the rule's ``max_cosine``. The rows carry the centre (the previous
     aggregate): so they point along the aggregate enough for the guard while their push opposes it."""
 
     knowledge = "omniscient"
 
     def __init__(
-        self, min_cosine: float = -0.2, margin: float = 0.05, consistency: float = 0.4, radius: float = 1.0
+        self,
+        min_cosine: float | None = None,
+        margin: float = 0.05,
+        consistency: float | None = None,
+        radius: float = 1.0,
     ) -> None:
-        self.floor = number("guard_edge", "min_cosine", min_cosine) + number("guard_edge", "margin", margin)
-        self.consistency = _cosine_param("guard_edge", "consistency", consistency)
+        self.min_cosine = None if min_cosine is None else _cosine_param("guard_edge", "min_cosine", min_cosine)
+        self.margin = number("guard_edge", "margin", margin)
+        self.consistency = None if consistency is None else _cosine_param("guard_edge", "consistency", consistency)
         self.radius = number("guard_edge", "radius", radius)
         if self.radius <= 0:
             raise AttackError(f"attack 'guard_edge': radius must be > 0, got {self.radius}")
@@ -275,12 +283,21 @@ class GuardEdge(Attack):
         alone (none)."""
         return unit(honest.mean(dim=0)), []
 
+    def _thresholds(self, ctx: AttackContext) -> tuple[float, float]:
+        """The least cosine to the guard's reference to keep, and the least to the row of the round before."""
+        floor = float(ctx.guard.get("min_cosine", -0.2)) if self.min_cosine is None else self.min_cosine
+        if self.consistency is not None:
+            return floor + self.margin, self.consistency
+        rule = float(ctx.guard.get("min_consistency", 0.3))
+        return floor + self.margin, (min(rule + 0.1, 1.0) if rule > -1.0 else -1.0)
+
     def craft(self, ctx: AttackContext) -> Mapping[str, torch.Tensor]:
         c = previous_step(ctx).to(torch.float64)
         if not ctx.honest:
             return dict(ctx.own_updates)
         honest = ctx.stacked(ctx.honest).to(torch.float64)
         m, d = len(ctx.attackers), honest.shape[1]
+        floor, consistency = self._thresholds(ctx)
         u, kept = self._against(ctx, honest)
         big_r = self.radius * float((honest - c).norm(dim=1).median())
         kappa = _cosine_below(ctx, 0.0)
@@ -290,10 +307,10 @@ class GuardEdge(Attack):
         fresh = unit(fresh)
         last_w: torch.Tensor | None = ctx.state.get("direction")
         last: torch.Tensor | None = ctx.state.get("rows")
-        aggregate = round_rule(ctx, c)
+        aggregate = guard_reference(ctx, c)
         anchors = torch.stack([u, *kept, c]) if float(c.norm()) > 0 else torch.stack([u, *kept])
 
-        def to_aggregate(rows: torch.Tensor) -> float:  # the least cosine of a row to the round's aggregate
+        def to_aggregate(rows: torch.Tensor) -> float:  # the least cosine of a row to what the guard compares with
             a = aggregate(torch.cat([rows, honest])).to(torch.float64)
             return float(((rows @ a) / (rows.norm(dim=1) * a.norm()).clamp_min(1e-30)).min())
 
@@ -301,13 +318,13 @@ class GuardEdge(Attack):
             w = orthogonal_part(fresh if last_w is None else mix * last_w + math.sqrt(1.0 - mix * mix) * fresh, anchors)
             q, _ = torch.linalg.qr(torch.cat([torch.cat([anchors, w[None, :]]).T, raw], dim=1))
             spread = q[:, anchors.shape[0] + 1 :].T  # orthonormal, orthogonal to u, w and the centre
-            rows = least_turn(lambda t: turned_rows(c, u, w, spread, big_r, kappa, t), to_aggregate, self.floor)
+            rows = least_turn(lambda t: turned_rows(c, u, w, spread, big_r, kappa, t), to_aggregate, floor)
             return w, rows
 
         def consistent(rows: torch.Tensor) -> bool:
             if last is None or last.shape != rows.shape:
                 return True
-            return float(pairwise_cosine(torch.cat([rows, last]))[range(m), range(m, 2 * m)].min()) >= self.consistency
+            return float(pairwise_cosine(torch.cat([rows, last]))[range(m), range(m, 2 * m)].min()) >= consistency
 
         w, rows = least_mix(with_mix, consistent, 7)
         ctx.state["direction"], ctx.state["rows"] = w, rows
@@ -368,7 +385,7 @@ def rebuild_aggregator(desc: Mapping[str, Any]) -> Aggregator | None:
     return None if isinstance(agg, FLTrust) else agg  # its root update is the server's data: unknown to attackers
 
 
-def round_rule(ctx: AttackContext, centre: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def round_result(ctx: AttackContext, centre: torch.Tensor) -> Callable[[torch.Tensor], AggregateResult]:
     """The run's aggregation rule as the attackers can rebuild it (:func:`rebuild_aggregator`; the median
     when it cannot be), run on a candidate round's rows (the attackers' first, then the honest ones) as the
     coordinator would: weighing the counts claimed, centered clipping from ``centre`` (the previous
@@ -376,10 +393,33 @@ def round_rule(ctx: AttackContext, centre: torch.Tensor) -> Callable[[torch.Tens
     agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
     weights = ctx.claimed(ctx.attackers + ctx.honest)
 
-    def run(rows: torch.Tensor) -> torch.Tensor:
+    def run(rows: torch.Tensor) -> AggregateResult:
         if isinstance(agg, CenteredClipping):
             agg.load_state_dict({"center": centre})
-        return agg(rows.to(torch.float32), weights).params
+        return agg(rows.to(torch.float32), weights)
+
+    return run
+
+
+def round_rule(ctx: AttackContext, centre: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The aggregate of :func:`round_result` on a candidate round's rows."""
+    rule = round_result(ctx, centre)
+    return lambda rows: rule(rows).params
+
+
+def guard_reference(ctx: AttackContext, centre: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the history guard (``ctx.guard``) compares each update of a candidate round with: with
+    ``reference = "trimmed_mean"`` the trimmed mean of the rows the rule keeps
+    (:func:`~trustfed.core.history_guard.trimmed_reference`), else the round's aggregate (:func:`round_rule`)."""
+    if ctx.guard.get("reference") != "trimmed_mean":
+        return round_rule(ctx, centre)
+    trim = float(ctx.guard.get("trim", 0.2))
+    rule = round_result(ctx, centre)
+    seen = len(ctx.attackers) + len(ctx.honest)  # the most participants of a round so far: the federation
+    federation = ctx.state["federation"] = max(int(ctx.state.get("federation", 0)), seen)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        return trimmed_reference(rows.to(torch.float64), rule(rows).selected, trim, federation)
 
     return run
 

@@ -43,7 +43,8 @@ class AttackContext:
     same dict every round of a run (the attack's memory); ``aggregator`` is the strategy's description
     of its aggregation rule (``{"name": "median", ...}``), for attacks that adapt to it. ``counts``: the
     example counts the round's participants claim (the attackers' as they will be sent), which rules
-    that weigh updates by their counts see; empty when not known.
+    that weigh updates by their counts see; empty when not known. ``guard``: the history guard's
+    description (``min_cosine``, ``reference``, ...) when the strategy has one, else empty.
     """
 
     round: int
@@ -56,6 +57,7 @@ class AttackContext:
     state: dict[str, Any]
     aggregator: Mapping[str, Any]
     counts: Mapping[str, int] = field(default_factory=dict)
+    guard: Mapping[str, Any] = field(default_factory=dict)
 
     def stacked(self, ids: tuple[str, ...]) -> torch.Tensor:
         """The deltas of ``ids`` (attackers' or, when known, honest participants') as rows ``[len(ids), d]``."""

@@ -170,7 +170,7 @@ class BehaviourRecord:
 class SuspensionRecord:
     """Each participant the history guard suspended, as a coordinator-signed ``participant_behaviour``
     entry in the round it was suspended in: ``{participant, reason, detail, source = "suspension", score,
-    rounds, min_cosine, min_consistency}`` (``reason``: ``persistent_opposition`` or
+    rounds, min_cosine, min_consistency, reference}`` (``reason``: ``persistent_opposition`` or
     ``inconsistent_updates``). ``audit verify`` checks that it committed that round and that no later round
     selects it; with ``[incentives]`` the participant is flagged in that round's incentives entry."""
 
@@ -196,6 +196,7 @@ class SuspensionRecord:
                     "rounds": s.rounds,
                     "min_cosine": rule.min_cosine,
                     "min_consistency": rule.min_consistency,
+                    "reference": rule.reference,
                 },
             )
             for s in self.guard.suspended_in(plan.round)

@@ -10,8 +10,12 @@ rounds, its mean over 3 rounds no lower than +0.006; the attackers at the clippi
 -0.83 in each of their first 3 rounds.
 
 :class:`HistoryGuard` wraps a FedAvg-family strategy. After each round it scores every update by the
-cosine of its delta (``update - global``) to the round's aggregate delta and keeps each participant's
-last ``rounds`` scores. A participant whose mean over its last ``rounds`` scores is below
+cosine of its delta (``update - global``) to a reference delta and keeps each participant's last
+``rounds`` scores. The reference is the round's aggregate delta (``reference = "aggregate"``), or the
+coordinate-wise trimmed mean of the deltas the rule kept (``"trimmed_mean"``): attackers who capture the
+aggregate (by claiming large example counts a weighted rule believes, or in the first rounds) make the
+honest participants look opposed to it, while a minority of at most ``trim`` cannot move the trimmed mean
+outside the range the others span in any coordinate. A participant whose mean over its last ``rounds`` scores is below
 ``min_cosine`` is suspended: never selected again, and its update refused if one still arrives.
 :meth:`HistoryGuard.suspended_in` tells the recorders who was suspended in a round, and why.
 
@@ -41,6 +45,7 @@ import torch
 
 from trustfed.core.aggregator import AggregateResult
 from trustfed.core.anomaly import cosines
+from trustfed.core.robust_kernels import trimmed_mean
 from trustfed.core.strategy import FedAvg, RoundPlan, RoundResult, Strategy, Update
 from trustfed.errors import AggregationError
 
@@ -51,6 +56,11 @@ log = logging.getLogger("trustfed.core.history_guard")
 SUSPENSION_REASON = "persistent_opposition"
 INCONSISTENCY_REASON = "inconsistent_updates"
 REASONS = (SUSPENSION_REASON, INCONSISTENCY_REASON)
+#: What the opposition rule compares each update with: the round's aggregate, or the coordinate-wise trimmed
+#: mean of the round's updates (unweighted), which a minority cannot move outside the majority's range in
+#: any coordinate, whatever example counts it claims and whatever the aggregation rule made of the round.
+REFERENCES = ("aggregate", "trimmed_mean")
+_REFERENCE_NAME = {"aggregate": "aggregate", "trimmed_mean": "round's trimmed mean"}
 
 
 @dataclass(frozen=True)
@@ -63,8 +73,14 @@ class SuspensionRule:
     min_cosine: float = -0.2
     rounds: int = 3
     min_consistency: float = -1.0  # -1: off (no mean of cosines is below -1)
+    reference: str = "aggregate"  # or "trimmed_mean": what the opposition scores compare each update with
+    trim: float = 0.2  # with "trimmed_mean": the share cut at each end of every coordinate
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise AggregationError(f"suspension reference must be one of {list(REFERENCES)}, got {self.reference!r}")
+        if not 0.0 <= self.trim < 0.5:
+            raise AggregationError(f"suspension trim must be in [0, 0.5), got {self.trim}")
         if not -1.0 <= self.min_cosine <= 1.0:
             raise AggregationError(f"suspension min_cosine must be in [-1, 1], got {self.min_cosine}")
         if not -1.0 <= self.min_consistency <= 1.0:
@@ -91,8 +107,37 @@ class Suspension:
         if self.reason == INCONSISTENCY_REASON:
             what = f"mean cosine {self.score:.4f} of its last {self.rounds} updates to its update before"
         else:
-            what = f"mean cosine {self.score:.4f} to the aggregate over its last {self.rounds} rounds"
+            what = f"mean cosine {self.score:.4f} to the {_REFERENCE_NAME[rule.reference]} over its last {self.rounds} rounds"
         return f"{what} is below {self.threshold(rule)}: suspended, not selected again"
+
+
+def trimmed_reference(deltas: torch.Tensor, selected: Sequence[int], trim: float, federation: int = 0) -> torch.Tensor:
+    """The coordinate-wise trimmed mean (float64) of the finite rows of ``deltas`` the rule ``selected``,
+    ``int(trim * n)`` cut at each end, ``n`` the larger of the round's finite rows and ``federation`` (the
+    participants scored so far, suspended ones included); of all finite rows when the selected ones are not
+    more than twice that cut, and never more than the median's cut. Counting only the selected rows keeps
+    out copies the rule left out (``max_cosine``): five equal rows of twenty would otherwise sit inside the
+    trimmed range and pull it their way. Cutting as many as from the whole federation keeps the guarantee
+    when the rule left out honest rows or honest participants were suspended: any ``int(trim * n)`` rows
+    still cannot move a coordinate outside the others' range."""
+    finite = torch.isfinite(deltas).all(dim=1)
+    cut = int(trim * max(int(finite.sum()), federation))
+    chosen = torch.zeros_like(finite)
+    chosen[list(selected)] = True
+    rows = deltas[chosen & finite]
+    if rows.shape[0] <= 2 * cut:
+        rows = deltas[finite]
+    return trimmed_mean(rows.to(torch.float32), min(cut, (rows.shape[0] - 1) // 2)).to(torch.float64)
+
+
+def opposition_reference(
+    rule: SuspensionRule, deltas: torch.Tensor, aggregate: torch.Tensor, selected: Sequence[int], federation: int
+) -> torch.Tensor:
+    """The delta the opposition scores compare with (float64): ``aggregate`` (the round's aggregate delta),
+    or :func:`trimmed_reference` of ``deltas``."""
+    if rule.reference == "aggregate":
+        return aggregate
+    return trimmed_reference(deltas, selected, rule.trim, federation)
 
 
 def opposition_scores(ids: Sequence[str], deltas: torch.Tensor, aggregate: torch.Tensor) -> dict[str, float]:
@@ -157,7 +202,11 @@ class HistoryGuard(Strategy):
         if self.checks_consistency:
             consistency, last = consistency_scores(ids, deltas, self.previous)
             self.previous.update(last)
-        self._score(plan.round, opposition_scores(ids, deltas, res.params.to(torch.float64) - g), consistency)
+        federation = len(set(self.scores) | set(ids))
+        reference = opposition_reference(
+            self.rule, deltas, res.params.to(torch.float64) - g, res.aggregate.selected, federation
+        )
+        self._score(plan.round, opposition_scores(ids, deltas, reference), consistency)
         agg = _remap(res.aggregate, keep, len(updates))
         metrics = {**res.metrics, "num_suspended": float(len(self.suspended))}
         return RoundResult(res.params, metrics, agg)
@@ -176,20 +225,30 @@ class HistoryGuard(Strategy):
             for pid, h in history.items():
                 if pid not in self.suspended and len(h) == k and sum(h) / k < threshold:
                     due[pid] = (sum(h) / k - threshold, sum(h) / k, reason)
+        most = self.most_suspended(len(self.scores))
         for pid, (_, mean, reason) in sorted(due.items(), key=lambda kv: (kv[1][0], kv[0])):  # farthest below first
-            if 2 * (len(self.suspended) + 1) >= len(self.scores):
+            if len(self.suspended) + 1 > most:
                 log.warning(
-                    "round %d: %s's mean %s score %.4f is below its threshold, but suspending it would reach half "
-                    "of the %d participants scored: not suspended",
+                    "round %d: %s's mean %s score %.4f is below its threshold, but suspending it would take the "
+                    "suspended past %d of the %d participants scored: not suspended",
                     rnd,
                     pid,
                     "consistency" if reason == INCONSISTENCY_REASON else "opposition",
                     mean,
+                    most,
                     len(self.scores),
                 )
                 continue
             self.suspended[pid] = Suspension(pid, rnd, mean, k, reason)
             log.warning("round %d: %s suspended (%s)", rnd, pid, self.suspended[pid].detail(self.rule))
+
+    def most_suspended(self, scored: int) -> int:
+        """How many of ``scored`` participants may be suspended: fewer than half (the rule assumes an honest
+        majority); with the trimmed-mean reference no more than ``int(trim * scored)``, the share of
+        attackers it assumes (suspending more would suspend honest participants, and the attackers left
+        would then be more than its cut)."""
+        half = (scored - 1) // 2
+        return min(half, int(self.rule.trim * scored)) if self.rule.reference == "trimmed_mean" else half
 
     def suspended_in(self, rnd: int) -> list[Suspension]:
         """The suspensions decided in round ``rnd``, by participant."""
@@ -205,6 +264,8 @@ class HistoryGuard(Strategy):
             "min_cosine": self.rule.min_cosine,
             "min_consistency": self.rule.min_consistency,
             "rounds": self.rule.rounds,
+            "reference": self.rule.reference,
+            **({"trim": self.rule.trim} if self.rule.reference == "trimmed_mean" else {}),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -33,7 +33,8 @@ class AttackTransport:
     every update of the round is in: the attack gets a typed :class:`AttackContext` (the round, the global
     model, a generator seeded from the run and the round, the attackers and honest participants of the
     round, their deltas as its ``knowledge`` allows, the state it keeps across rounds, the aggregator's
-    description, the example counts claimed) and returns the attackers' deltas. With ``claim`` every
+    description, the history guard's when the strategy has one, the example counts claimed) and returns the
+    attackers' deltas. With ``claim`` every
     attacker claims that many examples instead of its own count."""
 
     def __init__(
@@ -45,6 +46,7 @@ class AttackTransport:
         seed: int = 0,
         aggregator: Mapping[str, Any] | None = None,
         claim: int | None = None,
+        guard: Mapping[str, Any] | None = None,
     ) -> None:
         self.inner = inner
         self.claim = claim  # the example count every attacker claims (None: its own)
@@ -53,6 +55,7 @@ class AttackTransport:
         self.malicious = frozenset(malicious)
         self.seed = seed
         self.aggregator = dict(aggregator or {})
+        self.guard = dict(guard or {})
         self.state: dict[str, Any] = {}  # the attack's memory across rounds
 
     def available(self) -> Sequence[str]:
@@ -82,6 +85,7 @@ class AttackTransport:
             state=self.state,
             aggregator=self.aggregator,
             counts=counts,
+            guard=self.guard,
         )
         crafted = craft_checked(self.attack, self.kind, ctx)
         return [
@@ -113,6 +117,19 @@ def aggregator_description(strategy: Strategy) -> dict[str, Any]:
     return {}
 
 
+def guard_description(strategy: Strategy) -> dict[str, Any]:
+    """The description of the history guard wrapping ``strategy``'s rule (at most a few wrappers deep);
+    empty when there is none."""
+    desc: Any = strategy.describe()
+    for _ in range(4):
+        if not isinstance(desc, dict):
+            break
+        if desc.get("name") == "history_guard":
+            return {k: v for k, v in desc.items() if k != "inner"}
+        desc = desc.get("inner")
+    return {}
+
+
 def adversarial_transport(cfg: FederationConfig, transport: Transport, strategy: Strategy | None = None) -> Transport:
     """Wrap ``transport`` so that the configured attack crafts the malicious updates; unchanged without one."""
     if cfg.attack.kind == "none":
@@ -127,6 +144,7 @@ def adversarial_transport(cfg: FederationConfig, transport: Transport, strategy:
         seed=cfg.attack.seed * 7919 + cfg.federation.seed,
         aggregator=aggregator_description(strategy) if strategy is not None else None,
         claim=cfg.attack.claim,
+        guard=guard_description(strategy) if strategy is not None else None,
     )
 
 
