@@ -29,8 +29,9 @@ over its last ``rounds`` consistency scores is below ``min_consistency`` is susp
 ``inconsistent_updates``. It keeps each participant's last delta (``n x d`` float32, also in the state).
 
 Fail-safe: suspensions never reach half of the participants the guard has scored (the rule assumes an
-honest majority; with more, it would be the honest ones who look opposed). Pure: tensors and plain
-values, no I/O.
+honest majority; with more, it would be the honest ones who look opposed); with the trimmed-mean
+reference they never pass ``int(trim * n)``, the share of attackers that reference assumes. Pure: tensors
+and plain values, no I/O.
 """
 
 from __future__ import annotations
