@@ -58,8 +58,8 @@ SUSPENSION_REASON = "persistent_opposition"
 INCONSISTENCY_REASON = "inconsistent_updates"
 REASONS = (SUSPENSION_REASON, INCONSISTENCY_REASON)
 #: What the opposition rule compares each update with: the round's aggregate, or the coordinate-wise trimmed
-#: mean of the round's updates (unweighted), which a minority cannot move outside the majority's range in
-#: any coordinate, whatever example counts it claims and whatever the aggregation rule made of the round.
+#: mean of the updates the rule kept (unweighted, :func:`trimmed_reference`), which a minority cannot move
+#: outside the others' range in any coordinate, whatever example counts it claims.
 REFERENCES = ("aggregate", "trimmed_mean")
 _REFERENCE_NAME = {"aggregate": "aggregate", "trimmed_mean": "round's trimmed mean"}
 
