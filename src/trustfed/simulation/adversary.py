@@ -104,30 +104,29 @@ class AttackTransport:
         self.inner.close()
 
 
+def _wrapped_descriptions(strategy: Strategy) -> list[dict[str, Any]]:
+    """``strategy``'s description and those of the strategies it wraps (under ``inner``), outermost first,
+    at most 4 deep."""
+    out: list[dict[str, Any]] = []
+    desc: Any = strategy.describe()
+    while isinstance(desc, dict) and len(out) < 4:
+        out.append(desc)
+        desc = desc.get("inner")
+    return out
+
+
 def aggregator_description(strategy: Strategy) -> dict[str, Any]:
     """The description of the aggregation rule inside ``strategy`` (wrappers such as DP describe theirs
     under ``inner``); empty when it has none."""
-    desc: Any = strategy.describe()
-    for _ in range(4):
-        if not isinstance(desc, dict):
-            break
-        if isinstance(desc.get("aggregator"), dict):
-            return dict(desc["aggregator"])
-        desc = desc.get("inner")
-    return {}
+    found = [d["aggregator"] for d in _wrapped_descriptions(strategy) if isinstance(d.get("aggregator"), dict)]
+    return dict(found[0]) if found else {}
 
 
 def guard_description(strategy: Strategy) -> dict[str, Any]:
-    """The description of the history guard wrapping ``strategy``'s rule (at most a few wrappers deep);
-    empty when there is none."""
-    desc: Any = strategy.describe()
-    for _ in range(4):
-        if not isinstance(desc, dict):
-            break
-        if desc.get("name") == "history_guard":
-            return {k: v for k, v in desc.items() if k != "inner"}
-        desc = desc.get("inner")
-    return {}
+    """The description of the history guard wrapping ``strategy``'s rule (at most a few wrappers deep),
+    without its inner strategy's; empty when there is none."""
+    found = [d for d in _wrapped_descriptions(strategy) if d.get("name") == "history_guard"]
+    return {k: v for k, v in found[0].items() if k != "inner"} if found else {}
 
 
 def adversarial_transport(cfg: FederationConfig, transport: Transport, strategy: Strategy | None = None) -> Transport:
