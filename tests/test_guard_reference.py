@@ -19,11 +19,10 @@ from trustfed.simulation.adversary import guard_description
 N, DIM = 20, 60
 
 
-def _federation(seed: int) -> tuple[list[str], set[str], torch.Generator]:
-    g = torch.Generator().manual_seed(seed)
+def _federation(seed: int) -> tuple[list[str], set[str]]:
     ids = [f"p{i:03d}" for i in range(N)]
-    bad = {ids[int(i)] for i in torch.randperm(N, generator=g)[:4]}  # 20%, a seeded choice
-    return ids, bad, g
+    bad = {ids[int(i)] for i in torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:4]}  # 20%, seeded
+    return ids, bad
 
 
 def _round(seed: int, rnd: int, ids: list[str], bad: set[str], params: torch.Tensor) -> list[Update]:
@@ -47,7 +46,7 @@ def _round(seed: int, rnd: int, ids: list[str], bad: set[str], params: torch.Ten
 
 
 def _suspended_after(seed: int, rule: SuspensionRule, rounds: int = 4) -> tuple[set[str], set[str]]:
-    ids, bad, _ = _federation(seed)
+    ids, bad = _federation(seed)
     guard = HistoryGuard(FedAvg(aggregator="mean"), rule)  # weighs the claimed counts: captured
     params = torch.zeros(DIM)
     for rnd in range(1, rounds + 1):

@@ -125,7 +125,7 @@ class SuspensionSection(_Section):
     reference: Literal["aggregate", "trimmed_mean"] = Field(
         "aggregate",
         description="what the opposition rule compares each update with: the round's aggregate, or the"
-        " coordinate-wise trimmed mean of the round's updates (which a minority cannot capture)",
+        " coordinate-wise trimmed mean of the updates the rule kept (which a minority cannot capture)",
     )
     trim: float = Field(0.2, ge=0, lt=0.5, description="with reference = trimmed_mean: share cut at each end")
 

@@ -15,8 +15,8 @@ cosine of its delta (``update - global``) to a reference delta and keeps each pa
 coordinate-wise trimmed mean of the deltas the rule kept (``"trimmed_mean"``): attackers who capture the
 aggregate (by claiming large example counts a weighted rule believes, or in the first rounds) make the
 honest participants look opposed to it, while a minority of at most ``trim`` cannot move the trimmed mean
-outside the range the others span in any coordinate. A participant whose mean over its last ``rounds`` scores is below
-``min_cosine`` is suspended: never selected again, and its update refused if one still arrives.
+outside the range the others span in any coordinate. A participant whose mean over its last ``rounds``
+scores is below ``min_cosine`` is suspended: never selected again, and its update refused if one still arrives.
 :meth:`HistoryGuard.suspended_in` tells the recorders who was suspended in a round, and why.
 
 A second rule (``min_consistency``, off unless set above -1) follows each participant's own updates: an
