@@ -151,7 +151,7 @@ def config(args: argparse.Namespace, seed: int, row: str, kind: str, params: dic
             "participants": args.participants,
             "seed": seed,
         },
-        "data": {"dataset": args.dataset, "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        "data": {"dataset": args.dataset, "partition": {"kind": "dirichlet", "alpha": args.alpha}},
         "model": {"name": "mlp", "hidden": [64]},
         "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
         "strategy": {"aggregator": agg, "aggregator_params": agg_params, **STRATEGY_KEYS.get(row, {})},
@@ -272,6 +272,9 @@ def main() -> None:
     ap.add_argument("--dataset", default="mnist5k")
     ap.add_argument("--participants", type=int, default=20)
     ap.add_argument("--fraction", type=float, default=0.2)
+    ap.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (smaller: more skewed)"
+    )
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds (federation and attack)")
     ap.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma-separated row names")
@@ -321,7 +324,7 @@ def main() -> None:
     out = {
         "setup": {
             "dataset": args.dataset,
-            "partition": "dirichlet(0.5)",
+            "partition": f"dirichlet({args.alpha:g})",
             "participants": args.participants,
             "malicious_fraction": args.fraction,
             "rounds": args.rounds,
