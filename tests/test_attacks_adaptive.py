@@ -13,7 +13,7 @@ import torch
 from trustfed.apps.builtin_parts import adversarial_trainer, build_data, malicious_participants
 from trustfed.attacks import AttackContext, apply_trigger, apply_trigger_part, build_attack
 from trustfed.attacks.adaptive import fang_krum, pairwise_cosine, spread_copies, tailored_gamma
-from trustfed.attacks.adaptive_attacks import rebuild_aggregator
+from trustfed.attacks.adaptive_attacks import rebuild_aggregator, round_result
 from trustfed.config import validate_federation_config
 from trustfed.core import get_aggregator
 from trustfed.core.robust import CenteredClipping
@@ -365,3 +365,20 @@ def test_dba_attackers_of_a_federation_each_get_their_own_piece() -> None:
         extra = trainer.data.x[len(shard) :]
         pieces.append(frozenset(np.flatnonzero((extra == 1.0).all(axis=0)).tolist()))  # stamped in every copy
     assert len(set(pieces)) == 3 and all(len(p) == 16 // 3 or len(p) == 16 // 3 + 1 for p in pieces)
+
+
+def test_round_result_runs_a_wrapped_centered_clipping_from_the_centre() -> None:
+    """The attacks that rebuild the rule start centered clipping at the previous aggregate also when it is
+    the inner rule of a wrapper; before, a wrapped rule ran from zero, so those attacks aimed at a rule the
+    coordinator did not run."""
+    honest = _honest()
+    desc = get_aggregator("krum_filter", fraction=0.2, inner="centered_clipping", inner_reject=3.0).describe()
+    centre = honest.double().mean(0) * 3.0
+    rows = torch.cat([honest[:4] * -2.0, honest])
+    got = round_result(_ctx(honest, aggregator=desc), centre)(rows).params
+    want = get_aggregator("krum_filter", fraction=0.2, inner="centered_clipping", inner_reject=3.0)
+    want.inner.load_state_dict({"center": centre})  # type: ignore[attr-defined]
+    assert torch.allclose(got, want(rows.float(), torch.ones(rows.shape[0])).params)
+    from_zero = rebuild_aggregator(desc)
+    assert from_zero is not None
+    assert not torch.allclose(got, from_zero(rows.float(), torch.ones(rows.shape[0])).params)

@@ -389,13 +389,17 @@ def round_result(ctx: AttackContext, centre: torch.Tensor) -> Callable[[torch.Te
     """The run's aggregation rule as the attackers can rebuild it (:func:`rebuild_aggregator`; the median
     when it cannot be), run on a candidate round's rows (the attackers' first, then the honest ones) as the
     coordinator would: weighing the counts claimed, centered clipping from ``centre`` (the previous
-    aggregate, which every participant can infer)."""
+    aggregate, which every participant can infer), also when it is the inner rule of a wrapper (bucketing,
+    the Krum filter, server momentum). A wrapper's own randomness (bucketing's shuffle) stays unknown."""
     agg = rebuild_aggregator(ctx.aggregator) or get_aggregator("median")
     weights = ctx.claimed(ctx.attackers + ctx.honest)
+    clipping = agg
+    while not isinstance(clipping, CenteredClipping) and hasattr(clipping, "inner"):
+        clipping = clipping.inner
 
     def run(rows: torch.Tensor) -> AggregateResult:
-        if isinstance(agg, CenteredClipping):
-            agg.load_state_dict({"center": centre})
+        if isinstance(clipping, CenteredClipping):
+            clipping.load_state_dict({"center": centre})
         return agg(rows.to(torch.float32), weights)
 
     return run
