@@ -3,6 +3,7 @@ typed context each round, the checks on what an attack returns, and the literatu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from trustfed.simulation.adversary import AttackTransport
 
 PLUGIN = '''
 """An attack that lives outside trustfed: it logs what it was given and pushes against the honest mean."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -192,6 +194,28 @@ def test_the_context_carries_round_model_ids_state_generator_and_aggregator() ->
     for ups in rounds:  # the attackers' updates are replaced, the honest ones and the counts kept
         assert [float(u.params[0]) for u in ups] == [1.0, -7.0, 3.0, -7.0]
         assert [u.num_examples for u in ups] == [10, 11, 12, 13]
+
+
+class _Diverged(_Fixed):
+    """As :class:`_Fixed`, but participant a's training diverged: its update is NaN."""
+
+    def fit(self, plan: RoundPlan, params: torch.Tensor) -> list[Update]:
+        ups = super().fit(plan, params)
+        return [Update("a", torch.full_like(params, float("nan")), 10), *ups[1:]]
+
+
+def test_honest_updates_with_nan_are_not_shown_to_the_attack() -> None:
+    """The coordinator leaves a non-finite update out; an attack that ran the rule on it would fail (the
+    aggregator refuses NaN), so it sees only the honest updates that count, and the NaN one goes on as sent."""
+    spy = _OmniscientSpy()
+    t = AttackTransport(_Diverged(), spy, "spy", ["b", "d"], aggregator={"name": "median"})
+    ups = t.fit(RoundPlan(1, ("a", "b", "c", "d"), {}), torch.zeros(3))
+    assert spy.seen[0].honest == ("c",) and sorted(spy.seen[0].honest_updates) == ["c"]
+    assert bool(torch.isnan(ups[0].params).all()) and [float(u.params[0]) for u in ups[1:]] == [-7.0, 3.0, -7.0]
+    rows = build_attack("agr_tailored", {}).craft(
+        dataclasses.replace(spy.seen[0], aggregator={"name": "centered_clipping", "weighted": True})
+    )
+    assert all(bool(torch.isfinite(r).all()) for r in rows.values())
 
 
 def test_the_context_carries_the_claimed_counts_and_claim_overrides_the_attackers() -> None:

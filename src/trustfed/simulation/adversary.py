@@ -66,8 +66,14 @@ class AttackTransport:
         attackers = tuple(u.participant_id for u in updates if u.participant_id in self.malicious)
         if not attackers:
             return updates
-        honest = tuple(u.participant_id for u in updates if u.participant_id not in self.malicious)
         deltas = {u.participant_id: u.params - params for u in updates}
+        # An honest update with NaN or infinite values is left out by the coordinator (a diverged local
+        # training); the attack does not see it either, so it crafts against the updates that count.
+        honest = tuple(
+            u.participant_id
+            for u in updates
+            if u.participant_id not in self.malicious and bool(torch.isfinite(deltas[u.participant_id]).all())
+        )
         counts = {
             u.participant_id: self.claim
             if self.claim is not None and u.participant_id in self.malicious
