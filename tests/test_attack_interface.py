@@ -25,7 +25,6 @@ from trustfed.simulation.adversary import AttackTransport
 
 PLUGIN = '''
 """An attack that lives outside trustfed: it logs what it was given and pushes against the honest mean."""
-import dataclasses
 import json
 from pathlib import Path
 

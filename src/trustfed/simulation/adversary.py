@@ -20,6 +20,7 @@ from trustfed.apps.builtin_parts import FederationData, malicious_participants, 
 from trustfed.attacks.api import Attack, AttackContext, craft_checked
 from trustfed.config import FederationConfig
 from trustfed.coordinator.engine import Coordinator
+from trustfed.core.aggregator import unusable_rows
 from trustfed.core.codec import flatten
 from trustfed.core.rounds import Transport
 from trustfed.core.strategy import RoundPlan, Strategy, Update
@@ -67,13 +68,11 @@ class AttackTransport:
         if not attackers:
             return updates
         deltas = {u.participant_id: u.params - params for u in updates}
-        # An honest update with NaN or infinite values is left out by the coordinator (a diverged local
-        # training); the attack does not see it either, so it crafts against the updates that count.
-        honest = tuple(
-            u.participant_id
-            for u in updates
-            if u.participant_id not in self.malicious and bool(torch.isfinite(deltas[u.participant_id]).all())
-        )
+        # An honest update the coordinator leaves out (NaN, infinite, overflowing: a diverged local training,
+        # by the strategies' own test) is not shown to the attack either: it crafts against those that count.
+        sent = [u for u in updates if u.participant_id not in self.malicious]
+        unusable = unusable_rows(torch.stack([u.params for u in sent])).tolist() if sent else []
+        honest = tuple(u.participant_id for u, bad in zip(sent, unusable, strict=True) if not bad)
         counts = {
             u.participant_id: self.claim
             if self.claim is not None and u.participant_id in self.malicious
